@@ -1,0 +1,360 @@
+"""The ``encapfwd`` command line.
+
+Start-up stays light: sub-commands in other modules are imported only when run, and nothing here
+imports scapy (a test checks ``--help`` and ``forwarders``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import click
+
+from . import config as cfg
+from .errors import EncapfwdError
+
+# name -> (module:attribute, one-line help); imported only when the command runs
+LAZY_COMMANDS = {
+    "replay": ("encapfwd.cli_replay:replay_command", "Forward every frame of a pcap through the dispatcher."),
+    "explain": ("encapfwd.cli_replay:explain_command", "Show one packet before and after forwarding."),
+    "backend-setup": ("encapfwd.cli_setup:backend_setup_command", "Print the commands a back-end server needs."),
+    "run": ("encapfwd.cli_run:run_command", "Forward live traffic (Linux, root)."),
+    "lab": ("encapfwd.cli_run:lab_command", "Build a namespace lab, send requests, tear it down (root)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None or name not in LAZY_COMMANDS:
+            return command
+        target, _ = LAZY_COMMANDS[name]
+        module_name, attribute = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise EncapfwdError(f"the {name!r} command is not available: {exc}") from None
+        return getattr(module, attribute)
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in LAZY_COMMANDS:
+                rows.append((name, LAZY_COMMANDS[name][1]))
+            else:
+                command = super().get_command(ctx, name)
+                rows.append((name, command.get_short_help_str(limit=formatter.width - 20)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup)
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    envvar=cfg.ENV_CONFIG,
+    default=cfg.DEFAULT_PATH,
+    show_default=True,
+    help=f"Configuration file (TOML); also ${cfg.ENV_CONFIG}.",
+)
+@click.version_option(package_name="encapfwd", message="encapfwd %(version)s")
+@click.pass_context
+def cli(ctx, config_path):
+    """encapfwd: a Layer-4 load-balancer dispatcher with MAC, IPIP and GRE forwarding plugins.
+
+    The configuration is edited with IBM dscontrol's grammar, e.g.
+
+      encapfwd server set 10.0.9.9@80@10.0.2.10 encapforward yes encaptype ipip encapcond always
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config_path"] = config_path
+
+
+def registry():
+    from .plugins import get_plugin_manager
+
+    return get_plugin_manager()
+
+
+def edit_config(ctx, change, message: str) -> None:
+    """Load, apply *change(config, registry)*, save atomically only on success, say what was done."""
+    path = ctx.obj["config_path"]
+    config = cfg.load(path)
+    new = change(config, registry())
+    cfg.save(path, new)
+    click.echo(message)
+
+
+# ------------------------------------------------------------------------------------ forwarders
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+def forwarders(as_json):
+    """List the forwarding methods the installed plugins provide."""
+    from .plugins import KNOWN_DISTRIBUTIONS
+
+    reg = registry()
+    rows = []
+    for record in reg.records:
+        if not record.ok:
+            rows.append(
+                {"name": None, "distribution": record.distribution, "version": record.version,
+                 "overhead": None, "ipv4_only": None, "operating_systems": [],
+                 "status": record.status, "description": "", "hooks": record.hooks}
+            )
+            continue
+        for name in record.forwarders:
+            fwd = reg.forwarders[name]
+            rows.append(
+                {"name": fwd.name, "distribution": record.distribution, "version": record.version,
+                 "overhead": fwd.overhead, "ipv4_only": fwd.ipv4_only,
+                 "operating_systems": list(fwd.operating_systems), "status": "ok",
+                 "description": fwd.description, "hooks": record.hooks}
+            )
+    missing = [f"{dist} ({name})" for name, dist in KNOWN_DISTRIBUTIONS.items() if name not in reg.forwarders]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        if not reg.forwarders:
+            click.echo("encapfwd: no forwarders installed; install " + ", ".join(missing), err=True)
+        return
+    if rows:
+        header = ("FORWARDER", "DISTRIBUTION", "VERSION", "OVERHEAD", "IPV4-ONLY", "OS", "STATUS")
+        table = [header] + [
+            (r["name"] or "-", r["distribution"], r["version"],
+             "-" if r["overhead"] is None else str(r["overhead"]),
+             "-" if r["ipv4_only"] is None else ("yes" if r["ipv4_only"] else "no"),
+             ",".join(r["operating_systems"]) or "-", r["status"])
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+        for row in table:
+            click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if not reg.forwarders:
+        click.echo("No forwarders installed. Install the distributions you need: " + ", ".join(missing) + ".")
+
+
+# -------------------------------------------------------------------------------------- executor
+
+
+@cli.group()
+def executor():
+    """The dispatcher itself: nfa, mac, interface, networks, gateway, mtu …"""
+
+
+@executor.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("words", nargs=-1, required=True)
+@click.pass_context
+def executor_set(ctx, words):
+    """Set executor keywords: KEY VALUE [KEY VALUE …].
+
+    \b
+    nfa ADDR          the dispatcher's own IPv4 address; default outer source
+    mac MAC           the dispatcher's MAC
+    interface IF      interface for live mode
+    networks N[,N]    networks the dispatcher is attached to (decides MAC vs encapsulation)
+    gateway ADDR      next hop for servers on other networks
+    gatewaymac MAC    the gateway's MAC (offline replay or pinned)
+    mtu N             egress MTU (default 1500)
+    encapttl N        outer TTL (default 64)
+    maxflows N        flow table bound (default 1000000)
+    """
+    edit_config(ctx, lambda c, r: cfg.executor_set(c, words, r), "executor updated")
+
+
+@executor.command("report")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def executor_report(ctx, as_json):
+    """Show the executor's settings."""
+    data = cfg.to_dict(cfg.load(ctx.obj["config_path"]))["executor"]
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    else:
+        for key, value in data.items():
+            click.echo(f"{key:12} {', '.join(value) if isinstance(value, list) else value}")
+
+
+# --------------------------------------------------------------------------------------- cluster
+
+
+@cli.group()
+def cluster():
+    """Cluster addresses (VIPs)."""
+
+
+@cluster.command("add")
+@click.argument("addresses", nargs=-1, required=True)
+@click.pass_context
+def cluster_add(ctx, addresses):
+    """Add cluster addresses."""
+    edit_config(ctx, lambda c, r: cfg.cluster_add(c, addresses, r), f"cluster {' '.join(addresses)} added")
+
+
+@cluster.command("remove")
+@click.argument("addresses", nargs=-1, required=True)
+@click.pass_context
+def cluster_remove(ctx, addresses):
+    """Remove cluster addresses with their ports and servers."""
+    edit_config(ctx, lambda c, r: cfg.cluster_remove(c, addresses, r), f"cluster {' '.join(addresses)} removed")
+
+
+# ------------------------------------------------------------------------------------------ port
+
+
+@cli.group()
+def port():
+    """Ports of a cluster (CLUSTER@PORT; port 0 means every port)."""
+
+
+@port.command("add", context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("words", nargs=-1)
+@click.pass_context
+def port_add(ctx, target, words):
+    """Add CLUSTER@PORT [KEY VALUE …] (porttype, selectionalgorithm, stickytime, staletimeout)."""
+    edit_config(ctx, lambda c, r: cfg.port_add(c, target, words, r), f"port {target} added")
+
+
+@port.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("words", nargs=-1, required=True)
+@click.pass_context
+def port_set(ctx, target, words):
+    """Change CLUSTER@PORT KEY VALUE [KEY VALUE …]."""
+    edit_config(ctx, lambda c, r: cfg.port_set(c, target, words, r), f"port {target} updated")
+
+
+@port.command("remove")
+@click.argument("target")
+@click.pass_context
+def port_remove(ctx, target):
+    """Remove CLUSTER@PORT with its servers."""
+    edit_config(ctx, lambda c, r: cfg.port_remove(c, target, r), f"port {target} removed")
+
+
+# ---------------------------------------------------------------------------------------- server
+
+
+@cli.group()
+def server():
+    """Back-end servers (CLUSTER@PORT@SERVER; SERVER may be A+B+C)."""
+
+
+@server.command("add", context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("words", nargs=-1)
+@click.pass_context
+def server_add(ctx, target, words):
+    """Add CLUSTER@PORT@SERVER [KEY VALUE …].
+
+    Keywords: weight, mac, encapforward yes|no, encaptype ipip|gre, encapcond auto|always,
+    encapsource, grekey.
+    """
+    edit_config(ctx, lambda c, r: cfg.server_add(c, target, words, r), f"server {target} added")
+
+
+@server.command("set", context_settings={"ignore_unknown_options": True})
+@click.argument("target")
+@click.argument("words", nargs=-1, required=True)
+@click.pass_context
+def server_set(ctx, target, words):
+    """Change CLUSTER@PORT@SERVER KEY VALUE [KEY VALUE …] (keywords as for add)."""
+    edit_config(ctx, lambda c, r: cfg.server_set(c, target, words, r), f"server {target} updated")
+
+
+@server.command("remove")
+@click.argument("target")
+@click.pass_context
+def server_remove(ctx, target):
+    """Remove CLUSTER@PORT@SERVER."""
+    edit_config(ctx, lambda c, r: cfg.server_remove(c, target, r), f"server {target} removed")
+
+
+@server.command("down")
+@click.argument("target")
+@click.pass_context
+def server_down(ctx, target):
+    """Mark a server down: it gets no traffic; its flows move to other servers."""
+    edit_config(ctx, lambda c, r: cfg.server_status(c, target, True, r), f"server {target} down")
+
+
+@server.command("up")
+@click.argument("target")
+@click.pass_context
+def server_up(ctx, target):
+    """Mark a server up again."""
+    edit_config(ctx, lambda c, r: cfg.server_status(c, target, False, r), f"server {target} up")
+
+
+@server.command("report")
+@click.argument("target", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--control", metavar="PATH", default=None,
+              help="Control socket of a running 'encapfwd run' (default: its standard path).")
+@click.pass_context
+def server_report(ctx, target, as_json, control):
+    """Servers with their forwarding method, weight and status; live counters when a dispatcher runs."""
+    from .report import server_rows, live_counters
+
+    config = cfg.load(ctx.obj["config_path"])
+    live = live_counters(control)
+    rows = server_rows(config, target, live)
+    if as_json:
+        click.echo(json.dumps({"servers": rows, "live": live}, indent=2))
+        return
+    if not rows:
+        click.echo("No servers configured.")
+        return
+    header = ("SERVER", "METHOD", "WEIGHT", "STATUS", "PACKETS", "BYTES")
+    table = [header] + [
+        (r["server"], r["method"], str(r["weight"]), r["status"],
+         "-" if r["packets"] is None else str(r["packets"]), "-" if r["bytes"] is None else str(r["bytes"]))
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    if live is None:
+        click.echo("(no running dispatcher answered: counters are shown by 'encapfwd run' and 'encapfwd replay')")
+    else:
+        for reason, count in sorted((live.get("drops") or {}).items()):
+            click.echo(f"dropped {reason}: {count}")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    """Entry point: one-line errors, never a traceback, for user mistakes."""
+    try:
+        rv = cli.main(args=argv, prog_name="encapfwd", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("encapfwd: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None):
+            click.echo(exc.ctx.get_help())  # bare "encapfwd" or "encapfwd server": help, as click does
+            return 2
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "encapfwd"
+        click.echo(f"encapfwd: error: {exc.format_message()} (see '{command} --help')", err=True)
+        return exc.exit_code
+    except EncapfwdError as exc:
+        click.echo(f"encapfwd: error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        click.echo("encapfwd: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return rv if isinstance(rv, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,17 @@
+"""Exceptions that reach the user as one clear line."""
+
+
+class EncapfwdError(Exception):
+    """Base class: the CLI prints ``str(exc)`` on one line and exits non-zero."""
+
+
+class ConfigError(EncapfwdError):
+    """The configuration or a command's words are invalid."""
+
+
+class PluginError(EncapfwdError):
+    """A plugin is missing, broken, or collides with another."""
+
+
+class SetupRefused(EncapfwdError):
+    """A back-end setup generator cannot produce a working recipe for this case."""

@@ -1,0 +1,265 @@
+"""Configuration value objects (attrs, frozen).
+
+These are built when configuration is loaded or changed, never per packet. The dispatcher compiles them
+into plain callables and byte templates (see ``dispatcher.py``).
+
+Keyword names follow IBM ``dscontrol`` where IBM has one (``nfa``, ``weight``, ``stickytime``,
+``staletimeout``, ``porttype``, ``encapforward``, ``encaptype``, ``encapcond``, ``mapport`` is not
+supported); ``docs/configuration.md`` lists every keyword.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Optional, Tuple, Union
+
+import attrs
+from attrs import field, frozen
+
+from .errors import ConfigError
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+ENCAPTYPES_BUILTIN = ("ipip", "gre")
+ENCAPCONDS = ("auto", "always")
+PORTTYPES = ("tcp", "udp", "both")
+MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def parse_ip(value) -> IPAddress:
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return value
+    try:
+        return ipaddress.ip_address(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"invalid IP address: {value!r}") from None
+
+
+def parse_ipv4(value) -> ipaddress.IPv4Address:
+    addr = parse_ip(value)
+    if addr.version != 4:
+        raise ConfigError(f"not an IPv4 address: {value!r}")
+    return addr
+
+
+def _unset(value) -> bool:
+    """``none`` (or empty) on the command line clears an optional keyword."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
+def parse_optional_ip(value) -> Optional[IPAddress]:
+    return None if _unset(value) else parse_ip(value)
+
+
+def parse_optional_ipv4(value) -> Optional[ipaddress.IPv4Address]:
+    return None if _unset(value) else parse_ipv4(value)
+
+
+def parse_mac(value) -> Optional[str]:
+    if _unset(value):
+        return None
+    text = str(value).strip().lower().replace("-", ":")
+    if not MAC_RE.match(text):
+        raise ConfigError(f"invalid MAC address: {value!r} (expected six hex pairs, e.g. 02:00:00:00:00:01)")
+    return text
+
+
+def parse_network(value) -> Union[ipaddress.IPv4Network, ipaddress.IPv6Network]:
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return value
+    try:
+        return ipaddress.ip_network(str(value).strip(), strict=False)
+    except ValueError:
+        raise ConfigError(f"invalid network: {value!r} (expected e.g. 10.0.2.0/24)") from None
+
+
+def parse_networks(value) -> Tuple:
+    if _unset(value):
+        return ()
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    return tuple(parse_network(v) for v in value)
+
+
+def parse_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "on", "1"):
+        return True
+    if text in ("no", "false", "off", "0"):
+        return False
+    raise ConfigError(f"expected yes or no, got {value!r}")
+
+
+def _int_in(lo: int, hi: int, what: str):
+    def convert(value) -> int:
+        try:
+            number = int(str(value).strip(), 0) if not isinstance(value, int) else value
+        except ValueError:
+            raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
+        if isinstance(number, bool) or not lo <= number <= hi:
+            raise ConfigError(f"{what} must be between {lo} and {hi}, got {value!r}")
+        return number
+
+    return convert
+
+
+def _optional(convert):
+    def wrapped(value):
+        return None if _unset(value) else convert(value)
+
+    return wrapped
+
+
+def _one_of(choices, what: str):
+    def convert(value) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ConfigError(f"{what} must be one of {', '.join(choices)}; got {value!r}")
+        return text
+
+    return convert
+
+
+def _name(what: str):
+    pattern = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+
+    def convert(value) -> str:
+        text = str(value).strip().lower()
+        if not pattern.match(text):
+            raise ConfigError(f"invalid {what}: {value!r}")
+        return text
+
+    return convert
+
+
+def _interface(value):
+    if _unset(value):
+        return None
+    text = str(value)
+    if not re.match(r"^[A-Za-z0-9_.@-]{1,15}$", text) or text in (".", ".."):
+        raise ConfigError(f"invalid interface name: {value!r}")
+    return text
+
+
+@frozen
+class Server:
+    """One back-end server of a port (``cluster@port@server``)."""
+
+    address: IPAddress = field(converter=parse_ip)
+    weight: int = field(default=1, converter=_int_in(0, 100, "weight"))
+    mac: Optional[str] = field(default=None, converter=parse_mac)
+    encapforward: bool = field(default=False, converter=parse_bool)
+    encaptype: str = field(default="ipip", converter=_name("encaptype"))
+    encapcond: str = field(default="always", converter=_one_of(ENCAPCONDS, "encapcond"))
+    # outer source address for this server's tunnel; default: the executor's nfa
+    encapsource: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
+    # RFC 2890 GRE key (32 bits); only meaningful with encaptype gre
+    grekey: Optional[int] = field(default=None, converter=_optional(_int_in(0, 2**32 - 1, "grekey")))
+    # "down" (IBM: server down): no traffic at all; weight 0 (quiesce): existing flows only
+    down: bool = field(default=False, converter=parse_bool)
+
+    def __attrs_post_init__(self):
+        if self.encapforward and self.address.version != 4:
+            raise ConfigError(
+                f"server {self.address}: encapsulation forwarding is only valid for IPv4"
+            )
+        if self.encapsource is not None and not self.encapforward:
+            pass  # harmless: kept for when encapsulation is switched on
+
+
+@frozen
+class Port:
+    number: int = field(converter=_int_in(0, 65535, "port"))
+    porttype: str = field(default="both", converter=_one_of(PORTTYPES, "porttype"))
+    selectionalgorithm: str = field(default="maglev", converter=_name("selectionalgorithm"))
+    stickytime: int = field(default=0, converter=_int_in(0, 2**31 - 1, "stickytime"))
+    staletimeout: int = field(default=300, converter=_int_in(1, 2**31 - 1, "staletimeout"))
+    servers: Tuple[Server, ...] = field(default=(), converter=tuple)
+
+    def server(self, address) -> Optional[Server]:
+        address = parse_ip(address)
+        for server in self.servers:
+            if server.address == address:
+                return server
+        return None
+
+
+@frozen
+class Cluster:
+    address: IPAddress = field(converter=parse_ip)
+    ports: Tuple[Port, ...] = field(default=(), converter=tuple)
+
+    def port(self, number: int) -> Optional[Port]:
+        for port in self.ports:
+            if port.number == number:
+                return port
+        return None
+
+
+@frozen
+class Executor:
+    """The dispatcher itself (IBM: ``executor``)."""
+
+    # non-forwarding address: the dispatcher's own address, default outer source of tunnels
+    nfa: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
+    # the dispatcher's own MAC (source of every frame it sends); live mode reads it from the interface
+    mac: Optional[str] = field(default=None, converter=parse_mac)
+    # the interface live mode listens and sends on
+    interface: Optional[str] = field(default=None, converter=_interface)
+    # networks the dispatcher is directly attached to (decides "on-link" for MAC forwarding/encapcond auto)
+    networks: Tuple = field(default=(), converter=parse_networks)
+    # next hop for servers that are not on an attached network (live mode resolves its MAC)
+    gateway: Optional[IPAddress] = field(default=None, converter=parse_optional_ip)
+    # the gateway's MAC, for offline (replay) use or to pin it
+    gatewaymac: Optional[str] = field(default=None, converter=parse_mac)
+    mtu: int = field(default=1500, converter=_int_in(576, 65535, "mtu"))
+    encapttl: int = field(default=64, converter=_int_in(1, 255, "encapttl"))
+    # bound of the connection (flow) table; least-recently-used entries are evicted beyond it
+    maxflows: int = field(default=1_000_000, converter=_int_in(1, 2**31 - 1, "maxflows"))
+
+    def attached(self, address) -> bool:
+        address = parse_ip(address)
+        return any(address in net for net in self.networks if net.version == address.version)
+
+
+@frozen
+class Config:
+    executor: Executor = field(factory=Executor)
+    clusters: Tuple[Cluster, ...] = field(default=(), converter=tuple)
+
+    def cluster(self, address) -> Optional[Cluster]:
+        address = parse_ip(address)
+        for cluster in self.clusters:
+            if cluster.address == address:
+                return cluster
+        return None
+
+
+def forwarding_method(executor: Executor, server: Server) -> str:
+    """The forwarder name that carries traffic to *server*.
+
+    ``encapforward no`` → ``mac``. ``encapforward yes encapcond always`` → the server's ``encaptype``.
+    ``encapcond auto`` → ``mac`` when the server is on a network the executor is attached to
+    (``executor set networks``), the ``encaptype`` otherwise.
+    """
+    if not server.encapforward:
+        return "mac"
+    if server.encapcond == "auto" and executor.attached(server.address):
+        return "mac"
+    return server.encaptype
+
+
+__all__ = [
+    "Cluster",
+    "Config",
+    "Executor",
+    "Port",
+    "Server",
+    "attrs",
+    "forwarding_method",
+    "parse_ip",
+    "parse_mac",
+]

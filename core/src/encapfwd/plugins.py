@@ -1,0 +1,196 @@
+"""Plugin manager factory, safe entry-point loading and a record of what was loaded from where.
+
+- Entry-point group ``encapfwd``; the entry-point name is the distribution name.
+- ``ENCAPFWD_PLUGINS``: comma-separated allow-list of distribution names to load (set but empty: none).
+- ``ENCAPFWD_TRACE_HOOKS=1``: trace every hook call to stderr.
+- A plugin that fails to import, validate or register is recorded with ``status: failed: <error>`` and a
+  warning; it never takes the CLI down. A *configured* forwarder that is missing is an error later, when
+  the configuration is compiled.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import sys
+from typing import Dict, List, Optional
+
+import pluggy
+from attrs import define, field
+
+from . import hookspecs
+from .errors import PluginError
+from .hookspecs import Forwarder
+
+GROUP = "encapfwd"
+ENV_ALLOW = "ENCAPFWD_PLUGINS"
+ENV_TRACE = "ENCAPFWD_TRACE_HOOKS"
+
+#: Where the project's own forwarders come from, for "install X" hints.
+KNOWN_DISTRIBUTIONS = {"mac": "encapfwd-mac", "ipip": "encapfwd-ipip", "gre": "encapfwd-gre"}
+
+#: Modules of the core that implement hooks like any plugin (registered first, so they run last).
+BUILTIN_MODULES = ("encapfwd.selection",)
+
+
+@define
+class PluginRecord:
+    """One loaded (or failed) plugin, as ``encapfwd forwarders`` shows it."""
+
+    name: str
+    distribution: str
+    version: str
+    status: str = "ok"
+    hooks: List[str] = field(factory=list)
+    forwarders: List[str] = field(factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@define
+class Registry:
+    """The plugin manager plus what the core keeps about plugins (forwarders and their owners)."""
+
+    pm: pluggy.PluginManager
+    records: List[PluginRecord] = field(factory=list)
+    forwarders: Dict[str, Forwarder] = field(factory=dict)
+    owners: Dict[str, str] = field(factory=dict)  # forwarder name -> distribution
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    def forwarder(self, name: str) -> Forwarder:
+        """The registered forwarder *name*, or a one-line error naming the distribution to install."""
+        try:
+            return self.forwarders[name]
+        except KeyError:
+            raise PluginError(missing_forwarder_message(name)) from None
+
+    def selection_algorithms(self) -> List[str]:
+        names: List[str] = []
+        for result in self.pm.hook.encapfwd_selection_algorithms():
+            for name in result or ():
+                if name not in names:
+                    names.append(name)
+        return names
+
+
+def missing_forwarder_message(name: str) -> str:
+    dist = KNOWN_DISTRIBUTIONS.get(name)
+    if dist:
+        return f"no installed plugin provides the forwarder {name!r}: install the {dist} distribution"
+    return f"no installed plugin provides the forwarder {name!r}: install the distribution that provides it"
+
+
+def _allow_list() -> Optional[set]:
+    raw = os.environ.get(ENV_ALLOW)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def _warn(message: str) -> None:
+    print(f"encapfwd: warning: {message}", file=sys.stderr)
+
+
+def _hook_names(pm: pluggy.PluginManager, plugin) -> List[str]:
+    return sorted(impl_caller.name for impl_caller in pm.get_hookcallers(plugin) or ())
+
+
+def _register_checked(pm: pluggy.PluginManager, plugin, name: str) -> None:
+    """Register *plugin* and fail (unregistered) if it implements a hook that does not exist."""
+    pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(plugin)
+        raise PluginError(str(exc)) from None
+
+
+def get_plugin_manager(*, load_entrypoints: bool = True, plugins=()) -> Registry:
+    """Build a fresh registry: built-ins, then entry points (unless disabled), then *plugins*.
+
+    Tests pass ``load_entrypoints=False`` and their own throw-away plugin objects in *plugins*.
+    """
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    if os.environ.get(ENV_TRACE):
+        pm.trace.root.setwriter(sys.stderr.write)
+        pm.enable_tracing()
+    registry = Registry(pm=pm)
+
+    import importlib
+
+    for module_name in BUILTIN_MODULES:
+        _register_checked(pm, importlib.import_module(module_name), module_name)
+
+    if load_entrypoints:
+        allow = _allow_list()
+        for ep in sorted(importlib.metadata.entry_points(group=GROUP), key=lambda e: e.name):
+            dist = ep.dist.name if ep.dist is not None else ep.name
+            version = ep.dist.version if ep.dist is not None else "?"
+            if allow is not None and ep.name not in allow and dist not in allow:
+                continue
+            if pm.has_plugin(ep.name):
+                continue
+            record = PluginRecord(name=ep.name, distribution=dist, version=version)
+            registry.records.append(record)
+            try:
+                plugin = ep.load()
+                _register_checked(pm, plugin, ep.name)
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
+                record.status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                _warn(f"plugin {dist} could not be loaded: {record.status[len('failed: '):]}")
+                continue
+            record.hooks = _hook_names(pm, plugin)
+
+    for plugin in plugins:
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        record = PluginRecord(name=name, distribution=name, version="(test)")
+        registry.records.append(record)
+        _register_checked(pm, plugin, name)
+        record.hooks = _hook_names(pm, plugin)
+
+    _collect_forwarders(registry)
+    return registry
+
+
+def _collect_forwarders(registry: Registry) -> None:
+    """Call every ``encapfwd_register_forwarders`` implementation in its own try, keeping owners."""
+    pm = registry.pm
+    by_name = {record.name: record for record in registry.records}
+    for impl in reversed(pm.hook.encapfwd_register_forwarders.get_hookimpls()):
+        record = by_name.get(impl.plugin_name)
+        dist = record.distribution if record else impl.plugin_name
+
+        def register(forwarder: Forwarder, _dist=dist, _record=record) -> None:
+            if not isinstance(forwarder, Forwarder):
+                raise TypeError("register() takes an encapfwd.hookspecs.Forwarder")
+            other = registry.owners.get(forwarder.name)
+            if other is not None:
+                raise PluginError(
+                    f"forwarder {forwarder.name!r} is registered by both {other} and {_dist}: "
+                    f"uninstall one of them or restrict loading with {ENV_ALLOW}"
+                )
+            registry.forwarders[forwarder.name] = forwarder
+            registry.owners[forwarder.name] = _dist
+            if _record is not None:
+                _record.forwarders.append(forwarder.name)
+
+        try:
+            impl.function(register=register)
+        except PluginError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if record is None:
+                raise
+            record.status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            _warn(f"plugin {dist} failed to register its forwarders: {record.status[len('failed: '):]}")
+            for name in record.forwarders:
+                registry.forwarders.pop(name, None)
+                registry.owners.pop(name, None)
+            record.forwarders.clear()
+            pm.unregister(impl.plugin)

@@ -1,0 +1,45 @@
+"""Rows for ``encapfwd server report``: configuration joined with live counters when a dispatcher runs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import config as cfg
+from .model import forwarding_method
+
+
+def server_key(cluster_address, port_number, server_address) -> str:
+    """The name a server has in reports and counters: ``cluster@port@server``."""
+    return f"{cluster_address}@{port_number}@{server_address}"
+
+
+def live_counters(control: Optional[str]) -> Optional[dict]:
+    """Counters of a running ``encapfwd run``, or None when none answers."""
+    try:
+        from .engines.live import query_control
+    except ImportError:
+        return None
+    try:
+        return query_control(control)
+    except (OSError, ValueError):
+        return None
+
+
+def server_rows(config, target: Optional[str], live: Optional[dict]) -> list:
+    counters = (live or {}).get("servers") or {}
+    rows = []
+    for cluster, port, server in cfg.iter_servers(config, target):
+        key = server_key(cluster.address, port.number, server.address)
+        status = "down" if server.down else ("quiesced" if server.weight == 0 else "up")
+        count = counters.get(key) or {}
+        rows.append(
+            {
+                "server": key,
+                "method": forwarding_method(config.executor, server),
+                "weight": server.weight,
+                "status": status,
+                "packets": count.get("packets"),
+                "bytes": count.get("bytes"),
+            }
+        )
+    return rows

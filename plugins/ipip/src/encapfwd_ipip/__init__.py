@@ -1,0 +1,37 @@
+"""encapfwd-ipip: IP-in-IP forwarding (RFC 2003) and its back-end setup generators."""
+
+from encapfwd import hookimpl
+from encapfwd.hookspecs import Forwarder
+
+NAME = "ipip"
+
+
+@hookimpl
+def encapfwd_register_forwarders(register):
+    register(
+        Forwarder(
+            name=NAME,
+            overhead=20,
+            ipv4_only=True,
+            operating_systems=("linux", "aix", "solaris", "windows"),
+            description="IP-in-IP (RFC 2003): outer IPv4 header, protocol 4",
+        )
+    )
+
+
+@hookimpl
+def encapfwd_build_transform(forwarder, server, egress):
+    if forwarder != NAME:
+        return None
+    from .transform import build
+
+    return build(server, egress)
+
+
+@hookimpl
+def encapfwd_backend_setup(forwarder, os, target, undo):
+    if forwarder != NAME:
+        return None
+    from .backend import script
+
+    return script(os, target, undo)
