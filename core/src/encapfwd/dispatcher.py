@@ -1,0 +1,651 @@
+"""The dispatcher: compiled configuration → ``process(frame, now) -> [frames]`` with counters.
+
+Configuration time (``Dispatcher(config, registry)`` and ``reload``): every server of every port gets its
+forwarding method (``model.forwarding_method``), its :class:`~encapfwd.hookspecs.Egress` (MACs, outer
+addresses, TTL, MTU) and a transform compiled by its forwarder plugin; every port gets a picker from the
+:class:`~encapfwd.selection.Scheduler`. Misconfiguration is a one-line :class:`ConfigError` or
+:class:`PluginError` here, never a surprise per packet.
+
+Per packet (``process``): only ``bytes`` slicing, ``struct``-free integer arithmetic, dict lookups and the
+compiled callables. ``process`` never raises: every frame that is not forwarded is counted under exactly one
+drop reason in :attr:`Dispatcher.drops` (``docs/datapath.md`` lists them), and may produce an ICMP error
+back to the sender (time exceeded, fragmentation needed / packet too big).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from typing import Dict, List, Optional
+
+from . import packet as pk
+from .errors import ConfigError, PluginError
+from .hookspecs import Egress
+from .model import Config, forwarding_method
+from .selection import Scheduler
+
+#: How long the fragment table remembers which server a fragmented datagram went to (Linux ipfrag_time).
+FRAG_TIMEOUT = 30.0
+#: Bound of the fragment table (datagrams whose first fragment was seen).
+FRAG_TABLE_MAX = 65536
+#: Bound of the fragments held while waiting for their datagram's first fragment.
+FRAG_HELD_DATAGRAMS = 1024
+FRAG_HELD_PER_DATAGRAM = 64
+
+DROP_REASONS = (
+    "truncated",
+    "not-ip",
+    "vlan-tagged",
+    "bad-version",
+    "bad-ihl",
+    "bad-total-length",
+    "bad-checksum",
+    "bad-ext-header",
+    "not-cluster",
+    "not-port",
+    "not-tcp-udp",
+    "icmp-unmatched",
+    "ttl-exceeded",
+    "no-server",
+    "frag-needed",
+    "frag-unforwardable",
+    "frag-timeout",
+    "frag-overflow",
+    "internal-error",
+)
+
+_ET4 = b"\x08\x00"
+_ET6 = b"\x86\xdd"
+_VLAN = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
+_TTL_PROTO_CK = struct.Struct("!BBH").pack
+_PORTS = struct.Struct("!HH").unpack_from
+#: ICMP informational types (echo, timestamp, information, address mask): errors about them are allowed.
+_ICMP4_INFO = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
+
+
+class _ServerSlot:
+    """What the dispatcher keeps about one cluster@port@server (compiled; plain attributes)."""
+
+    __slots__ = ("name", "cluster", "port", "server", "method", "transform", "limit", "mtu", "counter")
+
+    def __init__(self, name, cluster, port, server, method, transform, mtu, counter):
+        self.name = name
+        self.cluster = cluster
+        self.port = port
+        self.server = server
+        self.method = method
+        self.transform = transform
+        self.mtu = mtu
+        self.limit = mtu + pk.ETH_HLEN
+        self.counter = counter  # [packets, bytes]
+
+
+def server_name(cluster, port, server) -> str:
+    """IBM-style ``cluster@port@server`` (IPv6 addresses in brackets)."""
+
+    def one(a):
+        a = ipaddress.ip_address(a)
+        return f"[{a}]" if a.version == 6 else str(a)
+
+    return f"{one(cluster)}@{port}@{one(server)}"
+
+
+class Dispatcher:
+    """See ``docs/architecture.md`` ("Dispatcher contract") and ``docs/datapath.md``."""
+
+    def __init__(self, config: Config, registry, scheduler: Optional[Scheduler] = None):
+        self.registry = registry
+        self.drops: Dict[str, int] = {}
+        self._counters: Dict[str, list] = {}
+        self._frags: Dict[bytes, tuple] = {}
+        self._held: Dict[bytes, list] = {}
+        self._ident = 0
+        self.scheduler = scheduler or Scheduler(registry, config.executor.maxflows)
+        self._compile(config)
+
+    # ------------------------------------------------------------------------------ configuration time
+
+    def reload(self, config: Config) -> None:
+        """Recompile for *config*; counters of servers that stay are kept, flows keep their server."""
+        self._compile(config)
+
+    def _egress(self, config: Config, cluster, server, method: str) -> Egress:
+        ex = config.executor
+        name = server_name(cluster.address, "?", server.address)
+        forwarder = self.registry.forwarder(method)  # PluginError naming the distribution to install
+        if ex.mac is None:
+            raise ConfigError("executor mac is not set: the dispatcher needs its own MAC to send frames")
+        if cluster.address.version == 6 and forwarder.ipv4_only:
+            raise ConfigError(
+                f"server {name}: forwarding method {method!r} carries IPv4 only, "
+                f"but cluster {cluster.address} is IPv6; use MAC forwarding"
+            )
+        attached = ex.attached(server.address)
+        outer_src = None
+        if not forwarder.encapsulates:
+            if not attached:
+                raise ConfigError(
+                    f"server {name}: MAC forwarding needs the server on a network the executor is attached "
+                    f"to (executor networks: {', '.join(map(str, ex.networks)) or 'none'}); "
+                    "use encapforward yes"
+                )
+            if server.mac is None:
+                raise ConfigError(f"server {name}: MAC forwarding needs the server's mac")
+            dst_mac = server.mac
+        else:
+            if attached:
+                if server.mac is None:
+                    raise ConfigError(
+                        f"server {name} is on an attached network: set its mac (the tunnel's next hop)"
+                    )
+                dst_mac = server.mac
+            else:
+                if ex.gatewaymac is None:
+                    raise ConfigError(
+                        f"server {name} is not on an attached network: set executor gatewaymac "
+                        "(the next hop for encapsulated packets)"
+                    )
+                dst_mac = ex.gatewaymac
+            outer_src = server.encapsource or ex.nfa
+            if outer_src is None:
+                raise ConfigError(
+                    f"server {name}: encapsulation needs an outer source: set executor nfa "
+                    "or the server's encapsource"
+                )
+        return Egress(
+            src_mac=ex.mac,
+            dst_mac=dst_mac,
+            outer_src=outer_src,
+            outer_dst=server.address,
+            ttl=ex.encapttl,
+            cluster=cluster.address,
+            mtu=ex.mtu,
+        )
+
+    def _compile(self, config: Config) -> None:
+        registry = self.registry
+        ex = config.executor
+        v4: Dict[bytes, dict] = {}
+        v6: Dict[bytes, dict] = {}
+        counters: Dict[str, list] = {}
+        slots_by_name: Dict[str, _ServerSlot] = {}
+        cache = {}
+        plan = []
+        for cluster in config.clusters:
+            table: dict = {}
+            (v4 if cluster.address.version == 4 else v6)[cluster.address.packed] = table
+            for port in cluster.ports:
+                slots = []
+                for server in port.servers:
+                    method = forwarding_method(ex, server)
+                    egress = self._egress(config, cluster, server, method)
+                    ckey = (method, server, egress)
+                    transform = cache.get(ckey)
+                    if transform is None:
+                        transform = registry.hook.encapfwd_build_transform(
+                            forwarder=method, server=server, egress=egress
+                        )
+                        if transform is None:
+                            raise PluginError(
+                                f"server {server_name(cluster.address, port.number, server.address)}: "
+                                f"the plugin providing {method!r} "
+                                f"({registry.owners.get(method, 'unknown')}) built no transform"
+                            )
+                        cache[ckey] = transform
+                    name = server_name(cluster.address, port.number, server.address)
+                    counter = counters.get(name) or self._counters.get(name) or [0, 0]
+                    counters[name] = counter
+                    slot = _ServerSlot(name, str(cluster.address), port.number, str(server.address), method,
+                                       transform, ex.mtu, counter)
+                    slots.append(slot)
+                    slots_by_name[name] = slot
+                plan.append((cluster, port, table, tuple(slots)))
+        self.scheduler.configure(config)
+        for cluster, port, table, slots in plan:
+            pick = self.scheduler.picker(cluster.address, port.number)
+            entry = (pick, slots)
+            protos = {"tcp": (pk.PROTO_TCP,), "udp": (pk.PROTO_UDP,)}.get(
+                port.porttype, (pk.PROTO_TCP, pk.PROTO_UDP))
+            for proto in protos:
+                table[(proto << 16) | port.number] = entry
+        self._v4 = v4
+        self._v6 = v6
+        self._counters = counters
+        self._slots = slots_by_name
+        self._src_mac = pk.mac_bytes(ex.mac)
+        self._mtu = ex.mtu
+        # fragment table entries refer to slots of the old configuration: forget them
+        self._frags = {}
+
+    # ------------------------------------------------------------------------------------- per packet
+
+    def _drop(self, reason: str) -> list:
+        drops = self.drops
+        drops[reason] = drops.get(reason, 0) + 1
+        return []
+
+    def process(self, frame: bytes, now: float = 0.0) -> List[bytes]:
+        """Forward one Ethernet frame: the frames to send ([] = dropped, counted in :attr:`drops`)."""
+        try:
+            n = len(frame)
+            if n < 34:
+                if n >= 14 and frame[12:14] not in (_ET4, _ET6):
+                    return self._drop_ethertype(frame)
+                return self._drop("truncated")
+            if frame[12:14] != _ET4:
+                if frame[12:14] == _ET6:
+                    return self._process6(frame, now)
+                return self._drop_ethertype(frame)
+            # ---- IPv4 fast path
+            vihl = frame[14]
+            if vihl == 0x45:
+                ihl = 20
+            elif vihl >> 4 != 4:
+                return self._drop("bad-version")
+            else:
+                ihl = (vihl & 0x0F) << 2
+                if ihl < 20:
+                    return self._drop("bad-ihl")
+            tot = (frame[16] << 8) | frame[17]
+            end = 14 + tot
+            if tot < ihl:
+                return self._drop("bad-total-length")
+            if end > n:
+                return self._drop("truncated")
+            ports = self._v4.get(frame[30:34])
+            if ports is None:
+                return self._drop("not-cluster")
+            if int.from_bytes(frame[14:14 + ihl], "big") % 0xFFFF:
+                return self._drop("bad-checksum")
+            proto = frame[23]
+            l4 = 14 + ihl
+            if frame[20] & 0x3F or frame[21]:  # MF or fragment offset: a fragment
+                return self._fragment4(frame, now, ihl, end, ports)
+            if proto == 6:
+                if end < l4 + 14:
+                    return self._drop("truncated")
+                flags = frame[l4 + 13]
+            elif proto == 17:
+                if end < l4 + 8:
+                    return self._drop("truncated")
+                flags = 0
+            elif proto == 1:
+                return self._icmp4(frame, now, ihl, end, ports)
+            else:
+                return self._drop("not-tcp-udp")
+            pe = ports.get((proto << 16) | (frame[l4 + 2] << 8) | frame[l4 + 3]) or ports.get(proto << 16)
+            if pe is None:
+                return self._drop("not-port")
+            ttl = frame[22]
+            if ttl <= 1:
+                return self._ttl_exceeded4(frame, end)
+            idx = pe[0](frame[26:34] + frame[23:24] + frame[l4:l4 + 4], frame[26:30], flags, now)
+            if idx < 0:
+                return self._drop("no-server")
+            slot = pe[1][idx]
+            s = (~((frame[24] << 8) | frame[25]) & 0xFFFF) + 0xFEFF
+            s = (s & 0xFFFF) + (s >> 16)
+            p = frame[14:22] + _TTL_PROTO_CK(ttl - 1, proto, ~s & 0xFFFF) + frame[26:end]
+            out = slot.transform(p)
+            if len(out) > slot.limit:
+                return self._too_big4(frame, end, p, out, slot)
+            c = slot.counter
+            c[0] += 1
+            c[1] += tot
+            return [out]
+        except Exception:  # noqa: BLE001 - the data path never raises
+            return self._drop("internal-error")
+
+    # ---- IPv4 slow paths
+
+    def _drop_ethertype(self, frame) -> list:
+        if frame[12:14] in _VLAN:
+            return self._drop("vlan-tagged")
+        return self._drop("not-ip")
+
+    def _forward4(self, frame, end: int, slot, now) -> list:
+        """TTL check, P', transform, MTU for an IPv4 frame already matched to *slot*."""
+        ttl = frame[22]
+        if ttl <= 1:
+            return self._ttl_exceeded4(frame, end)
+        s = (~((frame[24] << 8) | frame[25]) & 0xFFFF) + 0xFEFF
+        s = (s & 0xFFFF) + (s >> 16)
+        p = frame[14:22] + _TTL_PROTO_CK(ttl - 1, frame[23], ~s & 0xFFFF) + frame[26:end]
+        out = slot.transform(p)
+        if len(out) > slot.limit:
+            return self._too_big4(frame, end, p, out, slot)
+        c = slot.counter
+        c[0] += 1
+        c[1] += end - 14
+        return [out]
+
+    def _classify4(self, frame, ihl: int, end: int, ports, now):
+        """Match a (non-fragmented or first-fragment) IPv4 frame to a server slot; slot or drop reason."""
+        proto = frame[23]
+        l4 = 14 + ihl
+        if proto == 6:
+            if end < l4 + 14:
+                return "truncated"
+            flags = frame[l4 + 13]
+        elif proto == 17:
+            if end < l4 + 8:
+                return "truncated"
+            flags = 0
+        elif proto == 1:
+            return self._icmp4_slot(frame, ihl, end, ports, now)
+        else:
+            return "not-tcp-udp"
+        pe = ports.get((proto << 16) | (frame[l4 + 2] << 8) | frame[l4 + 3]) or ports.get(proto << 16)
+        if pe is None:
+            return "not-port"
+        if frame[22] <= 1:
+            return pe[1][0] if pe[1] else "no-server"  # the TTL check in _forward4 answers it
+        idx = pe[0](frame[26:34] + frame[23:24] + frame[l4:l4 + 4], frame[26:30], flags, now)
+        if idx < 0:
+            return "no-server"
+        return pe[1][idx]
+
+    def _icmp4_slot(self, frame, ihl: int, end: int, ports, now):
+        """An ICMP error to the VIP quoting a packet of a client flow (VIP:port → client) → that flow's slot."""
+        l4 = 14 + ihl
+        if end < l4 + 8 or frame[l4] not in pk.ICMP4_ERRORS:
+            return "icmp-unmatched"
+        q = l4 + 8  # quoted IP header
+        if end < q + 20 or frame[q] >> 4 != 4:
+            return "icmp-unmatched"
+        qihl = (frame[q] & 0x0F) << 2
+        qproto = frame[q + 9]
+        if qihl < 20 or end < q + qihl + 4 or qproto not in (6, 17) or frame[q + 12:q + 16] != frame[30:34]:
+            return "icmp-unmatched"
+        if ((frame[q + 6] & 0x1F) << 8 | frame[q + 7]) != 0:
+            return "icmp-unmatched"  # quotes a non-first fragment: no ports
+        ql4 = q + qihl
+        sport, dport = _PORTS(frame, ql4)
+        pe = ports.get((qproto << 16) | sport) or ports.get(qproto << 16)
+        if pe is None:
+            return "icmp-unmatched"
+        client = frame[q + 16:q + 20]
+        key = client + frame[q + 12:q + 16] + bytes((qproto,)) + frame[ql4 + 2:ql4 + 4] + frame[ql4:ql4 + 2]
+        if frame[22] <= 1:
+            return pe[1][0] if pe[1] else "no-server"
+        idx = pe[0](key, client, 0, now)
+        if idx < 0:
+            return "no-server"
+        return pe[1][idx]
+
+    def _icmp4(self, frame, now, ihl: int, end: int, ports) -> list:
+        slot = self._icmp4_slot(frame, ihl, end, ports, now)
+        if isinstance(slot, str):
+            return self._drop(slot)
+        return self._forward4(frame, end, slot, now)
+
+    def _reply(self, frame, ethertype: bytes, ip_packet: bytes) -> bytes:
+        return frame[6:12] + self._src_mac + ethertype + ip_packet
+
+    def _next_ident(self) -> int:
+        self._ident = (self._ident + 1) & 0xFFFF
+        return self._ident
+
+    @staticmethod
+    def _may_answer4(frame, end: int) -> bool:
+        """RFC 1812 4.3.2.7: no ICMP error about an ICMP error, a non-first fragment or a bogus source."""
+        if (frame[20] & 0x1F) or frame[21] or frame[26] >= 224 or frame[26] == 0:
+            return False
+        if frame[23] == pk.PROTO_ICMP:
+            l4 = 14 + ((frame[14] & 0x0F) << 2)
+            return l4 < end and frame[l4] in _ICMP4_INFO
+        return True
+
+    @staticmethod
+    def _may_answer6(frame, end: int) -> bool:
+        """RFC 4443 2.4(e): no ICMPv6 error about an ICMPv6 error or from a multicast/unspecified source."""
+        if frame[22] == 0xFF or frame[22:38] == bytes(16):
+            return False
+        nxt, off, frag = pk.ipv6_upper_layer(frame[14:end])
+        if frag is not None and frag[0]:
+            return False
+        if nxt == pk.PROTO_ICMPV6:
+            return 14 + off < end and frame[14 + off] >= 128
+        return True
+
+    def _ttl_exceeded4(self, frame, end: int) -> list:
+        self._drop("ttl-exceeded")
+        original = frame[14:end]
+        if not self._may_answer4(frame, end):
+            return []
+        icmp = pk.icmp4_error(original, frame[30:34], pk.ICMP_TIME_EXCEEDED, pk.ICMP_TTL_EXCEEDED,
+                              ident=self._next_ident())
+        return [self._reply(frame, _ET4, icmp)]
+
+    def _too_big4(self, frame, end: int, p: bytes, out: bytes, slot) -> list:
+        overhead = len(out) - pk.ETH_HLEN - len(p)
+        if p[6] & 0x40:  # DF: tell the client, as IPVS does
+            self._drop("frag-needed")
+            if not self._may_answer4(frame, end):
+                return []
+            mtu = max(slot.mtu - overhead, 68)
+            icmp = pk.icmp4_error(frame[14:end], frame[30:34], pk.ICMP_DEST_UNREACH, pk.ICMP_FRAG_NEEDED,
+                                  mtu, ident=self._next_ident())
+            return [self._reply(frame, _ET4, icmp)]
+        if out[12:14] != _ET4:
+            return self._drop("frag-unforwardable")
+        pieces = pk.fragment4(out[14:], slot.mtu)
+        if not pieces:
+            return self._drop("frag-unforwardable")
+        eth = out[:14]
+        c = slot.counter
+        c[0] += 1
+        c[1] += end - 14
+        return [eth + piece for piece in pieces]
+
+    # ---- fragments (IPv4 and IPv6 share the table and the policy)
+
+    def _expire(self, now: float) -> None:
+        frags = self._frags
+        while frags:
+            key = next(iter(frags))
+            if frags[key][1] > now and len(frags) <= FRAG_TABLE_MAX:
+                break
+            del frags[key]
+        held = self._held
+        while held:
+            key = next(iter(held))
+            entry = held[key]
+            if entry[0] > now and len(held) <= FRAG_HELD_DATAGRAMS:
+                break
+            del held[key]
+            self.drops["frag-timeout"] = self.drops.get("frag-timeout", 0) + len(entry[1])
+
+    def flush(self) -> None:
+        """Give up on every fragment still waiting for its first fragment (counted as ``frag-timeout``)."""
+        self._expire(float("inf"))
+
+    def _fragment_common(self, key: bytes, is_first: bool, classify, forward, now) -> list:
+        self._expire(now)
+        if is_first:
+            slot = classify()
+            self._frags[key] = (slot, now + FRAG_TIMEOUT)
+            held = self._held.pop(key, None)
+            if isinstance(slot, str):
+                self._drop(slot)
+                if held:
+                    self.drops[slot] += len(held[1])
+                return []
+            out = forward(slot)
+            if held:
+                for fn in held[1]:
+                    out = out + fn(slot)
+            return out
+        known = self._frags.get(key)
+        if known is not None:
+            slot = known[0]
+            if isinstance(slot, str):
+                return self._drop(slot)
+            return forward(slot)
+        entry = self._held.get(key)
+        if entry is None:
+            if len(self._held) >= FRAG_HELD_DATAGRAMS:
+                return self._drop("frag-overflow")
+            entry = self._held[key] = (now + FRAG_TIMEOUT, [])
+        if len(entry[1]) >= FRAG_HELD_PER_DATAGRAM:
+            return self._drop("frag-overflow")
+        entry[1].append(forward)
+        return []
+
+    def _fragment4(self, frame, now, ihl: int, end: int, ports) -> list:
+        key = frame[26:34] + frame[23:24] + frame[18:20]
+        is_first = not ((frame[20] & 0x1F) or frame[21])
+        frame = bytes(frame)
+        return self._fragment_common(
+            key, is_first,
+            lambda: self._classify4(frame, ihl, end, ports, now),
+            lambda slot: self._forward4(frame, end, slot, now),
+            now,
+        )
+
+    # ---- IPv6 (MAC forwarding only; hop limit decremented, no header checksum)
+
+    def _process6(self, frame, now) -> list:
+        n = len(frame)
+        if n < 54:
+            return self._drop("truncated")
+        if frame[14] >> 4 != 6:
+            return self._drop("bad-version")
+        plen = (frame[18] << 8) | frame[19]
+        end = 54 + plen
+        if plen == 0:
+            return self._drop("bad-total-length")  # jumbograms are not forwarded
+        if end > n:
+            return self._drop("truncated")
+        ports = self._v6.get(frame[38:54])
+        if ports is None:
+            return self._drop("not-cluster")
+        nxt = frame[20]
+        if nxt == 6 or nxt == 17:
+            off, frag = 40, None
+        else:
+            nxt, off, frag = pk.ipv6_upper_layer(frame[14:end])
+            if nxt < 0:
+                return self._drop("bad-ext-header")
+        if frag is not None and (frag[0] or frag[1]):
+            frame = bytes(frame)
+            key = frame[22:54] + frag[2]
+            return self._fragment_common(
+                key, frag[0] == 0,
+                lambda: self._classify6(frame, nxt, 14 + off, end, ports, now),
+                lambda slot: self._forward6(frame, end, slot),
+                now,
+            )
+        slot = self._classify6(frame, nxt, 14 + off, end, ports, now)
+        if isinstance(slot, str):
+            return self._drop(slot)
+        return self._forward6(frame, end, slot)
+
+    def _classify6(self, frame, nxt: int, l4: int, end: int, ports, now):
+        if nxt == 6:
+            if end < l4 + 14:
+                return "truncated"
+            flags = frame[l4 + 13]
+        elif nxt == 17:
+            if end < l4 + 8:
+                return "truncated"
+            flags = 0
+        elif nxt == pk.PROTO_ICMPV6:
+            return self._icmp6_slot(frame, l4, end, ports, now)
+        else:
+            return "not-tcp-udp"
+        pe = ports.get((nxt << 16) | (frame[l4 + 2] << 8) | frame[l4 + 3]) or ports.get(nxt << 16)
+        if pe is None:
+            return "not-port"
+        if frame[21] <= 1:
+            return pe[1][0] if pe[1] else "no-server"
+        idx = pe[0](frame[22:54] + bytes((nxt,)) + frame[l4:l4 + 4], frame[22:38], flags, now)
+        if idx < 0:
+            return "no-server"
+        return pe[1][idx]
+
+    def _icmp6_slot(self, frame, l4: int, end: int, ports, now):
+        if end < l4 + 8 or frame[l4] not in pk.ICMP6_ERRORS:
+            return "icmp-unmatched"
+        q = l4 + 8
+        if end < q + 40 or frame[q] >> 4 != 6 or frame[q + 8:q + 24] != frame[38:54]:
+            return "icmp-unmatched"
+        qnxt, qoff, qfrag = pk.ipv6_upper_layer(frame[q:end])
+        if qnxt not in (6, 17) or (qfrag is not None and qfrag[0]):
+            return "icmp-unmatched"
+        ql4 = q + qoff
+        if end < ql4 + 4:
+            return "icmp-unmatched"
+        sport, dport = _PORTS(frame, ql4)
+        pe = ports.get((qnxt << 16) | sport) or ports.get(qnxt << 16)
+        if pe is None:
+            return "icmp-unmatched"
+        client = frame[q + 24:q + 40]
+        key = client + frame[q + 8:q + 24] + bytes((qnxt,)) + frame[ql4 + 2:ql4 + 4] + frame[ql4:ql4 + 2]
+        if frame[21] <= 1:
+            return pe[1][0] if pe[1] else "no-server"
+        idx = pe[0](key, client, 0, now)
+        if idx < 0:
+            return "no-server"
+        return pe[1][idx]
+
+    def _forward6(self, frame, end: int, slot) -> list:
+        hl = frame[21]
+        if hl <= 1:
+            self._drop("ttl-exceeded")
+            if not self._may_answer6(frame, end):
+                return []
+            icmp = pk.icmp6_error(frame[14:end], frame[38:54], pk.ICMP6_TIME_EXCEEDED, 0)
+            return [self._reply(frame, _ET6, icmp)]
+        p = frame[14:21] + bytes((hl - 1,)) + frame[22:end]
+        out = slot.transform(p)
+        if len(out) > slot.limit:
+            # IPv6 routers never fragment: ICMPv6 packet too big (RFC 8200 5, RFC 4443 3.2)
+            self._drop("frag-needed")
+            if not self._may_answer6(frame, end):
+                return []
+            overhead = len(out) - pk.ETH_HLEN - len(p)
+            mtu = max(slot.mtu - overhead, 1280)
+            icmp = pk.icmp6_error(frame[14:end], frame[38:54], pk.ICMP6_PACKET_TOO_BIG, 0, mtu)
+            return [self._reply(frame, _ET6, icmp)]
+        c = slot.counter
+        c[0] += 1
+        c[1] += end - 14
+        return [out]
+
+    # -------------------------------------------------------------------------------------- reporting
+
+    @property
+    def forwarded(self) -> int:
+        return sum(c[0] for c in self._counters.values())
+
+    def report(self) -> dict:
+        """Per server packets/bytes, drops per reason, flow and fragment table stats (JSON-able)."""
+        servers = {}
+        for name, slot in self._slots.items():
+            servers[name] = {
+                "cluster": slot.cluster,
+                "port": slot.port,
+                "server": slot.server,
+                "method": slot.method,
+                "packets": slot.counter[0],
+                "bytes": slot.counter[1],
+            }
+        try:
+            flows = dict(self.scheduler.stats())
+        except Exception:  # noqa: BLE001
+            flows = {}
+        return {
+            "servers": servers,
+            "forwarded": sum(s["packets"] for s in servers.values()),
+            "drops": dict(sorted(self.drops.items())),
+            "dropped": sum(self.drops.values()),
+            "flows": flows,
+            "fragments": {
+                "tracked": len(self._frags),
+                "held": sum(len(e[1]) for e in self._held.values()),
+            },
+        }
+
+
+__all__ = ["DROP_REASONS", "Dispatcher", "FRAG_TIMEOUT", "server_name"]

@@ -1,0 +1,290 @@
+"""Linux AF_PACKET plumbing for the live engine: TPACKET_V3 receive ring, TPACKET_V2 transmit ring,
+classic BPF socket filter and PACKET_FANOUT. Plain :mod:`socket`, :mod:`mmap` and :mod:`struct`.
+
+Layouts are those of ``<linux/if_packet.h>`` (stable kernel ABI):
+
+- receive: a ring of *blocks*; a block belongs to user space while ``block_status & TP_STATUS_USER``;
+  inside it ``num_pkts`` packets, each a ``tpacket3_hdr`` followed (at ``tp_mac``) by the frame, chained
+  by ``tp_next_offset``; writing ``TP_STATUS_KERNEL`` to the block status hands it back.
+- transmit: fixed-size slots, each a ``tpacket2_hdr`` (status, len, …) with the frame at offset 32
+  (``TPACKET2_HDRLEN - sizeof(struct sockaddr_ll)``); user space fills available slots, marks them
+  ``TP_STATUS_SEND_REQUEST`` and one ``send()`` makes the kernel transmit every marked slot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import mmap
+import os
+import socket
+import struct
+from typing import Iterable, List, Tuple
+
+SOL_PACKET = 263
+ETH_P_ALL = 0x0003
+
+PACKET_VERSION = 10
+PACKET_RX_RING = 5
+PACKET_TX_RING = 13
+PACKET_STATISTICS = 6
+PACKET_LOSS = 14
+PACKET_FANOUT = 18
+PACKET_QDISC_BYPASS = 20
+PACKET_IGNORE_OUTGOING = 23
+
+TPACKET_V2 = 1
+TPACKET_V3 = 2
+
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TP_STATUS_CSUMNOTREADY = 1 << 3
+TP_STATUS_AVAILABLE = 0
+TP_STATUS_SEND_REQUEST = 1
+
+PACKET_FANOUT_HASH = 0
+PACKET_FANOUT_FLAG_ROLLOVER = 0x1000
+
+SO_ATTACH_FILTER = 26
+SO_LOCK_FILTER = 44
+
+PACKET_HOST = 0
+PACKET_OUTGOING = 4
+
+TX_DATA_OFFSET = 32  # TPACKET_ALIGN(sizeof(struct tpacket2_hdr)) == TPACKET2_HDRLEN - sizeof(sockaddr_ll)
+
+_PAGE = mmap.PAGESIZE
+
+
+# ------------------------------------------------------------------------------------ classic BPF
+
+# opcodes (linux/filter.h)
+_LD_W_ABS = 0x20
+_LD_H_ABS = 0x28
+_LD_B_ABS = 0x30
+_JEQ_K = 0x15
+_JA = 0x05
+_RET_K = 0x06
+SKF_AD_OFF = -0x1000
+SKF_AD_PKTTYPE = 4
+
+
+def _insn(code: int, jt: int, jf: int, k: int) -> Tuple[int, int, int, int]:
+    return (code, jt, jf, k & 0xFFFFFFFF)
+
+
+def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF) -> List[Tuple[int, int, int, int]]:
+    """A classic BPF program accepting only frames addressed to this host (``PACKET_HOST``) whose
+    Ethernet type is IPv4 or IPv6 and whose destination address is one of *addresses*.
+
+    Each address costs two instructions for IPv4 and eight for IPv6 (the kernel allows 4,096 in all, so
+    about 2,000 IPv4 cluster addresses). VLAN-tagged frames that the NIC did not untag are not accepted.
+    """
+    v4 = []
+    v6 = []
+    for address in addresses:
+        address = ipaddress.ip_address(str(address))
+        (v4 if address.version == 4 else v6).append(address.packed)
+    prog: list = []  # entries: ("insn", code, jt_label, jf_label, k) resolved below
+    labels = {}
+
+    def emit(code, k=0, jt=None, jf=None):
+        prog.append([code, jt, jf, k])
+
+    def label(name):
+        labels[name] = len(prog)
+
+    emit(_LD_B_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
+    emit(_JEQ_K, PACKET_HOST, jt=None, jf="reject")
+    emit(_LD_H_ABS, 12)
+    emit(_JEQ_K, 0x0800, jt="v4", jf=None)
+    emit(_JEQ_K, 0x86DD, jt="v6", jf="reject")
+    label("v4")
+    if v4:
+        emit(_LD_W_ABS, 30)
+        for packed in v4:
+            emit(_JEQ_K, struct.unpack("!I", packed)[0], jt=None, jf="+1")
+            emit(_JA, "accept")
+    emit(_JA, "reject")
+    label("v6")
+    for n, packed in enumerate(v6):
+        words = struct.unpack("!4I", packed)
+        for i, word in enumerate(words):
+            emit(_LD_W_ABS, 38 + 4 * i)
+            emit(_JEQ_K, word, jt=None, jf=f"v6next{n}")
+        emit(_JA, "accept")
+        label(f"v6next{n}")
+    emit(_JA, "reject")
+    label("accept")
+    emit(_RET_K, snaplen)
+    label("reject")
+    emit(_RET_K, 0)
+
+    out = []
+    for pc, (code, jt, jf, k) in enumerate(prog):
+        def rel(target):
+            if target is None:
+                return 0
+            if target == "+1":
+                return 1
+            offset = labels[target] - pc - 1
+            if offset < 0:
+                raise ValueError("BPF jumps go forward only")
+            return offset
+
+        if code == _JA:
+            out.append(_insn(code, 0, 0, rel(k)))
+        else:
+            jt_off, jf_off = rel(jt), rel(jf)
+            if jt_off > 255 or jf_off > 255:
+                raise ValueError("BPF conditional jump too far")
+            out.append(_insn(code, jt_off, jf_off, k))
+    if len(out) > 4096:
+        raise ValueError(f"too many cluster addresses for one socket filter ({len(out)} instructions)")
+    return out
+
+
+def attach_filter(sock: socket.socket, program) -> None:
+    """Attach (or atomically replace) a classic BPF program on *sock*."""
+    raw = b"".join(struct.pack("HBBI", *insn) for insn in program)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+# ----------------------------------------------------------------------------------------- rings
+
+
+class RxRing:
+    """A TPACKET_V3 receive ring on its own AF_PACKET socket bound to *ifname*.
+
+    Only what the BPF *program* accepts is copied into the ring; our own transmissions are never looped
+    back (``PACKET_IGNORE_OUTGOING`` and the filter's ``PACKET_HOST`` test).
+    """
+
+    HDR = struct.Struct("<I8xI4xIH")  # tp_next_offset, tp_snaplen, tp_status, tp_mac
+
+    def __init__(self, ifname: str, program, *, block_size: int = 1 << 18, block_nr: int = 64,
+                 retire_ms: int = 1, fanout_group: int = 0):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing yet
+        try:
+            attach_filter(sock, program)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            frame_size = 2048
+            req = struct.pack("7I", block_size, block_nr, frame_size, block_size // frame_size * block_nr,
+                              retire_ms, 0, 0)
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+            self.map = mmap.mmap(sock.fileno(), block_size * block_nr, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+            except OSError:  # kernels before 4.20: the filter's PACKET_HOST test is enough
+                pass
+            sock.bind((ifname, ETH_P_ALL))
+            if fanout_group:
+                arg = (fanout_group & 0xFFFF) | (PACKET_FANOUT_HASH << 16)
+                sock.setsockopt(SOL_PACKET, PACKET_FANOUT, arg)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.block_size = block_size
+        self.block_nr = block_nr
+
+    def set_filter(self, program) -> None:
+        attach_filter(self.sock, program)
+
+    def statistics(self) -> Tuple[int, int]:
+        """(packets, drops) since the previous call (the kernel resets them on read)."""
+        raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 12)
+        packets, drops, _freeze = struct.unpack("3I", raw)
+        return packets, drops
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        finally:
+            self.sock.close()
+
+
+class TxRing:
+    """A TPACKET_V2 transmit ring: :meth:`put` copies a frame into the next free slot, :meth:`flush`
+    asks the kernel to send every filled slot with one system call."""
+
+    def __init__(self, ifname: str, *, frame_size: int = 2048, frame_nr: int = 2048,
+                 qdisc_bypass: bool = True):
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: never receives
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            sock.setsockopt(SOL_PACKET, PACKET_LOSS, 1)  # a bad frame is skipped, never wedges the ring
+            if qdisc_bypass:
+                try:
+                    sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+                except OSError:
+                    pass
+            block_size = max(_PAGE, frame_size)
+            while block_size % frame_size:
+                block_size += _PAGE
+            per_block = block_size // frame_size
+            block_nr = max(1, frame_nr // per_block)
+            frame_nr = per_block * block_nr
+            sock.setsockopt(SOL_PACKET, PACKET_TX_RING, struct.pack("4I", block_size, block_nr, frame_size,
+                                                                    frame_nr))
+            self.map = mmap.mmap(sock.fileno(), block_size * block_nr, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            sock.bind((ifname, 0))
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.frame_size = frame_size
+        self.frame_nr = frame_nr
+        self.max_frame = frame_size - TX_DATA_OFFSET
+        self.index = 0
+        self.pending = 0
+        self.sent = 0
+        self.full = 0
+        self.too_big = 0
+        self.errors = 0
+
+    def flush(self) -> None:
+        if self.pending:
+            try:
+                self.sock.send(b"", socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self.errors += 1
+            self.sent += self.pending
+            self.pending = 0
+
+    def wait_writable(self, timeout_ms: int = 10) -> None:
+        import select
+
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        poller.poll(timeout_ms)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            try:
+                self.map.close()
+            finally:
+                self.sock.close()
+
+
+def set_cpu(cpu: int) -> None:
+    os.sched_setaffinity(0, {cpu})
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel signals us when the parent dies (no orphaned workers)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signum, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

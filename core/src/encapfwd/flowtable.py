@@ -1,0 +1,201 @@
+"""The bounded flow (connection) table shared by every port of a dispatcher.
+
+One ``OrderedDict`` maps keys to packed integers, in least-recently-used order (oldest first):
+
+- flow entries: key = the flow 5-tuple bytes (13 bytes for IPv4, 37 for IPv6);
+- affinity entries (``stickytime``): key = a per-port prefix + the client address.
+
+A value is one ``int`` (no object per flow besides the key and the value)::
+
+    value = deadline << SHIFT | AFFINITY? | CLOSING? | COUNTED? | sid
+
+``deadline`` is the whole second (same clock as the ``now`` the dispatcher passes) from which the entry is
+stale; ``sid`` a server id, stable across configuration changes, one per (cluster, port, server address);
+``COUNTED`` marks a flow included in its server's active-connection count (weighted least connections),
+``CLOSING`` a TCP flow that has seen FIN or RST (short timeout, no longer counted).
+
+Entries are refreshed (deadline moved, moved to the LRU end) at most once per second of ``now``, so an
+established flow costs one dictionary lookup per packet. New entries sweep a few stale entries off the
+LRU end and evict the least recently used beyond ``maxflows``: the table never holds more than
+``maxflows`` entries, whatever arrives.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List, Tuple
+
+SID_BITS = 21
+SID_MASK = (1 << SID_BITS) - 1
+COUNTED = 1 << SID_BITS
+CLOSING = 1 << (SID_BITS + 1)
+AFFINITY = 1 << (SID_BITS + 2)
+SHIFT = SID_BITS + 3
+
+#: Idle timeout of a TCP flow after FIN (refreshed by each later packet of the flow, e.g. the last ACKs
+#: or a half-closed stream's ACKs), capped by the port's staletimeout.
+FIN_TIMEOUT = 10
+#: Idle timeout of a TCP flow after RST.
+RST_TIMEOUT = 2
+
+#: Stale entries removed from the LRU end each time a new entry is inserted.
+SWEEP = 2
+
+# counters (indices into FlowTable.ctr)
+CREATED, EVICTED, EXPIRED, MOVED, CLOSED, AFFINITIES = range(6)
+_COUNTER_NAMES = ("created", "evictions", "expired", "moved", "closed")
+
+
+class FlowTable:
+    """State shared by the pick callables of a :class:`encapfwd.selection.Scheduler`.
+
+    :param maxflows: bound on the number of entries (flows + affinity records); 0 = no table at all.
+    """
+
+    def __init__(self, maxflows: int):
+        self.maxflows = maxflows
+        self.entries: "OrderedDict[bytes, int]" = OrderedDict()
+        #: counted (active, not closing) flows per sid
+        self.counts: List[int] = []
+        #: sid -> (connections list given to a selector, index in it): kept live for least connections
+        self.slots: Dict[int, Tuple[list, int]] = {}
+        #: sid -> (cluster, port, server address) for reports
+        self.names: List[tuple] = []
+        self._sids: Dict[tuple, int] = {}
+        self.ctr = [0] * 6
+
+    # -- server ids ------------------------------------------------------------------------------
+    def sid(self, cluster, port: int, address) -> int:
+        """The stable id of server *address* on *cluster*:*port* (allocated on first use)."""
+        name = (cluster, port, address)
+        sid = self._sids.get(name)
+        if sid is None:
+            sid = len(self.names)
+            if sid > SID_MASK:
+                raise OverflowError("too many distinct servers over the dispatcher's lifetime")
+            self._sids[name] = sid
+            self.names.append(name)
+            self.counts.append(0)
+        return sid
+
+    # -- bookkeeping -----------------------------------------------------------------------------
+    def release(self, value: int) -> None:
+        """Forget *value*'s contribution to the counts (it is being removed or closed)."""
+        if value & COUNTED:
+            sid = value & SID_MASK
+            self.counts[sid] -= 1
+            slot = self.slots.get(sid)
+            if slot is not None:
+                slot[0][slot[1]] -= 1
+        if value & AFFINITY:
+            self.ctr[AFFINITIES] -= 1
+
+    def remove(self, key: bytes, value: int, reason: int) -> None:
+        """Remove *key* (whose current value is *value*), counting it under *reason*."""
+        del self.entries[key]
+        self.release(value)
+        self.ctr[reason] += 1
+
+    def insert(self, key: bytes, value: int, now: float) -> None:
+        """Add a new entry (*key* not present), sweeping stale entries and evicting beyond the bound."""
+        entries = self.entries
+        if not self.maxflows:
+            return
+        sweep = SWEEP
+        while sweep and entries:
+            old = next(iter(entries))
+            ov = entries[old]
+            if (ov >> SHIFT) > now:
+                break
+            del entries[old]
+            self.release(ov)
+            self.ctr[EXPIRED] += 1
+            sweep -= 1
+        if len(entries) >= self.maxflows:
+            popitem = entries.popitem
+            release = self.release
+            while len(entries) >= self.maxflows:
+                _, ov = popitem(last=False)
+                release(ov)
+                self.ctr[EVICTED] += 1
+        entries[key] = value
+        if value & COUNTED:
+            sid = value & SID_MASK
+            self.counts[sid] += 1
+            slot = self.slots.get(sid)
+            if slot is not None:
+                slot[0][slot[1]] += 1
+        if value & AFFINITY:
+            self.ctr[AFFINITIES] += 1
+        self.ctr[CREATED] += 1
+
+    def replace(self, key: bytes, old: int, new: int) -> None:
+        """Refresh an entry in place: new value, moved to the most-recently-used end."""
+        if (old & COUNTED) and not (new & COUNTED):
+            self.release(old & ~AFFINITY)
+        self.entries[key] = new
+        self.entries.move_to_end(key)
+
+    def resize(self, maxflows: int) -> None:
+        self.maxflows = maxflows
+        entries = self.entries
+        while len(entries) > maxflows:
+            _, ov = entries.popitem(last=False)
+            self.release(ov)
+            self.ctr[EVICTED] += 1
+
+    def expire(self, now: float, full: bool = False) -> int:
+        """Remove stale entries: from the LRU end until a live one (or, with *full*, everywhere).
+
+        The LRU end holds the least recently seen entries, so the cheap sweep finds nearly all of them;
+        *full* also finds flows whose shorter timeout (FIN/RST, a short staletimeout) ran out behind
+        a longer-lived one. Returns the number removed.
+        """
+        entries = self.entries
+        removed = 0
+        if full:
+            stale = [k for k, v in entries.items() if (v >> SHIFT) <= now]
+            for k in stale:
+                v = entries.pop(k)
+                self.release(v)
+            removed = len(stale)
+        else:
+            while entries:
+                old = next(iter(entries))
+                ov = entries[old]
+                if (ov >> SHIFT) > now:
+                    break
+                del entries[old]
+                self.release(ov)
+                removed += 1
+        self.ctr[EXPIRED] += removed
+        return removed
+
+    def clear(self) -> None:
+        entries = self.entries
+        while entries:
+            _, ov = entries.popitem()
+            self.release(ov)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        ctr = self.ctr
+        affinity = ctr[AFFINITIES]
+        out = {
+            "flows": len(self.entries) - affinity,
+            "affinity": affinity,
+            "entries": len(self.entries),
+            "maxflows": self.maxflows,
+        }
+        for index, name in enumerate(_COUNTER_NAMES):
+            out[name] = ctr[index]
+        return out
+
+    def connections(self) -> Dict[str, int]:
+        """Active (counted) flows per ``cluster@port@server``, servers with at least one."""
+        out = {}
+        for sid, count in enumerate(self.counts):
+            if count:
+                cluster, port, address = self.names[sid]
+                out[f"{cluster}@{port}@{address}"] = count
+        return out
