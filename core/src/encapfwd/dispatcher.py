@@ -14,7 +14,6 @@ back to the sender (time exceeded, fragmentation needed / packet too big).
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from typing import Dict, List, Optional
 
@@ -81,13 +80,8 @@ class _ServerSlot:
 
 
 def server_name(cluster, port, server) -> str:
-    """IBM-style ``cluster@port@server`` (IPv6 addresses in brackets)."""
-
-    def one(a):
-        a = ipaddress.ip_address(a)
-        return f"[{a}]" if a.version == 6 else str(a)
-
-    return f"{one(cluster)}@{port}@{one(server)}"
+    """The name of a server in counters and reports: ``cluster@port@server`` (as ``report.server_key``)."""
+    return f"{cluster}@{port}@{server}"
 
 
 class Dispatcher:
@@ -100,6 +94,8 @@ class Dispatcher:
         self._frags: Dict[bytes, tuple] = {}
         self._held: Dict[bytes, list] = {}
         self._ident = 0
+        #: ICMP errors sent back to clients (time exceeded, fragmentation needed, packet too big)
+        self.replies = 0
         self.scheduler = scheduler or Scheduler(registry, config.executor.maxflows)
         self._compile(config)
 
@@ -380,6 +376,7 @@ class Dispatcher:
         return self._forward4(frame, end, slot, now)
 
     def _reply(self, frame, ethertype: bytes, ip_packet: bytes) -> bytes:
+        self.replies += 1
         return frame[6:12] + self._src_mac + ethertype + ip_packet
 
     def _next_ident(self) -> int:
@@ -640,6 +637,7 @@ class Dispatcher:
             "forwarded": sum(s["packets"] for s in servers.values()),
             "drops": dict(sorted(self.drops.items())),
             "dropped": sum(self.drops.values()),
+            "icmp_sent": self.replies,
             "flows": flows,
             "fragments": {
                 "tracked": len(self._frags),

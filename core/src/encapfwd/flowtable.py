@@ -90,11 +90,13 @@ class FlowTable:
         if value & AFFINITY:
             self.ctr[AFFINITIES] -= 1
 
-    def remove(self, key: bytes, value: int, reason: int) -> None:
-        """Remove *key* (whose current value is *value*), counting it under *reason*."""
+    def remove(self, key: bytes, value: int, reason) -> None:
+        """Remove *key* (whose current value is *value*), counting it under *reason* (a counter index,
+        or None)."""
         del self.entries[key]
         self.release(value)
-        self.ctr[reason] += 1
+        if reason is not None:
+            self.ctr[reason] += 1
 
     def insert(self, key: bytes, value: int, now: float) -> None:
         """Add a new entry (*key* not present), sweeping stale entries and evicting beyond the bound."""

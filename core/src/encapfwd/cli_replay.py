@@ -1,0 +1,159 @@
+"""``encapfwd replay IN OUT`` and ``encapfwd explain IN``: the data path on capture files, without root.
+
+Nothing here imports scapy at module level: ``explain`` imports it inside the function (``encapfwd --help``
+must stay fast). ``replay`` never needs scapy at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .errors import ConfigError, EncapfwdError
+
+#: Input size from which replay shows a progress bar (when stderr is a terminal).
+PROGRESS_MIN_BYTES = 8 << 20
+
+
+def _config_path(ctx) -> str:
+    obj = ctx.find_root().obj if ctx is not None else None
+    path = (obj or {}).get("config_path")
+    if path is None:
+        from . import config as cfg
+
+        path = os.environ.get(getattr(cfg, "ENV_CONFIG", "ENCAPFWD_CONFIG")) or getattr(cfg, "DEFAULT_PATH", None)
+    return path
+
+
+def _dispatcher(ctx):
+    """Load the configuration and compile a dispatcher (one-line errors for every user mistake)."""
+    from . import config as cfg
+    from .dispatcher import Dispatcher
+    from .plugins import get_plugin_manager
+
+    path = _config_path(ctx)
+    if not path or not os.path.exists(path):
+        raise ConfigError(f"configuration file {path} does not exist (pass --config PATH)")
+    config = cfg.load(path)
+    if not config.clusters:
+        raise ConfigError(f"{path}: no cluster is configured, every frame would be dropped")
+    registry = get_plugin_manager()
+    validate = getattr(cfg, "validate", None)
+    if validate is not None:
+        validate(config, registry)
+    return Dispatcher(config, registry)
+
+
+def _print_summary(summary: dict) -> None:
+    secs = summary["seconds"]
+    rate = summary.get("frames_per_second")
+    click.echo(
+        f"replayed {summary['frames_in']} frames from {summary['input']} in {secs:.3f} s"
+        + (f" ({rate:,} frames/s)" if rate else "")
+        + f": {summary['forwarded']} forwarded, {summary['dropped']} dropped, "
+        f"{summary['icmp_sent']} ICMP errors sent; wrote {summary['frames_out']} frames to {summary['output']}"
+    )
+    servers = summary["servers"]
+    if servers:
+        width = max(len("server"), *(len(name) for name in servers))
+        click.echo("")
+        click.echo(f"{'server':<{width}}  {'method':<6}  {'packets':>10}  {'bytes':>12}")
+        for name, row in servers.items():
+            click.echo(f"{name:<{width}}  {row['method']:<6}  {row['packets']:>10}  {row['bytes']:>12}")
+    drops = summary["drops"]
+    if drops:
+        width = max(len("drop reason"), *(len(name) for name in drops))
+        click.echo("")
+        click.echo(f"{'drop reason':<{width}}  {'frames':>10}")
+        for reason, count in drops.items():
+            click.echo(f"{reason:<{width}}  {count:>10}")
+
+
+@click.command("replay")
+@click.argument("infile", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("outfile", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--progress/--no-progress", default=None,
+              help="Show a progress bar on stderr (default: for large inputs on a terminal).")
+@click.pass_context
+def replay_command(ctx, infile, outfile, as_json, progress):
+    """Forward every frame of the capture IN (pcap or pcapng) through the dispatcher; write OUT (pcap).
+
+    Prints how many packets went to each server and how many frames were dropped, per reason.
+    """
+    from .engines.replay import replay
+
+    if not os.path.isfile(infile):
+        raise EncapfwdError(f"cannot read {infile}: no such file")
+    if os.path.abspath(infile) == os.path.abspath(outfile):
+        raise EncapfwdError("IN and OUT are the same file")
+    dispatcher = _dispatcher(ctx)
+    size = os.path.getsize(infile)
+    if progress is None:
+        progress = size >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
+    if progress:
+        with click.progressbar(length=size, label="replaying", file=sys.stderr) as bar:
+            summary = replay(dispatcher, infile, outfile, progress=bar.update)
+    else:
+        summary = replay(dispatcher, infile, outfile)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+
+
+def _diff(before: dict, after: dict) -> str:
+    for name, row in after["servers"].items():
+        old = before["servers"].get(name, {"packets": 0})
+        if row["packets"] != old["packets"]:
+            return f"forwarded to {name} by {row['method']}"
+    for reason, count in after["drops"].items():
+        if count != before["drops"].get(reason, 0):
+            return f"dropped: {reason}"
+    return "held (a fragment waiting for the first fragment of its datagram)"
+
+
+@click.command("explain")
+@click.argument("infile", metavar="IN", type=click.Path(dir_okay=False))
+@click.option("--index", "-n", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Which frame of IN (0 = the first); earlier frames are forwarded first so flows match.")
+@click.pass_context
+def explain_command(ctx, infile, index):
+    """Show one frame of IN before and after the dispatcher, dissected by scapy."""
+    from .engines.replay import read_frames
+
+    if not os.path.isfile(infile):
+        raise EncapfwdError(f"cannot read {infile}: no such file")
+    dispatcher = _dispatcher(ctx)
+    target = None
+    count = 0
+    for i, (ts, frame) in enumerate(read_frames(infile)):
+        count += 1
+        if i == index:
+            target = (ts, frame)
+            break
+        dispatcher.process(frame, ts)
+    if target is None:
+        raise EncapfwdError(f"{infile} has no frame {index} (it has {count} frames)")
+    ts, frame = target
+    before = dispatcher.report()
+    out = dispatcher.process(frame, ts)
+    after = dispatcher.report()
+
+    from scapy.layers.l2 import Ether  # noqa: F401 - imported here: scapy is slow to import
+    import scapy.layers.all  # noqa: F401 - bind every layer so GRE/IPIP/ICMP dissect
+
+    click.echo(f"frame {index} in ({len(frame)} bytes, t={ts:.6f}):")
+    click.echo(Ether(frame).show(dump=True).rstrip())
+    click.echo("")
+    click.echo(f"=> {_diff(before, after)}; {len(out)} frame(s) out")
+    for n, o in enumerate(out):
+        click.echo("")
+        click.echo(f"frame out {n + 1}/{len(out)} ({len(o)} bytes):")
+        click.echo(Ether(o).show(dump=True).rstrip())
+
+
+__all__ = ["explain_command", "replay_command"]

@@ -1,0 +1,92 @@
+"""``encapfwd run`` (live forwarding, Linux, root) and ``encapfwd lab`` (a namespace lab, end to end).
+
+Nothing here imports scapy or pyroute2 at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import EncapfwdError
+
+
+def _cpus(text):
+    if not text:
+        return None
+    cpus = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            cpus.extend(range(int(lo), int(hi) + 1))
+        elif part:
+            cpus.append(int(part))
+    return cpus
+
+
+@click.command("run")
+@click.option("--interface", "-i", metavar="IF", default=None,
+              help="Interface to listen and send on (default: executor interface).")
+@click.option("--workers", "-w", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Forwarding processes sharing the traffic by flow hash (PACKET_FANOUT).")
+@click.option("--control", metavar="PATH", default=None,
+              help="Control socket for 'server report' (default /run/encapfwd/control.sock or $ENCAPFWD_CONTROL).")
+@click.option("--cpus", metavar="LIST", default=None,
+              help="Pin worker i to the i-th CPU of LIST (e.g. 1 or 0,1 or 2-5).")
+@click.pass_context
+def run_command(ctx, interface, workers, control, cpus):
+    """Forward live traffic for the configured clusters (Linux, root).
+
+    \b
+    Upstream must send cluster traffic to this host: either a route for the
+    VIP via this host's address, or this host answering ARP for the VIP.
+    This host's kernel must not answer or route it: do not configure the VIP
+    here; with ip_forward on, add 'ip route add blackhole VIP/32'.
+    SIGHUP reloads the configuration (established flows keep their server);
+    SIGTERM or Ctrl-C stops.
+    """
+    from .engines import live
+    from .plugins import get_plugin_manager
+
+    try:
+        cpu_list = _cpus(cpus)
+    except ValueError:
+        raise EncapfwdError(f"--cpus: expected a list like 0,1 or 2-5, got {cpus!r}") from None
+    live.check_platform()
+    registry = get_plugin_manager()
+    code = live.run(ctx.obj["config_path"], registry, interface=interface, workers=workers, control_path=control,
+                    cpus=cpu_list)
+    ctx.exit(code)
+
+
+@click.command("lab")
+@click.option("--requests", "-n", type=click.IntRange(1, 1000), default=5, show_default=True,
+              help="HTTP requests per forwarding method.")
+@click.option("--methods", default="mac,ipip,gre", show_default=True,
+              help="Forwarding methods to show (comma-separated).")
+@click.option("--keep", is_flag=True, help="Keep the lab running until Enter is pressed (to explore it).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
+def lab_command(requests, methods, keep, as_json):
+    """Build a namespace lab, send HTTP requests through 'encapfwd run', show counters, tear it down.
+
+    \b
+    client ─ router ─┬─ dispatcher (encapfwd run)
+                     ├─ MAC server (namespace, VIP on lo)
+                     └─ IPIP and GRE servers (user-mode-linux kernels)
+    Needs root, iproute2, ethtool; user-mode-linux for IPIP/GRE when the
+    host kernel has no ipip/ip_gre modules.
+    """
+    from .lab.topology import run_lab
+
+    wanted = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in ("mac", "ipip", "gre")]
+    if bad:
+        raise EncapfwdError(f"--methods: unknown method(s) {', '.join(bad)} (mac, ipip, gre)")
+    result = run_lab(methods=wanted, requests=requests, keep=keep, echo=click.echo)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, default=str))
+    if not result.get("ok"):
+        sys.exit(1)
