@@ -36,13 +36,17 @@ def _cpus(text):
               help="Control socket for 'server report' (default /run/encapfwd/control.sock or $ENCAPFWD_CONTROL).")
 @click.option("--cpus", metavar="LIST", default=None,
               help="Pin worker i to the i-th CPU of LIST (e.g. 1 or 0,1 or 2-5).")
+@click.option("--answer-arp", is_flag=True,
+              help="Answer ARP requests for the IPv4 cluster addresses with this interface's MAC (and announce "
+                   "them with gratuitous ARP), for upstreams that ARP for the VIP instead of routing it here.")
 @click.pass_context
-def run_command(ctx, interface, workers, control, cpus):
+def run_command(ctx, interface, workers, control, cpus, answer_arp):
     """Forward live traffic for the configured clusters (Linux, root).
 
     \b
     Upstream must send cluster traffic to this host: either a route for the
-    VIP via this host's address, or this host answering ARP for the VIP.
+    VIP via this host's address, or this host answering ARP for the VIP
+    (--answer-arp).
     This host's kernel must not answer or route it: do not configure the VIP
     here; with ip_forward on, add 'ip route add blackhole VIP/32'.
     SIGHUP reloads the configuration (established flows keep their server);
@@ -58,7 +62,7 @@ def run_command(ctx, interface, workers, control, cpus):
     live.check_platform()
     registry = get_plugin_manager()
     code = live.run(ctx.obj["config_path"], registry, interface=interface, workers=workers, control_path=control,
-                    cpus=cpu_list)
+                    cpus=cpu_list, answer_arp=answer_arp)
     ctx.exit(code)
 
 

@@ -58,6 +58,10 @@ _ET6 = b"\x86\xdd"
 _VLAN = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
 _TTL_PROTO_CK = struct.Struct("!BBH").pack
 _PORTS = struct.Struct("!HH").unpack_from
+#: From offset 12 of a frame: ethertype, version/IHL, total length, flags/offset (two bytes), TTL, protocol,
+#: header checksum, source, destination.
+_HDR = struct.Struct("!2sBxHxxBBBBH4s4s").unpack_from
+_BYTE = tuple(bytes((i,)) for i in range(256))
 #: ICMP informational types (echo, timestamp, information, address mask): errors about them are allowed.
 _ICMP4_INFO = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
 
@@ -223,17 +227,19 @@ class Dispatcher:
     def process(self, frame: bytes, now: float = 0.0) -> List[bytes]:
         """Forward one Ethernet frame: the frames to send ([] = dropped, counted in :attr:`drops`)."""
         try:
+            if frame.__class__ is not bytes:
+                frame = bytes(frame)
             n = len(frame)
             if n < 34:
                 if n >= 14 and frame[12:14] not in (_ET4, _ET6):
                     return self._drop_ethertype(frame)
                 return self._drop("truncated")
-            if frame[12:14] != _ET4:
-                if frame[12:14] == _ET6:
+            et, vihl, tot, ffh, ffl, ttl, proto, ck, src, dst = _HDR(frame, 12)
+            if et != _ET4:
+                if et == _ET6:
                     return self._process6(frame, now)
                 return self._drop_ethertype(frame)
             # ---- IPv4 fast path
-            vihl = frame[14]
             if vihl == 0x45:
                 ihl = 20
             elif vihl >> 4 != 4:
@@ -242,21 +248,19 @@ class Dispatcher:
                 ihl = (vihl & 0x0F) << 2
                 if ihl < 20:
                     return self._drop("bad-ihl")
-            tot = (frame[16] << 8) | frame[17]
             end = 14 + tot
             if tot < ihl:
                 return self._drop("bad-total-length")
             if end > n:
                 return self._drop("truncated")
-            ports = self._v4.get(frame[30:34])
+            ports = self._v4.get(dst)
             if ports is None:
                 return self._drop("not-cluster")
             if int.from_bytes(frame[14:14 + ihl], "big") % 0xFFFF:
                 return self._drop("bad-checksum")
-            proto = frame[23]
-            l4 = 14 + ihl
-            if frame[20] & 0x3F or frame[21]:  # MF or fragment offset: a fragment
+            if ffh & 0x3F or ffl:  # MF or fragment offset: a fragment
                 return self._fragment4(frame, now, ihl, end, ports)
+            l4 = 14 + ihl
             if proto == 6:
                 if end < l4 + 14:
                     return self._drop("truncated")
@@ -272,16 +276,14 @@ class Dispatcher:
             pe = ports.get((proto << 16) | (frame[l4 + 2] << 8) | frame[l4 + 3]) or ports.get(proto << 16)
             if pe is None:
                 return self._drop("not-port")
-            ttl = frame[22]
             if ttl <= 1:
                 return self._ttl_exceeded4(frame, end)
-            idx = pe[0](frame[26:34] + frame[23:24] + frame[l4:l4 + 4], frame[26:30], flags, now)
+            idx = pe[0](src + dst + _BYTE[proto] + frame[l4:l4 + 4], src, flags, now)
             if idx < 0:
                 return self._drop("no-server")
             slot = pe[1][idx]
-            s = (~((frame[24] << 8) | frame[25]) & 0xFFFF) + 0xFEFF
-            s = (s & 0xFFFF) + (s >> 16)
-            p = frame[14:22] + _TTL_PROTO_CK(ttl - 1, proto, ~s & 0xFFFF) + frame[26:end]
+            # P': TTL - 1 and the checksum updated by RFC 1624 eqn. 3, ~(~HC + ~m + m') = (HC - 0xFEFF) mod 0xFFFF
+            p = frame[14:22] + _TTL_PROTO_CK(ttl - 1, proto, (ck - 0xFEFF) % 0xFFFF) + frame[26:end]
             out = slot.transform(p)
             if len(out) > slot.limit:
                 return self._too_big4(frame, end, p, out, slot)
@@ -304,9 +306,8 @@ class Dispatcher:
         ttl = frame[22]
         if ttl <= 1:
             return self._ttl_exceeded4(frame, end)
-        s = (~((frame[24] << 8) | frame[25]) & 0xFFFF) + 0xFEFF
-        s = (s & 0xFFFF) + (s >> 16)
-        p = frame[14:22] + _TTL_PROTO_CK(ttl - 1, frame[23], ~s & 0xFFFF) + frame[26:end]
+        ck = (((frame[24] << 8) | frame[25]) - 0xFEFF) % 0xFFFF  # RFC 1624 eqn. 3 (see process)
+        p = frame[14:22] + _TTL_PROTO_CK(ttl - 1, frame[23], ck) + frame[26:end]
         out = slot.transform(p)
         if len(out) > slot.limit:
             return self._too_big4(frame, end, p, out, slot)

@@ -14,8 +14,9 @@ stale; ``sid`` a server id, stable across configuration changes, one per (cluste
 ``COUNTED`` marks a flow included in its server's active-connection count (weighted least connections),
 ``CLOSING`` a TCP flow that has seen FIN or RST (short timeout, no longer counted).
 
-Entries are refreshed (deadline moved, moved to the LRU end) at most once per second of ``now``, so an
-established flow costs one dictionary lookup per packet. New entries sweep a few stale entries off the
+Every packet moves its entry to the most-recently-used end (exact LRU); the deadline itself is rewritten
+at most once per second of ``now``, so a packet of an established flow costs one dictionary lookup and
+one ``move_to_end``. New entries sweep a few stale entries off the
 LRU end and evict the least recently used beyond ``maxflows``: the table never holds more than
 ``maxflows`` entries, whatever arrives.
 """
@@ -31,6 +32,7 @@ COUNTED = 1 << SID_BITS
 CLOSING = 1 << (SID_BITS + 1)
 AFFINITY = 1 << (SID_BITS + 2)
 SHIFT = SID_BITS + 3
+_ACCOUNTED = COUNTED | AFFINITY
 
 #: Idle timeout of a TCP flow after FIN (refreshed by each later packet of the flow, e.g. the last ACKs
 #: or a half-closed stream's ACKs), capped by the port's staletimeout.
@@ -99,27 +101,40 @@ class FlowTable:
             self.ctr[reason] += 1
 
     def insert(self, key: bytes, value: int, now: float) -> None:
-        """Add a new entry (*key* not present), sweeping stale entries and evicting beyond the bound."""
+        """Add a new entry (*key* not present): evict the least recently used one when the table is full
+        (counted as expired when it was stale anyway), else sweep a few stale ones off the LRU end."""
         entries = self.entries
-        if not self.maxflows:
-            return
-        sweep = SWEEP
-        while sweep and entries:
-            old = next(iter(entries))
-            ov = entries[old]
-            if (ov >> SHIFT) > now:
-                break
-            del entries[old]
-            self.release(ov)
-            self.ctr[EXPIRED] += 1
-            sweep -= 1
-        if len(entries) >= self.maxflows:
+        n = len(entries)
+        maxflows = self.maxflows
+        ctr = self.ctr
+        if n >= maxflows:
+            if not maxflows:
+                return
             popitem = entries.popitem
-            release = self.release
-            while len(entries) >= self.maxflows:
-                _, ov = popitem(last=False)
-                release(ov)
-                self.ctr[EVICTED] += 1
+            while n >= maxflows:
+                ov = popitem(False)[1]
+                if ov & COUNTED:  # release(), inlined: this runs for every new flow of a flood
+                    sid = ov & SID_MASK
+                    self.counts[sid] -= 1
+                    slot = self.slots.get(sid)
+                    if slot is not None:
+                        slot[0][slot[1]] -= 1
+                elif ov & AFFINITY:
+                    ctr[AFFINITIES] -= 1
+                ctr[EVICTED if (ov >> SHIFT) > now else EXPIRED] += 1
+                n -= 1
+        elif n:
+            sweep = SWEEP
+            while sweep and entries:
+                old = next(iter(entries))
+                ov = entries[old]
+                if (ov >> SHIFT) > now:
+                    break
+                del entries[old]
+                if ov & _ACCOUNTED:
+                    self.release(ov)
+                ctr[EXPIRED] += 1
+                sweep -= 1
         entries[key] = value
         if value & COUNTED:
             sid = value & SID_MASK
@@ -127,9 +142,9 @@ class FlowTable:
             slot = self.slots.get(sid)
             if slot is not None:
                 slot[0][slot[1]] += 1
-        if value & AFFINITY:
-            self.ctr[AFFINITIES] += 1
-        self.ctr[CREATED] += 1
+        elif value & AFFINITY:
+            ctr[AFFINITIES] += 1
+        ctr[CREATED] += 1
 
     def replace(self, key: bytes, old: int, new: int) -> None:
         """Refresh an entry in place: new value, moved to the most-recently-used end."""

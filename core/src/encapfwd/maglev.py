@@ -23,7 +23,7 @@ import hashlib
 import ipaddress
 from array import array
 from math import gcd
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 DEFAULT_SIZE = 65537
 
@@ -61,7 +61,8 @@ def permutation(name: bytes, size: int = DEFAULT_SIZE) -> Tuple[int, int]:
     return h1 % size, h2 % (size - 1) + 1
 
 
-def build_table(addresses: Sequence, weights: Sequence[int] = None, size: int = DEFAULT_SIZE) -> List[int]:
+def build_table(addresses: Sequence, weights: Optional[Sequence[int]] = None,
+                size: int = DEFAULT_SIZE) -> List[int]:
     """Build the Maglev lookup table: a list of *size* indices into *addresses*.
 
     :param addresses: server addresses (``ipaddress`` objects, text or packed bytes), any order.

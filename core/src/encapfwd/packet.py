@@ -89,9 +89,9 @@ def ttl_decrement_checksum(old_checksum: int) -> int:
     ``HC' = ~(~HC + ~m + m')`` with m = TTL·256 + protocol and m' = m − 256, so ``~m + m'`` is the
     constant 0xFEFF. Unlike RFC 1141's shortcut this never produces the −0 (0xFFFF) form wrongly.
     """
-    total = (~old_checksum & 0xFFFF) + 0xFEFF
-    total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
+    # one's-complement sums are congruent to plain sums modulo 0xFFFF, and ~x = 0xFFFF - x, so
+    # ~(~HC + 0xFEFF) = (HC - 0xFEFF) mod 0xFFFF (a result of 0xFFFF, "-0", is never produced)
+    return (old_checksum - 0xFEFF) % 0xFFFF
 
 
 def header_ok(packet, ihl_bytes: int) -> bool:

@@ -16,6 +16,7 @@ established flow, costs one dictionary lookup and a few integer operations.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import itertools
 import zlib
@@ -24,7 +25,7 @@ from operator import add, mul
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import maglev as _maglev
-from .errors import ConfigError
+from .errors import ConfigError, EncapfwdError, PluginError
 from .flowtable import (
     AFFINITY,
     CLOSED,
@@ -97,11 +98,21 @@ def maglev_table(servers: Sequence, size: int = MAGLEV_SIZE) -> List[int]:
     cache_key = (tuple((s.address.packed, s.weight) for s in servers), size)
     table = _table_cache.get(cache_key)
     if table is None:
-        table = _maglev.build_table([a for a, _ in cache_key[0]], [w for _, w in cache_key[0]], size)
+        try:
+            table = _maglev.build_table([a for a, _ in cache_key[0]], [w for _, w in cache_key[0]], size)
+        except ValueError as exc:
+            raise ConfigError(f"maglev: {exc}") from None
         if len(_table_cache) >= _TABLE_CACHE_MAX:
             _table_cache.pop(next(iter(_table_cache)))
         _table_cache[cache_key] = table
     return table
+
+
+def maglev_digest(servers: Sequence, table: Sequence[int]) -> str:
+    """SHA-256 of a Maglev table as the servers' packed addresses slot by slot: equal on two dispatchers
+    exactly when they send every flow hash to the same server (configuration order does not matter)."""
+    names = [s.address.packed for s in servers]
+    return hashlib.sha256(b"".join([names[i] for i in table])).hexdigest()
 
 
 def maglev_selector(servers: Sequence, size: int = MAGLEV_SIZE):
@@ -115,6 +126,7 @@ def maglev_selector(servers: Sequence, size: int = MAGLEV_SIZE):
 
     select.table = table  # for tests and tools
     select.builtin = True
+    select.digest = lambda: maglev_digest(servers, table)
     return select
 
 
@@ -205,6 +217,7 @@ class Scheduler:
         self._config_maxflows: Optional[int] = None
         self._pickers: Dict[tuple, Callable] = {}
         self._selectors: Dict[tuple, Callable] = {}
+        self._digests: Dict[int, str] = {}
 
     @property
     def maxflows(self) -> int:
@@ -214,15 +227,6 @@ class Scheduler:
     def configure(self, config) -> None:
         """Compile a pick callable for every port of *config*; the flow table carries over."""
         table = self.table
-        configured = config.executor.maxflows
-        if (
-            not self._stateless
-            and self._config_maxflows is not None
-            and configured != self._config_maxflows
-        ):
-            table.resize(configured)
-        self._config_maxflows = configured
-
         hook = self.registry.hook.encapfwd_build_selector
         pickers: Dict[tuple, Callable] = {}
         selectors: Dict[tuple, Callable] = {}
@@ -237,9 +241,18 @@ class Scheduler:
                 connections = [table.counts[sid] for sid in esids]
                 for j, sid in enumerate(esids):
                     slots[sid] = (connections, j)
-                select = hook(
-                    algorithm=port.selectionalgorithm, port=port, servers=servers, connections=connections
-                )
+                try:
+                    select = hook(
+                        algorithm=port.selectionalgorithm, port=port, servers=servers,
+                        connections=connections,
+                    )
+                except EncapfwdError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a plugin's bug becomes one clear line
+                    raise PluginError(
+                        f"port {cluster.address}@{port.number}: building the "
+                        f"{port.selectionalgorithm!r} selector failed: {type(exc).__name__}: {exc}"
+                    ) from exc
                 if select is None:
                     known = ", ".join(self.registry_algorithms()) or "none"
                     raise ConfigError(
@@ -253,9 +266,19 @@ class Scheduler:
                 key = (cluster.address, port.number)
                 selectors[key] = select
                 pickers[key] = self._compile(cluster, port, select, eligible, esids, up)
+        # nothing failed: switch over
+        configured = config.executor.maxflows
+        if (
+            not self._stateless
+            and self._config_maxflows is not None
+            and configured != self._config_maxflows
+        ):
+            table.resize(configured)
+        self._config_maxflows = configured
         table.slots = slots
         self._pickers = pickers
         self._selectors = selectors
+        self._digests = {}
 
     def registry_algorithms(self) -> List[str]:
         try:
@@ -291,6 +314,22 @@ class Scheduler:
         out = self.table.stats()
         out["stateless"] = self._stateless
         out["connections"] = self.table.connections()
+        out["maglev"] = self.maglev_digests()
+        return out
+
+    def maglev_digests(self) -> Dict[str, str]:
+        """``cluster@port`` -> SHA-256 of its Maglev table (see :func:`maglev_digest`), for the ports
+        using the core's maglev: dispatchers behind one ECMP router must show the same values."""
+        digests = self._digests
+        out = {}
+        for (cluster, number), select in self._selectors.items():
+            digest = getattr(select, "digest", None)
+            if digest is None:
+                continue
+            value = digests.get(id(select))
+            if value is None:
+                value = digests[id(select)] = digest()
+            out[f"{cluster}@{number}"] = value
         return out
 
     # -- compilation of the per-packet callables ---------------------------------------------------
@@ -324,6 +363,7 @@ class Scheduler:
         table = self.table
         entries = table.entries
         get = entries.get
+        move = entries.move_to_end
         insert = table.insert
         replace = table.replace
         remove = table.remove
@@ -349,6 +389,8 @@ class Scheduler:
             if asid == sid:
                 if deadline > av >> SHIFT:
                     replace(akey, av, (deadline << SHIFT) | AFFINITY | sid)
+                else:
+                    move(akey)
             elif (av >> SHIFT) <= now or position(asid, -1) < 0:
                 replace(akey, av, (deadline << SHIFT) | AFFINITY | sid)
 
@@ -373,6 +415,8 @@ class Scheduler:
                         new_deadline = int(now) + (fin_timeout if v & CLOSING else timeout) + 1
                         if new_deadline > deadline:
                             replace(key, v, (new_deadline << SHIFT) | (v & keep))
+                        else:
+                            move(key)
                     if sticky:
                         touch(aprefix + client, sid, now)
                     return i
@@ -404,8 +448,11 @@ class Scheduler:
                 if v is not None and not tcp_flags & 7 and now < (v >> SHIFT) - timeout:
                     i = up_get(v & SID_MASK)
                     if i is not None:
-                        av = get(aprefix + client)
+                        akey = aprefix + client
+                        av = get(akey)
                         if av is not None and not (av ^ v) & SID_MASK and now < (av >> SHIFT) - sticky:
+                            move(key)
+                            move(akey)
                             return i
                 return slow(key, client, tcp_flags, now, v)
 
@@ -416,6 +463,7 @@ class Scheduler:
                 if v is not None and not tcp_flags & 7 and now < (v >> SHIFT) - timeout:
                     i = up_get(v & SID_MASK)
                     if i is not None:
+                        move(key)
                         return i
                 return slow(key, client, tcp_flags, now, v)
 
@@ -430,6 +478,7 @@ __all__ = [
     "encapfwd_build_selector",
     "encapfwd_selection_algorithms",
     "flow_hash",
+    "maglev_digest",
     "maglev_selector",
     "maglev_table",
     "wlc_selector",

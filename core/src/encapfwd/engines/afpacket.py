@@ -73,12 +73,14 @@ def _insn(code: int, jt: int, jf: int, k: int) -> Tuple[int, int, int, int]:
     return (code, jt, jf, k & 0xFFFFFFFF)
 
 
-def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF) -> List[Tuple[int, int, int, int]]:
+def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF, *, arp: bool = False) -> List[Tuple[int, int, int, int]]:
     """A classic BPF program accepting only frames addressed to this host (``PACKET_HOST``) whose
-    Ethernet type is IPv4 or IPv6 and whose destination address is one of *addresses*.
+    Ethernet type is IPv4 or IPv6 and whose destination address is one of *addresses*; with *arp*, also
+    ARP requests (broadcast or unicast) asking for one of the IPv4 *addresses*.
 
-    Each address costs two instructions for IPv4 and eight for IPv6 (the kernel allows 4,096 in all, so
-    about 2,000 IPv4 cluster addresses). VLAN-tagged frames that the NIC did not untag are not accepted.
+    Each address costs two instructions for IPv4 (four with *arp*) and eight for IPv6 (the kernel allows
+    4,096 in all, so about 2,000 IPv4 cluster addresses). VLAN-tagged frames that the NIC did not untag are
+    not accepted.
     """
     v4 = []
     v6 = []
@@ -94,11 +96,28 @@ def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF) -> List[Tuple[int
     def label(name):
         labels[name] = len(prog)
 
+    # conditional jumps reach 255 instructions at most: far targets go through an unconditional "ja"
+    if arp and v4:
+        emit(_LD_H_ABS, 12)
+        emit(_JEQ_K, 0x0806, jt=None, jf="notarp")
+        emit(_LD_H_ABS, 20)  # ARP operation
+        emit(_JEQ_K, 1, jt="+1", jf=None)
+        emit(_RET_K, 0)
+        emit(_LD_W_ABS, 38)  # target protocol address
+        for packed in v4:
+            emit(_JEQ_K, struct.unpack("!I", packed)[0], jt=None, jf="+1")
+            emit(_JA, "accept")
+        emit(_RET_K, 0)
+        label("notarp")
     emit(_LD_B_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
-    emit(_JEQ_K, PACKET_HOST, jt=None, jf="reject")
+    emit(_JEQ_K, PACKET_HOST, jt="+1", jf=None)
+    emit(_RET_K, 0)
     emit(_LD_H_ABS, 12)
-    emit(_JEQ_K, 0x0800, jt="v4", jf=None)
-    emit(_JEQ_K, 0x86DD, jt="v6", jf="reject")
+    emit(_JEQ_K, 0x0800, jt=None, jf="+1")
+    emit(_JA, "v4")
+    emit(_JEQ_K, 0x86DD, jt=None, jf="+1")
+    emit(_JA, "v6")
+    emit(_RET_K, 0)
     label("v4")
     if v4:
         emit(_LD_W_ABS, 30)
@@ -121,7 +140,7 @@ def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF) -> List[Tuple[int
     emit(_RET_K, 0)
 
     out = []
-    for pc, (code, jt, jf, k) in enumerate(prog):
+    for pc, (code, jt, jf, k) in enumerate(prog):  # noqa: B007
         def rel(target):
             if target is None:
                 return 0
@@ -142,6 +161,21 @@ def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF) -> List[Tuple[int
     if len(out) > 4096:
         raise ValueError(f"too many cluster addresses for one socket filter ({len(out)} instructions)")
     return out
+
+
+def arp_reply(request: bytes, mac: bytes) -> bytes:
+    """The ARP reply saying "the target address of *request* is at *mac*" (RFC 826), or b"" if not a request."""
+    if len(request) < 42 or request[12:14] != b"\x08\x06" or request[14:22] != b"\x00\x01\x08\x00\x06\x04\x00\x01":
+        return b""
+    sender_mac, sender_ip, target_ip = request[22:28], request[28:32], request[38:42]
+    return (sender_mac + mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x02" + mac + target_ip
+            + sender_mac + sender_ip)
+
+
+def gratuitous_arp(mac: bytes, address: bytes) -> bytes:
+    """A gratuitous ARP request announcing *address* at *mac* (updates neighbours' caches)."""
+    return (b"\xff" * 6 + mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x01" + mac + address
+            + b"\x00" * 6 + address)
 
 
 def attach_filter(sock: socket.socket, program) -> None:

@@ -396,7 +396,7 @@ class Worker:
 
     def __init__(self, number: int, iface: Interface, config: Config, dispatcher, channel: socket.socket,
                  fanout_group: int, *, cpu: Optional[int] = None, rx_blocks: int = 64,
-                 rx_block_size: int = 1 << 18):
+                 rx_block_size: int = 1 << 18, answer_arp: bool = False):
         from .afpacket import RxRing, TxRing, cluster_filter
 
         self.number = number
@@ -406,15 +406,47 @@ class Worker:
         self.channel = channel
         self.cpu = cpu
         self.stop = False
-        self.stats = {"rx": 0, "tx": 0, "kernel_drops": 0, "checksums_completed": 0, "tx_ring_full": 0,
+        self.answer_arp = answer_arp
+        self.stats = {"arp_replies": 0, "rx": 0, "tx": 0, "kernel_drops": 0, "checksums_completed": 0, "tx_ring_full": 0,
                       "tx_too_big": 0, "tx_errors": 0, "reloads": 0, "cpu": cpu, "pid": os.getpid()}
         self._cluster_filter = cluster_filter
-        self.rx = RxRing(iface.name, cluster_filter(cluster_addresses(config)), block_nr=rx_blocks,
+        self.rx = RxRing(iface.name, self._program(config), block_nr=rx_blocks,
                          block_size=rx_block_size, fanout_group=fanout_group)
         frame = 2048
         while frame - 32 < iface.mtu + 14 + 4:
             frame *= 2
         self.tx = TxRing(iface.name, frame_size=frame, frame_nr=max(256, (1 << 22) // frame))
+
+    def _program(self, config):
+        return self._cluster_filter(cluster_addresses(config), arp=self.answer_arp)
+
+    def announce(self) -> None:
+        """Gratuitous ARP for every IPv4 cluster address (with --answer-arp), so neighbours learn our MAC."""
+        if not self.answer_arp:
+            return
+        from .afpacket import gratuitous_arp
+
+        mac = bytes.fromhex(self.iface.mac.replace(":", ""))
+        for address in cluster_addresses(self.config):
+            if address.version == 4:
+                self.send_now(gratuitous_arp(mac, address.packed))
+
+    def send_now(self, frame: bytes) -> None:
+        from .afpacket import TX_DATA_OFFSET
+
+        tx = self.tx
+        slot = tx.index * tx.frame_size
+        if tx.map[slot]:
+            tx.flush()
+            if tx.map[slot]:
+                tx.full += 1
+                return
+        tx.map[slot + TX_DATA_OFFSET:slot + TX_DATA_OFFSET + len(frame)] = frame
+        struct.pack_into("<I", tx.map, slot + 4, len(frame))
+        tx.map[slot] = 1
+        tx.pending += 1
+        tx.index = (tx.index + 1) % tx.frame_nr
+        tx.flush()
 
     # -- commands from the controller
 
@@ -443,8 +475,10 @@ class Worker:
             config = message[1]
             try:
                 self.dispatcher.reload(config)
-                self.rx.set_filter(self._cluster_filter(cluster_addresses(config)))
+                self.rx.set_filter(self._program(config))
                 self.config = config
+                if self.number == 0:
+                    self.announce()
                 self.stats["reloads"] += 1
                 _send_msg(self.channel, ("reloaded", None))
             except Exception as exc:  # noqa: BLE001
@@ -484,6 +518,11 @@ class Worker:
         flush, wait_writable = tx.flush, tx.wait_writable
         fix = complete_checksum
         stats = self.stats
+        arp = self.answer_arp
+        if arp:
+            from .afpacket import arp_reply
+
+            own_mac = bytes.fromhex(self.iface.mac.replace(":", ""))
         poller = select.poll()
         poller.register(rx.fd, select.POLLIN | select.POLLERR)
         poller.register(self.channel.fileno(), select.POLLIN)
@@ -515,7 +554,13 @@ class Worker:
                 if status & TP_STATUS_CSUMNOTREADY:
                     frame = fix(frame)
                     stats["checksums_completed"] += 1
-                for out in process(frame, now):
+                if arp and frame[12] == 8 and frame[13] == 6:
+                    reply = arp_reply(frame, own_mac)
+                    outs = [reply] if reply else []
+                    stats["arp_replies"] += len(outs)
+                else:
+                    outs = process(frame, now)
+                for out in outs:
                     size = len(out)
                     if size > tx_max:
                         tx.too_big += 1
@@ -557,7 +602,7 @@ class Worker:
                 pass
 
 
-def _worker_main(number, iface, config, dispatcher, channel, fanout_group, cpu) -> int:
+def _worker_main(number, iface, config, dispatcher, channel, fanout_group, cpu, answer_arp=False) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from .afpacket import set_cpu, set_parent_death_signal
@@ -573,7 +618,9 @@ def _worker_main(number, iface, config, dispatcher, channel, fanout_group, cpu) 
     try:
         if cpu is not None:
             set_cpu(cpu)
-        worker = Worker(number, iface, config, dispatcher, channel, fanout_group, cpu=cpu)
+        worker = Worker(number, iface, config, dispatcher, channel, fanout_group, cpu=cpu, answer_arp=answer_arp)
+        if number == 0:
+            worker.announce()
     except Exception as exc:  # noqa: BLE001
         _send_msg(channel, ("error", f"worker {number}: {type(exc).__name__}: {exc}"))
         return 1
@@ -596,7 +643,8 @@ class Controller:
     """Starts the workers, serves the control socket, reloads on SIGHUP, stops on SIGTERM/SIGINT."""
 
     def __init__(self, config_path: str, registry, *, interface: Optional[str] = None, workers: int = 1,
-                 control_path: Optional[str] = None, cpus: Optional[List[int]] = None):
+                 control_path: Optional[str] = None, cpus: Optional[List[int]] = None,
+                 answer_arp: bool = False):
         from ..config import load
         from ..dispatcher import Dispatcher
 
@@ -609,6 +657,7 @@ class Controller:
         self.nworkers = workers
         self.control_path = control_path or default_control_path()
         self.cpus = cpus
+        self.answer_arp = answer_arp
         self._load = load
         self._Dispatcher = Dispatcher
         config = load(config_path)
@@ -651,7 +700,7 @@ class Controller:
                     other["channel"].close()
                 signal.set_wakeup_fd(-1)
                 code = _worker_main(number, self.iface, self.config, self.dispatcher, child_end,
-                                    self.fanout_group, cpu)
+                                    self.fanout_group, cpu, self.answer_arp)
             except BaseException as exc:  # noqa: BLE001
                 try:
                     log(f"worker {number} failed: {type(exc).__name__}: {exc}")
@@ -702,7 +751,7 @@ class Controller:
             interface=self.iface.name, mac=self.iface.mac, workers=len(self.workers), pid=os.getpid(),
             uptime=round(time.time() - self.started, 3), reloads=self.reloads, reload_errors=self.reload_errors,
             last_reload_error=self.last_reload_error, worker_restarts=self.restarts,
-            clusters=[str(a) for a in cluster_addresses(self.config)],
+            clusters=[str(a) for a in cluster_addresses(self.config)], answer_arp=self.answer_arp,
             config=os.path.abspath(self.config_path),
         )
         out = dict(merged) if isinstance(merged, dict) else {"dispatcher": merged}
@@ -822,7 +871,8 @@ class Controller:
                 self._spawn(number)
             self._open_control()
             log(f"forwarding {len(self.config.clusters)} cluster(s) on {self.iface.name} ({self.iface.mac}) "
-                f"with {self.nworkers} worker(s); control socket {self.control_path}")
+                f"with {self.nworkers} worker(s){'; answering ARP for the cluster addresses' if self.answer_arp else ''}; "
+                f"control socket {self.control_path}")
             poller = select.poll()
             poller.register(rpipe, select.POLLIN)
             poller.register(self.listener.fileno(), select.POLLIN)

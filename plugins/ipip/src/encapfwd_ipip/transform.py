@@ -1,25 +1,29 @@
 """IPIP (RFC 2003) per-server transform: ``build(server, egress)`` → ``transform(p_prime) -> frame``.
 
 The outer header is a template compiled once per server: everything constant (version/IHL, TTL,
-protocol, source, destination) is pre-summed for the header checksum, so a packet costs one
-``struct.pack`` and one concatenation. Per packet the outer header copies the inner TOS and DF bit
-(RFC 2003 3.1), carries the total length, and a fresh identification from a per-server counter when DF is
-clear (0 when DF is set, which RFC 6864 allows for atomic datagrams).
+protocol, source, destination, and DF when set) is pre-summed for the header checksum, so a packet costs
+a few integer operations, one ``struct.pack`` and one concatenation. Per packet the outer header copies the
+inner TOS and DF bit (RFC 2003 3.1), carries the total length, and a fresh identification from a per-server
+counter when DF is clear (0 when DF is set, which RFC 6864 allows for atomic datagrams).
+
+Checksum: the one's-complement sum of the header words is congruent to their plain sum modulo 0xFFFF, so
+the checksum is ``-(sum) % 0xFFFF`` (0 when the folded sum is 0xFFFF, exactly as RFC 1071 folding gives).
 
 An IPv6 P' cannot be carried by IPIP (the configuration refuses it); should one arrive anyway it is sent as
-6in4 (protocol 41, RFC 4213) rather than raising.
+6in4 (protocol 41, RFC 4213) rather than raising. Nothing the transform is given makes it raise.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import struct
 
 PROTO_IPIP = 4
 PROTO_IPV6 = 41
 
-#: Ethernet header (14) + outer IPv4 header split as: B vihl, B tos, H len, H id, H flags, H ttl|proto,
-#: H checksum, 8s src+dst.
+#: Ethernet header (14) + outer IPv4 header: B vihl, B tos, H len, H id, H flags, H ttl|proto, H checksum,
+#: 8s source and destination.
 _FRAME = struct.Struct("!14sBBHHHHH8s")
 
 
@@ -33,46 +37,44 @@ def _words(raw: bytes) -> int:
 
 def build(server, egress):
     eth = _mac(egress.dst_mac) + _mac(egress.src_mac) + b"\x08\x00"
-    src = ipaddress.IPv4Address(egress.outer_src).packed
-    dst = ipaddress.IPv4Address(egress.outer_dst).packed
-    addrs = src + dst
+    addrs = ipaddress.IPv4Address(egress.outer_src).packed + ipaddress.IPv4Address(egress.outer_dst).packed
     ttl = int(egress.ttl) & 0xFF
-    ttlproto4 = (ttl << 8) | PROTO_IPIP
-    ttlproto41 = (ttl << 8) | PROTO_IPV6
-    # constant part of the header sum: version/IHL word (0x4500 without TOS), addresses
+    tp4 = (ttl << 8) | PROTO_IPIP
+    tp41 = (ttl << 8) | PROTO_IPV6
     base = 0x4500 + _words(addrs)
-    base4 = base + ttlproto4
-    base41 = base + ttlproto41
+    neg_df = -(base + tp4 + 0x4000)  # checksum = (neg_df - tos - total) % 0xFFFF
+    neg = -(base + tp4)  # checksum = (neg - tos - total - ident) % 0xFFFF
     pack = _FRAME.pack
-    state = [0]  # identification counter (per server)
+    idents = itertools.count(1)
+
+    def other(p) -> bytes:
+        """IPv6 (6in4), truncated or oversized P': never raises."""
+        p = bytes(p)
+        if len(p) >= 2 and p[0] >> 4 == 6:
+            tos = ((p[0] & 0x0F) << 4) | (p[1] >> 4)
+            tp, flags, ident = tp41, 0x4000, 0
+        else:
+            tos = p[1] if len(p) >= 2 else 0
+            df = len(p) >= 7 and p[6] & 0x40
+            tp, flags = tp4, (0x4000 if df else 0)
+            ident = 0 if df else next(idents) & 0xFFFF
+        total = (len(p) + 20) & 0xFFFF
+        ck = -(base + tp + flags + tos + total + ident) % 0xFFFF
+        return pack(eth, 0x45, tos, total, ident, flags, tp, ck, addrs) + p
 
     def transform(p: bytes) -> bytes:
         try:
-            first = p[0]
-            if first >> 4 == 4:
+            if p[0] >> 4 == 4:
                 tos = p[1]
-                df = p[6] & 0x40
-                tp = ttlproto4
-                s = base4
-            else:
-                tos = ((first & 0x0F) << 4) | (p[1] >> 4)  # IPv6 traffic class
-                df = 0x40
-                tp = ttlproto41
-                s = base41
-        except IndexError:
-            tos = df = 0
-            tp = ttlproto4
-            s = base4
-        total = (len(p) + 20) & 0xFFFF
-        if df:
-            ident = 0
-            flags = 0x4000
-        else:
-            ident = state[0] = (state[0] + 1) & 0xFFFF
-            flags = 0
-        s += tos + total + ident + flags
-        s = (s & 0xFFFF) + (s >> 16)
-        s = (s & 0xFFFF) + (s >> 16)
-        return pack(eth, 0x45, tos, total, ident, flags, tp, ~s & 0xFFFF, addrs) + p
+                total = len(p) + 20
+                if p[6] & 0x40:
+                    return pack(eth, 0x45, tos, total, 0, 0x4000, tp4, (neg_df - tos - total) % 0xFFFF,
+                                addrs) + p
+                ident = next(idents) & 0xFFFF
+                return pack(eth, 0x45, tos, total, ident, 0, tp4, (neg - tos - total - ident) % 0xFFFF,
+                            addrs) + p
+        except (IndexError, struct.error, TypeError):
+            pass
+        return other(p)
 
     return transform

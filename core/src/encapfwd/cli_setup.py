@@ -1,0 +1,99 @@
+"""``encapfwd backend-setup``: print the commands a back-end server needs for its forwarding method.
+
+The forwarding method comes from the configuration (``forwarding_method(executor, server)``); the plugin
+that owns the method renders the script through the ``encapfwd_backend_setup`` hook; this module only
+finds the servers, validates the options and prints. Nothing here imports scapy.
+"""
+
+from __future__ import annotations
+
+import click
+
+from . import setup as S
+from .errors import ConfigError, PluginError, SetupRefused
+from .hookspecs import OPERATING_SYSTEMS
+
+
+def _render(registry, config, cluster, port, server, os_name, undo, options) -> str:
+    from .model import forwarding_method
+
+    method = forwarding_method(config.executor, server)
+    forwarder = registry.forwarder(method)  # PluginError naming the distribution to install
+    if os_name not in forwarder.operating_systems:
+        raise SetupRefused(f"the {method} forwarder has no back-end setup for {os_name} "
+                           f"(it has: {', '.join(forwarder.operating_systems) or 'none'})")
+    target = S.make_target(config, cluster, port, server, options)
+    text = registry.hook.encapfwd_backend_setup(forwarder=method, os=os_name, target=target, undo=undo)
+    if text is None:
+        raise PluginError(f"no installed plugin renders the back-end setup for {method!r}")
+    return text if text.endswith("\n") else text + "\n"
+
+
+@click.command("backend-setup")
+@click.argument("address", required=False, metavar="[CLUSTER@PORT@SERVER]")
+@click.option("--os", "os_name", type=click.Choice(OPERATING_SYSTEMS), required=True,
+              help="The back-end server's operating system.")
+@click.option("--undo", is_flag=True, help="Print the commands that remove what the setup added.")
+@click.option("--persistent", is_flag=True,
+              help="Linux: also install boot files (sysctl.d, modules-load.d, a systemd unit).")
+@click.option("--tunnel-address", metavar="IPV4", help=S.OPTION_HELP["tunnel_address"] + ".")
+@click.option("--tunnel-peer", metavar="IPV4", help=S.OPTION_HELP["tunnel_peer"] + ".")
+@click.option("--loopback-adapter", metavar="NAME", help=S.OPTION_HELP["loopback_adapter"] + " (default Loopback).")
+@click.option("--nic", metavar="NAME", help=S.OPTION_HELP["nic"] + ".")
+@click.pass_context
+def backend_setup_command(ctx, address, os_name, undo, persistent, tunnel_address, tunnel_peer,
+                          loopback_adapter, nic):
+    """Print the commands a back-end server needs for the forwarding method its configuration gives it
+    (MAC, IPIP, GRE or a plugin's), for --os linux, aix, solaris or windows.
+
+    Without CLUSTER@PORT@SERVER: every server of the configuration, grouped by server. Linux scripts are
+    idempotent and --undo removes exactly what they added; pipe them to the server, e.g.
+
+      encapfwd backend-setup 10.0.9.9@80@10.0.2.10 --os linux | ssh root@10.0.2.10 sh
+    """
+    from . import config as cfg
+    from .plugins import get_plugin_manager
+
+    options = S.check_options({"tunnel_address": tunnel_address, "tunnel_peer": tunnel_peer,
+                               "loopback_adapter": loopback_adapter, "nic": nic,
+                               "persistent": True if persistent else None})
+    if persistent and os_name != "linux":
+        raise SetupRefused(f"--persistent is only available for linux, not {os_name}")
+    if address is not None:
+        S.parse_address(address)  # a clear error before the configuration is even read
+    config = cfg.load(ctx.obj["config_path"])
+    registry = get_plugin_manager()
+
+    if address is not None:
+        cluster, port, server = S.find(config, address)
+        click.echo(_render(registry, config, cluster, port, server, os_name, undo, options), nl=False)
+        return
+
+    if tunnel_address or tunnel_peer:
+        raise ConfigError("--tunnel-address and --tunnel-peer belong to one server: give CLUSTER@PORT@SERVER")
+    groups = S.assignments(config)
+    if not groups:
+        raise ConfigError("the configuration has no servers")
+    mark = "rem" if os_name == "windows" else "#"
+    refused = []
+    first = True
+    for server_address, items in groups:
+        if not first:
+            click.echo("")
+        first = False
+        click.echo(f"{mark} ===== server {server_address} =====")
+        for item in items:
+            ports = ",".join(str(p) for p in item.ports)
+            click.echo(f"{mark} --- cluster {item.cluster.address} port(s) {ports}: {item.method} ---")
+            try:
+                text = _render(registry, config, item.cluster, item.port, item.server, os_name, undo, options)
+            except (SetupRefused, PluginError) as exc:
+                refused.append(f"{item.cluster.address}@{item.port.number}@{server_address}: {exc}")
+                click.echo(f"{mark} refused: {exc}")
+                continue
+            click.echo(text, nl=False)
+    if refused:
+        raise SetupRefused(f"{len(refused)} setup(s) refused; first: {refused[0]}")
+
+
+__all__ = ["backend_setup_command"]

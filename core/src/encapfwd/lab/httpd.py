@@ -1,0 +1,50 @@
+"""A tiny HTTP/1.1 server for lab back-ends (standard library only; runs inside namespaces and UML guests).
+
+``python3 httpd.py --name ipip --port 80`` answers every GET with ``server=<name> client=<addr>:<port>
+local=<addr>`` and keeps connections alive, so a test can tell which back-end answered, from which
+address the reply left (the VIP), and can hold one connection open across a dispatcher reload.
+"""
+
+import argparse
+import http.server
+import socketserver
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "encapfwd-lab"
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        local = self.connection.getsockname()[0]
+        body = f"server={self.server.lab_name} client={self.client_address[0]}:{self.client_address[1]} local={local}\n"
+        if self.path.startswith("/big"):
+            body += "x" * 20000 + "\n"
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--port", type=int, default=80)
+    parser.add_argument("--bind", default="0.0.0.0")
+    args = parser.parse_args()
+    server = Server((args.bind, args.port), Handler)
+    server.lab_name = args.name
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

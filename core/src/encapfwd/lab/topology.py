@@ -1,0 +1,618 @@
+"""The end-to-end lab: a client, a router, the dispatcher and one back-end per forwarding method.
+
+::
+
+      client ns                    router ns                          dispatcher ns
+    ┌────────────┐          ┌──────────────────────┐ lan0 (bridge)  ┌──────────────────────┐
+    │ eth0       ├──────────┤ cli0        lan0     ├────────────────┤ eth0 10.0.2.1        │
+    │ 10.0.1.2   │          │ 10.0.1.1  10.0.2.254 │                │ encapfwd run         │
+    └────────────┘          │ 10.0.9.0/24 via      │                │ blackhole 10.0.9.0/24│
+                            │   10.0.2.1           │                └──────────────────────┘
+                            │                      │ lan0           ┌──────────────────────┐
+                            │                      ├────────────────┤ MAC server 10.0.2.10 │
+                            │            far0      │                │ VIP 10.0.9.1 on lo   │
+                            │        10.0.3.254    │                └──────────────────────┘
+                            └─────────┬────────────┘
+                               far0 (bridge, TAPs)
+                     ┌────────────────┴─────────────────┐
+             IPIP server 10.0.3.11              GRE server 10.0.3.12
+             (user-mode-linux, tunl0,          (user-mode-linux, gre0,
+              VIP 10.0.9.2)                     VIP 10.0.9.3)
+
+- Upstream (the router) reaches the VIPs by a route via the dispatcher's address (``ip route add
+  10.0.9.0/24 via 10.0.2.1``). The alternative — the dispatcher answering ARP for the VIP on a shared
+  segment — is ``ip neigh add proxy VIP dev eth0`` plus ``net.ipv4.conf.eth0.proxy_arp_pvlan``-free
+  ``proxy_arp`` in the dispatcher's namespace (see docs/live.md); the route needs no ARP trickery.
+- The dispatcher's kernel neither answers nor routes the VIPs: they are not local there, and a blackhole
+  route catches them should IP forwarding be on. rp_filter is off where replies with the VIP as source
+  arrive on an unexpected interface (the router).
+- Every back-end is configured with the project's own generated Linux script
+  (``encapfwd backend-setup C@P@S --os linux``), run verbatim in its kernel; IPIP and GRE back-ends are
+  user-mode-linux kernels unless the host kernel has ipip/ip_gre (then plain namespaces).
+- Replies go from the servers through the router to the client directly: the dispatcher's interface sees
+  only client→VIP packets (:class:`Sniffer` shows it).
+
+Every address is inside namespaces (and guests) this module creates; :meth:`Topology.close` removes all of
+it, stopping every process it started by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from ..errors import EncapfwdError
+from .netns import LabUnavailable, Namespace, lab_unavailable_reason, veth_pair
+
+HERE = Path(__file__).resolve().parent
+HTTPD = HERE / "httpd.py"
+
+CLIENT = "10.0.1.2"
+ROUTER_CLIENT = "10.0.1.1"
+DISPATCHER = "10.0.2.1"
+ROUTER_LAN = "10.0.2.254"
+ROUTER_FAR = "10.0.3.254"
+VIP_NET = "10.0.9.0/24"
+PORT = 80
+
+#: method -> (VIP, server address, server MAC, where it lives)
+SERVERS = {
+    "mac": ("10.0.9.1", "10.0.2.10", "02:0e:0f:00:02:0a"),
+    "ipip": ("10.0.9.2", "10.0.3.11", "02:0e:0f:00:03:0b"),
+    "gre": ("10.0.9.3", "10.0.3.12", "02:0e:0f:00:03:0c"),
+}
+
+
+def encapfwd_argv() -> List[str]:
+    """The installed console script next to this interpreter (or ``python -m`` as a fallback)."""
+    script = Path(sys.executable).parent / "encapfwd"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from encapfwd.cli import main; sys.exit(main())"]
+
+
+def host_has_tunnels() -> bool:
+    """True when this kernel can do ipip and ip_gre itself (then back-ends can be plain namespaces)."""
+    for module in ("ipip", "ip_gre"):
+        if os.path.exists(f"/sys/module/{module}"):
+            continue
+        if shutil.which("modprobe") is None:
+            return False
+        if subprocess.run(["modprobe", "-q", module], capture_output=True).returncode != 0:
+            return False
+    return True
+
+
+def unavailable_reason(methods=("mac", "ipip", "gre")) -> Optional[str]:
+    reason = lab_unavailable_reason(("ip", "ethtool", "curl"))
+    if reason:
+        return reason
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        return "the live engine needs pyroute2 (pip install 'encapfwd[live]')"
+    if any(m in methods for m in ("ipip", "gre")) and not host_has_tunnels():
+        from .uml import unavailable_reason as uml_reason
+
+        reason = uml_reason()
+        if reason:
+            return f"IPIP/GRE back-ends need ipip/ip_gre in this kernel or user-mode-linux: {reason}"
+    return None
+
+
+class LabError(EncapfwdError):
+    pass
+
+
+class Sniffer:
+    """Counts IPv4 frames on an interface in a namespace (an AF_PACKET socket read in a thread)."""
+
+    def __init__(self, ns: Namespace, ifname: str):
+        self.sock = ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+        self.sock.bind((ifname, 0))
+        self.sock.settimeout(0.1)
+        self.frames: List[tuple] = []  # (pkttype, src, dst, proto, sport, dport)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if len(data) < 34 or data[12:14] != b"\x08\x00":
+                continue
+            ihl = (data[14] & 0x0F) * 4
+            proto = data[23]
+            src, dst = socket.inet_ntoa(data[26:30]), socket.inet_ntoa(data[30:34])
+            sport = dport = 0
+            if proto in (6, 17) and len(data) >= 14 + ihl + 4:
+                sport = int.from_bytes(data[14 + ihl:16 + ihl], "big")
+                dport = int.from_bytes(data[16 + ihl:18 + ihl], "big")
+            self.frames.append((addr[2], src, dst, proto, sport, dport))
+
+    def stop(self) -> List[tuple]:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+        return self.frames
+
+    def summary(self, vips) -> dict:
+        """Incoming frames client→VIP, incoming frames VIP→anyone (replies), outgoing frames we sent."""
+        vips = set(vips)
+        incoming = [f for f in self.frames if f[0] != 4]
+        return {
+            "in_to_vip": sum(1 for f in incoming if f[2] in vips),
+            "in_from_vip": sum(1 for f in incoming if f[1] in vips),
+            "out": sum(1 for f in self.frames if f[0] == 4),
+            "in_total": len(incoming),
+        }
+
+
+class Topology:
+    """Build with :meth:`build` (or ``with``); :meth:`close` always tears everything down."""
+
+    def __init__(self, methods=("mac", "ipip", "gre"), *, workdir: Optional[str] = None,
+                 echo: Callable[[str], None] = lambda s: None, use_uml: Optional[bool] = None):
+        self.methods = [m for m in ("mac", "ipip", "gre") if m in methods]
+        self.echo = echo
+        self.own_workdir = workdir is None
+        self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efwlab"))
+        self.config_path = self.workdir / "encapfwd.toml"
+        self.control_path = str(self.workdir / "control.sock")
+        self.log_path = self.workdir / "dispatcher.log"
+        self.use_uml = use_uml
+        self.ns: Dict[str, Namespace] = {}
+        self.procs: List[subprocess.Popen] = []
+        self.guests: Dict[str, object] = {}
+        self.dispatcher: Optional[subprocess.Popen] = None
+        self.config_commands: List[List[str]] = []
+        self.setup_scripts: Dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------ build
+
+    def __enter__(self) -> "Topology":
+        try:
+            return self.build()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def vips(self) -> Dict[str, str]:
+        return {m: SERVERS[m][0] for m in self.methods}
+
+    def build(self) -> "Topology":
+        reason = unavailable_reason(self.methods)
+        if reason:
+            raise LabUnavailable(reason)
+        if self.use_uml is None:
+            self.use_uml = not host_has_tunnels()
+        c = self.ns["client"] = Namespace("client").create()
+        r = self.ns["router"] = Namespace("router").create()
+        d = self.ns["dispatcher"] = Namespace("disp").create()
+
+        # client <-> router
+        veth_pair(c, "eth0", r, "cli0")
+        c.ip("addr", "add", f"{CLIENT}/24", "dev", "eth0")
+        r.ip("addr", "add", f"{ROUTER_CLIENT}/24", "dev", "cli0")
+        c.ip("route", "add", "default", "via", ROUTER_CLIENT)
+        # the client computes its own checksums and sends no TSO super-frames (as a real NIC would)
+        c.ethtool_offload("eth0", tx=False)
+
+        # the dispatcher's segment: a bridge in the router namespace
+        r.ip("link", "add", "lan0", "type", "bridge")
+        r.ip("link", "set", "lan0", "up")
+        r.ip("addr", "add", f"{ROUTER_LAN}/24", "dev", "lan0")
+        veth_pair(d, "eth0", r, "lan-d")
+        r.ip("link", "set", "lan-d", "master", "lan0")
+        d.ip("addr", "add", f"{DISPATCHER}/24", "dev", "eth0")
+        d.ip("route", "add", "default", "via", ROUTER_LAN)
+        d.ip("route", "add", "blackhole", VIP_NET)
+        d.ethtool_offload("eth0", tx=False, gro=False)
+        for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter",
+                    "net.ipv4.conf.eth0.rp_filter"):
+            d.sysctl(key, 0)
+
+        # the router: forwards, routes the VIPs via the dispatcher, lets replies from VIPs through
+        r.sysctl("net.ipv4.ip_forward", 1)
+        for key in ("all", "default", "cli0", "lan0"):
+            r.sysctl(f"net.ipv4.conf.{key}.rp_filter", 0)
+        r.ip("route", "add", VIP_NET, "via", DISPATCHER)
+        r.ethtool_offload("cli0", tx=False)
+        r.ethtool_offload("lan-d", tx=False)
+
+        self._write_config()
+        if "mac" in self.methods:
+            self._mac_server()
+        if "ipip" in self.methods or "gre" in self.methods:
+            r.ip("link", "add", "far0", "type", "bridge")
+            r.ip("link", "set", "far0", "up")
+            r.ip("addr", "add", f"{ROUTER_FAR}/24", "dev", "far0")
+            r.sysctl("net.ipv4.conf.far0.rp_filter", 0)
+            tunnels = [m for m in ("ipip", "gre") if m in self.methods]
+            if self.use_uml and len(tunnels) > 1:
+                self._boot_guests(tunnels)
+            for method in tunnels:
+                self._tunnel_server(method)
+        self._wait_servers()
+        return self
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        argv = encapfwd_argv() + ["--config", str(self.config_path), *args]
+        env = {k: v for k, v in os.environ.items() if k != "ENCAPFWD_CONFIG"}
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        if check and proc.returncode != 0:
+            raise LabError(f"encapfwd {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}")
+        return proc
+
+    def _write_config(self) -> None:
+        """Configure the dispatcher with the documented CLI (the commands are kept for the lab's output)."""
+        commands = [["executor", "set", "interface", "eth0", "nfa", DISPATCHER, "networks", "10.0.2.0/24",
+                     "gateway", ROUTER_LAN]]
+        for method in self.methods:
+            vip, server, _mac = SERVERS[method]
+            commands.append(["cluster", "add", vip])
+            commands.append(["port", "add", f"{vip}@{PORT}"])
+            words = [] if method == "mac" else ["encapforward", "yes", "encaptype", method, "encapcond", "always"]
+            commands.append(["server", "add", f"{vip}@{PORT}@{server}", *words])
+        for command in commands:
+            self.cli(*command)
+        self.config_commands = commands
+
+    def setup_script(self, method: str, undo: bool = False) -> str:
+        """The project's own generated Linux script for the back-end of *method*."""
+        vip, server, _mac = SERVERS[method]
+        args = ["backend-setup", f"{vip}@{PORT}@{server}", "--os", "linux"] + (["--undo"] if undo else [])
+        proc = self.cli(*args, check=False)
+        if proc.returncode != 0:
+            raise LabError(f"encapfwd {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}")
+        self.setup_scripts[method] = proc.stdout
+        return proc.stdout
+
+    def _script_env(self, method: str) -> dict:
+        """A namespace shares the host's files: keep the script's undo records in the lab's folder."""
+        return dict(os.environ, ENCAPFWD_STATE_DIR=str(self.workdir / f"state-{method}"))
+
+    def _mac_server(self) -> None:
+        r = self.ns["router"]
+        vip, address, mac = SERVERS["mac"]
+        m = self.ns["mac"] = Namespace("macsrv").create()
+        veth_pair(m, "eth0", r, "lan-m")
+        r.ip("link", "set", "lan-m", "master", "lan0")
+        m.ip("link", "set", "eth0", "address", mac)
+        m.ip("addr", "add", f"{address}/24", "dev", "eth0")
+        m.ip("route", "add", "default", "via", ROUTER_LAN)
+        m.ethtool_offload("eth0", tx=False)
+        script = self.setup_script("mac")
+        proc = m.run(["sh", "-e"], input=script, check=False, env=self._script_env("mac"))
+        if proc.returncode != 0:
+            raise LabError(f"the generated MAC back-end script failed in {m.name}: {proc.stderr.strip()}")
+        self.procs.append(m.popen([sys.executable, str(HTTPD), "--name", "mac", "--port", str(PORT)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def _guest(self, method: str):
+        from .uml import UML
+
+        r = self.ns["router"]
+        _vip, address, mac = SERVERS[method]
+        tap = r.tap(f"tap-{method}")
+        r.ip("link", "set", tap, "master", "far0")
+        guest = UML(r, tap, mac=mac, address=f"{address}/24", gateway=ROUTER_FAR, hostname=f"{method}-server")
+        self.guests[method] = guest
+        return guest
+
+    def _boot_guests(self, methods) -> None:
+        """Boot the user-mode-linux back-ends side by side (each takes 1.5-3 s)."""
+        guests = [self._guest(m) for m in methods]
+        errors = []
+
+        def boot(guest):
+            try:
+                guest.start()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=boot, args=(g,)) for g in guests]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def _tunnel_server(self, method: str) -> None:
+        r = self.ns["router"]
+        vip, address, mac = SERVERS[method]
+        script = self.setup_script(method)
+        httpd = f"nohup {sys.executable} {HTTPD} --name {method} --port {PORT} > /tmp/httpd.log 2>&1 &"
+        if self.use_uml:
+            guest = self.guests.get(method)
+            if guest is None:
+                guest = self._guest(method)
+                guest.start()
+            result = guest.run(script)
+            if not result.ok:
+                raise LabError(f"the generated {method} back-end script failed in user-mode-linux: {result.output}")
+            guest.run(httpd)
+        else:
+            s = self.ns[method] = Namespace(f"{method}srv").create()
+            veth_pair(s, "eth0", r, f"far-{method}")
+            r.ip("link", "set", f"far-{method}", "master", "far0")
+            s.ip("link", "set", "eth0", "address", mac)
+            s.ip("addr", "add", f"{address}/24", "dev", "eth0")
+            s.ip("route", "add", "default", "via", ROUTER_FAR)
+            proc = s.run(["sh", "-e"], input=script, check=False, env=self._script_env(method))
+            if proc.returncode != 0:
+                raise LabError(f"the generated {method} back-end script failed in {s.name}: {proc.stderr.strip()}")
+            self.procs.append(s.popen([sys.executable, str(HTTPD), "--name", method, "--port", str(PORT)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def _wait_servers(self, timeout: float = 20.0) -> None:
+        """Each back-end's HTTP server answers on its own address (from the router)."""
+        r = self.ns["router"]
+        for method in self.methods:
+            address = SERVERS[method][1]
+            deadline = time.monotonic() + timeout
+            while True:
+                proc = r.run(["curl", "-s", "-m", "2", f"http://{address}:{PORT}/"], check=False)
+                if proc.returncode == 0 and f"server={method}" in proc.stdout:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError(f"the {method} back-end's HTTP server does not answer on {address}")
+                time.sleep(0.2)
+
+    # ----------------------------------------------------------------------------------- dispatcher
+
+    def start_dispatcher(self, workers: int = 1, extra: List[str] = (), timeout: float = 20.0) -> subprocess.Popen:
+        from ..engines.live import query_control
+
+        d = self.ns["dispatcher"]
+        argv = encapfwd_argv() + ["--config", str(self.config_path), "run", "--interface", "eth0",
+                                  "--workers", str(workers), "--control", self.control_path, *extra]
+        log = open(self.log_path, "ab")
+        self.dispatcher = d.popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.dispatcher.poll() is not None:
+                raise LabError(f"encapfwd run exited ({self.dispatcher.returncode}): {self.dispatcher_log()}")
+            try:
+                query_control(self.control_path, "ping", timeout=1.0)
+                return self.dispatcher
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise LabError(f"encapfwd run did not come up: {self.dispatcher_log()}")
+            time.sleep(0.05)
+
+    def dispatcher_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def stop_dispatcher(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
+        proc = self.dispatcher
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        self.dispatcher = None
+        return proc.returncode
+
+    def upstream(self, mode: str) -> None:
+        """How the router reaches the VIPs: ``route`` (via the dispatcher's address, the default) or ``arp``
+        (the VIP network on-link on lan0: the router ARPs for each VIP and ``encapfwd run --answer-arp``
+        answers with the dispatcher's MAC)."""
+        r = self.ns["router"]
+        if mode == "route":
+            r.ip("route", "replace", VIP_NET, "via", DISPATCHER)
+        elif mode == "arp":
+            r.ip("route", "replace", VIP_NET, "dev", "lan0")
+        else:
+            raise ValueError(mode)
+        for vip in self.vips.values():
+            r.ip("neigh", "del", vip, "dev", "lan0", check=False)
+
+    def router_neighbour(self, address: str) -> str:
+        return self.ns["router"].ip("neigh", "show", address, "dev", "lan0").stdout.strip()
+
+    def report(self) -> dict:
+        from ..engines.live import query_control
+
+        return query_control(self.control_path)
+
+    # -------------------------------------------------------------------------------------- clients
+
+    def curl(self, method: str, count: int = 1, path: str = "/", timeout: float = 5.0) -> List[str]:
+        """*count* HTTP GETs (one connection each) from the client namespace with curl; the answers
+        (``FAIL`` for a failed request)."""
+        vip = SERVERS[method][0]
+        script = ('for i in $(seq "$1"); do curl -s -S -m "$3" "http://$2$4" || echo FAIL; done')
+        proc = self.ns["client"].run(["sh", "-c", script, "sh", str(count), f"{vip}:{PORT}", str(timeout), path],
+                                     check=False, timeout=count * (timeout + 1) + 10)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(("server=", "FAIL"))]
+        lines += ["FAIL"] * (count - len(lines))
+        return lines
+
+    def connect(self, method: str, timeout: float = 5.0) -> socket.socket:
+        """A TCP connection from the client namespace to the VIP of *method* (kept open by the caller)."""
+        sock = self.ns["client"].socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect((SERVERS[method][0], PORT))
+        return sock
+
+    @staticmethod
+    def http_get(sock: socket.socket) -> str:
+        """One keep-alive GET on an open connection; the body."""
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: keep-alive\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        while len(body) < length:
+            chunk = sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("connection closed")
+            body += chunk
+        return body.decode()
+
+    def sniff_dispatcher(self) -> Sniffer:
+        return Sniffer(self.ns["dispatcher"], "eth0")
+
+    # ------------------------------------------------------------------------------------- teardown
+
+    def close(self) -> None:
+        try:
+            self.stop_dispatcher()
+        except Exception:  # noqa: BLE001 - tear down the rest anyway
+            pass
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(3)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(3)
+        self.procs.clear()
+        for guest in self.guests.values():
+            try:
+                guest.stop()
+            except Exception:  # noqa: BLE001
+                pass
+        self.guests.clear()
+        for ns in reversed(list(self.ns.values())):
+            ns.delete()
+        self.ns.clear()
+        if self.own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------- picture
+
+    def picture(self) -> str:
+        def box(title, lines, width):
+            out = [title.ljust(width + 2), "┌" + "─" * width + "┐"]
+            out += ["│" + (" " + line).ljust(width) + "│" for line in lines]
+            out.append("└" + "─" * width + "┘")
+            return out
+
+        client = box("client ns", [f"eth0 {CLIENT}", "curl"], 17)
+        router = box("router ns", [f"cli0 {ROUTER_CLIENT}", f"lan0 {ROUTER_LAN} (bridge)",
+                                   f"far0 {ROUTER_FAR} (bridge)", f"route {VIP_NET}", f"  via {DISPATCHER}"], 28)
+        disp = box("dispatcher ns", [f"eth0 {DISPATCHER}", "encapfwd run", f"blackhole {VIP_NET}"], 24)
+        height = max(len(client), len(router), len(disp))
+        rows = []
+        for i in range(height):
+            a = client[i] if i < len(client) else " " * 19
+            b = router[i] if i < len(router) else " " * 30
+            c = disp[i] if i < len(disp) else ""
+            link1 = "──" if i == 2 else "  "
+            link2 = "──" if i == 3 else "  "
+            rows.append(f"  {a}{link1}{b}{link2}{c}".rstrip())
+        kind = "user-mode-linux" if self.use_uml else "namespace"
+        if "mac" in self.methods:
+            vip, address, _ = SERVERS["mac"]
+            rows.append(f"  on lan0 (the dispatcher's segment): MAC server ns {address}, VIP {vip} on lo")
+        for method in ("ipip", "gre"):
+            if method in self.methods:
+                vip, address, _ = SERVERS[method]
+                dev = "tunl0" if method == "ipip" else "gre0"
+                rows.append(f"  behind the router on far0:        {method.upper():<4} server {address} ({kind}), "
+                            f"VIP {vip} on {dev}")
+        rows.append("  requests: client → router → dispatcher → server    replies: server → router → client")
+        return "\n".join(rows)
+
+
+def run_lab(methods=("mac", "ipip", "gre"), requests: int = 5, keep: bool = False,
+            echo: Callable[[str], None] = print) -> dict:
+    """``encapfwd lab``: build, show, send requests through each method, show counters, tear down."""
+    started = time.monotonic()
+    result: dict = {"ok": False, "methods": {}}
+    reason = unavailable_reason(methods)
+    if reason:
+        raise LabUnavailable(f"encapfwd lab cannot run here: {reason}")
+    echo("Building the lab (namespaces" + (", user-mode-linux back-ends" if set(methods) & {"ipip", "gre"}
+                                           and not host_has_tunnels() else "") + ") …")
+    with Topology(methods, echo=echo) as lab:
+        echo(lab.picture())
+        echo("")
+        echo("Dispatcher configuration (documented CLI):")
+        for command in lab.config_commands:
+            echo("  encapfwd " + " ".join(command))
+        echo("")
+        lab.start_dispatcher()
+        sniffer = lab.sniff_dispatcher()
+        try:
+            for method in lab.methods:
+                answers = lab.curl(method, requests)
+                ok = sum(1 for a in answers if a.startswith(f"server={method}"))
+                result["methods"][method] = {"vip": SERVERS[method][0], "requests": requests, "ok": ok,
+                                             "sample": answers[0] if answers else ""}
+                echo(f"{method:>5}: {ok}/{requests} HTTP requests to {SERVERS[method][0]} answered by the {method} "
+                     f"server   e.g. {answers[0] if answers else '-'}")
+        finally:
+            time.sleep(0.2)
+            sniffer.stop()
+        report = lab.report()
+        seen = sniffer.summary(lab.vips.values())
+        echo("")
+        echo("Per-server counters (from the running dispatcher's control socket, as 'encapfwd server report'):")
+        for name, counters in sorted((report.get("servers") or {}).items()):
+            echo(f"  {name:<24} {counters.get('method', ''):<5} packets {counters.get('packets', 0):>6}   "
+                 f"bytes {counters.get('bytes', 0):>8}")
+        drops = report.get("drops") or {}
+        if drops:
+            echo("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
+        echo("")
+        echo(f"On the dispatcher's eth0: {seen['in_to_vip']} frames client→VIP came in, {seen['in_from_vip']} "
+             f"frames from a VIP (replies) — replies bypass the dispatcher.")
+        result["servers"] = report.get("servers")
+        result["dispatcher_saw"] = seen
+        if keep:
+            echo(f"\nThe lab is running (namespaces: {', '.join(ns.name for ns in lab.ns.values())}). "
+                 f"Press Enter to tear it down.")
+            try:
+                input()
+            except EOFError:
+                pass
+        code = lab.stop_dispatcher()
+        result["dispatcher_exit"] = code
+        result["ok"] = (all(m["ok"] == m["requests"] for m in result["methods"].values())
+                        and seen["in_from_vip"] == 0 and code == 0)
+    echo(f"\nLab torn down ({time.monotonic() - started:.1f} s). Result: "
+         f"{'every request succeeded' if result['ok'] else 'FAILED'}.")
+    return result
+
+
+__all__ = ["SERVERS", "Sniffer", "Topology", "host_has_tunnels", "run_lab", "unavailable_reason"]

@@ -1,0 +1,136 @@
+"""GRE transform (RFC 2784, key per RFC 2890) against scapy as the independent oracle.
+
+For random inner TCP/UDP/ICMP packets (sizes, IP options, DF, TOS, TTL) and an optional key, the frame the
+transform returns must equal, byte for byte, ``Ether()/IP(TOS, DF of the inner, TTL = egress.ttl)/GRE()/inner``
+built by scapy (which picks protocol 47 and GRE protocol 0x0800 and computes lengths and checksums itself).
+"""
+
+import ipaddress
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from encapfwd.hookspecs import Egress
+from encapfwd.model import Server
+from encapfwd_gre.transform import build
+
+scapy_inet = pytest.importorskip("scapy.layers.inet")
+from scapy.layers.inet import ICMP, IP, TCP, UDP  # noqa: E402
+from scapy.layers.inet import IPOption_NOP, IPOption_Router_Alert, IPOption_RR, IPOption_Timestamp  # noqa: E402
+from scapy.layers.inet6 import IPv6  # noqa: E402
+from scapy.layers.l2 import GRE  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.packet import Raw  # noqa: E402
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+addresses = st.integers(1, 2**32 - 2).map(lambda n: str(ipaddress.IPv4Address(n)))
+macs = st.binary(min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))
+OPTIONS = [
+    lambda: IPOption_NOP(),
+    lambda: IPOption_Router_Alert(),
+    lambda: IPOption_RR(routers=["192.0.2.1", "192.0.2.2"]),
+    lambda: IPOption_Timestamp(flg=0, timestamp=[1, 2]),
+]
+
+
+@st.composite
+def inner_packets(draw):
+    options = [OPTIONS[i]() for i in draw(st.lists(st.integers(0, len(OPTIONS) - 1), max_size=3))]
+    ip = IP(
+        src=draw(addresses),
+        dst=draw(addresses),
+        tos=draw(st.integers(0, 255)),
+        ttl=draw(st.integers(0, 254)),
+        id=draw(st.integers(0, 65535)),
+        flags="DF" if draw(st.booleans()) else 0,
+        options=options,
+    )
+    kind = draw(st.sampled_from(["tcp", "udp", "icmp"]))
+    if kind == "tcp":
+        l4 = TCP(sport=draw(st.integers(0, 65535)), dport=draw(st.integers(0, 65535)),
+                 flags=draw(st.integers(0, 255)), seq=draw(st.integers(0, 2**32 - 1)))
+    elif kind == "udp":
+        l4 = UDP(sport=draw(st.integers(0, 65535)), dport=draw(st.integers(0, 65535)))
+    else:
+        l4 = ICMP(type=draw(st.sampled_from([0, 3, 8, 11])), id=draw(st.integers(0, 65535)))
+    payload = draw(st.binary(max_size=1400))
+    return bytes(ip / l4 / Raw(payload))
+
+
+@st.composite
+def egresses(draw):
+    return Egress(
+        src_mac=draw(macs),
+        dst_mac=draw(macs),
+        outer_src=ipaddress.ip_address(draw(addresses)),
+        outer_dst=ipaddress.ip_address(draw(addresses)),
+        ttl=draw(st.integers(1, 255)),
+        cluster=ipaddress.ip_address("10.0.9.9"),
+        mtu=1500,
+    )
+
+
+keys = st.one_of(st.none(), st.integers(0, 2**32 - 1))
+
+
+def expected(egress, key, inner: bytes, ident: int) -> bytes:
+    parsed = IP(inner)
+    assert bytes(parsed) == inner
+    outer = IP(src=str(egress.outer_src), dst=str(egress.outer_dst), tos=parsed.tos,
+               flags="DF" if parsed.flags.DF else 0, ttl=egress.ttl, id=ident)
+    gre = GRE() if key is None else GRE(key_present=1, key=key)
+    return bytes(Ether(src=egress.src_mac, dst=egress.dst_mac) / outer / gre / parsed)
+
+
+def _egress(**kw):
+    values = dict(src_mac="02:00:00:00:00:01", dst_mac="02:00:00:00:00:fe",
+                  outer_src=ipaddress.ip_address("10.0.2.1"), outer_dst=ipaddress.ip_address("10.0.4.10"),
+                  ttl=64, cluster=ipaddress.ip_address("10.0.9.9"), mtu=1500)
+    values.update(kw)
+    return Egress(**values)
+
+
+@SETTINGS
+@given(inner=inner_packets(), egress=egresses(), key=keys)
+def test_gre_equals_scapy(inner, egress, key):
+    server = Server(address=str(egress.outer_dst), encapforward=True, encaptype="gre", grekey=key)
+    out = build(server, egress)(inner)
+    ident = int.from_bytes(out[18:20], "big")
+    if inner[6] & 0x40:
+        assert ident == 0
+    assert out == expected(egress, key, inner, ident)
+    decoded = Ether(out)
+    assert decoded[IP].proto == 47
+    assert decoded[GRE].proto == 0x0800
+    assert len(out) - 14 - len(inner) == (24 if key is None else 28)
+
+
+@SETTINGS
+@given(inner=inner_packets(), key=keys)
+def test_fresh_ident_when_df_clear(inner, key):
+    inner = bytearray(inner)
+    inner[6] &= ~0x40 & 0xFF
+    egress = _egress()
+    transform = build(Server(address="10.0.4.10", encaptype="gre", grekey=key), egress)
+    outs = [transform(bytes(inner)) for _ in range(3)]
+    assert len({o[18:20] for o in outs}) == 3
+    for out in outs:
+        assert out == expected(egress, key, bytes(inner), int.from_bytes(out[18:20], "big"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=80), key=keys)
+def test_never_raises_on_any_bytes(data, key):
+    out = build(Server(address="10.0.4.10", encaptype="gre", grekey=key), _egress())(data)
+    assert out.endswith(data) and len(out) == 14 + (24 if key is None else 28) + len(data)
+
+
+def test_ipv6_inner_does_not_raise_and_uses_86dd():
+    inner = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP())
+    out = build(Server(address="10.0.4.10", encaptype="gre", grekey=5), _egress())(inner)
+    want = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:fe") / IP(
+        src="10.0.2.1", dst="10.0.4.10", flags="DF", ttl=64, id=0) / GRE(key_present=1, key=5) / IPv6(inner)
+    assert out == bytes(want)
+    assert Ether(out)[GRE].proto == 0x86DD

@@ -1,0 +1,284 @@
+"""End to end: real TCP through ``encapfwd run`` in network namespaces, with real kernels as back-ends.
+
+The topology (encapfwd.lab.topology): client ns → router ns → dispatcher ns (``encapfwd run`` as a
+subprocess, configured with the documented CLI); a MAC-forwarded back-end namespace on the dispatcher's
+segment; IPIP and GRE back-ends behind the router (user-mode-linux kernels when this kernel has no
+ipip/ip_gre), each set up with the project's generated Linux script. curl in the client namespace is the
+HTTP client. Only addresses inside these namespaces are used; everything is removed by PID / by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+topology = pytest.importorskip("encapfwd.lab.topology")
+
+METHODS = ("mac", "ipip", "gre")
+REQUESTS = 20
+
+
+def _reason():
+    reason = topology.unavailable_reason(("mac",))
+    if reason:
+        return reason
+    return None
+
+
+REASON = _reason()
+if REASON:
+    pytest.skip(f"live end-to-end tests need: {REASON}", allow_module_level=True)
+
+TUNNEL_REASON = topology.unavailable_reason(METHODS)
+
+
+@pytest.fixture(scope="module")
+def lab():
+    methods = METHODS if TUNNEL_REASON is None else ("mac",)
+    with topology.Topology(methods) as built:
+        built.start_dispatcher()
+        yield built
+
+
+def _need(lab, method):
+    if method not in lab.methods:
+        pytest.skip(f"{method} back-end unavailable: {TUNNEL_REASON}")
+
+
+def _ensure_running(lab):
+    if lab.dispatcher is None or lab.dispatcher.poll() is not None:
+        lab.start_dispatcher()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_request_succeeds(lab, method):
+    _need(lab, method)
+    _ensure_running(lab)
+    before = lab.report()["servers"]
+    answers = lab.curl(method, REQUESTS)
+    assert answers == [a for a in answers if a.startswith(f"server={method} ")], answers
+    # the server saw the real client address and answered from the VIP (direct server return)
+    vip = topology.SERVERS[method][0]
+    assert all(f"client={topology.CLIENT}:" in a and f"local={vip}" in a for a in answers)
+    after = lab.report()["servers"]
+    name = f"{vip}@80@{topology.SERVERS[method][1]}"
+    assert after[name]["method"] == method
+    # each HTTP exchange is several client→server packets (SYN, ACK, request, ACKs, FIN …)
+    assert after[name]["packets"] - before.get(name, {}).get("packets", 0) >= 4 * REQUESTS
+
+
+def test_replies_bypass_the_dispatcher(lab):
+    _ensure_running(lab)
+    sniffer = lab.sniff_dispatcher()
+    try:
+        for method in lab.methods:
+            assert all(a.startswith("server=") for a in lab.curl(method, 5))
+    finally:
+        time.sleep(0.2)
+        frames = sniffer.stop()
+    vips = set(lab.vips.values())
+    incoming = [f for f in frames if f[0] != 4 and f[3] == 6]  # TCP frames arriving on the dispatcher
+    to_vip = [f for f in incoming if f[2] in vips]
+    assert len(to_vip) >= 5 * 4 * len(lab.methods)
+    assert all(f[1] == topology.CLIENT and f[5] == 80 for f in to_vip), "only client→VIP:80 packets arrive"
+    assert [f for f in incoming if f[1] in vips] == [], "no reply (VIP as source) passes the dispatcher"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_long_lived_connection_survives_sighup(lab, method):
+    _need(lab, method)
+    _ensure_running(lab)
+    sock = lab.connect(method)
+    try:
+        first = lab.http_get(sock)
+        assert first.startswith(f"server={method} ")
+        reloads = lab.report()["engine"]["reloads"]
+        # a real change: one more cluster (the socket filter changes too) and another weight
+        vip, server, _ = topology.SERVERS[method]
+        lab.cli("cluster", "add", "10.0.9.99")
+        lab.cli("port", "add", "10.0.9.99@80")
+        lab.cli("server", "set", f"{vip}@80@{server}", "weight", "7")
+        try:
+            lab.dispatcher.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while lab.report()["engine"]["reloads"] == reloads:
+                assert time.monotonic() < deadline, lab.dispatcher_log()
+                time.sleep(0.05)
+            assert lab.report()["engine"]["reload_errors"] == 0, lab.dispatcher_log()
+            assert "10.0.9.99" in lab.report()["engine"]["clusters"]
+            for _ in range(3):
+                again = lab.http_get(sock)  # the same TCP connection, after the reload
+                assert again.split(" local=")[0] == first.split(" local=")[0]
+            answers = lab.curl(method, 3)
+            assert all(a.startswith(f"server={method} ") for a in answers), answers
+        finally:
+            lab.cli("cluster", "remove", "10.0.9.99")
+            lab.cli("server", "set", f"{vip}@80@{server}", "weight", "1")
+            lab.dispatcher.send_signal(signal.SIGHUP)
+    finally:
+        sock.close()
+    assert lab.dispatcher.poll() is None
+
+
+def test_bad_configuration_on_sighup_keeps_forwarding(lab):
+    _ensure_running(lab)
+    text = lab.config_path.read_text()
+    errors = lab.report()["engine"]["reload_errors"]
+    try:
+        lab.config_path.write_text(text + "\n[[clusters]]\naddress = 'not-an-address'\n")
+        lab.dispatcher.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while lab.report()["engine"]["reload_errors"] == errors:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "not-an-address" in lab.report()["engine"]["last_reload_error"]
+        assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
+    finally:
+        lab.config_path.write_text(text)
+    assert lab.dispatcher.poll() is None
+
+
+def test_stop_and_start_again(lab):
+    _ensure_running(lab)
+    assert lab.stop_dispatcher(signal.SIGTERM) == 0
+    assert not os.path.exists(lab.control_path), "the control socket is removed on stop"
+    assert "stopped:" in lab.dispatcher_log()
+    # nothing forwards now: the dispatcher's kernel blackholes the VIP
+    assert lab.curl("mac", 1, timeout=1) == ["FAIL"]
+    lab.start_dispatcher()
+    for method in lab.methods:
+        answers = lab.curl(method, 5)
+        assert all(a.startswith(f"server={method} ") for a in answers), answers
+    # SIGINT stops cleanly as well
+    assert lab.stop_dispatcher(signal.SIGINT) == 0
+    lab.start_dispatcher()
+
+
+def test_two_workers_share_the_traffic(lab):
+    _ensure_running(lab)
+    lab.stop_dispatcher()
+    lab.start_dispatcher(workers=2)
+    try:
+        for method in lab.methods:
+            answers = lab.curl(method, 10)
+            assert all(a.startswith(f"server={method} ") for a in answers), answers
+        report = lab.report()
+        assert report["engine"]["workers"] == 2
+        assert len(report["workers"]) == 2
+        assert report["engine"]["rx"] == sum(w["rx"] for w in report["workers"])
+        assert report["forwarded"] >= 4 * 10 * len(lab.methods)
+    finally:
+        lab.stop_dispatcher()
+        lab.start_dispatcher()
+
+
+def test_server_report_reads_live_counters(lab):
+    _ensure_running(lab)
+    assert all(a.startswith("server=mac ") for a in lab.curl("mac", 2))
+    proc = lab.cli("server", "report", "--json", "--control", lab.control_path)
+    data = json.loads(proc.stdout)
+    assert data["live"] is not None
+    rows = {row["server"]: row for row in data["servers"]}
+    name = f"{topology.SERVERS['mac'][0]}@80@{topology.SERVERS['mac'][1]}"
+    assert rows[name]["packets"] and rows[name]["packets"] > 0
+    # the socket is root's only
+    assert os.stat(lab.control_path).st_mode & 0o777 == 0o600
+
+
+def test_control_socket_refuses_other_users(lab):
+    _ensure_running(lab)
+    code = ("import sys\nfrom encapfwd.engines.live import query_control\n"
+            "try:\n    query_control(sys.argv[1]); print('answered')\n"
+            "except OSError as e:\n    print('refused', e.errno)\n")
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                           topology.encapfwd_argv()[0].replace("encapfwd", "python"), "-c", code,
+                           lab.control_path], capture_output=True, text=True, timeout=30)
+    assert "refused" in proc.stdout, (proc.stdout, proc.stderr)
+
+
+# ----------------------------------------------------------------------------------------- errors
+
+
+def _run_once(lab, config_text, *args, env=None, user=None):
+    path = lab.workdir / "error.toml"
+    path.write_text(config_text)
+    argv = topology.encapfwd_argv() + ["--config", str(path), "run", "--control",
+                                       str(lab.workdir / "error.sock"), *args]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("ENCAPFWD_")}
+    full_env.update(env or {})
+    proc = lab.ns["dispatcher"].run(argv, check=False, timeout=30, env=full_env)
+    return proc
+
+
+def test_error_not_root(lab):
+    proc = _run_once(lab, lab.config_path.read_text(), user="65534")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], "one line"
+    assert "needs root" in proc.stderr
+
+
+def test_error_no_such_interface(lab):
+    proc = _run_once(lab, lab.config_path.read_text(), "--interface", "nosuch0")
+    assert proc.returncode == 1
+    assert "no such interface: nosuch0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_error_vip_is_a_local_address(lab):
+    d = lab.ns["dispatcher"]
+    vip = topology.SERVERS["mac"][0]
+    d.ip("addr", "add", f"{vip}/32", "dev", "lo")
+    try:
+        proc = _run_once(lab, lab.config_path.read_text())
+    finally:
+        d.ip("addr", "del", f"{vip}/32", "dev", "lo")
+    assert proc.returncode == 1
+    assert f"cluster address {vip} is configured as a local address" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_error_encaptype_plugin_missing(lab):
+    text = lab.config_path.read_text()
+    if "encaptype" not in text:
+        text += ('\n[[clusters]]\naddress = "10.0.9.2"\n[[clusters.ports]]\nnumber = 80\n'
+                 '[[clusters.ports.servers]]\naddress = "10.0.3.11"\nencapforward = true\nencaptype = "ipip"\n')
+    proc = _run_once(lab, text, env={"ENCAPFWD_PLUGINS": "encapfwd-mac"})
+    assert proc.returncode == 1
+    assert "encapfwd-ipip" in proc.stderr or "encapfwd-gre" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_upstream_by_arp_with_answer_arp(lab):
+    """The other upstream option: the router ARPs for the VIP on the shared segment and the dispatcher
+    answers (``encapfwd run --answer-arp``); the back-ends keep quiet (arp_ignore from their setup script)."""
+    _ensure_running(lab)
+    lab.stop_dispatcher()
+    lab.upstream("arp")
+    try:
+        lab.start_dispatcher(extra=["--answer-arp"])
+        for method in lab.methods:
+            answers = lab.curl(method, 5)
+            assert all(a.startswith(f"server={method} ") for a in answers), answers
+        d_mac = lab.ns["dispatcher"].mac("eth0")
+        entry = lab.router_neighbour(topology.SERVERS["mac"][0])
+        assert d_mac in entry, entry
+        assert lab.report()["engine"]["arp_replies"] >= 1
+        # without --answer-arp nobody answers for the VIP: the requests fail
+        lab.stop_dispatcher()
+        lab.upstream("arp")
+        lab.start_dispatcher()
+        assert lab.curl("mac", 1, timeout=2) == ["FAIL"]
+    finally:
+        lab.stop_dispatcher()
+        lab.upstream("route")
+        lab.start_dispatcher()
