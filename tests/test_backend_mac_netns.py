@@ -16,7 +16,6 @@ import sys
 import time
 
 import pytest
-
 from encapfwd.lab import netns as lab_netns
 
 REASON = lab_netns.lab_unavailable_reason(("ip", "ethtool"))
@@ -50,19 +49,18 @@ time.sleep(600)
 """
 
 
-def _config(vip, server):
+def _config(vip, server, lab):
     from encapfwd import config as cfg
 
     return cfg.loads(
-        f'[executor]\nnfa = "{DISPATCHER}"\nnetworks = ["192.0.2.0/24", "2001:db8::/64"]\n'
+        f'[executor]\nnfa = "{DISPATCHER}"\nmac = "{lab.dmac}"\nnetworks = ["192.0.2.0/24", "2001:db8::/64"]\n'
         f'[[clusters]]\naddress = "{vip}"\n[[clusters.ports]]\nnumber = 80\n'
-        f'[[clusters.ports.servers]]\naddress = "{server}"\nencapforward = false\n'
+        f'[[clusters.ports.servers]]\naddress = "{server}"\nmac = "{lab.smac}"\nencapforward = false\n'
     )
 
 
 def _script(tmp_path, config, vip, server, *extra):
     from click.testing import CliRunner
-
     from encapfwd import config as cfg
     from encapfwd.cli import cli
 
@@ -79,6 +77,7 @@ class Lab:
         self.d, self.s, self.sock, self.registry, self.state = d, s, sock, registry, state
         self.dmac = d.mac("efwd0")
         self.smac = s.mac("efws0")
+        self.dispatchers = {}
 
     def sh(self, script):
         proc = self.s.run(["sh", "-c", script], check=False, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -96,23 +95,45 @@ class Lab:
             except OSError:
                 return
 
+    def forward(self, config, vip, client, tcp):
+        """The frames the dispatcher sends for the client's packet: the whole Dispatcher when it exists,
+        else the mac forwarder's compiled transform."""
+        from scapy.layers.inet import IP
+        from scapy.layers.inet6 import IPv6
+        from scapy.layers.l2 import Ether
+
+        v6 = ":" in vip
+        try:
+            from encapfwd.dispatcher import Dispatcher
+        except ImportError:
+            from encapfwd.hookspecs import Egress
+
+            server = config.cluster(vip).ports[0].servers[0]
+            egress = Egress(src_mac=self.dmac, dst_mac=self.smac, outer_src=None, outer_dst=server.address, ttl=64,
+                            cluster=ipaddress.ip_address(vip), mtu=1500)
+            transform = self.registry.hook.encapfwd_build_transform(forwarder="mac", server=server, egress=egress)
+            inner = (IPv6(src=client, dst=vip, hlim=63) if v6 else IP(src=client, dst=vip, ttl=63)) / tcp
+            return [transform(bytes(inner))]
+        dispatcher = self.dispatchers.get(config)
+        if dispatcher is None:
+            dispatcher = self.dispatchers[config] = Dispatcher(config, self.registry)
+        inner = (IPv6(src=client, dst=vip, hlim=64) if v6 else IP(src=client, dst=vip, ttl=64)) / tcp
+        out = dispatcher.process(bytes(Ether(src="02:00:00:00:00:fe", dst=self.dmac) / inner), time.monotonic())
+        assert len(out) == 1, dispatcher.drops
+        return out
+
     def probe(self, config, vip, client, wait=1.0):
         from scapy.layers.inet import IP, TCP
         from scapy.layers.inet6 import IPv6
         from scapy.layers.l2 import Ether
 
-        from encapfwd.hookspecs import Egress
-
-        server = config.cluster(vip).ports[0].servers[0]
-        egress = Egress(src_mac=self.dmac, dst_mac=self.smac, outer_src=None, outer_dst=server.address, ttl=64,
-                        cluster=ipaddress.ip_address(vip), mtu=1500)
-        transform = self.registry.hook.encapfwd_build_transform(forwarder="mac", server=server, egress=egress)
         sport, seq = random.randint(20000, 60000), random.randint(1, 2**31)
         tcp = TCP(sport=sport, dport=80, flags="S", seq=seq, window=64240)
         v6 = ":" in vip
-        p_prime = bytes((IPv6(src=client, dst=vip, hlim=63) if v6 else IP(src=client, dst=vip, ttl=63)) / tcp)
         self._drain()
-        self.sock.send(transform(p_prime))
+        for frame in self.forward(config, vip, client, tcp):
+            assert Ether(frame).dst == self.smac  # MAC forwarding: to the server's MAC, IP untouched
+            self.sock.send(frame)
         deadline = time.monotonic() + wait
         layer = IPv6 if v6 else IP
         while time.monotonic() < deadline:
@@ -182,7 +203,7 @@ def lab(tmp_path_factory):
 
 @pytest.mark.parametrize("vip,server,client", [(VIP, SERVER, CLIENT), (VIP6, SERVER6, CLIENT6)], ids=["ipv4", "ipv6"])
 def test_mac_setup_answers_undo_silences(lab, tmp_path, vip, server, client):
-    config = _config(vip, server)
+    config = _config(vip, server, lab)
     setup = _script(tmp_path, config, vip, server)
     undo = _script(tmp_path, config, vip, server, "--undo")
     assert " dev lo scope host" in setup

@@ -20,7 +20,6 @@ import random
 import time
 
 import pytest
-
 from encapfwd.lab import uml as umllab
 
 REASON = umllab.unavailable_reason()
@@ -35,10 +34,7 @@ GUEST_MAC = "02:00:00:00:00:0a"
 TAP = "efwtap0"
 
 SNAPSHOT = r"""
-for k in all/arp_ignore all/arp_announce all/rp_filter default/rp_filter; do
-    echo "$k=$(cat /proc/sys/net/ipv4/conf/$k)"
-done
-for d in /proc/sys/net/ipv4/conf/*/rp_filter; do echo "$d=$(cat "$d")"; done
+cd /proc/sys/net/ipv4/conf && grep -H . all/arp_ignore all/arp_announce default/rp_filter */rp_filter
 # ip_gre pulls in ipv6, which the kernel never unloads (it is built in on most distributions)
 echo "modules: $(cut -d' ' -f1 /proc/modules | grep -vx -e ipv6 -e crc_ccitt | sort | tr '\n' ' ')"
 ip -o -4 addr show | sed 's/ valid_lft.*//; s/\\//'
@@ -63,14 +59,18 @@ while [ ! -e /tmp/listening ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done
 """
 
 
+DISPATCHER_MAC = None  # the TAP's MAC, set by the fixture
+
+
 def _config(clusters):
     """A configuration: *clusters* is a list of (vip, encaptype, grekey)."""
     from encapfwd import config as cfg
 
-    text = [f'[executor]\nnfa = "{DISPATCHER}"\nnetworks = ["192.0.2.0/24"]\n']
+    mac = f'mac = "{DISPATCHER_MAC}"\n' if DISPATCHER_MAC else ""
+    text = [f'[executor]\nnfa = "{DISPATCHER}"\n{mac}networks = ["192.0.2.0/24"]\n']
     for vip, encaptype, grekey in clusters:
         text.append(f'[[clusters]]\naddress = "{vip}"\n[[clusters.ports]]\nnumber = 80\n'
-                    f'[[clusters.ports.servers]]\naddress = "{SERVER}"\nencapforward = true\n'
+                    f'[[clusters.ports.servers]]\naddress = "{SERVER}"\nmac = "{GUEST_MAC}"\nencapforward = true\n'
                     f'encaptype = "{encaptype}"\nencapcond = "always"\n'
                     + (f"grekey = {grekey}\n" if grekey is not None else ""))
     return cfg.loads("\n".join(text))
@@ -79,7 +79,6 @@ def _config(clusters):
 def _script(tmp_path, config, vip, *extra):
     """The script exactly as ``encapfwd backend-setup`` prints it."""
     from click.testing import CliRunner
-
     from encapfwd import config as cfg
     from encapfwd.cli import cli
 
@@ -98,6 +97,7 @@ class Lab:
         self.sock = sock
         self.registry = registry
         self.dispatcher_mac = ns.mac(TAP)
+        self.dispatchers = {}
 
     def sh(self, script, ok=True):
         result = self.guest.run(script)
@@ -122,21 +122,45 @@ class Lab:
         assert transform is not None, f"no transform for {method}"
         return transform
 
+    def forward(self, config, vip, p_prime_tcp):
+        """The frames the dispatcher sends for a client's packet: the whole Dispatcher when it exists,
+        else the forwarder's compiled transform (the same data path, without selection)."""
+        from scapy.layers.inet import IP
+        from scapy.layers.l2 import Ether
+
+        try:
+            from encapfwd.dispatcher import Dispatcher
+        except ImportError:
+            Dispatcher = None
+        if Dispatcher is None:
+            return [self.transform(config, vip)(bytes(IP(src=CLIENT, dst=vip, ttl=63) / p_prime_tcp))]
+        frame = bytes(Ether(src="02:00:00:00:00:fe", dst=self.dispatcher_mac) / IP(src=CLIENT, dst=vip, ttl=64)
+                      / p_prime_tcp)
+        dispatcher = self.dispatchers.get(config)
+        if dispatcher is None:
+            dispatcher = self.dispatchers[config] = Dispatcher(config, self.registry)
+        out = dispatcher.process(frame, time.monotonic())
+        assert len(out) == 1, dispatcher.drops
+        return out
+
     def probe(self, config, vip, wait=1.5):
         """Send the dispatcher's E(P') of a fresh client SYN; return (syn-acks to the client, other replies)."""
         from scapy.layers.inet import IP, TCP
+        from scapy.layers.l2 import Ether
 
         sport = random.randint(20000, 60000)
         seq = random.randint(1, 2**31)
-        p_prime = bytes(IP(src=CLIENT, dst=vip, ttl=63, id=1) / TCP(sport=sport, dport=80, flags="S", seq=seq,
-                                                                   window=64240))
-        frame = self.transform(config, vip)(p_prime)
+        frames = self.forward(config, vip, TCP(sport=sport, dport=80, flags="S", seq=seq, window=64240))
+        method = "gre" if config.cluster(vip).ports[0].servers[0].encaptype == "gre" else "ipip"
+        sent = Ether(frames[0])
+        assert sent[IP].proto == (47 if method == "gre" else 4) and sent[IP].dst == SERVER
         while True:  # drain
             try:
                 self.sock.recv(65535)
             except OSError:
                 break
-        self.sock.send(frame)
+        for frame in frames:
+            self.sock.send(frame)
         return self._collect(vip, sport, seq, wait)
 
     def _collect(self, vip, sport, seq, wait):
@@ -171,12 +195,15 @@ def lab():
     from encapfwd.lab import Namespace, packet_socket
     from encapfwd.plugins import get_plugin_manager
 
+    umllab.cleanup_stale()  # guests of test processes that were killed
     registry = get_plugin_manager()
     for name in ("ipip", "gre"):
         if name not in registry.forwarders:
             pytest.skip(f"forwarder plugin {name} not installed")
+    global DISPATCHER_MAC
     with Namespace("uml") as ns:
         ns.tap(TAP)
+        DISPATCHER_MAC = ns.mac(TAP)
         ns.ip("addr", "add", f"{DISPATCHER}/24", "dev", TAP)
         for key in ("all", "default", TAP):
             ns.sysctl(f"net.ipv4.conf.{key}.rp_filter", 0)
@@ -204,7 +231,7 @@ def test_tunnel_setup_answers_undo_silences(lab, tmp_path, encaptype, grekey):
     assert f"modprobe {module}" in setup
 
     before = lab.snapshot()
-    synacks, _ = lab.probe(config, VIP, wait=0.8)
+    synacks, _ = lab.probe(config, VIP, wait=0.6)
     assert not synacks, "answered before any setup"
 
     lab.sh(setup)
@@ -219,7 +246,7 @@ def test_tunnel_setup_answers_undo_silences(lab, tmp_path, encaptype, grekey):
 
     lab.sh(undo)
     assert lab.snapshot() == before
-    synacks, _ = lab.probe(config, VIP, wait=0.8)
+    synacks, _ = lab.probe(config, VIP, wait=0.6)
     assert not synacks, "still answering after --undo"
     lab.sh(undo)  # twice is harmless
     assert lab.snapshot() == before
@@ -235,9 +262,9 @@ def test_two_clusters_share_settings(lab, tmp_path):
     lab.sh(setup_b)
     assert lab.probe(config, VIP)[0] and lab.probe(config, VIP2)[0]
     lab.sh(undo_a)
-    assert not lab.probe(config, VIP, wait=0.8)[0]
+    assert not lab.probe(config, VIP, wait=0.6)[0]
     assert lab.probe(config, VIP2)[0], "undoing one cluster broke the other"
-    assert "all/rp_filter=0" in lab.snapshot()
+    assert "all/rp_filter:0" in lab.snapshot()
     lab.sh(undo_b)
     assert lab.snapshot() == before
 
@@ -270,7 +297,7 @@ def test_persistent_form(lab, tmp_path):
     lab.sh(undo)
     assert lab.sh(" || ".join(f"test -e {f}" for f in files), ok=False).returncode != 0, "boot files left"
     assert lab.snapshot() == before
-    assert not lab.probe(config, VIP, wait=0.8)[0]
+    assert not lab.probe(config, VIP, wait=0.6)[0]
 
     # a boot, as systemd would do it: modules-load.d, sysctl.d, then the unit's ExecStart lines
     boot = lab.sh(
@@ -282,6 +309,25 @@ def test_persistent_form(lab, tmp_path):
     assert boot.ok
     assert lab.probe(config, VIP)[0], "no SYN-ACK after replaying the boot files"
     lab.sh("sh -e /tmp/boot/stop.sh")
-    assert not lab.probe(config, VIP, wait=0.8)[0]
+    assert not lab.probe(config, VIP, wait=0.6)[0]
     lab.sh("ip link set tunl0 down; modprobe -r ipip; for k in arp_ignore arp_announce; do echo 0 > /proc/sys/net/ipv4/conf/all/$k; done; echo 1 > /proc/sys/net/ipv4/conf/all/rp_filter")
+    assert lab.snapshot() == before
+
+
+def test_rp_filter_lines_are_needed(lab, tmp_path):
+    """Without its rp_filter lines the same script gets no answer: strict reverse-path filtering drops the
+    decapsulated SYN (its source, the client, is routed out of eth0, not tunl0)."""
+    config = _config([(VIP, "ipip", None)])
+    setup = _script(tmp_path, config, VIP)
+    crippled = "\n".join(line for line in setup.splitlines() if not line.startswith("efw_sysctl net.ipv4.conf.all.rp")
+                         and not line.startswith("efw_sysctl net.ipv4.conf.tunl0.rp"))
+    assert crippled.count("rp_filter 0") == 0 and "efw_addr tunl0" in crippled
+    before = lab.snapshot()
+    lab.sh(crippled)
+    try:
+        assert not lab.probe(config, VIP, wait=0.6)[0], "answered although rp_filter is strict"
+        lab.sh(setup)
+        assert lab.probe(config, VIP)[0]
+    finally:
+        lab.sh(_script(tmp_path, config, VIP, "--undo"))
     assert lab.snapshot() == before

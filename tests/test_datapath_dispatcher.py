@@ -7,17 +7,16 @@ dispatcher's output is never compared with something our own code computed.
 import json
 
 import pytest
-
 from encapfwd.dispatcher import Dispatcher
 from encapfwd.errors import ConfigError, PluginError
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
 
 pytest.importorskip("scapy.layers.inet")
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR  # noqa: E402
-from scapy.layers.inet6 import ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6  # noqa: E402
-from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether  # noqa: E402
-from scapy.packet import Raw  # noqa: E402
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
+from scapy.layers.inet6 import ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6
+from scapy.layers.l2 import ARP, GRE, Dot1Q, Ether
+from scapy.packet import Raw
 
 ME = "02:00:00:00:00:01"
 ROUTER = "02:00:00:00:00:aa"
@@ -313,3 +312,43 @@ def test_process_without_now_and_with_bytearray_or_memoryview(registry):
     assert d.process(f) == d.process(bytearray(f)) == [bytes(Ether(src=ME, dst="02:00:00:00:00:10")
                                                             / p_prime(client_packet()))]
     assert isinstance(d.process(memoryview(f)), list)
+
+
+# ------------------------------------------------------------------------------ third-party forwarders
+
+
+class _ThirdParty:
+    """A throw-away forwarder plugin: 'tag' puts a 4-byte marker after the Ethernet header."""
+
+    from encapfwd import hookimpl
+
+    @staticmethod
+    @hookimpl
+    def encapfwd_register_forwarders(register):
+        from encapfwd.hookspecs import Forwarder
+
+        register(Forwarder(name="tag", overhead=4))
+        register(Forwarder(name="boom", overhead=0))
+
+    @staticmethod
+    @hookimpl
+    def encapfwd_build_transform(forwarder, server, egress):
+        if forwarder == "boom":
+            raise RuntimeError("template failed\nsecond line")
+        if forwarder != "tag":
+            return None
+        head = bytes.fromhex(egress.dst_mac.replace(":", "") + egress.src_mac.replace(":", "")) + b"\x08\x00"
+        return lambda p: head + b"TAG!" + p
+
+
+def test_a_third_party_forwarder_is_used_and_its_failures_are_one_line():
+    registry = get_plugin_manager(load_entrypoints=False, plugins=[_ThirdParty])
+    server = Server(address="10.0.3.10", encapforward=True, encaptype="tag")
+    d = Dispatcher(one_server(server), registry)
+    pkt = client_packet()
+    (out,) = d.process(frame(pkt))
+    assert out == bytes(Ether(src=ME, dst=GW, type=0x0800)) + b"TAG!" + bytes(p_prime(pkt))
+    assert d.report()["servers"][f"{VIP}@80@10.0.3.10"]["method"] == "tag"
+    with pytest.raises(PluginError, match="template failed") as info:
+        Dispatcher(one_server(Server(address="10.0.3.10", encapforward=True, encaptype="boom")), registry)
+    assert "\n" not in str(info.value) and f"{VIP}@80@10.0.3.10" in str(info.value)

@@ -7,17 +7,15 @@ recomputes every checksum of the ICMP errors.
 import random
 
 import pytest
-
 from encapfwd.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
 
 pytest.importorskip("scapy.layers.inet")
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPOption_Security  # noqa: E402
-from scapy.layers.inet import defragment, fragment  # noqa: E402
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6  # noqa: E402
-from scapy.layers.l2 import GRE, Ether  # noqa: E402
-from scapy.packet import Raw  # noqa: E402
+from scapy.layers.inet import ICMP, IP, UDP, IPOption_RR, IPOption_Security, defragment, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, fragment6
+from scapy.layers.l2 import GRE, Ether
+from scapy.packet import Raw
 
 ME = "02:00:00:00:00:01"
 ROUTER = "02:00:00:00:00:aa"
@@ -235,3 +233,18 @@ def test_tiny_first_fragment_without_ports_is_dropped(registry):
     first = IP(src="198.51.100.1", dst=VIP, ttl=30, id=9, flags="MF", proto=6) / Raw(b"\x00\x50")
     assert d.process(frame(first)) == []
     assert d.drops == {"truncated": 1}
+
+
+def test_held_fragments_are_bounded(registry):
+    from encapfwd.dispatcher import FRAG_HELD_DATAGRAMS
+
+    d = Dispatcher(config(many_servers()), registry)
+    n = FRAG_HELD_DATAGRAMS + 500
+    for i in range(n):
+        later = IP(src="198.51.100.1", dst=VIP, ttl=30, id=i, proto=17, frag=100) / Raw(b"x" * 16)
+        assert d.process(frame(later), 1.0) == []
+    assert d.report()["fragments"]["held"] == FRAG_HELD_DATAGRAMS
+    assert d.drops == {"frag-overflow": 500}
+    d.flush()
+    assert d.drops == {"frag-overflow": 500, "frag-timeout": FRAG_HELD_DATAGRAMS}
+    assert d.report()["fragments"]["held"] == 0

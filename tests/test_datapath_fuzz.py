@@ -8,18 +8,17 @@ every frame sent starts with an Ethernet header carrying IPv4 or IPv6 whose IPv4
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from encapfwd.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("scapy.layers.inet")
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, fragment  # noqa: E402
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop  # noqa: E402
-from scapy.layers.l2 import ARP, Dot1Q, Ether  # noqa: E402
-from scapy.packet import Raw  # noqa: E402
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, fragment
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Raw
 
 ME = "02:00:00:00:00:01"
 VIP = "10.0.9.9"

@@ -3,16 +3,15 @@
 import struct
 
 import pytest
+from encapfwd import packet as pk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from encapfwd import packet as pk
-
 pytest.importorskip("scapy.layers.inet")
-from scapy.layers.inet import ICMP, IP, UDP, IPOption_RR, IPOption_Security, defragment  # noqa: E402
-from scapy.layers.inet6 import ICMPv6TimeExceeded, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop  # noqa: E402
-from scapy.packet import Raw  # noqa: E402
-from scapy.utils import checksum as scapy_checksum  # noqa: E402
+from scapy.layers.inet import ICMP, IP, UDP, IPOption_RR, IPOption_Security, defragment
+from scapy.layers.inet6 import ICMPv6TimeExceeded, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.packet import Raw
+from scapy.utils import checksum as scapy_checksum
 
 
 @settings(max_examples=300, deadline=None)

@@ -24,7 +24,7 @@ needs_tshark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installe
 
 def encapfwd(*args, cwd=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCAPFWD_")}
-    return subprocess.run([str(BIN / "encapfwd"), *args], capture_output=True, text=True, env=env, cwd=cwd,
+    return subprocess.run([str(BIN / "encapfwd"), *args], capture_output=True, text=True, env=env, cwd=cwd, check=False,
                           timeout=120)
 
 
@@ -38,7 +38,7 @@ def replayed(tmp_path_factory):
 
 def test_sample_files_are_regenerated_byte_for_byte(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_sample.py"), "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "sample.pcap").read_bytes() == SAMPLE.read_bytes()
     assert (tmp_path / "encapfwd.toml").read_text() == CONFIG.read_text()
@@ -73,7 +73,7 @@ def _tshark_fields(path, *fields):
            "-E", "aggregator=,"]
     for f in fields:
         cmd += ["-e", f]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     return [line.split("\t") for line in proc.stdout.splitlines()]
 
@@ -131,11 +131,10 @@ def test_pcapng_input_gives_the_same_output(tmp_path, replayed):
 
 
 def test_garbage_frames_are_counted_not_raised(tmp_path):
+    from encapfwd.engines.replay import read_frames
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
     from scapy.utils import wrpcap
-
-    from encapfwd.engines.replay import read_frames
 
     rnd = random.Random(5)
     sample = [f for _, f in read_frames(SAMPLE)]
@@ -176,19 +175,41 @@ def test_user_errors_are_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_non_ethernet_capture_is_refused(tmp_path):
-    from scapy.layers.inet import IP
+def test_raw_ip_and_linux_cooked_captures_replay_like_ethernet(tmp_path):
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import CookedLinux, CookedLinuxV2
     from scapy.utils import wrpcap
 
-    raw = tmp_path / "raw.pcap"
-    wrpcap(str(raw), [IP(dst="10.0.9.9")], linktype=101)
-    proc = encapfwd("--config", str(CONFIG), "replay", str(raw), str(tmp_path / "o.pcap"))
-    assert proc.returncode != 0 and "Ethernet" in proc.stderr
+    pkt = IP(src="198.51.100.7", dst="10.0.9.9", ttl=20) / TCP(sport=4000, dport=80, flags="S")
+    captures = {
+        "raw.pcap": ([pkt], 101),
+        "sll.pcap": ([CookedLinux(pkttype=0, lladdrtype=1, lladdrlen=6, src=b"\x02\x00\x00\x00\x00\xaa")
+                      / pkt], 113),
+        "sll2.pcap": ([CookedLinuxV2(pkttype=0, lladdrtype=1, lladdrlen=6,
+                                     src=b"\x02\x00\x00\x00\x00\xaa") / pkt], 276),
+    }
+    for name, (packets, linktype) in captures.items():
+        path = tmp_path / name
+        wrpcap(str(path), packets, linktype=linktype)
+        proc = encapfwd("--config", str(CONFIG), "replay", str(path), str(tmp_path / ("out-" + name)), "--json")
+        assert proc.returncode == 0, (name, proc.stderr)
+        summary = json.loads(proc.stdout)
+        assert summary["forwarded"] == 1, (name, summary)
+
+
+def test_unsupported_link_type_is_refused(tmp_path):
+    from scapy.packet import Raw
+    from scapy.utils import wrpcap
+
+    wifi = tmp_path / "wifi.pcap"
+    wrpcap(str(wifi), [Raw(b"\x00" * 40)], linktype=105)
+    proc = encapfwd("--config", str(CONFIG), "replay", str(wifi), str(tmp_path / "o.pcap"))
+    assert proc.returncode != 0 and "link type 105" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_progress_bar_goes_to_stderr(tmp_path):
     from click.testing import CliRunner
-
     from encapfwd.cli_replay import replay_command
 
     runner = CliRunner()
@@ -216,4 +237,4 @@ def test_explain_shows_before_and_after():
 def test_cli_module_does_not_import_scapy():
     code = "import sys, encapfwd.cli_replay, encapfwd.dispatcher, encapfwd.engines.replay; " \
            "sys.exit(1 if any(m.startswith('scapy') for m in sys.modules) else 0)"
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0

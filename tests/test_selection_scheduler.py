@@ -453,3 +453,108 @@ def test_stats_show_maglev_digests_that_ignore_configuration_order():
 def test_flow_hash_is_independent_of_python_hash():
     k = key(b"\xc0\x00\x02\x01", 40000)
     assert flow_hash(k) == 0x_0 + __import__("zlib").crc32(k)
+
+
+# -- bookkeeping invariants under random traffic and configuration changes -------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from encapfwd.flowtable import AFFINITY, COUNTED, SID_MASK  # noqa: E402
+
+_STEP = st.one_of(
+    st.tuples(st.just("packet"), st.integers(0, 39), st.sampled_from([SYN, ACK, FIN | ACK, RST, 0]),
+              st.floats(0, 20)),
+    st.tuples(st.just("configure"), st.lists(st.integers(0, 3), min_size=1, max_size=5),
+              st.lists(st.booleans(), min_size=5, max_size=5), st.integers(1, 30),
+              st.sampled_from(["maglev", "wrr", "wlc"]), st.sampled_from([0, 5])),
+    st.tuples(st.just("expire"), st.booleans()),
+)
+
+
+def _check_invariants(s):
+    table = s.table
+    entries = table.entries
+    assert len(entries) <= table.maxflows
+    counted = Counter(v & SID_MASK for v in entries.values() if v & COUNTED)
+    assert {sid: c for sid, c in enumerate(table.counts) if c} == dict(counted)
+    assert table.ctr[5] == sum(1 for v in entries.values() if v & AFFINITY)  # AFFINITIES
+    for sid, (lst, j) in table.slots.items():
+        assert lst[j] == table.counts[sid]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_STEP, max_size=60))
+def test_flow_table_bookkeeping_stays_consistent(steps):
+    cfg = config((1, 1, 1, 1, 1), maxflows=12, staletimeout=8)
+    s = sched(cfg)
+    now = 0.0
+    clients = [bytes([192, 0, 2, i // 4]) for i in range(40)]
+    flows = [key(clients[i], 1000 + i) for i in range(40)]
+    current = cfg
+    for step in steps:
+        if step[0] == "packet":
+            _, f, flags, dt = step
+            now += dt
+            i = s.picker(VIP, 80)(flows[f], clients[f], flags, now)
+            port = current.clusters[0].ports[0]
+            if i >= 0:
+                assert not port.servers[i].down
+            else:
+                assert not any(not sv.down and sv.weight for sv in port.servers)
+        elif step[0] == "configure":
+            _, weights, downs, maxflows, algorithm, sticky = step
+            current = config(tuple(weights), algorithm, stickytime=sticky, staletimeout=8, maxflows=maxflows,
+                             down=[k for k in range(len(weights)) if downs[k]])
+            s.configure(current)
+        else:
+            s.expire(now, full=step[1])
+        _check_invariants(s)
+
+
+_STEP2 = st.one_of(
+    st.tuples(st.just("packet"), st.integers(0, 39), st.sampled_from([SYN, ACK, ACK, FIN | ACK, RST, 0]),
+              st.floats(0, 6)),
+    st.tuples(st.just("configure"), st.lists(st.integers(0, 3), min_size=1, max_size=6),
+              st.lists(st.booleans(), min_size=6, max_size=6), st.sampled_from(["maglev", "wrr", "wlc"]),
+              st.sampled_from([0, 5])),
+    st.tuples(st.just("expire"), st.booleans()),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_STEP2, max_size=60))
+def test_established_flows_stay_while_their_server_is_up(steps):
+    timeout = 8
+    s = sched(config((1, 1, 1, 1, 1), staletimeout=timeout))
+    current = config((1, 1, 1, 1, 1), staletimeout=timeout)
+    now = 0.0
+    clients = [bytes([192, 0, 2, i // 4]) for i in range(40)]
+    flows = [key(clients[i], 1000 + i) for i in range(40)]
+    last = {}  # flow -> (server address, time of its last packet)
+    for step in steps:
+        if step[0] == "packet":
+            _, f, flags, dt = step
+            now += dt
+            i = s.picker(VIP, 80)(flows[f], clients[f], flags, now)
+            servers_now = current.clusters[0].ports[0].servers
+            address = servers_now[i].address if i >= 0 else None
+            if f in last and not flags & SYN:
+                previous, seen = last[f]
+                up = [sv.address for sv in servers_now if not sv.down]
+                if previous in up and now - seen < timeout:
+                    assert address == previous
+            if i >= 0:
+                assert not servers_now[i].down
+            if flags & (FIN | RST) or i < 0:
+                last.pop(f, None)
+            else:
+                last[f] = (address, now)
+        elif step[0] == "configure":
+            _, weights, downs, algorithm, sticky = step
+            current = config(tuple(weights), algorithm, stickytime=sticky, staletimeout=timeout,
+                             down=[k for k in range(len(weights)) if downs[k]])
+            s.configure(current)
+        else:
+            s.expire(now, full=step[1])
+        _check_invariants(s)

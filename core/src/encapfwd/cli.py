@@ -298,13 +298,18 @@ def server_up(ctx, target):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--control", metavar="PATH", default=None,
               help="Control socket of a running 'encapfwd run' (default: its standard path).")
+@click.option("--counters", "counters_file", metavar="FILE", type=click.Path(dir_okay=False, exists=True),
+              help="Take counters from a saved 'encapfwd replay --json' summary instead.")
 @click.pass_context
-def server_report(ctx, target, as_json, control):
-    """Servers with their forwarding method, weight and status; live counters when a dispatcher runs."""
-    from .report import server_rows, live_counters
+def server_report(ctx, target, as_json, control, counters_file):
+    """Servers with their forwarding method, weight and status, and their counters.
+
+    Counters come from a running 'encapfwd run' (its control socket) or from a saved replay summary.
+    """
+    from .report import server_rows, live_counters, saved_counters
 
     config = cfg.load(ctx.obj["config_path"])
-    live = live_counters(control)
+    live = saved_counters(counters_file) if counters_file else live_counters(control)
     rows = server_rows(config, target, live)
     if as_json:
         click.echo(json.dumps({"servers": rows, "live": live}, indent=2))
@@ -322,10 +327,14 @@ def server_report(ctx, target, as_json, control):
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     if live is None:
-        click.echo("(no running dispatcher answered: counters are shown by 'encapfwd run' and 'encapfwd replay')")
-    else:
-        for reason, count in sorted((live.get("drops") or {}).items()):
-            click.echo(f"dropped {reason}: {count}")
+        click.echo("(no running dispatcher answered; 'encapfwd replay --json > FILE' then --counters FILE)")
+        return
+    flows = live.get("flows") or {}
+    if flows:
+        click.echo(f"flow table: {flows.get('flows', 0)} flows (bound {flows.get('maxflows', '-')}), "
+                   f"{flows.get('evictions', 0)} evicted")
+    for reason, count in sorted((live.get("drops") or {}).items()):
+        click.echo(f"dropped {reason}: {count}")
 
 
 # ------------------------------------------------------------------------------------------ main

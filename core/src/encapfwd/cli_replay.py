@@ -116,6 +116,18 @@ def _diff(before: dict, after: dict) -> str:
     return "held (a fragment waiting for the first fragment of its datagram)"
 
 
+def _dissect(frame: bytes) -> str:
+    """scapy's layer-by-layer view, with long payloads shortened for a human."""
+    from scapy.layers.l2 import Ether
+
+    lines = []
+    for line in Ether(frame).show(dump=True).rstrip().splitlines():
+        if len(line) > 110 and "load" in line and "=" in line:
+            line = line[:100] + "...'  (shortened)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 @click.command("explain")
 @click.argument("infile", metavar="IN", type=click.Path(dir_okay=False))
 @click.option("--index", "-n", default=0, show_default=True, type=click.IntRange(min=0),
@@ -143,17 +155,16 @@ def explain_command(ctx, infile, index):
     out = dispatcher.process(frame, ts)
     after = dispatcher.report()
 
-    from scapy.layers.l2 import Ether  # noqa: F401 - imported here: scapy is slow to import
-    import scapy.layers.all  # noqa: F401 - bind every layer so GRE/IPIP/ICMP dissect
+    import scapy.layers.all  # noqa: F401 - imported here (slow); binds every layer so GRE/IPIP/ICMP dissect
 
     click.echo(f"frame {index} in ({len(frame)} bytes, t={ts:.6f}):")
-    click.echo(Ether(frame).show(dump=True).rstrip())
+    click.echo(_dissect(frame))
     click.echo("")
     click.echo(f"=> {_diff(before, after)}; {len(out)} frame(s) out")
     for n, o in enumerate(out):
         click.echo("")
         click.echo(f"frame out {n + 1}/{len(out)} ({len(o)} bytes):")
-        click.echo(Ether(o).show(dump=True).rstrip())
+        click.echo(_dissect(o))
 
 
 __all__ = ["explain_command", "replay_command"]

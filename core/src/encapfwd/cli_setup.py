@@ -49,7 +49,12 @@ def backend_setup_command(ctx, address, os_name, undo, persistent, tunnel_addres
     Without CLUSTER@PORT@SERVER: every server of the configuration, grouped by server. Linux scripts are
     idempotent and --undo removes exactly what they added; pipe them to the server, e.g.
 
+    \b
       encapfwd backend-setup 10.0.9.9@80@10.0.2.10 --os linux | ssh root@10.0.2.10 sh
+      encapfwd backend-setup 10.0.9.9@80@10.0.2.10 --os linux --undo | ssh root@10.0.2.10 sh
+
+    AIX and Solaris tunnels need --tunnel-address (Solaris also --tunnel-peer); docs/backend-setup.md
+    explains every recipe and where it differs from IBM's.
     """
     from . import config as cfg
     from .plugins import get_plugin_manager

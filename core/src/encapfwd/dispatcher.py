@@ -18,7 +18,7 @@ import struct
 from typing import Dict, List, Optional
 
 from . import packet as pk
-from .errors import ConfigError, PluginError
+from .errors import ConfigError, EncapfwdError, PluginError
 from .hookspecs import Egress
 from .model import Config, forwarding_method
 from .selection import Scheduler
@@ -30,6 +30,7 @@ FRAG_TABLE_MAX = 65536
 #: Bound of the fragments held while waiting for their datagram's first fragment.
 FRAG_HELD_DATAGRAMS = 1024
 FRAG_HELD_PER_DATAGRAM = 64
+FRAG_HELD_MAX = 4096  # fragments in all (about 6 MB of 1500-byte frames)
 
 DROP_REASONS = (
     "truncated",
@@ -69,7 +70,7 @@ _ICMP4_INFO = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
 class _ServerSlot:
     """What the dispatcher keeps about one cluster@port@server (compiled; plain attributes)."""
 
-    __slots__ = ("name", "cluster", "port", "server", "method", "transform", "limit", "mtu", "counter")
+    __slots__ = ("cluster", "counter", "limit", "method", "mtu", "name", "port", "server", "transform")
 
     def __init__(self, name, cluster, port, server, method, transform, mtu, counter):
         self.name = name
@@ -97,6 +98,7 @@ class Dispatcher:
         self._counters: Dict[str, list] = {}
         self._frags: Dict[bytes, tuple] = {}
         self._held: Dict[bytes, list] = {}
+        self._held_count = 0
         self._ident = 0
         #: ICMP errors sent back to clients (time exceeded, fragmentation needed, packet too big)
         self.replies = 0
@@ -109,9 +111,9 @@ class Dispatcher:
         """Recompile for *config*; counters of servers that stay are kept, flows keep their server."""
         self._compile(config)
 
-    def _egress(self, config: Config, cluster, server, method: str) -> Egress:
+    def _egress(self, config: Config, cluster, port, server, method: str) -> Egress:
         ex = config.executor
-        name = server_name(cluster.address, "?", server.address)
+        name = server_name(cluster.address, port.number, server.address)
         forwarder = self.registry.forwarder(method)  # PluginError naming the distribution to install
         if ex.mac is None:
             raise ConfigError("executor mac is not set: the dispatcher needs its own MAC to send frames")
@@ -178,21 +180,29 @@ class Dispatcher:
                 slots = []
                 for server in port.servers:
                     method = forwarding_method(ex, server)
-                    egress = self._egress(config, cluster, server, method)
+                    egress = self._egress(config, cluster, port, server, method)
+                    name = server_name(cluster.address, port.number, server.address)
                     ckey = (method, server, egress)
                     transform = cache.get(ckey)
                     if transform is None:
-                        transform = registry.hook.encapfwd_build_transform(
-                            forwarder=method, server=server, egress=egress
-                        )
-                        if transform is None:
+                        owner = registry.owners.get(method, "unknown")
+                        try:
+                            transform = registry.hook.encapfwd_build_transform(
+                                forwarder=method, server=server, egress=egress
+                            )
+                        except EncapfwdError:
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - a plugin bug becomes one clear line
+                            detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
                             raise PluginError(
-                                f"server {server_name(cluster.address, port.number, server.address)}: "
-                                f"the plugin providing {method!r} "
-                                f"({registry.owners.get(method, 'unknown')}) built no transform"
+                                f"server {name}: the {owner} plugin failed to build its {method!r} transform: "
+                                f"{detail}"
+                            ) from None
+                        if not callable(transform):
+                            raise PluginError(
+                                f"server {name}: the plugin providing {method!r} ({owner}) built no transform"
                             )
                         cache[ckey] = transform
-                    name = server_name(cluster.address, port.number, server.address)
                     counter = counters.get(name) or self._counters.get(name) or [0, 0]
                     counters[name] = counter
                     slot = _ServerSlot(name, str(cluster.address), port.number, str(server.address), method,
@@ -335,8 +345,6 @@ class Dispatcher:
         pe = ports.get((proto << 16) | (frame[l4 + 2] << 8) | frame[l4 + 3]) or ports.get(proto << 16)
         if pe is None:
             return "not-port"
-        if frame[22] <= 1:
-            return pe[1][0] if pe[1] else "no-server"  # the TTL check in _forward4 answers it
         idx = pe[0](frame[26:34] + frame[23:24] + frame[l4:l4 + 4], frame[26:30], flags, now)
         if idx < 0:
             return "no-server"
@@ -357,14 +365,12 @@ class Dispatcher:
         if ((frame[q + 6] & 0x1F) << 8 | frame[q + 7]) != 0:
             return "icmp-unmatched"  # quotes a non-first fragment: no ports
         ql4 = q + qihl
-        sport, dport = _PORTS(frame, ql4)
+        sport = _PORTS(frame, ql4)[0]
         pe = ports.get((qproto << 16) | sport) or ports.get(qproto << 16)
         if pe is None:
             return "icmp-unmatched"
         client = frame[q + 16:q + 20]
         key = client + frame[q + 12:q + 16] + bytes((qproto,)) + frame[ql4 + 2:ql4 + 4] + frame[ql4:ql4 + 2]
-        if frame[22] <= 1:
-            return pe[1][0] if pe[1] else "no-server"
         idx = pe[0](key, client, 0, now)
         if idx < 0:
             return "no-server"
@@ -452,7 +458,13 @@ class Dispatcher:
             if entry[0] > now and len(held) <= FRAG_HELD_DATAGRAMS:
                 break
             del held[key]
+            self._held_count -= len(entry[1])
             self.drops["frag-timeout"] = self.drops.get("frag-timeout", 0) + len(entry[1])
+
+    def expire(self, now: float) -> None:
+        """Forget fragment-table entries and held fragments older than ``FRAG_TIMEOUT`` (live engines may call
+        this now and then; it also runs whenever a fragment arrives)."""
+        self._expire(now)
 
     def flush(self) -> None:
         """Give up on every fragment still waiting for its first fragment (counted as ``frag-timeout``)."""
@@ -464,6 +476,8 @@ class Dispatcher:
             slot = classify()
             self._frags[key] = (slot, now + FRAG_TIMEOUT)
             held = self._held.pop(key, None)
+            if held:
+                self._held_count -= len(held[1])
             if isinstance(slot, str):
                 self._drop(slot)
                 if held:
@@ -485,9 +499,10 @@ class Dispatcher:
             if len(self._held) >= FRAG_HELD_DATAGRAMS:
                 return self._drop("frag-overflow")
             entry = self._held[key] = (now + FRAG_TIMEOUT, [])
-        if len(entry[1]) >= FRAG_HELD_PER_DATAGRAM:
+        if len(entry[1]) >= FRAG_HELD_PER_DATAGRAM or self._held_count >= FRAG_HELD_MAX:
             return self._drop("frag-overflow")
         entry[1].append(forward)
+        self._held_count += 1
         return []
 
     def _fragment4(self, frame, now, ihl: int, end: int, ports) -> list:
@@ -555,8 +570,6 @@ class Dispatcher:
         pe = ports.get((nxt << 16) | (frame[l4 + 2] << 8) | frame[l4 + 3]) or ports.get(nxt << 16)
         if pe is None:
             return "not-port"
-        if frame[21] <= 1:
-            return pe[1][0] if pe[1] else "no-server"
         idx = pe[0](frame[22:54] + bytes((nxt,)) + frame[l4:l4 + 4], frame[22:38], flags, now)
         if idx < 0:
             return "no-server"
@@ -574,14 +587,12 @@ class Dispatcher:
         ql4 = q + qoff
         if end < ql4 + 4:
             return "icmp-unmatched"
-        sport, dport = _PORTS(frame, ql4)
+        sport = _PORTS(frame, ql4)[0]
         pe = ports.get((qnxt << 16) | sport) or ports.get(qnxt << 16)
         if pe is None:
             return "icmp-unmatched"
         client = frame[q + 24:q + 40]
         key = client + frame[q + 8:q + 24] + bytes((qnxt,)) + frame[ql4 + 2:ql4 + 4] + frame[ql4:ql4 + 2]
-        if frame[21] <= 1:
-            return pe[1][0] if pe[1] else "no-server"
         idx = pe[0](key, client, 0, now)
         if idx < 0:
             return "no-server"
@@ -642,9 +653,9 @@ class Dispatcher:
             "flows": flows,
             "fragments": {
                 "tracked": len(self._frags),
-                "held": sum(len(e[1]) for e in self._held.values()),
+                "held": self._held_count,
             },
         }
 
 
-__all__ = ["DROP_REASONS", "Dispatcher", "FRAG_TIMEOUT", "server_name"]
+__all__ = ["DROP_REASONS", "FRAG_TIMEOUT", "Dispatcher", "server_name"]

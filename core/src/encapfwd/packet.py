@@ -13,7 +13,6 @@ it per packet. Offsets are into an IP packet (not an Ethernet frame) unless a na
 from __future__ import annotations
 
 import struct
-import sys
 from typing import List, Optional, Tuple
 
 ETH_HLEN = 14
@@ -51,7 +50,6 @@ ICMP6_ERRORS = frozenset((1, 2, 3, 4))
 IPV6_EXT = frozenset((0, 43, 60))
 IPV6_FRAG = 44
 
-_IS_LITTLE = sys.byteorder == "little"
 
 
 def fold(total: int) -> int:
@@ -105,8 +103,18 @@ def header_ok(packet, ihl_bytes: int) -> bool:
 class IPv4Info:
     """A parsed IPv4 header (used off the hot path: tests, explain, ICMP building)."""
 
-    __slots__ = ("ihl", "tos", "total_length", "ident", "flags_frag", "ttl", "proto", "checksum", "src",
-                 "dst")
+    __slots__ = (
+        "checksum",
+        "dst",
+        "flags_frag",
+        "ident",
+        "ihl",
+        "proto",
+        "src",
+        "tos",
+        "total_length",
+        "ttl",
+    )
 
     def __init__(self, packet):
         (vihl, self.tos, self.total_length, self.ident, self.flags_frag, self.ttl, self.proto,

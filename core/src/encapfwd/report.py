@@ -25,6 +25,22 @@ def live_counters(control: Optional[str]) -> Optional[dict]:
         return None
 
 
+def saved_counters(path: str) -> dict:
+    """Counters from a JSON summary written by ``encapfwd replay --json``."""
+    import json
+
+    from .errors import ConfigError
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read counters from {path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("servers"), dict):
+        raise ConfigError(f"{path} is not an 'encapfwd replay --json' summary")
+    return data
+
+
 def server_rows(config, target: Optional[str], live: Optional[dict]) -> list:
     counters = (live or {}).get("servers") or {}
     rows = []

@@ -266,7 +266,9 @@ class Scheduler:
                 key = (cluster.address, port.number)
                 selectors[key] = select
                 pickers[key] = self._compile(cluster, port, select, eligible, esids, up)
-        # nothing failed: switch over
+        # nothing failed: switch over (slots first, so that evictions by a smaller maxflows update the
+        # new connections lists)
+        table.slots = slots
         configured = config.executor.maxflows
         if (
             not self._stateless
@@ -275,7 +277,6 @@ class Scheduler:
         ):
             table.resize(configured)
         self._config_maxflows = configured
-        table.slots = slots
         self._pickers = pickers
         self._selectors = selectors
         self._digests = {}

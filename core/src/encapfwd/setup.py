@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import shlex
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from attrs import frozen
 
@@ -319,7 +319,7 @@ efw_module() {  # MODULE: modprobe MODULE
     if [ -d "/sys/module/$1" ]; then efw_claim "module.$1" loaded; else efw_claim "module.$1" absent; fi
     modprobe "$1"
 }
-efw_undo_module() {  # MODULE KIND...: modprobe -r MODULE, only if no tunnel but the fallback devices is left
+efw_undo_module() {  # MODULE KIND...: modprobe -r MODULE, only when nothing but its fallback devices exists
     if [ "$(efw_release "module.$1" || :)" = absent ]; then
         efw_m=$1; shift
         for efw_k in "$@"; do
@@ -332,6 +332,10 @@ efw_undo_module() {  # MODULE KIND...: modprobe -r MODULE, only if no tunnel but
     fi
 }
 efw_up() {  # DEVICE: ip link set DEVICE up
+    if [ ! -e "/sys/class/net/$1" ]; then
+        echo "encapfwd: no device $1 (in a container, check sysctl net.core.fb_tunnels_only_for_init_net)" >&2
+        exit 1
+    fi
     if [ $(( $(cat "/sys/class/net/$1/flags") & 1 )) -eq 1 ]; then efw_claim "link.$1" up; else efw_claim "link.$1" down; fi
     ip link set dev "$1" up
 }

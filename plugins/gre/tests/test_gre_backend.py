@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from encapfwd.errors import ConfigError, SetupRefused
 from encapfwd.hookspecs import SetupTarget
 from encapfwd.model import Server
@@ -96,7 +95,7 @@ def test_aix_recipe(tmp_path):
     text = script("aix", target(tunnel_address="192.0.2.77"), False)
     assert [line for line in text.splitlines() if not line.startswith("#")] == [
         f"ifconfig gre0 tunnel {SERVER} {DISPATCHER}",
-        "ifconfig gre0 inet 192.0.2.77 up",
+        "ifconfig gre0 inet 192.0.2.77",
         f"ifconfig lo0 alias {VIP} netmask 255.255.255.255",
     ]
     syntax_ok(text, tmp_path / "aix.sh")

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from encapfwd.errors import ConfigError, SetupRefused
 from encapfwd.hookspecs import SetupTarget
 from encapfwd.model import Server
@@ -163,7 +162,6 @@ def test_hook_routes_only_ipip():
 
 def test_cli(tmp_path):
     from click.testing import CliRunner
-
     from encapfwd.cli import cli
 
     config = tmp_path / "c.toml"

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from encapfwd.errors import ConfigError, SetupRefused
 from encapfwd.hookspecs import SetupTarget
 from encapfwd.model import Server

@@ -3,8 +3,9 @@
 The reader is a raw record reader (like scapy's ``RawPcapReader``/``RawPcapNgReader``, without importing
 scapy): frames are handed to the dispatcher as ``bytes`` with their capture time, never dissected. It reads
 classic pcap (micro- and nanosecond, either byte order) and pcapng (section, interface, enhanced/simple/
-obsolete packet blocks, ``if_tsresol``); only Ethernet (link type 1) is accepted. The output is a classic
-pcap (Ethernet, microseconds) whose frames carry the timestamp of the frame that produced them.
+obsolete packet blocks, ``if_tsresol``). Ethernet captures are replayed as they are; raw IP and Linux cooked
+(``tcpdump -i any``) captures get an Ethernet header. The output is a classic pcap (Ethernet,
+microseconds) whose frames carry the timestamp of the frame that produced them.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import os
 import struct
 import time
-from typing import BinaryIO, Callable, Iterator, Optional, Tuple
+from collections.abc import Iterator
+from typing import BinaryIO, Callable, Optional, Tuple
 
 from ..errors import EncapfwdError
 
@@ -32,14 +34,65 @@ class CaptureError(EncapfwdError):
     """The input is not a capture this engine can read."""
 
 
+# Other link types are given an Ethernet header so the dispatcher sees what a live interface delivers:
+# raw IP (101, 228, 229, and 12 as some systems write DLT_RAW), Linux cooked captures (113 SLL, 276 SLL2, as
+# ``tcpdump -i any`` writes them: the sender's link-layer address becomes the source MAC). The destination
+# MAC of a synthesised header is all zeros.
+_ZERO_MAC = b"\x00" * 6
+
+
+def _raw_ip(data: bytes) -> bytes:
+    if data and data[0] >> 4 == 6:
+        return _ZERO_MAC * 2 + b"\x86\xdd" + data
+    return _ZERO_MAC * 2 + b"\x08\x00" + data
+
+
+def _sll(data: bytes) -> bytes:
+    # packet type (2), ARPHRD (2), address length (2), address (8), protocol (2)
+    if len(data) < 16:
+        return b""
+    alen = min((data[4] << 8) | data[5], 6)
+    src = (data[6:6 + alen] + _ZERO_MAC)[:6]
+    return _ZERO_MAC + src + data[14:16] + data[16:]
+
+
+def _sll2(data: bytes) -> bytes:
+    # protocol (2), reserved (2), interface index (4), ARPHRD (2), packet type (1), address length (1),
+    # address (8)
+    if len(data) < 20:
+        return b""
+    alen = min(data[11], 6)
+    src = (data[12:12 + alen] + _ZERO_MAC)[:6]
+    return _ZERO_MAC + src + data[0:2] + data[20:]
+
+
+CONVERTERS = {
+    LINKTYPE_ETHERNET: None,
+    101: _raw_ip,
+    228: _raw_ip,
+    229: _raw_ip,
+    12: _raw_ip,
+    113: _sll,
+    276: _sll2,
+}
+
+
+def _converter(path: str, linktype: int):
+    try:
+        return CONVERTERS[linktype]
+    except KeyError:
+        raise CaptureError(
+            f"{path}: link type {linktype} is not supported (Ethernet, raw IP and Linux cooked captures are)"
+        ) from None
+
+
 # ----------------------------------------------------------------------------------------------- reading
 
 
 def _read_pcap(handle: BinaryIO, path: str, header: bytes) -> Iterator[Tuple[float, bytes]]:
     endian, resolution = _PCAP_MAGIC[header[:4]]
     linktype = struct.unpack(endian + "I", header[20:24])[0] & 0x0FFFFFFF
-    if linktype != LINKTYPE_ETHERNET:
-        raise CaptureError(f"{path}: link type {linktype} is not Ethernet (1); only Ethernet captures replay")
+    convert = _converter(path, linktype)
     record = struct.Struct(endian + "IIII")
     read = handle.read
     while True:
@@ -52,7 +105,7 @@ def _read_pcap(handle: BinaryIO, path: str, header: bytes) -> Iterator[Tuple[flo
         data = read(caplen)
         if len(data) < caplen:
             return  # truncated last record: stop like tcpdump does
-        yield sec + frac * resolution, data
+        yield sec + frac * resolution, (data if convert is None else convert(data))
 
 
 def _tsresol(options: bytes, endian: str) -> float:
@@ -71,7 +124,7 @@ def _tsresol(options: bytes, endian: str) -> float:
 def _read_pcapng(handle: BinaryIO, path: str, first: bytes) -> Iterator[Tuple[float, bytes]]:
     read = handle.read
     endian = "<"
-    interfaces = []  # (linktype, resolution)
+    interfaces = []  # (converter to Ethernet or None, timestamp resolution)
     head = first
     while True:
         if len(head) < 8:
@@ -103,25 +156,22 @@ def _read_pcapng(handle: BinaryIO, path: str, first: bytes) -> Iterator[Tuple[fl
         body = body[:-4]
         if btype == 1:  # interface description
             linktype = struct.unpack_from(endian + "H", body, 0)[0]
-            interfaces.append((linktype, _tsresol(body[8:], endian)))
+            interfaces.append((_converter(path, linktype), _tsresol(body[8:], endian)))
         elif btype == 6 and len(body) >= 20:  # enhanced packet
             ifid, hi, lo, caplen, _wire = struct.unpack_from(endian + "IIIII", body, 0)
-            linktype, resolution = interfaces[ifid] if ifid < len(interfaces) else (LINKTYPE_ETHERNET, 1e-6)
-            if linktype != LINKTYPE_ETHERNET:
-                raise CaptureError(f"{path}: interface {ifid} has link type {linktype}; only Ethernet replays")
-            yield ((hi << 32) | lo) * resolution, body[20:20 + caplen]
+            convert, resolution = interfaces[ifid] if ifid < len(interfaces) else (None, 1e-6)
+            data = body[20:20 + caplen]
+            yield ((hi << 32) | lo) * resolution, (data if convert is None else convert(data))
         elif btype == 3 and len(body) >= 4:  # simple packet
             (wire,) = struct.unpack_from(endian + "I", body, 0)
-            linktype = interfaces[0][0] if interfaces else LINKTYPE_ETHERNET
-            if linktype != LINKTYPE_ETHERNET:
-                raise CaptureError(f"{path}: link type {linktype} is not Ethernet; only Ethernet replays")
-            yield 0.0, body[4:4 + wire]
+            convert = interfaces[0][0] if interfaces else None
+            data = body[4:4 + wire]
+            yield 0.0, (data if convert is None else convert(data))
         elif btype == 2 and len(body) >= 20:  # obsolete packet block
             ifid, _drops, hi, lo, caplen, _wire = struct.unpack_from(endian + "HHIIII", body, 0)
-            linktype, resolution = interfaces[ifid] if ifid < len(interfaces) else (LINKTYPE_ETHERNET, 1e-6)
-            if linktype != LINKTYPE_ETHERNET:
-                raise CaptureError(f"{path}: interface {ifid} has link type {linktype}; only Ethernet replays")
-            yield ((hi << 32) | lo) * resolution, body[20:20 + caplen]
+            convert, resolution = interfaces[ifid] if ifid < len(interfaces) else (None, 1e-6)
+            data = body[20:20 + caplen]
+            yield ((hi << 32) | lo) * resolution, (data if convert is None else convert(data))
         head = read(8)
 
 
@@ -162,7 +212,7 @@ class PcapWriter:
 
     def write(self, ts: float, frame: bytes) -> None:
         sec = int(ts)
-        usec = int(round((ts - sec) * 1e6))
+        usec = round((ts - sec) * 1e6)
         if usec >= 1000000:
             sec, usec = sec + 1, usec - 1000000
         self._handle.write(self._record.pack(sec & 0xFFFFFFFF, usec, len(frame), len(frame)))

@@ -191,7 +191,8 @@ class UML:
         reason = unavailable_reason(self.binary, self.modules_dir)
         if reason:
             raise LabUnavailable(reason)
-        self.workdir = tempfile.mkdtemp(prefix="efwuml")
+        # the creator's PID in the name lets cleanup_stale() find guests whose test process died
+        self.workdir = tempfile.mkdtemp(prefix=f"efwuml{os.getpid()}-")
         os.chmod(self.workdir, 0o755)
         network = []
         if self.address:
@@ -281,11 +282,16 @@ class UML:
                     proc.wait(timeout)
                 except (OSError, subprocess.TimeoutExpired):
                     pass
-            _kill_tree(proc.pid)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                pass
+            if proc.poll() is None:
+                # still running and not reaped: its PID (and process group) cannot have been reused
+                _kill_tree(proc.pid)
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    pass
+            # helpers that outlived the main process, found by this guest's unique umid
+            if self.workdir:
+                _kill_umid(os.path.basename(self.workdir))
             self.proc = None
         _live.discard(self)
         if self._log is not None:
@@ -294,6 +300,31 @@ class UML:
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
+
+
+def _guests():
+    """(pid, umid, uml_dir) of every user-mode-linux process started by this module."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        umid = next((a[len("umid="):] for a in argv if a.startswith("umid=efwuml")), None)
+        if umid is not None:
+            workdir = next((a[len("uml_dir="):] for a in argv if a.startswith("uml_dir=")), None)
+            yield int(entry), umid, workdir
+
+
+def _kill_umid(umid: str) -> None:
+    for pid, other, _ in list(_guests()):
+        if other == umid:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def _children() -> dict:
@@ -331,10 +362,26 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
+def cleanup_stale() -> List[int]:
+    """Kill user-mode-linux guests whose creating process no longer exists (it was SIGKILLed, so its
+    clean-up never ran), and remove their work folders. Returns the PIDs killed. Touches only guests started
+    by this module (``umid=efwuml<pid>-...``)."""
+    killed = []
+    for pid, umid, workdir in list(_guests()):
+        creator = umid[len("efwuml"):].split("-", 1)[0]
+        if not creator.isdigit() or os.path.exists(f"/proc/{creator}"):
+            continue
+        _kill_umid(umid)
+        killed.append(pid)
+        if workdir and os.path.basename(workdir) == umid:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return killed
+
+
 @atexit.register
 def _stop_all() -> None:
     for guest in list(_live):
         guest.stop(timeout=1.0)
 
 
-__all__ = ["UML", "UMLError", "UMLResult", "unavailable_reason"]
+__all__ = ["UML", "UMLError", "UMLResult", "cleanup_stale", "unavailable_reason"]

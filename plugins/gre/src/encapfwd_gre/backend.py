@@ -64,7 +64,7 @@ def aix(target, undo) -> str:
     else:
         lines = [
             f"ifconfig gre0 tunnel {q(server)} {q(dispatcher)}",
-            f"ifconfig gre0 inet {q(local)} up",
+            f"ifconfig gre0 inet {q(local)}",
             "### loopback: the cluster address",
             f"ifconfig lo0 alias {q(vip)} netmask 255.255.255.255",
         ]

@@ -27,6 +27,10 @@ PROTO_IPV6 = 41
 _FRAME = struct.Struct("!14sBBHHHHH8s")
 
 
+#: Headers of DF packets kept per server, by TOS and length (DF packets all have identification 0).
+HEADER_CACHE = 4096
+
+
 def _mac(text) -> bytes:
     return bytes(int(part, 16) for part in str(text).split(":"))
 
@@ -62,14 +66,23 @@ def build(server, egress):
         ck = -(base + tp + flags + tos + total + ident) % 0xFFFF
         return pack(eth, 0x45, tos, total, ident, flags, tp, ck, addrs) + p
 
+    headers = {}  # (TOS << 16 | len(P')) -> complete header of a DF packet (its identification is 0)
+
     def transform(p: bytes) -> bytes:
         try:
             if p[0] >> 4 == 4:
+                if p[6] & 0x40:
+                    key = (p[1] << 16) | len(p)
+                    header = headers.get(key)
+                    if header is not None:
+                        return header + p
                 tos = p[1]
                 total = len(p) + 20
                 if p[6] & 0x40:
-                    return pack(eth, 0x45, tos, total, 0, 0x4000, tp4, (neg_df - tos - total) % 0xFFFF,
-                                addrs) + p
+                    header = pack(eth, 0x45, tos, total, 0, 0x4000, tp4, (neg_df - tos - total) % 0xFFFF, addrs)
+                    if len(headers) < HEADER_CACHE:
+                        headers[(tos << 16) | len(p)] = header
+                    return header + p
                 ident = next(idents) & 0xFFFF
                 return pack(eth, 0x45, tos, total, ident, 0, tp4, (neg - tos - total - ident) % 0xFFFF,
                             addrs) + p
