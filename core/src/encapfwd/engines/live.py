@@ -395,8 +395,8 @@ class Worker:
     """One forwarding process: its rings, its Dispatcher, its counters."""
 
     def __init__(self, number: int, iface: Interface, config: Config, dispatcher, channel: socket.socket,
-                 fanout_group: int, *, cpu: Optional[int] = None, rx_blocks: int = 64,
-                 rx_block_size: int = 1 << 18, answer_arp: bool = False):
+                 fanout_group: int, *, cpu: Optional[int] = None, rx_blocks: int = 512,
+                 rx_block_size: int = 1 << 16, answer_arp: bool = False):
         from .afpacket import RxRing, TxRing, cluster_filter
 
         self.number = number
