@@ -43,7 +43,7 @@ TUNNEL_REASON = topology.unavailable_reason(METHODS)
 @pytest.fixture(scope="module")
 def lab():
     methods = METHODS if TUNNEL_REASON is None else ("mac",)
-    with topology.Topology(methods) as built:
+    with topology.Topology(methods, ipv6=True) as built:
         built.start_dispatcher()
         yield built
 
@@ -73,6 +73,16 @@ def test_every_request_succeeds(lab, method):
     assert after[name]["method"] == method
     # each HTTP exchange is several client→server packets (SYN, ACK, request, ACKs, FIN …)
     assert after[name]["packets"] - before.get(name, {}).get("packets", 0) >= 4 * REQUESTS
+
+
+def test_ipv6_cluster_with_mac_forwarding(lab):
+    """IPv6 clusters work with MAC forwarding (hop limit decremented; the socket filter matches IPv6)."""
+    _ensure_running(lab)
+    answers = lab.curl("mac6", REQUESTS)
+    assert all(a.startswith("server=mac ") for a in answers), answers
+    assert all(f"client={topology.CLIENT6}:" in a and f"local={topology.VIP6}" in a for a in answers), answers
+    name = f"[{topology.VIP6}]@80@[{topology.MAC_SERVER6}]"
+    assert lab.report()["servers"][name]["packets"] >= 4 * REQUESTS
 
 
 def test_replies_bypass_the_dispatcher(lab):

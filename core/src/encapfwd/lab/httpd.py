@@ -7,6 +7,7 @@ address the reply left (the VIP), and can hold one connection open across a disp
 
 import argparse
 import http.server
+import socket
 import socketserver
 
 
@@ -15,8 +16,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "encapfwd-lab"
 
     def do_GET(self):  # noqa: N802 - http.server's naming
-        local = self.connection.getsockname()[0]
-        body = f"server={self.server.lab_name} client={self.client_address[0]}:{self.client_address[1]} local={local}\n"
+        local = self.connection.getsockname()[0].replace("::ffff:", "")
+        client = self.client_address[0].replace("::ffff:", "")
+        body = f"server={self.server.lab_name} client={client}:{self.client_address[1]} local={local}\n"
         if self.path.startswith("/big"):
             body += "x" * 20000 + "\n"
         data = body.encode()
@@ -35,13 +37,20 @@ class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     allow_reuse_address = True
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6  # dual-stack: IPv4 clients arrive as ::ffff:a.b.c.d
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
     parser.add_argument("--port", type=int, default=80)
-    parser.add_argument("--bind", default="0.0.0.0")
+    parser.add_argument("--bind", default="::")
     args = parser.parse_args()
-    server = Server((args.bind, args.port), Handler)
+    try:
+        server = (Server6 if ":" in args.bind else Server)((args.bind, args.port), Handler)
+    except OSError:  # a kernel without IPv6
+        server = Server(("0.0.0.0", args.port), Handler)
     server.lab_name = args.name
     server.serve_forever()
 

@@ -65,11 +65,21 @@ ROUTER_FAR = "10.0.3.254"
 VIP_NET = "10.0.9.0/24"
 PORT = 80
 
-#: method -> (VIP, server address, server MAC, where it lives)
+#: IPv6 (MAC forwarding only): client, router, dispatcher, router on lan0, MAC server, VIP
+CLIENT6 = "fd00:1::2"
+ROUTER_CLIENT6 = "fd00:1::1"
+DISPATCHER6 = "fd00:2::1"
+ROUTER_LAN6 = "fd00:2::fe"
+MAC_SERVER6 = "fd00:2::a"
+VIP6 = "fd00:9::1"
+VIP6_NET = "fd00:9::/64"
+
+#: method -> (VIP, server address, server MAC); "mac6" is the IPv6 cluster of the MAC server
 SERVERS = {
     "mac": ("10.0.9.1", "10.0.2.10", "02:0e:0f:00:02:0a"),
     "ipip": ("10.0.9.2", "10.0.3.11", "02:0e:0f:00:03:0b"),
     "gre": ("10.0.9.3", "10.0.3.12", "02:0e:0f:00:03:0c"),
+    "mac6": (VIP6, MAC_SERVER6, "02:0e:0f:00:02:0a"),
 }
 
 
@@ -167,8 +177,10 @@ class Topology:
     """Build with :meth:`build` (or ``with``); :meth:`close` always tears everything down."""
 
     def __init__(self, methods=("mac", "ipip", "gre"), *, workdir: Optional[str] = None,
-                 echo: Callable[[str], None] = lambda s: None, use_uml: Optional[bool] = None):
+                 echo: Callable[[str], None] = lambda s: None, use_uml: Optional[bool] = None,
+                 ipv6: bool = False):
         self.methods = [m for m in ("mac", "ipip", "gre") if m in methods]
+        self.ipv6 = ipv6 and "mac" in self.methods
         self.echo = echo
         self.own_workdir = workdir is None
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="efwlab"))
@@ -197,7 +209,10 @@ class Topology:
 
     @property
     def vips(self) -> Dict[str, str]:
-        return {m: SERVERS[m][0] for m in self.methods}
+        vips = {m: SERVERS[m][0] for m in self.methods}
+        if self.ipv6:
+            vips["mac6"] = VIP6
+        return vips
 
     def build(self) -> "Topology":
         reason = unavailable_reason(self.methods)
@@ -238,6 +253,15 @@ class Topology:
         r.ip("route", "add", VIP_NET, "via", DISPATCHER)
         r.ethtool_offload("cli0", tx=False)
         r.ethtool_offload("lan-d", tx=False)
+        if self.ipv6:
+            for ns, dev, address in ((c, "eth0", f"{CLIENT6}/64"), (r, "cli0", f"{ROUTER_CLIENT6}/64"),
+                                     (r, "lan0", f"{ROUTER_LAN6}/64"), (d, "eth0", f"{DISPATCHER6}/64")):
+                ns.ip("-6", "addr", "add", address, "dev", dev, "nodad")
+            c.ip("-6", "route", "add", "default", "via", ROUTER_CLIENT6)
+            d.ip("-6", "route", "add", "default", "via", ROUTER_LAN6)
+            d.ip("-6", "route", "add", "blackhole", VIP6_NET)
+            r.sysctl("net.ipv6.conf.all.forwarding", 1)
+            r.ip("-6", "route", "add", VIP6_NET, "via", DISPATCHER6)
 
         self._write_config()
         if "mac" in self.methods:
@@ -265,7 +289,8 @@ class Topology:
 
     def _write_config(self) -> None:
         """Configure the dispatcher with the documented CLI (the commands are kept for the lab's output)."""
-        commands = [["executor", "set", "interface", "eth0", "nfa", DISPATCHER, "networks", "10.0.2.0/24",
+        networks = "10.0.2.0/24,fd00:2::/64" if self.ipv6 else "10.0.2.0/24"
+        commands = [["executor", "set", "interface", "eth0", "nfa", DISPATCHER, "networks", networks,
                      "gateway", ROUTER_LAN]]
         for method in self.methods:
             vip, server, _mac = SERVERS[method]
@@ -273,6 +298,9 @@ class Topology:
             commands.append(["port", "add", f"{vip}@{PORT}"])
             words = [] if method == "mac" else ["encapforward", "yes", "encaptype", method, "encapcond", "always"]
             commands.append(["server", "add", f"{vip}@{PORT}@{server}", *words])
+        if self.ipv6:
+            commands += [["cluster", "add", VIP6], ["port", "add", f"{VIP6}@{PORT}"],
+                         ["server", "add", f"{VIP6}@{PORT}@{MAC_SERVER6}"]]
         for command in commands:
             self.cli(*command)
         self.config_commands = commands
@@ -301,10 +329,14 @@ class Topology:
         m.ip("addr", "add", f"{address}/24", "dev", "eth0")
         m.ip("route", "add", "default", "via", ROUTER_LAN)
         m.ethtool_offload("eth0", tx=False)
-        script = self.setup_script("mac")
-        proc = m.run(["sh", "-e"], input=script, check=False, env=self._script_env("mac"))
-        if proc.returncode != 0:
-            raise LabError(f"the generated MAC back-end script failed in {m.name}: {proc.stderr.strip()}")
+        if self.ipv6:
+            m.ip("-6", "addr", "add", f"{MAC_SERVER6}/64", "dev", "eth0", "nodad")
+            m.ip("-6", "route", "add", "default", "via", ROUTER_LAN6)
+        for method in ("mac", "mac6") if self.ipv6 else ("mac",):
+            script = self.setup_script(method)
+            proc = m.run(["sh", "-e"], input=script, check=False, env=self._script_env("mac"))
+            if proc.returncode != 0:
+                raise LabError(f"the generated MAC back-end script failed in {m.name}: {proc.stderr.strip()}")
         self.procs.append(m.popen([sys.executable, str(HTTPD), "--name", "mac", "--port", str(PORT)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
@@ -451,8 +483,9 @@ class Topology:
         """*count* HTTP GETs (one connection each) from the client namespace with curl; the answers
         (``FAIL`` for a failed request)."""
         vip = SERVERS[method][0]
-        script = ('for i in $(seq "$1"); do curl -s -S -m "$3" "http://$2$4" || echo FAIL; done')
-        proc = self.ns["client"].run(["sh", "-c", script, "sh", str(count), f"{vip}:{PORT}", str(timeout), path],
+        host = f"[{vip}]" if ":" in vip else vip
+        script = ('for i in $(seq "$1"); do curl -g -s -S -m "$3" "http://$2$4" || echo FAIL; done')
+        proc = self.ns["client"].run(["sh", "-c", script, "sh", str(count), f"{host}:{PORT}", str(timeout), path],
                                      check=False, timeout=count * (timeout + 1) + 10)
         lines = [line for line in proc.stdout.splitlines() if line.startswith(("server=", "FAIL"))]
         lines += ["FAIL"] * (count - len(lines))
@@ -460,7 +493,9 @@ class Topology:
 
     def connect(self, method: str, timeout: float = 5.0) -> socket.socket:
         """A TCP connection from the client namespace to the VIP of *method* (kept open by the caller)."""
-        sock = self.ns["client"].socket(socket.AF_INET, socket.SOCK_STREAM)
+        vip = SERVERS[method][0]
+        family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+        sock = self.ns["client"].socket(family, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         sock.connect((SERVERS[method][0], PORT))
         return sock

@@ -5,15 +5,11 @@ dispatcher's MAC to the next hop (the server's MAC; the core refuses MAC forward
 on an attached network). The ethertype follows the IP version of P': 0x0800 or 0x86DD.
 """
 
-from __future__ import annotations
-
-
-def _mac(text) -> bytes:
-    return bytes(int(part, 16) for part in str(text).split(":"))
+from encapfwd.packet import mac_bytes
 
 
 def build(server, egress):
-    macs = _mac(egress.dst_mac) + _mac(egress.src_mac)
+    macs = mac_bytes(egress.dst_mac) + mac_bytes(egress.src_mac)
     eth4 = macs + b"\x08\x00"
     eth6 = macs + b"\x86\xdd"
 
