@@ -61,8 +61,19 @@ def build_frames(dst_mac: bytes, src_mac: bytes, flows: int, payload: int = 18) 
     frames = []
     for i in range(flows):
         udp_len = 8 + payload
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, i & 0xFFFF, 0, 64, 17, 0,
-                         socket.inet_aton(GEN_IP), socket.inet_aton(VIP))
+        ip = struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            20 + udp_len,
+            i & 0xFFFF,
+            0,
+            64,
+            17,
+            0,
+            socket.inet_aton(GEN_IP),
+            socket.inet_aton(VIP),
+        )
         ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
         udp = struct.pack("!HHHH", 10000 + i, UDP_PORT, udp_len, 0) + bytes(payload)
         frames.append(dst_mac + src_mac + b"\x08\x00" + ip + udp)
@@ -81,7 +92,7 @@ def generator(ifname: str, dst_mac: str, seconds: float, flows: int, rate: float
     for slot in range(tx.frame_nr):
         frame = frames[slot % len(frames)]
         base = slot * tx.frame_size
-        m[base + TX_DATA_OFFSET:base + TX_DATA_OFFSET + len(frame)] = frame
+        m[base + TX_DATA_OFFSET : base + TX_DATA_OFFSET + len(frame)] = frame
         struct.pack_into("<I", m, base + 4, len(frame))
     bases = [slot * tx.frame_size for slot in range(tx.frame_nr)]
     sent = 0
@@ -98,7 +109,7 @@ def generator(ifname: str, dst_mac: str, seconds: float, flows: int, rate: float
                 break
             if sent >= (now - start) * rate:
                 continue  # busy-wait: the generator has its own CPU
-            for base in bases[index:index + batch]:
+            for base in bases[index : index + batch]:
                 m[base] = 1
             sock.send(b"")
             sent += batch
@@ -187,9 +198,24 @@ class Bench:
         return 0.0
 
     def generate(self, seconds: float, rate: float = 0.0) -> dict:
-        argv = self.gen.argv(["nice", "-n", "-20", "taskset", "-c", str(GEN_CPU), sys.executable, __file__,
-                              "--generator", "g0",
-                              self.f0_mac, str(seconds), str(self.args.flows), str(rate)])
+        argv = self.gen.argv(
+            [
+                "nice",
+                "-n",
+                "-20",
+                "taskset",
+                "-c",
+                str(GEN_CPU),
+                sys.executable,
+                __file__,
+                "--generator",
+                "g0",
+                self.f0_mac,
+                str(seconds),
+                str(self.args.flows),
+                str(rate),
+            ]
+        )
         before = self.tx_packets()
         busy = self.cpu_busy(FWD_CPU)
         soft = self.softirq(FWD_CPU)
@@ -221,8 +247,15 @@ class Bench:
             else:
                 top = rate
         if best is None:
-            best = {"sent": 0, "seconds": seconds, "pps": 0.0, "forwarded": 0, "fwd_pps": 0.0,
-                    "cpu_us_per_fwd": 0.0, "softirq_us_per_fwd": 0.0}
+            best = {
+                "sent": 0,
+                "seconds": seconds,
+                "pps": 0.0,
+                "forwarded": 0,
+                "fwd_pps": 0.0,
+                "cpu_us_per_fwd": 0.0,
+                "softirq_us_per_fwd": 0.0,
+            }
         best = dict(best)
         best["loss_free_pps"] = best["fwd_pps"]
         return best
@@ -246,8 +279,17 @@ class Bench:
         if method != "mac":
             server.update(encapforward=True, encaptype=method, encapcond="always")
         lines = [
-            "[executor]", f'nfa = "{FWD_IP}"', 'interface = "f0"', 'networks = ["10.1.0.0/24"]', "",
-            "[[clusters]]", f'address = "{VIP}"', "", "[[clusters.ports]]", f"number = {UDP_PORT}", "",
+            "[executor]",
+            f'nfa = "{FWD_IP}"',
+            'interface = "f0"',
+            'networks = ["10.1.0.0/24"]',
+            "",
+            "[[clusters]]",
+            f'address = "{VIP}"',
+            "",
+            "[[clusters.ports]]",
+            f"number = {UDP_PORT}",
+            "",
             "[[clusters.ports.servers]]",
         ]
         for key, value in server.items():
@@ -270,8 +312,25 @@ class Bench:
         control = str(self.workdir / "control.sock")
         cpus = str(FWD_CPU) if workers == 1 else ",".join(str(c) for c in (FWD_CPU, GEN_CPU)[:workers])
         exe = Path(sys.executable).parent / "encapfwd"
-        argv = self.fwd.argv(["nice", "-n", "-20", str(exe), "--config", str(config), "run", "--interface", "f0", "--workers",
-                              str(workers), "--control", control, "--cpus", cpus])
+        argv = self.fwd.argv(
+            [
+                "nice",
+                "-n",
+                "-20",
+                str(exe),
+                "--config",
+                str(config),
+                "run",
+                "--interface",
+                "f0",
+                "--workers",
+                str(workers),
+                "--control",
+                control,
+                "--cpus",
+                cpus,
+            ]
+        )
         log = open(self.workdir / "run.log", "wb")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -284,7 +343,7 @@ class Bench:
                     break
                 except (OSError, ValueError):
                     if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError((self.workdir / "run.log").read_text())
+                        raise RuntimeError((self.workdir / "run.log").read_text()) from None
                     time.sleep(0.05)
             pids = [w["pid"] for w in query_control(control)["workers"]]
             cpu = self.proc_cpu(pids)
@@ -319,10 +378,14 @@ def main():
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--no-search", action="store_true", help="skip the loss-free throughput search")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--rx-on-generator-cpu", action="store_true",
-                        help="also run each 1-worker case with f0's receive softirq (RPS) on the generator's CPU")
-    parser.add_argument("--generator", nargs=5, metavar=("IF", "DSTMAC", "SECONDS", "FLOWS", "RATE"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rx-on-generator-cpu",
+        action="store_true",
+        help="also run each 1-worker case with f0's receive softirq (RPS) on the generator's CPU",
+    )
+    parser.add_argument(
+        "--generator", nargs=5, metavar=("IF", "DSTMAC", "SECONDS", "FLOWS", "RATE"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.generator:
         ifname, mac, seconds, flows, rate = args.generator
@@ -338,24 +401,42 @@ def main():
     worker_counts = [int(w) for w in args.workers.split(",") if w]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    print(f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, "
-          f"{args.rounds} rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, load average {' '.join(load)}")
-    print(f"Placement: generator pinned to CPU {GEN_CPU}; forwarding on CPU {FWD_CPU} (kernel: RPS on f0; "
-          f"encapfwd: worker pinned with --cpus {FWD_CPU}, the kernel's receive work for it also on CPU {FWD_CPU} "
-          f"via RPS). With 2 workers: --cpus {FWD_CPU},{GEN_CPU}, so the 2nd worker shares CPU {GEN_CPU} with "
-          f"the generator.")
-    print("The generator and encapfwd run at nice -20 so that other jobs on this shared machine take little of "
-          "their CPUs (the kernel's forwarding runs in softirq, ahead of every process anyway).")
+    print(
+        f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, "
+        f"{args.rounds} rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, "
+        f"load average {' '.join(load)}"
+    )
+    print(
+        f"Placement: generator pinned to CPU {GEN_CPU}; forwarding on CPU {FWD_CPU} (kernel: RPS on f0; "
+        f"encapfwd: worker pinned with --cpus {FWD_CPU}, the kernel's receive work for it also on "
+        f"CPU {FWD_CPU} "
+        f"via RPS). With 2 workers: --cpus {FWD_CPU},{GEN_CPU}, so the 2nd worker shares CPU {GEN_CPU} with "
+        f"the generator."
+    )
+    print(
+        "The generator and encapfwd run at nice -20 so that other jobs on this shared machine take little of "
+        "their CPUs (the kernel's forwarding runs in softirq, ahead of every process anyway)."
+    )
     print("Shared machine: other jobs may run; figures are medians over rounds, min–max in brackets.\n")
 
     cases = [("kernel IP forwarding", lambda b, s, q=0.0: b.kernel(s, q))]
     for workers in worker_counts:
         for method in methods:
-            cases.append((f"encapfwd {method} {workers}w",
-                          lambda b, s, q=0.0, m=method, w=workers: b.encapfwd(m, w, s, search=q)))
+            cases.append(
+                (
+                    f"encapfwd {method} {workers}w",
+                    lambda b, s, q=0.0, m=method, w=workers: b.encapfwd(m, w, s, search=q),
+                )
+            )
             if args.rx_on_generator_cpu and workers == 1:
-                cases.append((f"encapfwd {method} {workers}w rx@cpu{GEN_CPU}",
-                              lambda b, s, q=0.0, m=method, w=workers: b.encapfwd(m, w, s, rx_cpu=GEN_CPU, search=q)))
+                cases.append(
+                    (
+                        f"encapfwd {method} {workers}w rx@cpu{GEN_CPU}",
+                        lambda b, s, q=0.0, m=method, w=workers: b.encapfwd(
+                            m, w, s, rx_cpu=GEN_CPU, search=q
+                        ),
+                    )
+                )
     flat = {name: [] for name, _ in cases}
     flat["generator alone"] = []
     free = {name: [] for name, _ in cases}
@@ -376,11 +457,15 @@ def main():
         values = [r.get(key, 0.0) for r in table[name]]
         return statistics.median(values), min(values), max(values)
 
-    print("1. Generator flat out (offered load above what the forwarder takes; dropped packets still cost the "
-          "forwarding CPU their receive work):")
+    print(
+        "1. Generator flat out (offered load above what the forwarder takes; dropped packets still cost the "
+        "forwarding CPU their receive work):"
+    )
     kernel = med(flat, "kernel IP forwarding", "fwd_pps")[0]
-    print(f"   {'case':<28} {'forwarded pps':>14} {'(min–max)':>22} {'× kernel':>9} {'offered pps':>12} "
-          f"{'CPU1 µs/fwd':>12}")
+    print(
+        f"   {'case':<28} {'forwarded pps':>14} {'(min–max)':>22} {'× kernel':>9} {'offered pps':>12} "
+        f"{'CPU1 µs/fwd':>12}"
+    )
     for name in ["generator alone"] + [n for n, _ in cases]:
         key = "pps" if name == "generator alone" else "fwd_pps"
         m, lo, hi = med(flat, name, key)
@@ -389,17 +474,25 @@ def main():
         cpu = "" if name == "generator alone" else f"{med(flat, name, 'cpu_us_per_fwd')[0]:12.2f}"
         print(f"   {name:<28} {m:>14,.0f} {f'({lo:,.0f}–{hi:,.0f})':>22} {ratio:>9} {offered:>12,.0f} {cpu}")
     if not args.no_search:
-        print("\n2. Loss-free throughput (RFC 2544 style: highest offered rate with ≥ 99.5 % forwarded; binary "
-              "search up to the generator's own rate):")
+        print(
+            "\n2. Loss-free throughput (RFC 2544 style: highest offered rate with ≥ 99.5 % forwarded; binary "
+            "search up to the generator's own rate):"
+        )
         kernel = med(free, "kernel IP forwarding", "loss_free_pps")[0] or 1.0
         print(f"   {'case':<28} {'loss-free pps':>14} {'(min–max)':>22} {'× kernel':>9}")
         for name, _ in cases:
             m, lo, hi = med(free, name, "loss_free_pps")
             print(f"   {name:<28} {m:>14,.0f} {f'({lo:,.0f}–{hi:,.0f})':>22} {m / kernel:9.2f}")
     alone = med(flat, "generator alone", "pps")[0]
-    print(f"\nThe generator alone sends {alone:,.0f} pps; when the kernel forwards about that much, the kernel's "
-          f"figure is a lower bound (the generator is the limit), and its ratio flatters nobody but the kernel.")
-    print("CPU1 µs/fwd: CPU 1's busy time (all tasks and softirq) per forwarded packet — inflated by other jobs.")
+    print(
+        f"\nThe generator alone sends {alone:,.0f} pps; when the kernel forwards about that much, "
+        "the kernel's "
+        f"figure is a lower bound (the generator is the limit), and its ratio flatters nobody but the kernel."
+    )
+    print(
+        "CPU1 µs/fwd: CPU 1's busy time (all tasks and softirq) per forwarded packet — inflated by "
+        "other jobs."
+    )
     print("Target: encapfwd with one worker ≥ 0.9 × kernel IP forwarding.")
     if args.json:
         print(json.dumps({"flat_out": flat, "loss_free": free}, indent=2))

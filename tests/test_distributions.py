@@ -18,13 +18,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-SETS = {
-    "core": [],
-    "mac": ["plugins/mac"],
-    "ipip": ["plugins/ipip"],
-    "gre": ["plugins/gre"],
-    "gue": ["docs/examples/encapfwd-gue"],
+SOURCES = {
+    "encapfwd": "core",
+    "encapfwd-mac": "plugins/mac",
+    "encapfwd-ipip": "plugins/ipip",
+    "encapfwd-gre": "plugins/gre",
+    "encapfwd-gue": "docs/examples/encapfwd-gue",
 }
+#: virtual environment -> the distributions installed in it besides the core
+SETS = {"core": [], "mac": ["encapfwd-mac"], "ipip": ["encapfwd-ipip"], "gre": ["encapfwd-gre"],
+        "gue": ["encapfwd-gue"]}
 
 
 def clean_env():
@@ -34,10 +37,20 @@ def clean_env():
     return env
 
 
-def make_venv(path: Path, extra):
+def build_wheels(wheels: Path):
+    """Build every distribution's wheel once, one after the other (setuptools builds in the source tree)."""
+    sources = [ROOT / source for source in SOURCES.values()]
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
+           "-w", str(wheels), *map(str, sources)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {path.name.split("-")[0].replace("_", "-"): path for path in wheels.glob("*.whl")}
+
+
+def make_venv(path: Path, wheels):
     venv.EnvBuilder(with_pip=True, clear=True).create(path)
     cmd = [str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-           str(ROOT / "core"), *(str(ROOT / e) for e in extra), "pytest", "hypothesis"]
+           *map(str, wheels), "pytest", "hypothesis"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=900)
     if proc.returncode:
         return f"pip install failed in {path.name}: {proc.stderr[-1500:]}"
@@ -49,8 +62,10 @@ def venvs(tmp_path_factory):
     if os.environ.get("ENCAPFWD_SKIP_DISTRIBUTIONS"):
         pytest.skip("ENCAPFWD_SKIP_DISTRIBUTIONS is set")
     base = tmp_path_factory.mktemp("venvs")
+    wheel = build_wheels(base / "wheels")
     with ThreadPoolExecutor(max_workers=3) as pool:
-        futures = {name: pool.submit(make_venv, base / name, extra) for name, extra in SETS.items()}
+        futures = {name: pool.submit(make_venv, base / name, [wheel["encapfwd"]] + [wheel[d] for d in dists])
+                   for name, dists in SETS.items()}
         errors = {name: f.result() for name, f in futures.items()}
     failed = {n: e for n, e in errors.items() if e}
     assert not failed, failed

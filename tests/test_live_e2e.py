@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
+import sys
 import time
 
 import pytest
@@ -81,8 +81,9 @@ def test_ipv6_cluster_with_mac_forwarding(lab):
     answers = lab.curl("mac6", REQUESTS)
     assert all(a.startswith("server=mac ") for a in answers), answers
     assert all(f"client={topology.CLIENT6}:" in a and f"local={topology.VIP6}" in a for a in answers), answers
-    name = f"[{topology.VIP6}]@80@[{topology.MAC_SERVER6}]"
-    assert lab.report()["servers"][name]["packets"] >= 4 * REQUESTS
+    servers = lab.report()["servers"]
+    (name,) = [n for n in servers if topology.VIP6 in n and topology.MAC_SERVER6 in n]
+    assert servers[name]["packets"] >= 4 * REQUESTS
 
 
 def test_replies_bypass_the_dispatcher(lab):
@@ -205,12 +206,26 @@ def test_server_report_reads_live_counters(lab):
 
 def test_control_socket_refuses_other_users(lab):
     _ensure_running(lab)
-    code = ("import sys\nfrom encapfwd.engines.live import query_control\n"
-            "try:\n    query_control(sys.argv[1]); print('answered')\n"
-            "except OSError as e:\n    print('refused', e.errno)\n")
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                           topology.encapfwd_argv()[0].replace("encapfwd", "python"), "-c", code,
-                           lab.control_path], capture_output=True, text=True, timeout=30)
+    code = (
+        "import sys\nfrom encapfwd.engines.live import query_control\n"
+        "try:\n    query_control(sys.argv[1]); print('answered')\n"
+        "except OSError as e:\n    print('refused', e.errno)\n"
+    )
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            code,
+            lab.control_path,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "refused" in proc.stdout, (proc.stdout, proc.stderr)
 
 
@@ -220,8 +235,14 @@ def test_control_socket_refuses_other_users(lab):
 def _run_once(lab, config_text, *args, env=None, user=None):
     path = lab.workdir / "error.toml"
     path.write_text(config_text)
-    argv = topology.encapfwd_argv() + ["--config", str(path), "run", "--control",
-                                       str(lab.workdir / "error.sock"), *args]
+    argv = topology.encapfwd_argv() + [
+        "--config",
+        str(path),
+        "run",
+        "--control",
+        str(lab.workdir / "error.sock"),
+        *args,
+    ]
     if user:
         argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ENCAPFWD_")}
@@ -260,8 +281,10 @@ def test_error_vip_is_a_local_address(lab):
 def test_error_encaptype_plugin_missing(lab):
     text = lab.config_path.read_text()
     if "encaptype" not in text:
-        text += ('\n[[clusters]]\naddress = "10.0.9.2"\n[[clusters.ports]]\nnumber = 80\n'
-                 '[[clusters.ports.servers]]\naddress = "10.0.3.11"\nencapforward = true\nencaptype = "ipip"\n')
+        text += (
+            '\n[[clusters]]\naddress = "10.0.9.2"\n[[clusters.ports]]\nnumber = 80\n'
+            '[[clusters.ports.servers]]\naddress = "10.0.3.11"\nencapforward = true\nencaptype = "ipip"\n'
+        )
     proc = _run_once(lab, text, env={"ENCAPFWD_PLUGINS": "encapfwd-mac"})
     assert proc.returncode == 1
     assert "encapfwd-ipip" in proc.stderr or "encapfwd-gre" in proc.stderr, proc.stderr
@@ -292,3 +315,50 @@ def test_upstream_by_arp_with_answer_arp(lab):
         lab.stop_dispatcher()
         lab.upstream("route")
         lab.start_dispatcher()
+
+
+def test_a_killed_worker_is_started_again(lab):
+    _ensure_running(lab)
+    before = lab.report()["engine"]
+    victim = lab.report()["workers"][0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while lab.report()["engine"]["worker_restarts"] == before["worker_restarts"]:
+        assert time.monotonic() < deadline, lab.dispatcher_log()
+        time.sleep(0.05)
+    assert lab.report()["workers"][0]["pid"] != victim
+    for method in lab.methods:
+        answers = lab.curl(method, 3)
+        assert all(a.startswith(f"server={method} ") for a in answers), answers
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_link_down_and_up_again(lab):
+    """A link that goes down does not make the workers spin, and forwarding resumes when it is back."""
+    _ensure_running(lab)
+    d = lab.ns["dispatcher"]
+    pid = lab.report()["workers"][0]["pid"]
+    d.ip("link", "set", "eth0", "down")
+    try:
+        time.sleep(0.3)
+        before = _cpu_seconds(pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(pid) - before < 0.3, "a worker spins while the link is down"
+        assert lab.report()["engine"]["socket_errors"] >= 1
+    finally:
+        d.ip("link", "set", "eth0", "up")
+    deadline = time.monotonic() + 10
+    while True:
+        answers = lab.curl("mac", 1, timeout=2)
+        if answers[0].startswith("server=mac "):
+            break
+        assert time.monotonic() < deadline, lab.dispatcher_log()
+    for method in lab.methods:
+        answers = lab.curl(method, 3)
+        assert all(a.startswith(f"server={method} ") for a in answers), answers
+    assert "Network is down" in lab.dispatcher_log()

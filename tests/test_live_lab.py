@@ -19,14 +19,23 @@ REASON = topology.unavailable_reason(("mac", "ipip", "gre"))
 def test_lab_runs_and_cleans_up():
     before = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     exe = Path(sys.executable).parent / "encapfwd"
-    proc = subprocess.run([str(exe), "lab", "--requests", "3", "--json"], capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run(
+        [str(exe), "lab", "--requests", "3", "--json"], capture_output=True, text=True, timeout=180
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
-    for text in ("client ns", "router ns", "dispatcher ns", "10.0.9.1", "10.0.9.2", "10.0.9.3",
-                 "encapfwd server add 10.0.9.2@80@10.0.3.11 encapforward yes encaptype ipip",
-                 "3/3 HTTP requests to 10.0.9.3 answered by the gre server",
-                 "0 frames from a VIP", "every request succeeded"):
+    for text in (
+        "client ns",
+        "router ns",
+        "dispatcher ns",
+        "10.0.9.1",
+        "10.0.9.2",
+        "10.0.9.3",
+        "encapfwd server add 10.0.9.2@80@10.0.3.11 encapforward yes encaptype ipip",
+        "3/3 HTTP requests to 10.0.9.3 answered by the gre server",
+        "0 frames from a VIP",
+        "every request succeeded",
+    ):
         assert text in out, text
     after = set(os.listdir("/run/netns")) if os.path.isdir("/run/netns") else set()
     assert {n for n in after - before if n.startswith("efw")} == set(), "namespaces left behind"
@@ -37,7 +46,7 @@ def test_lab_runs_and_cleans_up():
             args = Path(f"/proc/{pid}/cmdline").read_text(errors="replace").split("\0")
         except OSError:
             continue
-        init = [a[len("init="):] for a in args if a.startswith("init=")]
+        init = [a[len("init=") :] for a in args if a.startswith("init=")]
         if init and not os.path.exists(init[0]):
             leaked.append(pid)
     assert leaked == []

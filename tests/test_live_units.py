@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from encapfwd.engines import afpacket, live
 
 
@@ -37,14 +36,22 @@ def _run_bpf(program, frame: bytes, pkttype: int = 0) -> int:
 
 
 def _frame4(dst: str, ethertype: int = 0x0800) -> bytes:
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton("192.0.2.1"),
-                     socket.inet_aton(dst))
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 28, 0, 0, 64, 17, 0, socket.inet_aton("192.0.2.1"), socket.inet_aton(dst)
+    )
     return b"\x02" * 6 + b"\x04" * 6 + struct.pack("!H", ethertype) + ip + bytes(8)
 
 
 def _frame6(dst: str) -> bytes:
-    ip = struct.pack("!IHBB16s16s", 6 << 28, 8, 17, 64, socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
-                     socket.inet_pton(socket.AF_INET6, dst))
+    ip = struct.pack(
+        "!IHBB16s16s",
+        6 << 28,
+        8,
+        17,
+        64,
+        socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
+        socket.inet_pton(socket.AF_INET6, dst),
+    )
     return b"\x02" * 6 + b"\x04" * 6 + b"\x86\xdd" + ip + bytes(8)
 
 
@@ -75,11 +82,11 @@ def test_complete_checksum_matches_scapy():
         good = bytes(scapy.Ether() / scapy.IP(src="10.0.1.2", dst="10.0.9.1") / l4 / b"hello world")
         field = 14 + 20 + (16 if isinstance(l4, scapy.TCP) else 6)
         partial = bytearray(good)
-        partial[field:field + 2] = b"\x12\x34"  # what an offloading sender leaves there
+        partial[field : field + 2] = b"\x12\x34"  # what an offloading sender leaves there
         assert live.complete_checksum(bytes(partial)) == good
     good6 = bytes(scapy.Ether() / scapy.IPv6(src="2001:db8::1", dst="2001:db8::9") / scapy.TCP() / b"x")
     partial6 = bytearray(good6)
-    partial6[14 + 40 + 16:14 + 40 + 18] = b"\x00\x00"
+    partial6[14 + 40 + 16 : 14 + 40 + 18] = b"\x00\x00"
     assert live.complete_checksum(bytes(partial6)) == good6
     assert live.complete_checksum(b"\x00" * 20) == b"\x00" * 20  # never raises
 
@@ -88,8 +95,11 @@ def test_merge_reports_sums_numbers():
     a = {"servers": {"s": {"packets": 1, "method": "mac"}}, "drops": {"x": 1}, "flows": {"flows": 2}}
     b = {"servers": {"s": {"packets": 2, "method": "mac"}}, "drops": {"y": 3}, "flows": {"flows": 5}}
     merged = live.merge_reports([a, b])
-    assert merged == {"servers": {"s": {"packets": 3, "method": "mac"}}, "drops": {"x": 1, "y": 3},
-                      "flows": {"flows": 7}}
+    assert merged == {
+        "servers": {"s": {"packets": 3, "method": "mac"}},
+        "drops": {"x": 1, "y": 3},
+        "flows": {"flows": 7},
+    }
 
 
 def test_query_control_without_dispatcher_is_oserror(tmp_path):
@@ -98,8 +108,10 @@ def test_query_control_without_dispatcher_is_oserror(tmp_path):
 
 
 def test_run_module_imports_no_scapy_or_pyroute2():
-    code = ("import sys, encapfwd.cli_run, encapfwd.engines.live, encapfwd.lab.topology; "
-            "print('scapy' in sys.modules, 'pyroute2' in sys.modules)")
+    code = (
+        "import sys, encapfwd.cli_run, encapfwd.engines.live, encapfwd.lab.topology; "
+        "print('scapy' in sys.modules, 'pyroute2' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

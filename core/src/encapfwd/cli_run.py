@@ -28,17 +28,39 @@ def _cpus(text):
 
 
 @click.command("run")
-@click.option("--interface", "-i", metavar="IF", default=None,
-              help="Interface to listen and send on (default: executor interface).")
-@click.option("--workers", "-w", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Forwarding processes sharing the traffic by flow hash (PACKET_FANOUT).")
-@click.option("--control", metavar="PATH", default=None,
-              help="Control socket for 'server report' (default /run/encapfwd/control.sock or $ENCAPFWD_CONTROL).")
-@click.option("--cpus", metavar="LIST", default=None,
-              help="Pin worker i to the i-th CPU of LIST (e.g. 1 or 0,1 or 2-5).")
-@click.option("--answer-arp", is_flag=True,
-              help="Answer ARP requests for the IPv4 cluster addresses with this interface's MAC (and announce "
-                   "them with gratuitous ARP), for upstreams that ARP for the VIP instead of routing it here.")
+@click.option(
+    "--interface",
+    "-i",
+    metavar="IF",
+    default=None,
+    help="Interface to listen and send on (default: executor interface).",
+)
+@click.option(
+    "--workers",
+    "-w",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Forwarding processes sharing the traffic by flow hash (PACKET_FANOUT).",
+)
+@click.option(
+    "--control",
+    metavar="PATH",
+    default=None,
+    help="Control socket for 'server report' (default /run/encapfwd/control.sock or $ENCAPFWD_CONTROL).",
+)
+@click.option(
+    "--cpus",
+    metavar="LIST",
+    default=None,
+    help="Pin worker i to the i-th CPU of LIST (e.g. 1 or 0,1 or 2-5).",
+)
+@click.option(
+    "--answer-arp",
+    is_flag=True,
+    help="Answer ARP requests for the IPv4 cluster addresses with this interface's MAC (and announce "
+    "them with gratuitous ARP), for upstreams that ARP for the VIP instead of routing it here.",
+)
 @click.pass_context
 def run_command(ctx, interface, workers, control, cpus, answer_arp):
     """Forward live traffic for the configured clusters (Linux, root).
@@ -61,16 +83,33 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp):
         raise EncapfwdError(f"--cpus: expected a list like 0,1 or 2-5, got {cpus!r}") from None
     live.check_platform()
     registry = get_plugin_manager()
-    code = live.run(ctx.obj["config_path"], registry, interface=interface, workers=workers, control_path=control,
-                    cpus=cpu_list, answer_arp=answer_arp)
+    code = live.run(
+        ctx.obj["config_path"],
+        registry,
+        interface=interface,
+        workers=workers,
+        control_path=control,
+        cpus=cpu_list,
+        answer_arp=answer_arp,
+    )
     ctx.exit(code)
 
 
 @click.command("lab")
-@click.option("--requests", "-n", type=click.IntRange(1, 1000), default=5, show_default=True,
-              help="HTTP requests per forwarding method.")
-@click.option("--methods", default="mac,ipip,gre", show_default=True,
-              help="Forwarding methods to show (comma-separated).")
+@click.option(
+    "--requests",
+    "-n",
+    type=click.IntRange(1, 1000),
+    default=5,
+    show_default=True,
+    help="HTTP requests per forwarding method.",
+)
+@click.option(
+    "--methods",
+    default="mac,ipip,gre",
+    show_default=True,
+    help="Forwarding methods to show (comma-separated).",
+)
 @click.option("--keep", is_flag=True, help="Keep the lab running until Enter is pressed (to explore it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
 def lab_command(requests, methods, keep, as_json):

@@ -65,13 +65,14 @@ def backend_setup_command(ctx, address, os_name, undo, persistent, tunnel_addres
     if persistent and os_name != "linux":
         raise SetupRefused(f"--persistent is only available for linux, not {os_name}")
     if address is not None:
-        S.parse_address(address)  # a clear error before the configuration is even read
+        cfg.split_target(address, 3)  # a clear error before the configuration is even read
     config = cfg.load(ctx.obj["config_path"])
     registry = get_plugin_manager()
 
     if address is not None:
-        cluster, port, server = S.find(config, address)
-        click.echo(_render(registry, config, cluster, port, server, os_name, undo, options), nl=False)
+        cluster, port, servers = cfg.find_server(config, address)
+        for server in servers:
+            click.echo(_render(registry, config, cluster, port, server, os_name, undo, options), nl=False)
         return
 
     if tunnel_address or tunnel_peer:

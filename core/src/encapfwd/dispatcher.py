@@ -21,6 +21,7 @@ from . import packet as pk
 from .errors import ConfigError, EncapfwdError, PluginError
 from .hookspecs import Egress
 from .model import Config, forwarding_method
+from .report import server_key as server_name
 from .selection import Scheduler
 
 #: How long the fragment table remembers which server a fragmented datagram went to (Linux ipfrag_time).
@@ -82,11 +83,6 @@ class _ServerSlot:
         self.mtu = mtu
         self.limit = mtu + pk.ETH_HLEN
         self.counter = counter  # [packets, bytes]
-
-
-def server_name(cluster, port, server) -> str:
-    """The name of a server in counters and reports: ``cluster@port@server`` (as ``report.server_key``)."""
-    return f"{cluster}@{port}@{server}"
 
 
 class Dispatcher:

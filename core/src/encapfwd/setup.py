@@ -175,31 +175,6 @@ def make_target(config: Config, cluster: Cluster, port: Port, server: Server,
     return check_target(target)
 
 
-def parse_address(text: str) -> Tuple[str, int, str]:
-    """``CLUSTER@PORT@SERVER`` → (cluster, port, server) strings/int, validated."""
-    if not isinstance(text, str):
-        raise ConfigError(f"expected CLUSTER@PORT@SERVER, got {_show(text)}")
-    pieces = text.strip().split("@")
-    if len(pieces) != 3 or not all(pieces):
-        raise ConfigError(f"expected CLUSTER@PORT@SERVER, got {_show(text)}")
-    return ip(pieces[0], "cluster address"), number(pieces[1], 0, 65535, "port"), ip(pieces[2], "server address")
-
-
-def find(config: Config, text: str) -> Tuple[Cluster, Port, Server]:
-    """The configured cluster, port and server named by ``CLUSTER@PORT@SERVER``."""
-    cluster_text, port_number, server_text = parse_address(text)
-    cluster = config.cluster(cluster_text)
-    if cluster is None:
-        raise ConfigError(f"no cluster {cluster_text} in the configuration")
-    port = cluster.port(port_number)
-    if port is None:
-        raise ConfigError(f"cluster {cluster_text} has no port {port_number}")
-    server = port.server(server_text)
-    if server is None:
-        raise ConfigError(f"no server {server_text} on {cluster_text}@{port_number}")
-    return cluster, port, server
-
-
 @frozen
 class Assignment:
     """What one server needs for one cluster: the setup is per (server, cluster, method), not per port."""
@@ -574,7 +549,6 @@ __all__ = [
     "comment_block",
     "describe",
     "dispatcher_end",
-    "find",
     "ifname",
     "ip",
     "ipv4",
@@ -586,7 +560,6 @@ __all__ = [
     "need_ipv4_target",
     "need_option",
     "number",
-    "parse_address",
     "quote",
     "refuse_persistent",
     "refuse_windows_tunnel",

@@ -19,7 +19,8 @@ import mmap
 import os
 import socket
 import struct
-from typing import Iterable, List, Tuple
+from collections.abc import Iterable
+from typing import List, Tuple
 
 SOL_PACKET = 263
 ETH_P_ALL = 0x0003
@@ -73,7 +74,9 @@ def _insn(code: int, jt: int, jf: int, k: int) -> Tuple[int, int, int, int]:
     return (code, jt, jf, k & 0xFFFFFFFF)
 
 
-def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF, *, arp: bool = False) -> List[Tuple[int, int, int, int]]:
+def cluster_filter(
+    addresses: Iterable, snaplen: int = 0xFFFF, *, arp: bool = False
+) -> List[Tuple[int, int, int, int]]:
     """A classic BPF program accepting only frames addressed to this host (``PACKET_HOST``) whose
     Ethernet type is IPv4 or IPv6 and whose destination address is one of *addresses*; with *arp*, also
     ARP requests (broadcast or unicast) asking for one of the IPv4 *addresses*.
@@ -140,8 +143,9 @@ def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF, *, arp: bool = Fa
     emit(_RET_K, 0)
 
     out = []
-    for pc, (code, jt, jf, k) in enumerate(prog):  # noqa: B007
-        def rel(target):
+    for pc, (code, jt, jf, k) in enumerate(prog):
+
+        def rel(target, pc=pc):
             if target is None:
                 return 0
             if target == "+1":
@@ -164,18 +168,38 @@ def cluster_filter(addresses: Iterable, snaplen: int = 0xFFFF, *, arp: bool = Fa
 
 
 def arp_reply(request: bytes, mac: bytes) -> bytes:
-    """The ARP reply saying "the target address of *request* is at *mac*" (RFC 826), or b"" if not a request."""
-    if len(request) < 42 or request[12:14] != b"\x08\x06" or request[14:22] != b"\x00\x01\x08\x00\x06\x04\x00\x01":
+    """The ARP reply "the target address of *request* is at *mac*" (RFC 826); b"" if not a request."""
+    if (
+        len(request) < 42
+        or request[12:14] != b"\x08\x06"
+        or request[14:22] != b"\x00\x01\x08\x00\x06\x04\x00\x01"
+    ):
         return b""
     sender_mac, sender_ip, target_ip = request[22:28], request[28:32], request[38:42]
-    return (sender_mac + mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x02" + mac + target_ip
-            + sender_mac + sender_ip)
+    return (
+        sender_mac
+        + mac
+        + b"\x08\x06"
+        + b"\x00\x01\x08\x00\x06\x04\x00\x02"
+        + mac
+        + target_ip
+        + sender_mac
+        + sender_ip
+    )
 
 
 def gratuitous_arp(mac: bytes, address: bytes) -> bytes:
     """A gratuitous ARP request announcing *address* at *mac* (updates neighbours' caches)."""
-    return (b"\xff" * 6 + mac + b"\x08\x06" + b"\x00\x01\x08\x00\x06\x04\x00\x01" + mac + address
-            + b"\x00" * 6 + address)
+    return (
+        b"\xff" * 6
+        + mac
+        + b"\x08\x06"
+        + b"\x00\x01\x08\x00\x06\x04\x00\x01"
+        + mac
+        + address
+        + b"\x00" * 6
+        + address
+    )
 
 
 def attach_filter(sock: socket.socket, program) -> None:
@@ -198,18 +222,28 @@ class RxRing:
 
     HDR = struct.Struct("<I8xI4xIH")  # tp_next_offset, tp_snaplen, tp_status, tp_mac
 
-    def __init__(self, ifname: str, program, *, block_size: int = 1 << 18, block_nr: int = 64,
-                 retire_ms: int = 1, fanout_group: int = 0):
+    def __init__(
+        self,
+        ifname: str,
+        program,
+        *,
+        block_size: int = 1 << 18,
+        block_nr: int = 64,
+        retire_ms: int = 1,
+        fanout_group: int = 0,
+    ):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing yet
         try:
             attach_filter(sock, program)
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
             frame_size = 2048
-            req = struct.pack("7I", block_size, block_nr, frame_size, block_size // frame_size * block_nr,
-                              retire_ms, 0, 0)
+            req = struct.pack(
+                "7I", block_size, block_nr, frame_size, block_size // frame_size * block_nr, retire_ms, 0, 0
+            )
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
-            self.map = mmap.mmap(sock.fileno(), block_size * block_nr, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            self.map = mmap.mmap(
+                sock.fileno(), block_size * block_nr, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
             try:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             except OSError:  # kernels before 4.20: the filter's PACKET_HOST test is enough
@@ -246,8 +280,9 @@ class TxRing:
     """A TPACKET_V2 transmit ring: :meth:`put` copies a frame into the next free slot, :meth:`flush`
     asks the kernel to send every filled slot with one system call."""
 
-    def __init__(self, ifname: str, *, frame_size: int = 2048, frame_nr: int = 2048,
-                 qdisc_bypass: bool = True):
+    def __init__(
+        self, ifname: str, *, frame_size: int = 2048, frame_nr: int = 2048, qdisc_bypass: bool = True
+    ):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: never receives
         try:
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
@@ -263,10 +298,12 @@ class TxRing:
             per_block = block_size // frame_size
             block_nr = max(1, frame_nr // per_block)
             frame_nr = per_block * block_nr
-            sock.setsockopt(SOL_PACKET, PACKET_TX_RING, struct.pack("4I", block_size, block_nr, frame_size,
-                                                                    frame_nr))
-            self.map = mmap.mmap(sock.fileno(), block_size * block_nr, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            sock.setsockopt(
+                SOL_PACKET, PACKET_TX_RING, struct.pack("4I", block_size, block_nr, frame_size, frame_nr)
+            )
+            self.map = mmap.mmap(
+                sock.fileno(), block_size * block_nr, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+            )
             sock.bind((ifname, 0))
         except BaseException:
             sock.close()

@@ -21,7 +21,6 @@ Shape::
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import json
 import os
@@ -36,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 
 import attrs
 
-from ..errors import ConfigError, EncapfwdError
+from ..errors import EncapfwdError
 from ..model import Config, forwarding_method
 
 DEFAULT_CONTROL = "/run/encapfwd/control.sock"
@@ -193,11 +192,14 @@ def check_platform() -> None:
     if not sys.platform.startswith("linux"):
         raise LiveError("encapfwd run needs Linux (AF_PACKET); use 'encapfwd replay' elsewhere")
     if os.geteuid() != 0:
-        raise LiveError("encapfwd run needs root (raw AF_PACKET sockets: CAP_NET_RAW, CAP_NET_ADMIN); run it with sudo")
+        raise LiveError(
+            "encapfwd run needs root (raw AF_PACKET sockets: CAP_NET_RAW, CAP_NET_ADMIN); run it with sudo"
+        )
 
 
-def prepare(config: Config, registry, interface: Optional[str] = None, *, resolve_timeout: float = 3.0,
-            warn=log) -> Tuple[Config, Interface]:
+def prepare(
+    config: Config, registry, interface: Optional[str] = None, *, resolve_timeout: float = 3.0, warn=log
+) -> Tuple[Config, Interface]:
     """Fill in what live mode takes from the kernel and check what would make forwarding wrong.
 
     - the interface (``--interface`` or ``executor interface``) must exist; its MAC is the source of every
@@ -226,8 +228,10 @@ def prepare(config: Config, registry, interface: Optional[str] = None, *, resolv
             if cluster.address in local:
                 raise LiveError(
                     f"cluster address {cluster.address} is configured as a local address (on "
-                    f"{local[cluster.address]}): this host's kernel would answer it; remove it here (only the "
-                    f"servers hold it, on loopback) and route or ARP it to the dispatcher instead")
+                    f"{local[cluster.address]}): this host's kernel would answer it; remove it here (only "
+                    "the "
+                    f"servers hold it, on loopback) and route or ARP it to the dispatcher instead"
+                )
         for cluster in config.clusters:
             for port in cluster.ports:
                 for server in port.servers:
@@ -235,7 +239,9 @@ def prepare(config: Config, registry, interface: Optional[str] = None, *, resolv
                     try:
                         registry.forwarder(method)
                     except EncapfwdError as exc:
-                        raise LiveError(f"server {cluster.address}@{port.number}@{server.address}: {exc}") from None
+                        raise LiveError(
+                            f"server {cluster.address}@{port.number}@{server.address}: {exc}"
+                        ) from None
 
         changes = {"mac": iface.mac, "interface": iface.name}
         if ex.mac and ex.mac != iface.mac:
@@ -262,12 +268,16 @@ def prepare(config: Config, registry, interface: Optional[str] = None, *, resolv
                         offlink.append(server.address)
                     elif server.mac is None and not server.down:
                         if server.address not in macs:
-                            macs[server.address] = neighbour_mac(ipr, server.address, iface.index,
-                                                                 resolve_timeout)
+                            macs[server.address] = neighbour_mac(
+                                ipr, server.address, iface.index, resolve_timeout
+                            )
                         mac = macs[server.address]
                         if mac is None:
-                            warn(f"server {cluster.address}@{port.number}@{server.address}: no answer to ARP/ND "
-                                 f"on {iface.name}; marked down until the next reload (SIGHUP)")
+                            warn(
+                                f"server {cluster.address}@{port.number}@{server.address}: "
+                                "no answer to ARP/ND "
+                                f"on {iface.name}; marked down until the next reload (SIGHUP)"
+                            )
                             server = attrs.evolve(server, down=True)
                         else:
                             server = attrs.evolve(server, mac=mac)
@@ -282,7 +292,8 @@ def prepare(config: Config, registry, interface: Optional[str] = None, *, resolv
                 if found is None:
                     raise LiveError(
                         f"server {offlink[0]} is not on an attached network and there is no gateway: "
-                        f"'executor set gateway ADDR' (or a route to it)")
+                        f"'executor set gateway ADDR' (or a route to it)"
+                    )
                 gateway = ipaddress.ip_address(found)
                 ex = attrs.evolve(ex, gateway=gateway)
             if ex.gatewaymac is None:
@@ -300,6 +311,13 @@ def cluster_addresses(config: Config) -> List:
 def kernel_warnings(config: Config, warn=log) -> None:
     """Warn when this host's kernel would also forward cluster traffic (a second copy to the servers)."""
     try:
+        _kernel_warnings(config, warn)
+    except Exception:  # noqa: BLE001 - only advice; never stops the start
+        pass
+
+
+def _kernel_warnings(config: Config, warn) -> None:
+    try:
         with open("/proc/sys/net/ipv4/ip_forward") as handle:
             forwarding = handle.read().strip() == "1"
     except OSError:
@@ -316,8 +334,11 @@ def kernel_warnings(config: Config, warn=log) -> None:
                 continue
             for route in routes:
                 if route["type"] == 1:  # RTN_UNICAST: the kernel would route it too
-                    warn(f"IP forwarding is on and {cluster.address} has a unicast route: the kernel forwards "
-                         f"it as well; add 'ip route add blackhole {cluster.address}/32' (or turn ip_forward off)")
+                    warn(
+                        f"IP forwarding is on and {cluster.address} has a unicast route: the kernel forwards "
+                        f"it as well; add 'ip route add blackhole {cluster.address}/32' "
+                        "(or turn ip_forward off)"
+                    )
 
 
 # --------------------------------------------------------------------------------- checksum fix-up
@@ -354,7 +375,7 @@ def complete_checksum(frame: bytes) -> bytes:
         if end > len(frame) or end - start < offset + 2:
             return frame
         segment = bytearray(frame[start:end])
-        segment[offset:offset + 2] = b"\x00\x00"
+        segment[offset : offset + 2] = b"\x00\x00"
         value = checksum(pseudo + segment)
         if proto == 17 and value == 0:
             value = 0xFFFF
@@ -394,9 +415,20 @@ def _recv_msg(sock: socket.socket):
 class Worker:
     """One forwarding process: its rings, its Dispatcher, its counters."""
 
-    def __init__(self, number: int, iface: Interface, config: Config, dispatcher, channel: socket.socket,
-                 fanout_group: int, *, cpu: Optional[int] = None, rx_blocks: int = 512,
-                 rx_block_size: int = 1 << 16, answer_arp: bool = False):
+    def __init__(
+        self,
+        number: int,
+        iface: Interface,
+        config: Config,
+        dispatcher,
+        channel: socket.socket,
+        fanout_group: int,
+        *,
+        cpu: Optional[int] = None,
+        rx_blocks: int = 512,
+        rx_block_size: int = 1 << 16,
+        answer_arp: bool = False,
+    ):
         from .afpacket import RxRing, TxRing, cluster_filter
 
         self.number = number
@@ -407,17 +439,37 @@ class Worker:
         self.cpu = cpu
         self.stop = False
         self.answer_arp = answer_arp
-        self.stats = {"arp_replies": 0, "rx": 0, "tx": 0, "kernel_drops": 0, "checksums_completed": 0, "tx_ring_full": 0,
-                      "tx_too_big": 0, "tx_errors": 0, "reloads": 0, "cpu": cpu, "pid": os.getpid()}
+        self._last_error: Optional[int] = None
+        self.stats = {
+            "socket_errors": 0,
+            "arp_replies": 0,
+            "rx": 0,
+            "tx": 0,
+            "kernel_drops": 0,
+            "checksums_completed": 0,
+            "tx_ring_full": 0,
+            "tx_too_big": 0,
+            "tx_errors": 0,
+            "reloads": 0,
+            "cpu": cpu,
+            "pid": os.getpid(),
+        }
         self._cluster_filter = cluster_filter
-        self.rx = RxRing(iface.name, self._program(config), block_nr=rx_blocks,
-                         block_size=rx_block_size, fanout_group=fanout_group)
+        self.rx = RxRing(
+            iface.name,
+            self._program(config),
+            block_nr=rx_blocks,
+            block_size=rx_block_size,
+            fanout_group=fanout_group,
+        )
         frame = 2048
         while frame - 32 < iface.mtu + 14 + 4:
             frame *= 2
         # through the qdisc (no PACKET_QDISC_BYPASS): it costs nothing measurable here and keeps what we send
         # visible to tcpdump on this host
-        self.tx = TxRing(iface.name, frame_size=frame, frame_nr=max(256, (1 << 22) // frame), qdisc_bypass=False)
+        self.tx = TxRing(
+            iface.name, frame_size=frame, frame_nr=max(256, (1 << 22) // frame), qdisc_bypass=False
+        )
 
     def _program(self, config):
         return self._cluster_filter(cluster_addresses(config), arp=self.answer_arp)
@@ -443,7 +495,7 @@ class Worker:
             if tx.map[slot]:
                 tx.full += 1
                 return
-        tx.map[slot + TX_DATA_OFFSET:slot + TX_DATA_OFFSET + len(frame)] = frame
+        tx.map[slot + TX_DATA_OFFSET : slot + TX_DATA_OFFSET + len(frame)] = frame
         struct.pack_into("<I", tx.map, slot + 4, len(frame))
         tx.map[slot] = 1
         tx.pending += 1
@@ -501,6 +553,17 @@ class Worker:
             self.handle(message)
             poller_timeout = 0
 
+    def _socket_error(self) -> None:
+        """Consume the receive socket's pending error (e.g. ENETDOWN when the link goes down), which would
+        otherwise make every poll() return at once; say so once per change."""
+        err = self.rx.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.stats["socket_errors"] += 1
+            if err != self._last_error:
+                log(f"worker {self.number}: {self.iface.name}: {os.strerror(err)} (waiting for it to come back)")
+            self._last_error = err
+            time.sleep(0.05)
+
     # -- the data path
 
     def run(self) -> None:
@@ -540,10 +603,15 @@ class Worker:
                 if tx.pending:
                     flush()
                 stats["rx"] = received
-                for fd, _event in poller.poll(1000):
+                for fd, event in poller.poll(1000):
                     if fd == channel_fd:
                         self._poll_channel()
+                    elif event & select.POLLERR:
+                        self._socket_error()
                 continue
+            if self._last_error is not None:
+                log(f"worker {self.number}: {self.iface.name}: receiving again")
+                self._last_error = None
             process = self.dispatcher.process
             count, offset = blkhdr(rxm, base + 12)
             offset += base
@@ -552,7 +620,7 @@ class Worker:
             for _ in range(count):
                 nxt, snaplen, status, mac = hdr(rxm, offset)
                 start = offset + mac
-                frame = rxm[start:start + snaplen]
+                frame = rxm[start : start + snaplen]
                 if status & TP_STATUS_CSUMNOTREADY:
                     frame = fix(frame)
                     stats["checksums_completed"] += 1
@@ -576,7 +644,7 @@ class Worker:
                             if txm[slot]:
                                 tx.full += 1
                                 continue
-                    txm[slot + TX_DATA_OFFSET:slot + TX_DATA_OFFSET + size] = out
+                    txm[slot + TX_DATA_OFFSET : slot + TX_DATA_OFFSET + size] = out
                     u32_pack(txm, slot + 4, size)
                     txm[slot] = 1  # TP_STATUS_SEND_REQUEST
                     tx.pending += 1
@@ -620,7 +688,9 @@ def _worker_main(number, iface, config, dispatcher, channel, fanout_group, cpu, 
     try:
         if cpu is not None:
             set_cpu(cpu)
-        worker = Worker(number, iface, config, dispatcher, channel, fanout_group, cpu=cpu, answer_arp=answer_arp)
+        worker = Worker(
+            number, iface, config, dispatcher, channel, fanout_group, cpu=cpu, answer_arp=answer_arp
+        )
         if number == 0:
             worker.announce()
     except Exception as exc:  # noqa: BLE001
@@ -644,9 +714,17 @@ def _worker_main(number, iface, config, dispatcher, channel, fanout_group, cpu, 
 class Controller:
     """Starts the workers, serves the control socket, reloads on SIGHUP, stops on SIGTERM/SIGINT."""
 
-    def __init__(self, config_path: str, registry, *, interface: Optional[str] = None, workers: int = 1,
-                 control_path: Optional[str] = None, cpus: Optional[List[int]] = None,
-                 answer_arp: bool = False):
+    def __init__(
+        self,
+        config_path: str,
+        registry,
+        *,
+        interface: Optional[str] = None,
+        workers: int = 1,
+        control_path: Optional[str] = None,
+        cpus: Optional[List[int]] = None,
+        answer_arp: bool = False,
+    ):
         from ..config import load
         from ..dispatcher import Dispatcher
 
@@ -701,8 +779,16 @@ class Controller:
                 for other in self.workers.values():
                     other["channel"].close()
                 signal.set_wakeup_fd(-1)
-                code = _worker_main(number, self.iface, self.config, self.dispatcher, child_end,
-                                    self.fanout_group, cpu, self.answer_arp)
+                code = _worker_main(
+                    number,
+                    self.iface,
+                    self.config,
+                    self.dispatcher,
+                    child_end,
+                    self.fanout_group,
+                    cpu,
+                    self.answer_arp,
+                )
             except BaseException as exc:  # noqa: BLE001
                 try:
                     log(f"worker {number} failed: {type(exc).__name__}: {exc}")
@@ -720,7 +806,7 @@ class Controller:
 
     def _ask_all(self, message, reply_kind: str, timeout: float = 5.0) -> Dict[int, object]:
         answers = {}
-        for number, worker in list(self.workers.items()):
+        for worker in list(self.workers.values()):
             try:
                 _send_msg(worker["channel"], message)
             except OSError:
@@ -750,10 +836,17 @@ class Controller:
         for key in ("cpu", "pid", "number"):
             engine.pop(key, None)
         engine.update(
-            interface=self.iface.name, mac=self.iface.mac, workers=len(self.workers), pid=os.getpid(),
-            uptime=round(time.time() - self.started, 3), reloads=self.reloads, reload_errors=self.reload_errors,
-            last_reload_error=self.last_reload_error, worker_restarts=self.restarts,
-            clusters=[str(a) for a in cluster_addresses(self.config)], answer_arp=self.answer_arp,
+            interface=self.iface.name,
+            mac=self.iface.mac,
+            workers=len(self.workers),
+            pid=os.getpid(),
+            uptime=round(time.time() - self.started, 3),
+            reloads=self.reloads,
+            reload_errors=self.reload_errors,
+            last_reload_error=self.last_reload_error,
+            worker_restarts=self.restarts,
+            clusters=[str(a) for a in cluster_addresses(self.config)],
+            answer_arp=self.answer_arp,
             config=os.path.abspath(self.config_path),
         )
         out = dict(merged) if isinstance(merged, dict) else {"dispatcher": merged}
@@ -866,15 +959,20 @@ class Controller:
         def on_hup(signum, frame):
             self._reload = True
 
-        previous = {s: signal.signal(s, h) for s, h in
-                    ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))}
+        previous = {
+            s: signal.signal(s, h)
+            for s, h in ((signal.SIGTERM, on_stop), (signal.SIGINT, on_stop), (signal.SIGHUP, on_hup))
+        }
         try:
             for number in range(self.nworkers):
                 self._spawn(number)
             self._open_control()
-            log(f"forwarding {len(self.config.clusters)} cluster(s) on {self.iface.name} ({self.iface.mac}) "
-                f"with {self.nworkers} worker(s){'; answering ARP for the cluster addresses' if self.answer_arp else ''}; "
-                f"control socket {self.control_path}")
+            log(
+                f"forwarding {len(self.config.clusters)} cluster(s) on {self.iface.name} ({self.iface.mac}) "
+                f"with {self.nworkers} worker(s)"
+                f"{'; answering ARP for the cluster addresses' if self.answer_arp else ''}; "
+                f"control socket {self.control_path}"
+            )
             poller = select.poll()
             poller.register(rpipe, select.POLLIN)
             poller.register(self.listener.fileno(), select.POLLIN)
@@ -987,5 +1085,13 @@ def run(config_path: str, registry, **kwargs) -> int:
     return code
 
 
-__all__ = ["Controller", "LiveError", "complete_checksum", "default_control_path", "merge_reports", "prepare",
-           "query_control", "run"]
+__all__ = [
+    "Controller",
+    "LiveError",
+    "complete_checksum",
+    "default_control_path",
+    "merge_reports",
+    "prepare",
+    "query_control",
+    "run",
+]

@@ -15,7 +15,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "encapfwd-lab"
 
-    def do_GET(self):  # noqa: N802 - http.server's naming
+    def do_GET(self):
         local = self.connection.getsockname()[0].replace("::ffff:", "")
         client = self.client_address[0].replace("::ffff:", "")
         body = f"server={self.server.lab_name} client={client}:{self.client_address[1]} local={local}\n"

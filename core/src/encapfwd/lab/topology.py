@@ -38,7 +38,6 @@ it, stopping every process it started by PID.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -125,7 +124,7 @@ class LabError(EncapfwdError):
 
 
 class Sniffer:
-    """Counts IPv4 frames on an interface in a namespace (an AF_PACKET socket read in a thread)."""
+    """Records IPv4 and IPv6 frames on an interface in a namespace (an AF_PACKET socket read in a thread)."""
 
     def __init__(self, ns: Namespace, ifname: str):
         self.sock = ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
@@ -144,15 +143,20 @@ class Sniffer:
                 continue
             except OSError:
                 return
-            if len(data) < 34 or data[12:14] != b"\x08\x00":
+            if len(data) >= 54 and data[12:14] == b"\x86\xdd":
+                ihl, proto = 40, data[20]
+                src = socket.inet_ntop(socket.AF_INET6, data[22:38])
+                dst = socket.inet_ntop(socket.AF_INET6, data[38:54])
+            elif len(data) >= 34 and data[12:14] == b"\x08\x00":
+                ihl = (data[14] & 0x0F) * 4
+                proto = data[23]
+                src, dst = socket.inet_ntoa(data[26:30]), socket.inet_ntoa(data[30:34])
+            else:
                 continue
-            ihl = (data[14] & 0x0F) * 4
-            proto = data[23]
-            src, dst = socket.inet_ntoa(data[26:30]), socket.inet_ntoa(data[30:34])
             sport = dport = 0
             if proto in (6, 17) and len(data) >= 14 + ihl + 4:
-                sport = int.from_bytes(data[14 + ihl:16 + ihl], "big")
-                dport = int.from_bytes(data[16 + ihl:18 + ihl], "big")
+                sport = int.from_bytes(data[14 + ihl : 16 + ihl], "big")
+                dport = int.from_bytes(data[16 + ihl : 18 + ihl], "big")
             self.frames.append((addr[2], src, dst, proto, sport, dport))
 
     def stop(self) -> List[tuple]:
@@ -176,9 +180,15 @@ class Sniffer:
 class Topology:
     """Build with :meth:`build` (or ``with``); :meth:`close` always tears everything down."""
 
-    def __init__(self, methods=("mac", "ipip", "gre"), *, workdir: Optional[str] = None,
-                 echo: Callable[[str], None] = lambda s: None, use_uml: Optional[bool] = None,
-                 ipv6: bool = False):
+    def __init__(
+        self,
+        methods=("mac", "ipip", "gre"),
+        *,
+        workdir: Optional[str] = None,
+        echo: Callable[[str], None] = lambda s: None,
+        use_uml: Optional[bool] = None,
+        ipv6: bool = False,
+    ):
         self.methods = [m for m in ("mac", "ipip", "gre") if m in methods]
         self.ipv6 = ipv6 and "mac" in self.methods
         self.echo = echo
@@ -197,7 +207,7 @@ class Topology:
 
     # ------------------------------------------------------------------------------------------ build
 
-    def __enter__(self) -> "Topology":
+    def __enter__(self) -> Topology:
         try:
             return self.build()
         except BaseException:
@@ -214,7 +224,7 @@ class Topology:
             vips["mac6"] = VIP6
         return vips
 
-    def build(self) -> "Topology":
+    def build(self) -> Topology:
         reason = unavailable_reason(self.methods)
         if reason:
             raise LabUnavailable(reason)
@@ -242,8 +252,11 @@ class Topology:
         d.ip("route", "add", "default", "via", ROUTER_LAN)
         d.ip("route", "add", "blackhole", VIP_NET)
         d.ethtool_offload("eth0", tx=False, gro=False)
-        for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter",
-                    "net.ipv4.conf.eth0.rp_filter"):
+        for key in (
+            "net.ipv4.conf.all.rp_filter",
+            "net.ipv4.conf.default.rp_filter",
+            "net.ipv4.conf.eth0.rp_filter",
+        ):
             d.sysctl(key, 0)
 
         # the router: forwards, routes the VIPs via the dispatcher, lets replies from VIPs through
@@ -254,8 +267,12 @@ class Topology:
         r.ethtool_offload("cli0", tx=False)
         r.ethtool_offload("lan-d", tx=False)
         if self.ipv6:
-            for ns, dev, address in ((c, "eth0", f"{CLIENT6}/64"), (r, "cli0", f"{ROUTER_CLIENT6}/64"),
-                                     (r, "lan0", f"{ROUTER_LAN6}/64"), (d, "eth0", f"{DISPATCHER6}/64")):
+            for ns, dev, address in (
+                (c, "eth0", f"{CLIENT6}/64"),
+                (r, "cli0", f"{ROUTER_CLIENT6}/64"),
+                (r, "lan0", f"{ROUTER_LAN6}/64"),
+                (d, "eth0", f"{DISPATCHER6}/64"),
+            ):
                 ns.ip("-6", "addr", "add", address, "dev", dev, "nodad")
             c.ip("-6", "route", "add", "default", "via", ROUTER_CLIENT6)
             d.ip("-6", "route", "add", "default", "via", ROUTER_LAN6)
@@ -290,17 +307,34 @@ class Topology:
     def _write_config(self) -> None:
         """Configure the dispatcher with the documented CLI (the commands are kept for the lab's output)."""
         networks = "10.0.2.0/24,fd00:2::/64" if self.ipv6 else "10.0.2.0/24"
-        commands = [["executor", "set", "interface", "eth0", "nfa", DISPATCHER, "networks", networks,
-                     "gateway", ROUTER_LAN]]
+        commands = [
+            [
+                "executor",
+                "set",
+                "interface",
+                "eth0",
+                "nfa",
+                DISPATCHER,
+                "networks",
+                networks,
+                "gateway",
+                ROUTER_LAN,
+            ]
+        ]
         for method in self.methods:
             vip, server, _mac = SERVERS[method]
             commands.append(["cluster", "add", vip])
             commands.append(["port", "add", f"{vip}@{PORT}"])
-            words = [] if method == "mac" else ["encapforward", "yes", "encaptype", method, "encapcond", "always"]
+            words = (
+                [] if method == "mac" else ["encapforward", "yes", "encaptype", method, "encapcond", "always"]
+            )
             commands.append(["server", "add", f"{vip}@{PORT}@{server}", *words])
         if self.ipv6:
-            commands += [["cluster", "add", VIP6], ["port", "add", f"{VIP6}@{PORT}"],
-                         ["server", "add", f"{VIP6}@{PORT}@{MAC_SERVER6}"]]
+            commands += [
+                ["cluster", "add", VIP6],
+                ["port", "add", f"{VIP6}@{PORT}"],
+                ["server", "add", f"{VIP6}@{PORT}@{MAC_SERVER6}"],
+            ]
         for command in commands:
             self.cli(*command)
         self.config_commands = commands
@@ -337,8 +371,13 @@ class Topology:
             proc = m.run(["sh", "-e"], input=script, check=False, env=self._script_env("mac"))
             if proc.returncode != 0:
                 raise LabError(f"the generated MAC back-end script failed in {m.name}: {proc.stderr.strip()}")
-        self.procs.append(m.popen([sys.executable, str(HTTPD), "--name", "mac", "--port", str(PORT)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(
+            m.popen(
+                [sys.executable, str(HTTPD), "--name", "mac", "--port", str(PORT)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
     def _guest(self, method: str):
         from .uml import UML
@@ -382,7 +421,9 @@ class Topology:
                 guest.start()
             result = guest.run(script)
             if not result.ok:
-                raise LabError(f"the generated {method} back-end script failed in user-mode-linux: {result.output}")
+                raise LabError(
+                    f"the generated {method} back-end script failed in user-mode-linux: {result.output}"
+                )
             guest.run(httpd)
         else:
             s = self.ns[method] = Namespace(f"{method}srv").create()
@@ -393,9 +434,16 @@ class Topology:
             s.ip("route", "add", "default", "via", ROUTER_FAR)
             proc = s.run(["sh", "-e"], input=script, check=False, env=self._script_env(method))
             if proc.returncode != 0:
-                raise LabError(f"the generated {method} back-end script failed in {s.name}: {proc.stderr.strip()}")
-            self.procs.append(s.popen([sys.executable, str(HTTPD), "--name", method, "--port", str(PORT)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                raise LabError(
+                    f"the generated {method} back-end script failed in {s.name}: {proc.stderr.strip()}"
+                )
+            self.procs.append(
+                s.popen(
+                    [sys.executable, str(HTTPD), "--name", method, "--port", str(PORT)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
 
     def _wait_servers(self, timeout: float = 20.0) -> None:
         """Each back-end's HTTP server answers on its own address (from the router)."""
@@ -413,12 +461,24 @@ class Topology:
 
     # ----------------------------------------------------------------------------------- dispatcher
 
-    def start_dispatcher(self, workers: int = 1, extra: List[str] = (), timeout: float = 20.0) -> subprocess.Popen:
+    def start_dispatcher(
+        self, workers: int = 1, extra: List[str] = (), timeout: float = 20.0
+    ) -> subprocess.Popen:
         from ..engines.live import query_control
 
         d = self.ns["dispatcher"]
-        argv = encapfwd_argv() + ["--config", str(self.config_path), "run", "--interface", "eth0",
-                                  "--workers", str(workers), "--control", self.control_path, *extra]
+        argv = encapfwd_argv() + [
+            "--config",
+            str(self.config_path),
+            "run",
+            "--interface",
+            "eth0",
+            "--workers",
+            str(workers),
+            "--control",
+            self.control_path,
+            *extra,
+        ]
         log = open(self.log_path, "ab")
         self.dispatcher = d.popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
@@ -484,9 +544,12 @@ class Topology:
         (``FAIL`` for a failed request)."""
         vip = SERVERS[method][0]
         host = f"[{vip}]" if ":" in vip else vip
-        script = ('for i in $(seq "$1"); do curl -g -s -S -m "$3" "http://$2$4" || echo FAIL; done')
-        proc = self.ns["client"].run(["sh", "-c", script, "sh", str(count), f"{host}:{PORT}", str(timeout), path],
-                                     check=False, timeout=count * (timeout + 1) + 10)
+        script = 'for i in $(seq "$1"); do curl -g -s -S -m "$3" "http://$2$4" || echo FAIL; done'
+        proc = self.ns["client"].run(
+            ["sh", "-c", script, "sh", str(count), f"{host}:{PORT}", str(timeout), path],
+            check=False,
+            timeout=count * (timeout + 1) + 10,
+        )
         lines = [line for line in proc.stdout.splitlines() if line.startswith(("server=", "FAIL"))]
         lines += ["FAIL"] * (count - len(lines))
         return lines
@@ -563,8 +626,17 @@ class Topology:
             return out
 
         client = box("client ns", [f"eth0 {CLIENT}", "curl"], 17)
-        router = box("router ns", [f"cli0 {ROUTER_CLIENT}", f"lan0 {ROUTER_LAN} (bridge)",
-                                   f"far0 {ROUTER_FAR} (bridge)", f"route {VIP_NET}", f"  via {DISPATCHER}"], 28)
+        router = box(
+            "router ns",
+            [
+                f"cli0 {ROUTER_CLIENT}",
+                f"lan0 {ROUTER_LAN} (bridge)",
+                f"far0 {ROUTER_FAR} (bridge)",
+                f"route {VIP_NET}",
+                f"  via {DISPATCHER}",
+            ],
+            28,
+        )
         disp = box("dispatcher ns", [f"eth0 {DISPATCHER}", "encapfwd run", f"blackhole {VIP_NET}"], 24)
         height = max(len(client), len(router), len(disp))
         rows = []
@@ -579,27 +651,38 @@ class Topology:
         if "mac" in self.methods:
             vip, address, _ = SERVERS["mac"]
             rows.append(f"  on lan0 (the dispatcher's segment): MAC server ns {address}, VIP {vip} on lo")
+            if self.ipv6:
+                rows.append(
+                    f"  IPv6 (MAC forwarding): client {CLIENT6} → VIP {VIP6} routed via dispatcher "
+                    f"{DISPATCHER6} → MAC server {MAC_SERVER6}"
+                )
         for method in ("ipip", "gre"):
             if method in self.methods:
                 vip, address, _ = SERVERS[method]
                 dev = "tunl0" if method == "ipip" else "gre0"
-                rows.append(f"  behind the router on far0:        {method.upper():<4} server {address} ({kind}), "
-                            f"VIP {vip} on {dev}")
+                rows.append(
+                    f"  behind the router on far0:        {method.upper():<4} server {address} ({kind}), "
+                    f"VIP {vip} on {dev}"
+                )
         rows.append("  requests: client → router → dispatcher → server    replies: server → router → client")
         return "\n".join(rows)
 
 
-def run_lab(methods=("mac", "ipip", "gre"), requests: int = 5, keep: bool = False,
-            echo: Callable[[str], None] = print) -> dict:
+def run_lab(
+    methods=("mac", "ipip", "gre"), requests: int = 5, keep: bool = False, echo: Callable[[str], None] = print
+) -> dict:
     """``encapfwd lab``: build, show, send requests through each method, show counters, tear down."""
     started = time.monotonic()
     result: dict = {"ok": False, "methods": {}}
     reason = unavailable_reason(methods)
     if reason:
         raise LabUnavailable(f"encapfwd lab cannot run here: {reason}")
-    echo("Building the lab (namespaces" + (", user-mode-linux back-ends" if set(methods) & {"ipip", "gre"}
-                                           and not host_has_tunnels() else "") + ") …")
-    with Topology(methods, echo=echo) as lab:
+    echo(
+        "Building the lab (namespaces"
+        + (", user-mode-linux back-ends" if set(methods) & {"ipip", "gre"} and not host_has_tunnels() else "")
+        + ") …"
+    )
+    with Topology(methods, echo=echo, ipv6="mac" in methods) as lab:
         echo(lab.picture())
         echo("")
         echo("Dispatcher configuration (documented CLI):")
@@ -609,44 +692,63 @@ def run_lab(methods=("mac", "ipip", "gre"), requests: int = 5, keep: bool = Fals
         lab.start_dispatcher()
         sniffer = lab.sniff_dispatcher()
         try:
-            for method in lab.methods:
+            for method in lab.methods + (["mac6"] if lab.ipv6 else []):
                 answers = lab.curl(method, requests)
-                ok = sum(1 for a in answers if a.startswith(f"server={method}"))
-                result["methods"][method] = {"vip": SERVERS[method][0], "requests": requests, "ok": ok,
-                                             "sample": answers[0] if answers else ""}
-                echo(f"{method:>5}: {ok}/{requests} HTTP requests to {SERVERS[method][0]} answered by the {method} "
-                     f"server   e.g. {answers[0] if answers else '-'}")
+                ok = sum(1 for a in answers if a.startswith(f"server={method.rstrip('6')} "))
+                result["methods"][method] = {
+                    "vip": SERVERS[method][0],
+                    "requests": requests,
+                    "ok": ok,
+                    "sample": answers[0] if answers else "",
+                }
+                echo(
+                    f"{method:>5}: {ok}/{requests} HTTP requests to {SERVERS[method][0]} answered by the "
+                    f"{method.rstrip('6')} server   e.g. {answers[0] if answers else '-'}"
+                )
         finally:
             time.sleep(0.2)
             sniffer.stop()
         report = lab.report()
         seen = sniffer.summary(lab.vips.values())
         echo("")
-        echo("Per-server counters (from the running dispatcher's control socket, as 'encapfwd server report'):")
+        echo(
+            "Per-server counters (from the running dispatcher's control socket, as 'encapfwd server report'):"
+        )
         for name, counters in sorted((report.get("servers") or {}).items()):
-            echo(f"  {name:<24} {counters.get('method', ''):<5} packets {counters.get('packets', 0):>6}   "
-                 f"bytes {counters.get('bytes', 0):>8}")
+            echo(
+                f"  {name:<24} {counters.get('method', ''):<5} packets {counters.get('packets', 0):>6}   "
+                f"bytes {counters.get('bytes', 0):>8}"
+            )
         drops = report.get("drops") or {}
         if drops:
             echo("  drops: " + ", ".join(f"{k} {v}" for k, v in sorted(drops.items())))
         echo("")
-        echo(f"On the dispatcher's eth0: {seen['in_to_vip']} frames client→VIP came in, {seen['in_from_vip']} "
-             f"frames from a VIP (replies) — replies bypass the dispatcher.")
+        echo(
+            f"On the dispatcher's eth0: {seen['in_to_vip']} frames client→VIP came in, {seen['in_from_vip']} "
+            f"frames from a VIP (replies) — replies bypass the dispatcher."
+        )
         result["servers"] = report.get("servers")
         result["dispatcher_saw"] = seen
         if keep:
-            echo(f"\nThe lab is running (namespaces: {', '.join(ns.name for ns in lab.ns.values())}). "
-                 f"Press Enter to tear it down.")
+            echo(
+                f"\nThe lab is running (namespaces: {', '.join(ns.name for ns in lab.ns.values())}). "
+                f"Press Enter to tear it down."
+            )
             try:
                 input()
             except EOFError:
                 pass
         code = lab.stop_dispatcher()
         result["dispatcher_exit"] = code
-        result["ok"] = (all(m["ok"] == m["requests"] for m in result["methods"].values())
-                        and seen["in_from_vip"] == 0 and code == 0)
-    echo(f"\nLab torn down ({time.monotonic() - started:.1f} s). Result: "
-         f"{'every request succeeded' if result['ok'] else 'FAILED'}.")
+        result["ok"] = (
+            all(m["ok"] == m["requests"] for m in result["methods"].values())
+            and seen["in_from_vip"] == 0
+            and code == 0
+        )
+    echo(
+        f"\nLab torn down ({time.monotonic() - started:.1f} s). Result: "
+        f"{'every request succeeded' if result['ok'] else 'FAILED'}."
+    )
     return result
 
 
