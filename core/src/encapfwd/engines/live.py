@@ -560,7 +560,7 @@ class Worker:
         if err:
             self.stats["socket_errors"] += 1
             if err != self._last_error:
-                log(f"worker {self.number}: {self.iface.name}: {os.strerror(err)} (waiting for it to come back)")
+                log(f"worker {self.number}: {self.iface.name}: {os.strerror(err)} (waiting for it)")
             self._last_error = err
             time.sleep(0.05)
 
