@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,6 +182,13 @@ def test_two_workers_share_the_traffic(lab):
         for method in lab.methods:
             answers = lab.curl(method, 10)
             assert all(a.startswith(f"server={method} ") for a in answers), answers
+        # a long-lived connection stays on one worker (fanout by flow hash) and one server
+        sock = lab.connect("mac")
+        try:
+            bodies = [lab.http_get(sock).split(" local=")[0] for _ in range(5)]
+        finally:
+            sock.close()
+        assert len(set(bodies)) == 1 and bodies[0].startswith("server=mac ")
         report = lab.report()
         assert report["engine"]["workers"] == 2
         assert len(report["workers"]) == 2
@@ -204,6 +212,7 @@ def test_server_report_reads_live_counters(lab):
     assert os.stat(lab.control_path).st_mode & 0o777 == 0o600
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_control_socket_refuses_other_users(lab):
     _ensure_running(lab)
     code = (
@@ -251,6 +260,7 @@ def _run_once(lab, config_text, *args, env=None, user=None):
     return proc
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
 def test_error_not_root(lab):
     proc = _run_once(lab, lab.config_path.read_text(), user="65534")
     assert proc.returncode == 1
@@ -362,3 +372,30 @@ def test_link_down_and_up_again(lab):
         answers = lab.curl(method, 3)
         assert all(a.startswith(f"server={method} ") for a in answers), answers
     assert "Network is down" in lab.dispatcher_log()
+
+
+def test_a_changed_neighbour_is_followed(lab):
+    """The MAC server is replaced by one with another MAC: once the kernel's neighbour table knows the new
+    MAC (here set by hand, as a gratuitous ARP would), the dispatcher follows without a reload."""
+    _ensure_running(lab)
+    lab.stop_dispatcher()
+    lab.start_dispatcher(env={"ENCAPFWD_NEIGH_REFRESH": "0.2"})
+    m, d = lab.ns["mac"], lab.ns["dispatcher"]
+    server = topology.SERVERS["mac"][1]
+    old, new = m.mac("eth0"), "02:0e:0f:00:02:bb"
+    try:
+        assert all(a.startswith("server=mac ") for a in lab.curl("mac", 2))
+        m.ip("link", "set", "eth0", "address", new)
+        d.ip("neigh", "replace", server, "lladdr", new, "dev", "eth0", "nud", "reachable")
+        deadline = time.monotonic() + 10
+        while lab.report()["engine"]["neighbour_changes"] == 0:
+            assert time.monotonic() < deadline, lab.dispatcher_log()
+            time.sleep(0.05)
+        answers = lab.curl("mac", 5)
+        assert all(a.startswith("server=mac ") for a in answers), answers
+        assert "neighbour changed" in lab.dispatcher_log()
+    finally:
+        m.ip("link", "set", "eth0", "address", old)
+        d.ip("neigh", "replace", server, "lladdr", old, "dev", "eth0", "nud", "reachable")
+        lab.stop_dispatcher()
+        lab.start_dispatcher()

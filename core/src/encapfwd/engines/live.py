@@ -40,6 +40,7 @@ from ..model import Config, forwarding_method
 
 DEFAULT_CONTROL = "/run/encapfwd/control.sock"
 ENV_CONTROL = "ENCAPFWD_CONTROL"
+ENV_NEIGH_REFRESH = "ENCAPFWD_NEIGH_REFRESH"
 FANOUT_BASE = 0x4E00
 
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
@@ -198,7 +199,13 @@ def check_platform() -> None:
 
 
 def prepare(
-    config: Config, registry, interface: Optional[str] = None, *, resolve_timeout: float = 3.0, warn=log
+    config: Config,
+    registry,
+    interface: Optional[str] = None,
+    *,
+    resolve_timeout: float = 3.0,
+    warn=log,
+    resolved: Optional[dict] = None,
 ) -> Tuple[Config, Interface]:
     """Fill in what live mode takes from the kernel and check what would make forwarding wrong.
 
@@ -211,6 +218,9 @@ def prepare(
       (unless pinned with ``gatewaymac``) comes from the neighbour table, resolved when missing. The gateway,
       when not configured, is the kernel's next hop towards the first off-link server. A server whose MAC
       cannot be resolved is marked down (with a warning) rather than sent to a wrong address.
+
+    *resolved*, when given, receives ``{address: mac or None}`` for every MAC taken from the neighbour table
+    (not the pinned ones), so that the controller can notice when one changes.
     """
     from ..config import validate
 
@@ -272,6 +282,8 @@ def prepare(
                                 ipr, server.address, iface.index, resolve_timeout
                             )
                         mac = macs[server.address]
+                        if resolved is not None:
+                            resolved[server.address] = mac
                         if mac is None:
                             warn(
                                 f"server {cluster.address}@{port.number}@{server.address}: "
@@ -301,6 +313,8 @@ def prepare(
                 if mac is None:
                     raise LiveError(f"gateway {gateway} does not answer ARP on {iface.name}")
                 ex = attrs.evolve(ex, gatewaymac=mac)
+                if resolved is not None:
+                    resolved[gateway] = mac
     return attrs.evolve(config, executor=ex, clusters=tuple(clusters)), iface
 
 
@@ -741,10 +755,14 @@ class Controller:
         self._load = load
         self._Dispatcher = Dispatcher
         config = load(config_path)
-        self.config, self.iface = prepare(config, registry, interface)
+        self.resolved: dict = {}
+        self.config, self.iface = prepare(config, registry, interface, resolved=self.resolved)
+        # how often the neighbour table is read again for the MACs taken from it (seconds; 0 = never)
+        self.neigh_interval = float(os.environ.get(ENV_NEIGH_REFRESH, "10") or 0)
+        self.neigh_changes = 0
         self.dispatcher = self._build(self.config)
         kernel_warnings(self.config)
-        self.fanout_group = FANOUT_BASE + (os.getpid() & 0x1FF)
+        self.fanout_group = (os.getpid() & 0xFFFF) or FANOUT_BASE  # one group per dispatcher (per netns)
         self.workers: Dict[int, dict] = {}  # number -> {pid, channel}
         self.started = time.time()
         self.reloads = 0
@@ -845,6 +863,7 @@ class Controller:
             reload_errors=self.reload_errors,
             last_reload_error=self.last_reload_error,
             worker_restarts=self.restarts,
+            neighbour_changes=self.neigh_changes,
             clusters=[str(a) for a in cluster_addresses(self.config)],
             answer_arp=self.answer_arp,
             config=os.path.abspath(self.config_path),
@@ -859,7 +878,9 @@ class Controller:
     def reload(self) -> None:
         try:
             config = self._load(self.config_path)
-            config, iface = prepare(config, self.registry, self.interface or self.iface.name)
+            resolved: dict = {}
+            name = self.interface or self.iface.name
+            config, iface = prepare(config, self.registry, name, resolved=resolved)
             if iface.index != self.iface.index:
                 raise LiveError("the interface cannot change on reload; restart instead")
             dispatcher = self._build(config)
@@ -871,6 +892,7 @@ class Controller:
         answers = self._ask_all(("reload", config), "reloaded")
         errors = [f"worker {n}: {e}" for n, e in answers.items() if e]
         self.config, self.dispatcher = config, dispatcher
+        self.resolved = resolved
         self.reloads += 1
         if errors:
             self.reload_errors += 1
@@ -879,6 +901,33 @@ class Controller:
         else:
             self.last_reload_error = None
             log(f"configuration reloaded from {self.config_path} ({len(answers)} workers)")
+
+    def neighbours_changed(self) -> bool:
+        """True when a MAC taken from the neighbour table changed (a server or router replaced, a
+        gratuitous ARP) or one that did not resolve now does; asks the kernel to resolve missing ones."""
+        changed = []
+        try:
+            with _ipr() as ipr:
+                for address, mac in self.resolved.items():
+                    now = None
+                    for msg in ipr.get_neighbours(dst=str(address), ifindex=self.iface.index):
+                        lladdr = msg.get_attr("NDA_LLADDR")
+                        if lladdr and msg["state"] & NUD_VALID:
+                            now = lladdr.lower()
+                    if now is None:
+                        try:
+                            ipr.neigh("replace", dst=str(address), ifindex=self.iface.index,
+                                      flags=0x01, state=0)  # NTF_USE: resolve it
+                        except Exception:  # noqa: BLE001, S110 - retried next time
+                            pass
+                    elif now != mac:
+                        changed.append(f"{address} {mac or 'unresolved'} → {now}")
+        except Exception:  # noqa: BLE001 - advice only; never stops forwarding
+            return False
+        if changed:
+            self.neigh_changes += 1
+            log("neighbour changed: " + ", ".join(changed) + "; reloading")
+        return bool(changed)
 
     # -- control socket
 
@@ -978,12 +1027,19 @@ class Controller:
             poller.register(self.listener.fileno(), select.POLLIN)
             for worker in self.workers.values():
                 poller.register(worker["channel"].fileno(), select.POLLIN)
+            next_neigh = time.monotonic() + self.neigh_interval
             while not self._stop:
                 if self._reload:
                     self._reload = False
                     self.reload()
                     continue
-                for fd, _event in poller.poll(1000):
+                if self.neigh_interval and time.monotonic() >= next_neigh:
+                    next_neigh = time.monotonic() + self.neigh_interval
+                    if self.neighbours_changed():
+                        self.reload()
+                        continue
+                timeout = 1000 if not self.neigh_interval else max(10, int(self.neigh_interval * 1000))
+                for fd, _event in poller.poll(min(1000, timeout)):
                     if fd == rpipe:
                         try:
                             os.read(rpipe, 512)

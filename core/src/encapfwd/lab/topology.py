@@ -20,9 +20,9 @@
               VIP 10.0.9.2)                     VIP 10.0.9.3)
 
 - Upstream (the router) reaches the VIPs by a route via the dispatcher's address (``ip route add
-  10.0.9.0/24 via 10.0.2.1``). The alternative — the dispatcher answering ARP for the VIP on a shared
-  segment — is ``ip neigh add proxy VIP dev eth0`` plus ``net.ipv4.conf.eth0.proxy_arp_pvlan``-free
-  ``proxy_arp`` in the dispatcher's namespace (see docs/live.md); the route needs no ARP trickery.
+  10.0.9.0/24 via 10.0.2.1``). The alternative — the router treats the VIPs as on-link and ARPs for them,
+  and the dispatcher answers (``encapfwd run --answer-arp``) — is :meth:`Topology.upstream` ``("arp")``;
+  see docs/live.md.
 - The dispatcher's kernel neither answers nor routes the VIPs: they are not local there, and a blackhole
   route catches them should IP forwarding be on. rp_filter is off where replies with the VIP as source
   arrive on an unexpected interface (the router).
@@ -462,7 +462,7 @@ class Topology:
     # ----------------------------------------------------------------------------------- dispatcher
 
     def start_dispatcher(
-        self, workers: int = 1, extra: List[str] = (), timeout: float = 20.0
+        self, workers: int = 1, extra: List[str] = (), timeout: float = 20.0, env: Optional[dict] = None
     ) -> subprocess.Popen:
         from ..engines.live import query_control
 
@@ -480,7 +480,11 @@ class Topology:
             *extra,
         ]
         log = open(self.log_path, "ab")
-        self.dispatcher = d.popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ENCAPFWD_")}
+        full_env.update(env or {})
+        self.dispatcher = d.popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=full_env
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while True:
