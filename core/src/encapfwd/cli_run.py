@@ -61,8 +61,15 @@ def _cpus(text):
     help="Answer ARP requests for the IPv4 cluster addresses with this interface's MAC (and announce "
     "them with gratuitous ARP), for upstreams that ARP for the VIP instead of routing it here.",
 )
+@click.option(
+    "--qdisc-bypass",
+    is_flag=True,
+    help="Send frames straight to the driver (PACKET_QDISC_BYPASS), skipping the interface's queueing "
+    "discipline: cheaper per frame, but tcpdump on the interface no longer sees what is sent and no "
+    "traffic shaping applies.",
+)
 @click.pass_context
-def run_command(ctx, interface, workers, control, cpus, answer_arp):
+def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass):
     """Forward live traffic for the configured clusters (Linux, root).
 
     \b
@@ -91,6 +98,7 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp):
         control_path=control,
         cpus=cpu_list,
         answer_arp=answer_arp,
+        qdisc_bypass=qdisc_bypass,
     )
     ctx.exit(code)
 

@@ -442,6 +442,7 @@ class Worker:
         rx_blocks: int = 512,
         rx_block_size: int = 1 << 16,
         answer_arp: bool = False,
+        qdisc_bypass: bool = False,
     ):
         from .afpacket import RxRing, TxRing, cluster_filter
 
@@ -453,6 +454,7 @@ class Worker:
         self.cpu = cpu
         self.stop = False
         self.answer_arp = answer_arp
+        self.qdisc_bypass = qdisc_bypass
         self._last_error: Optional[int] = None
         self.stats = {
             "socket_errors": 0,
@@ -465,6 +467,7 @@ class Worker:
             "tx_too_big": 0,
             "tx_errors": 0,
             "reloads": 0,
+            "qdisc_bypass": bool(qdisc_bypass),
             "cpu": cpu,
             "pid": os.getpid(),
         }
@@ -479,10 +482,10 @@ class Worker:
         frame = 2048
         while frame - 32 < iface.mtu + 14 + 4:
             frame *= 2
-        # through the qdisc (no PACKET_QDISC_BYPASS): it costs nothing measurable here and keeps what we send
-        # visible to tcpdump on this host
+        # through the qdisc by default, which keeps what we send visible to tcpdump on this host;
+        # --qdisc-bypass (PACKET_QDISC_BYPASS) hands frames straight to the driver instead
         self.tx = TxRing(
-            iface.name, frame_size=frame, frame_nr=max(256, (1 << 22) // frame), qdisc_bypass=False
+            iface.name, frame_size=frame, frame_nr=max(256, (1 << 22) // frame), qdisc_bypass=qdisc_bypass
         )
 
     def _program(self, config):
@@ -581,7 +584,9 @@ class Worker:
     # -- the data path
 
     def run(self) -> None:
-        """Forward until told to stop. Everything per packet is a local variable or a bound method."""
+        """Forward until told to stop. Everything per packet is a local variable or a bound method; the TX
+        ring's position and pending count live in locals during a block and are written back before any
+        flush and at the block's end (one ``send()`` per received block)."""
         from time import monotonic
 
         from .afpacket import TP_STATUS_CSUMNOTREADY, TP_STATUS_USER, TX_DATA_OFFSET
@@ -592,8 +597,11 @@ class Worker:
         hdr = rx.HDR.unpack_from
         u32 = struct.Struct("<I")
         u32_unpack, u32_pack = u32.unpack_from, u32.pack_into
+        # tpacket2_hdr: tp_status, tp_len written together (the kernel reads the ring only in our send())
+        tx_hdr = struct.Struct("<II").pack_into
         blkhdr = struct.Struct("<II").unpack_from
-        tx_size, tx_nr, tx_max = tx.frame_size, tx.frame_nr, tx.max_frame
+        tx_size, tx_max = tx.frame_size, tx.max_frame
+        tx_end = tx_size * tx.frame_nr
         flush, wait_writable = tx.flush, tx.wait_writable
         fix = complete_checksum
         stats = self.stats
@@ -630,11 +638,13 @@ class Worker:
             count, offset = blkhdr(rxm, base + 12)
             offset += base
             now = monotonic()
-            ti = tx.index
+            slot = tx.index * tx_size
+            queued = 0
             for _ in range(count):
                 nxt, snaplen, status, mac = hdr(rxm, offset)
                 start = offset + mac
                 frame = rxm[start : start + snaplen]
+                offset += nxt
                 if status & TP_STATUS_CSUMNOTREADY:
                     frame = fix(frame)
                     stats["checksums_completed"] += 1
@@ -649,29 +659,30 @@ class Worker:
                     if size > tx_max:
                         tx.too_big += 1
                         continue
-                    slot = ti * tx_size
                     if txm[slot]:  # still owned by the kernel: send what is queued, then wait once
-                        tx.index = ti
+                        tx.index = slot // tx_size
+                        tx.pending += queued
+                        queued = 0
                         flush()
                         if txm[slot]:
                             wait_writable()
                             if txm[slot]:
                                 tx.full += 1
                                 continue
-                    txm[slot + TX_DATA_OFFSET : slot + TX_DATA_OFFSET + size] = out
-                    u32_pack(txm, slot + 4, size)
-                    txm[slot] = 1  # TP_STATUS_SEND_REQUEST
-                    tx.pending += 1
-                    ti += 1
-                    if ti == tx_nr:
-                        ti = 0
-                offset += nxt
+                    data = slot + TX_DATA_OFFSET
+                    txm[data : data + size] = out
+                    tx_hdr(txm, slot, 1, size)  # TP_STATUS_SEND_REQUEST, tp_len
+                    queued += 1
+                    slot += tx_size
+                    if slot == tx_end:
+                        slot = 0
             received += count
             u32_pack(rxm, base + 8, 0)  # the block goes back to the kernel
             block += 1
             if block == block_nr:
                 block = 0
-            tx.index = ti
+            tx.index = slot // tx_size
+            tx.pending += queued
             flush()
             if channel_poll(0):  # the controller has something for us
                 stats["rx"] = received
@@ -686,7 +697,9 @@ class Worker:
                 pass
 
 
-def _worker_main(number, iface, config, dispatcher, channel, fanout_group, cpu, answer_arp=False) -> int:
+def _worker_main(
+    number, iface, config, dispatcher, channel, fanout_group, cpu, answer_arp=False, qdisc_bypass=False
+) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from .afpacket import set_cpu, set_parent_death_signal
@@ -703,7 +716,15 @@ def _worker_main(number, iface, config, dispatcher, channel, fanout_group, cpu, 
         if cpu is not None:
             set_cpu(cpu)
         worker = Worker(
-            number, iface, config, dispatcher, channel, fanout_group, cpu=cpu, answer_arp=answer_arp
+            number,
+            iface,
+            config,
+            dispatcher,
+            channel,
+            fanout_group,
+            cpu=cpu,
+            answer_arp=answer_arp,
+            qdisc_bypass=qdisc_bypass,
         )
         if number == 0:
             worker.announce()
@@ -738,6 +759,7 @@ class Controller:
         control_path: Optional[str] = None,
         cpus: Optional[List[int]] = None,
         answer_arp: bool = False,
+        qdisc_bypass: bool = False,
     ):
         from ..config import load
         from ..dispatcher import Dispatcher
@@ -752,6 +774,7 @@ class Controller:
         self.control_path = control_path or default_control_path()
         self.cpus = cpus
         self.answer_arp = answer_arp
+        self.qdisc_bypass = qdisc_bypass
         self._load = load
         self._Dispatcher = Dispatcher
         config = load(config_path)
@@ -806,6 +829,7 @@ class Controller:
                     self.fanout_group,
                     cpu,
                     self.answer_arp,
+                    self.qdisc_bypass,
                 )
             except BaseException as exc:  # noqa: BLE001
                 try:
@@ -866,6 +890,7 @@ class Controller:
             neighbour_changes=self.neigh_changes,
             clusters=[str(a) for a in cluster_addresses(self.config)],
             answer_arp=self.answer_arp,
+            qdisc_bypass=self.qdisc_bypass,
             config=os.path.abspath(self.config_path),
         )
         out = dict(merged) if isinstance(merged, dict) else {"dispatcher": merged}

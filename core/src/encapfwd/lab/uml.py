@@ -105,7 +105,6 @@ mount --bind {modules} /mnt/root/lib/modules || fail "bind modules"
 mount -t proc proc /mnt/root/proc
 mount -t sysfs sysfs /mnt/root/sys
 mount -t tmpfs -o mode=0755 tmpfs /mnt/root/run
-mount -t tmpfs -o mode=1777 tmpfs /mnt/root/tmp
 mount -t hostfs hostfs /mnt/root/lab -o {workdir} || fail "hostfs {workdir}"
 exec chroot /mnt/root /bin/sh /lab/runner.sh
 """
