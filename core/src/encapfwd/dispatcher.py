@@ -59,10 +59,12 @@ _ET4 = b"\x08\x00"
 _ET6 = b"\x86\xdd"
 _VLAN = (b"\x81\x00", b"\x88\xa8", b"\x91\x00")
 _TTL_PROTO_CK = struct.Struct("!BBH").pack
+#: P' from the first 8 bytes of the IPv4 header, the new TTL, the protocol and the new header checksum.
+_P4_HEAD = struct.Struct("!8sBBH").pack
 _PORTS = struct.Struct("!HH").unpack_from
-#: From offset 12 of a frame: ethertype, version/IHL, total length, flags/offset (two bytes), TTL, protocol,
-#: header checksum, source, destination.
-_HDR = struct.Struct("!2sBxHxxBBBBH4s4s").unpack_from
+#: From offset 12 of a frame: ethertype (an int), version/IHL, total length, flags/offset (two bytes), TTL,
+#: protocol, header checksum, source, destination.
+_HDR = struct.Struct("!HBxHxxBBBBH4s4s").unpack_from
 _BYTE = tuple(bytes((i,)) for i in range(256))
 #: ICMP informational types (echo, timestamp, information, address mask): errors about them are allowed.
 _ICMP4_INFO = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
@@ -241,8 +243,8 @@ class Dispatcher:
                     return self._drop_ethertype(frame)
                 return self._drop("truncated")
             et, vihl, tot, ffh, ffl, ttl, proto, ck, src, dst = _HDR(frame, 12)
-            if et != _ET4:
-                if et == _ET6:
+            if et != 0x0800:
+                if et == 0x86DD:
                     return self._process6(frame, now)
                 return self._drop_ethertype(frame)
             # ---- IPv4 fast path
@@ -284,12 +286,12 @@ class Dispatcher:
                 return self._drop("not-port")
             if ttl <= 1:
                 return self._ttl_exceeded4(frame, end)
-            idx = pe[0](src + dst + _BYTE[proto] + frame[l4:l4 + 4], src, flags, now)
+            idx = pe[0](b"".join((src, dst, _BYTE[proto], frame[l4:l4 + 4])), src, flags, now)
             if idx < 0:
                 return self._drop("no-server")
             slot = pe[1][idx]
             # P': TTL - 1 and the checksum updated by RFC 1624 eqn. 3, ~(~HC + ~m + m') = (HC - 0xFEFF) mod 0xFFFF
-            p = frame[14:22] + _TTL_PROTO_CK(ttl - 1, proto, (ck - 0xFEFF) % 0xFFFF) + frame[26:end]
+            p = _P4_HEAD(frame[14:22], ttl - 1, proto, (ck - 0xFEFF) % 0xFFFF) + frame[26:end]
             out = slot.transform(p)
             if len(out) > slot.limit:
                 return self._too_big4(frame, end, p, out, slot)

@@ -45,6 +45,7 @@ TP_STATUS_SEND_REQUEST = 1
 
 PACKET_FANOUT_HASH = 0
 PACKET_FANOUT_FLAG_ROLLOVER = 0x1000
+PACKET_FANOUT_FLAG_IGNORE_OUTGOING = 0x4000  # Linux 6.8+
 
 SO_ATTACH_FILTER = 26
 SO_LOCK_FILTER = 44
@@ -250,8 +251,14 @@ class RxRing:
                 pass
             sock.bind((ifname, ETH_P_ALL))
             if fanout_group:
+                # In a fanout group the socket's own PACKET_IGNORE_OUTGOING no longer applies (the group's hook
+                # receives): without the group's flag, every frame we send would be cloned (and, from a TX
+                # ring, its pages copied), hashed and run through our filter only to be rejected there.
                 arg = (fanout_group & 0xFFFF) | (PACKET_FANOUT_HASH << 16)
-                sock.setsockopt(SOL_PACKET, PACKET_FANOUT, arg)
+                try:
+                    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, arg | (PACKET_FANOUT_FLAG_IGNORE_OUTGOING << 16))
+                except OSError:  # kernels before 6.8: the filter's PACKET_HOST test rejects them
+                    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, arg)
         except BaseException:
             sock.close()
             raise
