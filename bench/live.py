@@ -17,6 +17,10 @@ also on CPU 1 through the same RPS setting). With 2 workers they are pinned to C
 worker shares CPU 0 with the generator on this 2-core machine (say so when reading those figures).
 
 Run: ``sudo .venv/bin/python bench/live.py [--seconds 3] [--rounds 3] [--flows 256]``.
+
+``--worker-cost RATE`` adds, per method with one worker, the worker's own CPU time per forwarded frame at a
+fixed, loss-free offered rate with f0's receive work on the generator's CPU (the steadiest figure on a
+shared machine); ``--qdisc-bypass`` runs ``encapfwd run --qdisc-bypass``.
 """
 
 from __future__ import annotations
@@ -300,14 +304,16 @@ class Bench:
     def rps(self, cpu: int) -> None:
         self.fwd.run(["sh", "-c", f"echo {1 << cpu:x} > /sys/class/net/f0/queues/rx-0/rps_cpus"])
 
-    def encapfwd(self, method: str, workers: int, seconds, rx_cpu: int = FWD_CPU, search: float = 0.0):
+    def encapfwd(
+        self, method: str, workers: int, seconds, rx_cpu: int = FWD_CPU, search: float = 0.0, rate: float = 0.0
+    ):
         self.rps(rx_cpu)
         try:
-            return self._encapfwd(method, workers, seconds, search)
+            return self._encapfwd(method, workers, seconds, search, rate)
         finally:
             self.rps(FWD_CPU)
 
-    def _encapfwd(self, method: str, workers: int, seconds, search: float = 0.0):
+    def _encapfwd(self, method: str, workers: int, seconds, search: float = 0.0, rate: float = 0.0):
         config = self.write_config(method)
         control = str(self.workdir / "control.sock")
         cpus = str(FWD_CPU) if workers == 1 else ",".join(str(c) for c in (FWD_CPU, GEN_CPU)[:workers])
@@ -330,6 +336,7 @@ class Bench:
                 "--cpus",
                 cpus,
             ]
+            + (["--qdisc-bypass"] if getattr(self.args, "qdisc_bypass", False) else [])
         )
         log = open(self.workdir / "run.log", "wb")
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
@@ -352,7 +359,7 @@ class Bench:
                 cpu = self.proc_cpu(pids) - cpu
                 result["worker_us_per_fwd"] = 0.0
             else:
-                result = self.generate(seconds)
+                result = self.generate(seconds, rate)
                 cpu = self.proc_cpu(pids) - cpu
                 result["worker_us_per_fwd"] = cpu * 1e6 / max(1, result["forwarded"])
             report = query_control(control)
@@ -383,6 +390,15 @@ def main():
         action="store_true",
         help="also run each 1-worker case with f0's receive softirq (RPS) on the generator's CPU",
     )
+    parser.add_argument(
+        "--worker-cost",
+        type=float,
+        default=0.0,
+        metavar="PPS",
+        help="also measure each 1-worker method's CPU time per frame at this fixed rate (receive work on the "
+        "generator's CPU)",
+    )
+    parser.add_argument("--qdisc-bypass", action="store_true", help="run encapfwd with --qdisc-bypass")
     parser.add_argument(
         "--generator", nargs=5, metavar=("IF", "DSTMAC", "SECONDS", "FLOWS", "RATE"), help=argparse.SUPPRESS
     )
@@ -417,7 +433,10 @@ def main():
         "The generator and encapfwd run at nice -20 so that other jobs on this shared machine take little of "
         "their CPUs (the kernel's forwarding runs in softirq, ahead of every process anyway)."
     )
-    print("Shared machine: other jobs may run; figures are medians over rounds, min–max in brackets.\n")
+    print("Shared machine: other jobs may run; figures are medians over rounds, min–max in brackets.")
+    if args.qdisc_bypass:
+        print("encapfwd runs with --qdisc-bypass (PACKET_QDISC_BYPASS).")
+    print()
 
     cases = [("kernel IP forwarding", lambda b, s, q=0.0: b.kernel(s, q))]
     for workers in worker_counts:
@@ -440,9 +459,14 @@ def main():
     flat = {name: [] for name, _ in cases}
     flat["generator alone"] = []
     free = {name: [] for name, _ in cases}
+    cost = {m: [] for m in methods} if args.worker_cost else {}
     bench = Bench(args)
     try:
         for _ in range(args.rounds):
+            for method in cost:
+                cost[method].append(
+                    bench.encapfwd(method, 1, args.seconds, rx_cpu=GEN_CPU, rate=args.worker_cost)
+                )
             alone = bench.generator_alone(args.seconds)
             flat["generator alone"].append(alone)
             for name, case in cases:
@@ -483,6 +507,16 @@ def main():
         for name, _ in cases:
             m, lo, hi = med(free, name, "loss_free_pps")
             print(f"   {name:<28} {m:>14,.0f} {f'({lo:,.0f}–{hi:,.0f})':>22} {m / kernel:9.2f}")
+    if cost:
+        print(
+            f"\n3. Worker CPU time per forwarded frame at a fixed {args.worker_cost:,.0f} pps, one worker, f0's "
+            f"receive work on CPU {GEN_CPU} (user + system time of the worker process):"
+        )
+        print(f"   {'case':<28} {'µs/frame':>9} {'(min–max)':>16} {'forwarded/sent':>15}")
+        for method, results in cost.items():
+            m, lo, hi = med(cost, method, "worker_us_per_fwd")
+            share = statistics.median(r["forwarded"] / max(1, r["sent"]) for r in results)
+            print(f"   {'encapfwd ' + method + ' 1w':<28} {m:9.2f} {f'({lo:.2f}–{hi:.2f})':>16} {share:15.3f}")
     alone = med(flat, "generator alone", "pps")[0]
     print(
         f"\nThe generator alone sends {alone:,.0f} pps; when the kernel forwards about that much, "
@@ -495,7 +529,7 @@ def main():
     )
     print("Target: encapfwd with one worker ≥ 0.9 × kernel IP forwarding.")
     if args.json:
-        print(json.dumps({"flat_out": flat, "loss_free": free}, indent=2))
+        print(json.dumps({"flat_out": flat, "loss_free": free, "worker_cost": cost}, indent=2))
     return 0
 
 

@@ -11,75 +11,15 @@ import pytest
 from encapfwd.hookspecs import Egress
 from encapfwd.model import Server
 from encapfwd_gre.transform import build
-from hypothesis import HealthCheck, given, settings
+from encapfwd.testing import SETTINGS, egresses
+from encapfwd.testing import inner_ipv4 as inner_packets
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 scapy_inet = pytest.importorskip("scapy.layers.inet")
-from scapy.layers.inet import (
-    ICMP,
-    IP,
-    TCP,
-    UDP,
-    IPOption_NOP,
-    IPOption_Router_Alert,
-    IPOption_RR,
-    IPOption_Timestamp,
-)
+from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import (
-    GRE,
-    Ether,
-)
-from scapy.packet import Raw
-
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-addresses = st.integers(1, 2**32 - 2).map(lambda n: str(ipaddress.IPv4Address(n)))
-macs = st.binary(min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))
-OPTIONS = [
-    lambda: IPOption_NOP(),
-    lambda: IPOption_Router_Alert(),
-    lambda: IPOption_RR(routers=["192.0.2.1", "192.0.2.2"]),
-    lambda: IPOption_Timestamp(flg=0, timestamp=[1, 2]),
-]
-
-
-@st.composite
-def inner_packets(draw):
-    options = [OPTIONS[i]() for i in draw(st.lists(st.integers(0, len(OPTIONS) - 1), max_size=3))]
-    ip = IP(
-        src=draw(addresses),
-        dst=draw(addresses),
-        tos=draw(st.integers(0, 255)),
-        ttl=draw(st.integers(0, 254)),
-        id=draw(st.integers(0, 65535)),
-        flags="DF" if draw(st.booleans()) else 0,
-        options=options,
-    )
-    kind = draw(st.sampled_from(["tcp", "udp", "icmp"]))
-    if kind == "tcp":
-        l4 = TCP(sport=draw(st.integers(0, 65535)), dport=draw(st.integers(0, 65535)),
-                 flags=draw(st.integers(0, 255)), seq=draw(st.integers(0, 2**32 - 1)))
-    elif kind == "udp":
-        l4 = UDP(sport=draw(st.integers(0, 65535)), dport=draw(st.integers(0, 65535)))
-    else:
-        l4 = ICMP(type=draw(st.sampled_from([0, 3, 8, 11])), id=draw(st.integers(0, 65535)))
-    payload = draw(st.binary(max_size=1400))
-    return bytes(ip / l4 / Raw(payload))
-
-
-@st.composite
-def egresses(draw):
-    return Egress(
-        src_mac=draw(macs),
-        dst_mac=draw(macs),
-        outer_src=ipaddress.ip_address(draw(addresses)),
-        outer_dst=ipaddress.ip_address(draw(addresses)),
-        ttl=draw(st.integers(1, 255)),
-        cluster=ipaddress.ip_address("10.0.9.9"),
-        mtu=1500,
-    )
-
+from scapy.layers.l2 import GRE, Ether
 
 keys = st.one_of(st.none(), st.integers(0, 2**32 - 1))
 

@@ -10,46 +10,19 @@ import pytest
 from encapfwd.hookspecs import Egress
 from encapfwd.model import Server
 from encapfwd_mac.transform import build
-from hypothesis import HealthCheck, given, settings
+from encapfwd.testing import SETTINGS, inner_ipv4, inner_ipv6, macs
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("scapy.layers.inet")
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_Router_Alert, IPOption_RR
+from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
-from scapy.packet import Raw
-
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-addresses = st.integers(1, 2**32 - 2).map(lambda n: str(ipaddress.IPv4Address(n)))
-addresses6 = st.integers(1, 2**128 - 2).map(lambda n: str(ipaddress.IPv6Address(n)))
-macs = st.binary(min_size=6, max_size=6).map(lambda b: ":".join(f"{x:02x}" for x in b))
-OPTIONS = [lambda: IPOption_NOP(), lambda: IPOption_Router_Alert(),
-           lambda: IPOption_RR(routers=["192.0.2.1"])]
-
-
-@st.composite
-def l4s(draw):
-    kind = draw(st.sampled_from(["tcp", "udp", "icmp"]))
-    if kind == "tcp":
-        l4 = TCP(sport=draw(st.integers(0, 65535)), dport=draw(st.integers(0, 65535)),
-                 flags=draw(st.integers(0, 255)))
-    elif kind == "udp":
-        l4 = UDP(sport=draw(st.integers(0, 65535)), dport=draw(st.integers(0, 65535)))
-    else:
-        l4 = ICMP(type=draw(st.sampled_from([0, 3, 8, 11])))
-    return l4 / Raw(draw(st.binary(max_size=1400)))
 
 
 @st.composite
 def inner_packets(draw):
-    if draw(st.booleans()):
-        options = [OPTIONS[i]() for i in draw(st.lists(st.integers(0, len(OPTIONS) - 1), max_size=3))]
-        return bytes(IP(src=draw(addresses), dst=draw(addresses), tos=draw(st.integers(0, 255)),
-                        ttl=draw(st.integers(0, 254)), flags="DF" if draw(st.booleans()) else 0,
-                        options=options) / draw(l4s()))
-    return bytes(IPv6(src=draw(addresses6), dst=draw(addresses6), tc=draw(st.integers(0, 255)),
-                      hlim=draw(st.integers(0, 254))) / draw(l4s()))
+    return draw(st.one_of(inner_ipv4(), inner_ipv6()))
 
 
 def egress_for(src_mac, dst_mac):
