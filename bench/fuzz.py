@@ -17,60 +17,10 @@ import sys
 import time
 
 from encapfwd.dispatcher import Dispatcher
-from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
+from encapfwd.testing import fuzz_config, seed_frames
 
-ME = "02:00:00:00:00:01"
-VIP = "10.0.9.9"
-VIP6 = "2001:db8:9::9"
-
-CONFIG = Config(
-    executor=Executor(nfa="10.0.2.1", mac=ME, networks=["10.0.2.0/24", "2001:db8:2::/64"],
-                      gatewaymac="02:00:00:00:00:fe", mtu=1000),
-    clusters=[
-        Cluster(address=VIP, ports=[
-            Port(number=80, servers=[
-                Server(address="10.0.2.10", mac="02:00:00:00:00:10"),
-                Server(address="10.0.3.10", encapforward=True, encaptype="ipip"),
-                Server(address="10.0.4.10", encapforward=True, encaptype="gre", grekey=5),
-            ]),
-            Port(number=0, porttype="udp", servers=[Server(address="10.0.4.11", encapforward=True,
-                                                           encaptype="gre")]),
-        ]),
-        Cluster(address=VIP6, ports=[Port(number=0, servers=[
-            Server(address="2001:db8:2::10", mac="02:00:00:00:00:20")])]),
-    ],
-)
-
-
-def seeds():
-    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, fragment
-    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
-    from scapy.layers.l2 import ARP, Dot1Q, Ether
-    from scapy.packet import Raw
-
-    def eth(l3):
-        return bytes(Ether(src="02:00:00:00:00:aa", dst=ME) / l3)
-
-    c = "198.51.100.7"
-    out = [
-        eth(IP(src=c, dst=VIP, ttl=9) / TCP(sport=1234, dport=80, flags="S") / Raw(b"x" * 30)),
-        eth(IP(src=c, dst=VIP, ttl=9, flags="DF", options=[IPOption_RR(routers=["1.1.1.1"])]) / TCP(dport=80)
-            / Raw(b"y" * 1100)),
-        eth(IP(src=c, dst=VIP, ttl=2) / UDP(sport=53, dport=9999) / Raw(b"z" * 1200)),
-        eth(IP(src=c, dst=VIP, ttl=1) / UDP(dport=80)),
-        eth(IP(src="203.0.113.1", dst=VIP) / ICMP(type=3, code=4) / IP(src=VIP, dst=c) / TCP(sport=80, dport=4)),
-        eth(IP(src=c, dst=VIP) / ICMP(type=8)),
-        eth(IPv6(src="2001:db8::1", dst=VIP6, hlim=5) / TCP(dport=80) / Raw(b"v6")),
-        eth(IPv6(src="2001:db8::1", dst=VIP6) / IPv6ExtHdrHopByHop() / UDP(dport=7) / Raw(b"h" * 1100)),
-        eth(IPv6(src="2001:db8::1", dst=VIP6) / IPv6ExtHdrFragment(m=1, id=7) / UDP(dport=7) / Raw(b"f" * 64)),
-        eth(IPv6(src="2001:db8::1", dst=VIP6) / IPv6ExtHdrFragment(offset=8, id=7) / Raw(b"g" * 64)),
-        eth(ARP(pdst=VIP)),
-        bytes(Ether(dst=ME) / Dot1Q(vlan=3) / IP(src=c, dst=VIP) / TCP(dport=80)),
-    ]
-    dg = IP(src=c, dst=VIP, id=99, ttl=8) / UDP(sport=4, dport=80) / Raw(b"F" * 2000)
-    out += [eth(p) for p in fragment(dg, fragsize=600)]
-    return out
+CONFIG = fuzz_config(mtu=1000)
 
 
 def mutate(rnd: random.Random, frame: bytes) -> bytes:
@@ -107,7 +57,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     rnd = random.Random(args.seed)
-    base = seeds()
+    base = seed_frames(mtu=1000)
     d = Dispatcher(CONFIG, get_plugin_manager())
     process = d.process
     raised = 0

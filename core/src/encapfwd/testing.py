@@ -84,3 +84,66 @@ def egresses(draw, outer: bool = True):
         cluster=ipaddress.ip_address("10.0.9.9"),
         mtu=1500,
     )
+
+
+# ------------------------------------------------------------------------------- fuzzing the dispatcher
+
+FUZZ_MAC = "02:00:00:00:00:01"
+FUZZ_VIP = "10.0.9.9"
+FUZZ_VIP6 = "2001:db8:9::9"
+
+
+def fuzz_config(mtu: int):
+    """A configuration exercising every forwarder, port 0, an IPv6 cluster and a small MTU."""
+    from .model import Cluster, Config, Executor, Port, Server
+
+    return Config(
+        executor=Executor(nfa="10.0.2.1", mac=FUZZ_MAC, networks=["10.0.2.0/24", "2001:db8:2::/64"],
+                          gatewaymac="02:00:00:00:00:fe", mtu=mtu),
+        clusters=[
+            Cluster(address=FUZZ_VIP, ports=[
+                Port(number=80, servers=[
+                    Server(address="10.0.2.10", mac="02:00:00:00:00:10"),
+                    Server(address="10.0.3.10", encapforward=True, encaptype="ipip"),
+                    Server(address="10.0.4.10", encapforward=True, encaptype="gre", grekey=5),
+                ]),
+                Port(number=0, porttype="udp", servers=[
+                    Server(address="10.0.4.11", encapforward=True, encaptype="gre")]),
+            ]),
+            Cluster(address=FUZZ_VIP6, ports=[Port(number=0, servers=[
+                Server(address="2001:db8:2::10", mac="02:00:00:00:00:20")])]),
+        ],
+    )
+
+
+def seed_frames(mtu: int) -> list:
+    """Valid and awkward frames for :func:`fuzz_config` (*mtu*): TTL 0/1/2, IP options, too big with and
+    without DF, ICMP errors, IPv6 with extension headers and fragments, ARP, VLAN, an IPv4 datagram in
+    fragments. Mutating them reaches the dispatcher's corners faster than random bytes do."""
+    from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, fragment
+    from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+    from scapy.layers.l2 import ARP, Dot1Q, Ether
+    from scapy.packet import Raw
+
+    def eth(l3):
+        return bytes(Ether(src="02:00:00:00:00:aa", dst=FUZZ_MAC) / l3)
+
+    c, vip, vip6 = "198.51.100.7", FUZZ_VIP, FUZZ_VIP6
+    seeds = [
+        eth(IP(src=c, dst=vip, ttl=9) / TCP(sport=1234, dport=80, flags="S") / Raw(b"x" * 30)),
+        eth(IP(src=c, dst=vip, ttl=9, flags="DF", options=[IPOption_RR(routers=["1.1.1.1"])])
+            / TCP(dport=80) / Raw(b"y" * (mtu + 100))),
+        eth(IP(src=c, dst=vip, ttl=2) / UDP(sport=53, dport=9999) / Raw(b"z" * (mtu + 300))),
+        eth(IP(src=c, dst=vip, ttl=1) / UDP(dport=80)),
+        eth(IP(src=c, dst=vip, ttl=0) / TCP(dport=80)),
+        eth(IP(src="203.0.113.1", dst=vip) / ICMP(type=3, code=4) / IP(src=vip, dst=c) / TCP(sport=80, dport=4)),
+        eth(IP(src=c, dst=vip) / ICMP(type=8)),
+        eth(IPv6(src="2001:db8::1", dst=vip6, hlim=5) / TCP(dport=80) / Raw(b"v6")),
+        eth(IPv6(src="2001:db8::1", dst=vip6) / IPv6ExtHdrHopByHop() / UDP(dport=7) / Raw(b"h" * (mtu + 100))),
+        eth(IPv6(src="2001:db8::1", dst=vip6) / IPv6ExtHdrFragment(m=1, id=7) / UDP(dport=7) / Raw(b"f" * 64)),
+        eth(IPv6(src="2001:db8::1", dst=vip6) / IPv6ExtHdrFragment(offset=8, id=7) / Raw(b"g" * 64)),
+        eth(ARP(pdst=vip)),
+        bytes(Ether(dst=FUZZ_MAC) / Dot1Q(vlan=3) / IP(src=c, dst=vip) / TCP(dport=80)),
+    ]
+    datagram = IP(src=c, dst=vip, id=99, ttl=8) / UDP(sport=4, dport=80) / Raw(b"F" * 2000)
+    return seeds + [eth(p) for p in fragment(datagram, fragsize=600)]
