@@ -87,6 +87,19 @@ class _ServerSlot:
         self.counter = counter  # [packets, bytes]
 
 
+def _quoted_flow_slot(frame, ports, proto: int, ql4: int, client: bytes, vip: bytes, now):
+    """The slot of the client flow an ICMP error quotes (a packet VIP:port → client at *ql4*), or a reason."""
+    sport = _PORTS(frame, ql4)[0]
+    pe = ports.get((proto << 16) | sport) or ports.get(proto << 16)
+    if pe is None:
+        return "icmp-unmatched"
+    key = client + vip + _BYTE[proto] + frame[ql4 + 2:ql4 + 4] + frame[ql4:ql4 + 2]
+    idx = pe[0](key, client, 0, now)
+    if idx < 0:
+        return "no-server"
+    return pe[1][idx]
+
+
 class Dispatcher:
     """See ``docs/architecture.md`` ("Dispatcher contract") and ``docs/datapath.md``."""
 
@@ -362,17 +375,7 @@ class Dispatcher:
             return "icmp-unmatched"
         if ((frame[q + 6] & 0x1F) << 8 | frame[q + 7]) != 0:
             return "icmp-unmatched"  # quotes a non-first fragment: no ports
-        ql4 = q + qihl
-        sport = _PORTS(frame, ql4)[0]
-        pe = ports.get((qproto << 16) | sport) or ports.get(qproto << 16)
-        if pe is None:
-            return "icmp-unmatched"
-        client = frame[q + 16:q + 20]
-        key = client + frame[q + 12:q + 16] + bytes((qproto,)) + frame[ql4 + 2:ql4 + 4] + frame[ql4:ql4 + 2]
-        idx = pe[0](key, client, 0, now)
-        if idx < 0:
-            return "no-server"
-        return pe[1][idx]
+        return _quoted_flow_slot(frame, ports, qproto, q + qihl, frame[q + 16:q + 20], frame[q + 12:q + 16], now)
 
     def _icmp4(self, frame, now, ihl: int, end: int, ports) -> list:
         slot = self._icmp4_slot(frame, ihl, end, ports, now)
@@ -585,16 +588,7 @@ class Dispatcher:
         ql4 = q + qoff
         if end < ql4 + 4:
             return "icmp-unmatched"
-        sport = _PORTS(frame, ql4)[0]
-        pe = ports.get((qnxt << 16) | sport) or ports.get(qnxt << 16)
-        if pe is None:
-            return "icmp-unmatched"
-        client = frame[q + 24:q + 40]
-        key = client + frame[q + 8:q + 24] + bytes((qnxt,)) + frame[ql4 + 2:ql4 + 4] + frame[ql4:ql4 + 2]
-        idx = pe[0](key, client, 0, now)
-        if idx < 0:
-            return "no-server"
-        return pe[1][idx]
+        return _quoted_flow_slot(frame, ports, qnxt, ql4, frame[q + 24:q + 40], frame[q + 8:q + 24], now)
 
     def _forward6(self, frame, end: int, slot) -> list:
         hl = frame[21]

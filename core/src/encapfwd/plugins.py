@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import sys
@@ -121,8 +122,6 @@ def get_plugin_manager(*, load_entrypoints: bool = True, plugins=()) -> Registry
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     registry = Registry(pm=pm)
-
-    import importlib
 
     for module_name in BUILTIN_MODULES:
         _register_checked(pm, importlib.import_module(module_name), module_name)

@@ -147,3 +147,24 @@ def seed_frames(mtu: int) -> list:
     ]
     datagram = IP(src=c, dst=vip, id=99, ttl=8) / UDP(sport=4, dport=80) / Raw(b"F" * 2000)
     return seeds + [eth(p) for p in fragment(datagram, fragsize=600)]
+
+
+# ------------------------------------------------------------------------------------ setup scripts
+
+
+def assert_shell_syntax(text: str, path) -> None:
+    """Write *text* to *path* and have ``dash -n``, ``bash -n`` and ``shellcheck -s sh`` (those installed)
+    check it: a generated back-end script must parse in the shells that will run it."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    Path(path).write_text(text)
+    for shell in ("dash", "bash"):
+        if shutil.which(shell):
+            proc = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr
+    checker = shutil.which("shellcheck")
+    if checker:
+        proc = subprocess.run([checker, "-s", "sh", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout

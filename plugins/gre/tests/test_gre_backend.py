@@ -5,13 +5,12 @@ hostile input, undo, refusals, and a shell syntax check (dash -n, bash -n, shell
 """
 
 import ipaddress
-import shutil
-import subprocess
 
 import pytest
 from encapfwd.errors import ConfigError, SetupRefused
 from encapfwd.hookspecs import SetupTarget
 from encapfwd.model import Server
+from encapfwd.testing import assert_shell_syntax as syntax_ok
 from encapfwd_gre.backend import script
 
 VIP = "203.0.113.80"
@@ -25,16 +24,6 @@ def target(cluster=VIP, dispatcher=DISPATCHER, grekey=None, **options):
                        dispatcher=ipaddress.ip_address(dispatcher) if dispatcher else None, options=options)
 
 
-def syntax_ok(text, path):
-    path.write_text(text)
-    for shell in ("dash", "bash"):
-        if shutil.which(shell):
-            proc = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr
-    checker = shutil.which("shellcheck")
-    if checker:
-        proc = subprocess.run([checker, "-s", "sh", str(path)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout
 
 
 @pytest.mark.parametrize("grekey", [None, 7])

@@ -12,6 +12,7 @@ import pytest
 from encapfwd.errors import ConfigError, SetupRefused
 from encapfwd.hookspecs import SetupTarget
 from encapfwd.model import Server
+from encapfwd.testing import assert_shell_syntax as syntax_ok
 from encapfwd_ipip.backend import script
 
 VIP = "203.0.113.80"
@@ -25,16 +26,6 @@ def target(cluster=VIP, server=SERVER, dispatcher=DISPATCHER, **options):
                        port=80, dispatcher=ipaddress.ip_address(dispatcher) if dispatcher else None, options=options)
 
 
-def syntax_ok(text, path):
-    path.write_text(text)
-    for shell in ("dash", "bash"):
-        if shutil.which(shell):
-            proc = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr
-    checker = shutil.which("shellcheck")
-    if checker:
-        proc = subprocess.run([checker, "-s", "sh", str(path)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout
 
 
 def test_linux_setup(tmp_path):

@@ -4,13 +4,12 @@ The generated Linux scripts are run in a namespace's kernel by tests/test_backen
 content, quoting, hostile input, undo, every operating system, and a shell syntax check.
 """
 
-import shutil
-import subprocess
 
 import pytest
 from encapfwd.errors import ConfigError, SetupRefused
 from encapfwd.hookspecs import SetupTarget
 from encapfwd.model import Server
+from encapfwd.testing import assert_shell_syntax as syntax_ok
 from encapfwd_mac.backend import script
 
 VIP = "203.0.113.80"
@@ -21,16 +20,6 @@ def target(cluster=VIP, server=SERVER, **options):
     return SetupTarget(server=Server(address=server), cluster=cluster, port=80, dispatcher=None, options=options)
 
 
-def syntax_ok(text, path):
-    path.write_text(text)
-    for shell in ("dash", "bash"):
-        if shutil.which(shell):
-            proc = subprocess.run([shell, "-n", str(path)], capture_output=True, text=True)
-            assert proc.returncode == 0, proc.stderr
-    checker = shutil.which("shellcheck")
-    if checker:
-        proc = subprocess.run([checker, "-s", "sh", str(path)], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout
 
 
 def test_linux_setup(tmp_path):
