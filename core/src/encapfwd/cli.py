@@ -83,11 +83,12 @@ def registry():
 
 
 def edit_config(ctx, change, message: str) -> None:
-    """Load, apply *change(config, registry)*, save atomically only on success, say what was done."""
+    """The one load → *change(config, registry)* → save of every edit command, under the file's lock
+    (parallel edits are serialised, none is lost); saved only on success; then say what was done."""
     path = ctx.obj["config_path"]
-    config = cfg.load(path)
-    new = change(config, registry())
-    cfg.save(path, new)
+    reg = registry()  # plugins are loaded before the lock is taken: it is held only for the edit itself
+    with cfg.edit(path) as session:
+        session.config = change(session.config, reg)
     click.echo(message)
 
 
@@ -97,7 +98,11 @@ def edit_config(ctx, change, message: str) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
 def forwarders(as_json):
-    """List the forwarding methods the installed plugins provide."""
+    """List the forwarding methods the installed plugins provide.
+
+    ENGINES: where a method can run: xdp,python when its plugin describes it as a template (the XDP
+    program and the Python dispatcher run the same bytes), python when it is Python code only.
+    """
     from .plugins import KNOWN_DISTRIBUTIONS
 
     reg = registry()
@@ -106,7 +111,7 @@ def forwarders(as_json):
         if not record.ok:
             rows.append(
                 {"name": None, "distribution": record.distribution, "version": record.version,
-                 "overhead": None, "ipv4_only": None, "operating_systems": [],
+                 "overhead": None, "ipv4_only": None, "operating_systems": [], "engines": [],
                  "status": record.status, "description": "", "hooks": record.hooks}
             )
             continue
@@ -115,7 +120,8 @@ def forwarders(as_json):
             rows.append(
                 {"name": fwd.name, "distribution": record.distribution, "version": record.version,
                  "overhead": fwd.overhead, "ipv4_only": fwd.ipv4_only,
-                 "operating_systems": list(fwd.operating_systems), "status": "ok",
+                 "operating_systems": list(fwd.operating_systems), "engines": list(reg.engines(name)),
+                 "status": "ok",
                  "description": fwd.description, "hooks": record.hooks}
             )
     missing = [f"{dist} ({name})" for name, dist in KNOWN_DISTRIBUTIONS.items() if name not in reg.forwarders]
@@ -125,12 +131,12 @@ def forwarders(as_json):
             click.echo("encapfwd: no forwarders installed; install " + ", ".join(missing), err=True)
         return
     if rows:
-        header = ("FORWARDER", "DISTRIBUTION", "VERSION", "OVERHEAD", "IPV4-ONLY", "OS", "STATUS")
+        header = ("FORWARDER", "DISTRIBUTION", "VERSION", "OVERHEAD", "IPV4-ONLY", "OS", "ENGINES", "STATUS")
         table = [header] + [
             (r["name"] or "-", r["distribution"], r["version"],
              "-" if r["overhead"] is None else str(r["overhead"]),
              "-" if r["ipv4_only"] is None else ("yes" if r["ipv4_only"] else "no"),
-             ",".join(r["operating_systems"]) or "-", r["status"])
+             ",".join(r["operating_systems"]) or "-", ",".join(r["engines"]) or "-", r["status"])
             for r in rows
         ]
         widths = [max(len(row[i]) for row in table) for i in range(len(header))]

@@ -17,6 +17,10 @@ from .errors import ConfigError, EncapfwdError
 #: Input size from which replay shows a progress bar (when stderr is a terminal).
 PROGRESS_MIN_BYTES = 8 << 20
 
+#: Exit status when IN ends in the middle of a record or block (errors exit 1, usage errors 2): replay has
+#: forwarded and written the frames before it and printed its summary; explain did not reach the frame.
+EXIT_TRUNCATED = 3
+
 
 def _config_path(ctx) -> str:
     obj = ctx.find_root().obj if ctx is not None else None
@@ -86,9 +90,9 @@ def replay_command(ctx, infile, outfile, as_json, progress):
     """
     from .engines.replay import replay
 
-    if not os.path.isfile(infile):
-        raise EncapfwdError(f"cannot read {infile}: no such file")
-    if os.path.abspath(infile) == os.path.abspath(outfile):
+    _check_input(infile)
+    if os.path.abspath(infile) == os.path.abspath(outfile) or (
+            os.path.exists(outfile) and os.path.samefile(infile, outfile)):
         raise EncapfwdError("IN and OUT are the same file")
     dispatcher = _dispatcher(ctx)
     size = os.path.getsize(infile)
@@ -103,6 +107,20 @@ def replay_command(ctx, infile, outfile, as_json, progress):
         click.echo(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
+    if summary["truncated"]:
+        n = summary["frames_in"]
+        click.echo(f"encapfwd: warning: {summary['truncation']['message']}; replayed the {n} "
+                   f"frame{'' if n == 1 else 's'} before it", err=True)
+        ctx.exit(EXIT_TRUNCATED)
+
+
+def _check_input(infile: str) -> None:
+    if os.path.isdir(infile):
+        raise EncapfwdError(f"cannot read {infile}: it is a directory")
+    if not os.path.exists(infile):
+        raise EncapfwdError(f"cannot read {infile}: no such file")
+    if not os.path.isfile(infile):
+        raise EncapfwdError(f"cannot read {infile}: not a regular file")
 
 
 def _diff(before: dict, after: dict) -> str:
@@ -120,8 +138,12 @@ def _dissect(frame: bytes) -> str:
     """scapy's layer-by-layer view, with long payloads shortened for a human."""
     from scapy.layers.l2 import Ether
 
+    try:
+        shown = Ether(frame).show(dump=True)
+    except Exception as exc:  # noqa: BLE001 - scapy on arbitrary bytes; the frame is still worth showing
+        return f"(scapy cannot dissect this frame: {type(exc).__name__}: {exc})\n{frame.hex(' ')}"
     lines = []
-    for line in Ether(frame).show(dump=True).rstrip().splitlines():
+    for line in shown.rstrip().splitlines():
         if len(line) > 110 and "load" in line and "=" in line:
             line = line[:100] + "...'  (shortened)"
         lines.append(line)
@@ -135,20 +157,25 @@ def _dissect(frame: bytes) -> str:
 @click.pass_context
 def explain_command(ctx, infile, index):
     """Show one frame of IN before and after the dispatcher, dissected by scapy."""
-    from .engines.replay import read_frames
+    from .engines.replay import CaptureReader
 
-    if not os.path.isfile(infile):
-        raise EncapfwdError(f"cannot read {infile}: no such file")
+    _check_input(infile)
     dispatcher = _dispatcher(ctx)
     target = None
     count = 0
-    for i, (ts, frame) in enumerate(read_frames(infile)):
-        count += 1
-        if i == index:
-            target = (ts, frame)
-            break
-        dispatcher.process(frame, ts)
+    with CaptureReader(infile) as reader:
+        for ts, frame in reader:
+            if count == index:
+                target = (ts, frame)
+                break
+            count += 1
+            dispatcher.process(frame, ts)
+        truncation = reader.truncation
     if target is None:
+        if truncation is not None:
+            click.echo(f"encapfwd: error: {infile} has no frame {index} (it has {count} whole frames, --index "
+                       f"counts from 0): {truncation.describe(infile)}", err=True)
+            ctx.exit(EXIT_TRUNCATED)
         raise EncapfwdError(f"{infile} has no frame {index} (it has {count} frames)")
     ts, frame = target
     before = dispatcher.report()

@@ -47,7 +47,8 @@ def _cpus(text):
     "--control",
     metavar="PATH",
     default=None,
-    help="Control socket for 'server report' (default /run/encapfwd/control.sock or $ENCAPFWD_CONTROL).",
+    help="Control socket for 'server report' (default $ENCAPFWD_CONTROL, else "
+    "/run/encapfwd/netns-INODE.sock, one per network namespace). Only a stale socket there is replaced.",
 )
 @click.option(
     "--cpus",

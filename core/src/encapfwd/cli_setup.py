@@ -3,6 +3,11 @@
 The forwarding method comes from the configuration (``forwarding_method(executor, server)``); the plugin
 that owns the method renders the script through the ``encapfwd_backend_setup`` hook; this module only
 finds the servers, validates the options and prints. Nothing here imports scapy.
+
+Nothing is printed until the whole output is built: every value that appears in it (the addresses, ports and
+method names of the grouping comments included) goes through the validators of :mod:`encapfwd.setup` first,
+so a value that fails validation anywhere leaves stdout empty (one error line on stderr, exit 1) and a
+half-printed script can never be piped into a shell.
 """
 
 from __future__ import annotations
@@ -27,6 +32,45 @@ def _render(registry, config, cluster, port, server, os_name, undo, options) -> 
     if text is None:
         raise PluginError(f"no installed plugin renders the back-end setup for {method!r}")
     return text if text.endswith("\n") else text + "\n"
+
+
+def _one_line(text) -> str:
+    """*text* on one line: anything but a printable character (a newline above all) becomes ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
+def _comment(mark: str, text) -> str:
+    return f"{mark} {_one_line(text)}\n"
+
+
+def _grouped(registry, config, os_name, undo, options):
+    """The whole all-servers output as a list of strings, and the refusals; prints nothing."""
+    groups = S.assignments(config)
+    if not groups:
+        raise ConfigError("the configuration has no servers")
+    mark = "rem" if os_name == "windows" else "#"
+    out = []
+    refused = []
+    for index, (_, items) in enumerate(groups):
+        server_address = S.ip(items[0].server.address, "server address")
+        if index:
+            out.append("\n")
+        out.append(_comment(mark, f"===== server {server_address} ====="))
+        for item in items:
+            cluster_address = S.ip(item.cluster.address, "cluster address")
+            ports = ",".join(str(S.number(p, 0, 65535, "port")) for p in item.ports)
+            method = S.forwarder_name(item.method, "forwarding method")
+            out.append(_comment(mark, f"--- cluster {cluster_address} port(s) {ports}: {method} ---"))
+            try:
+                text = _render(registry, config, item.cluster, item.port, item.server, os_name, undo, options)
+            except (SetupRefused, PluginError) as exc:
+                reason = _one_line(exc)
+                refused.append(f"{cluster_address}@{S.number(item.port.number, 0, 65535, 'port')}"
+                               f"@{server_address}: {reason}")
+                out.append(_comment(mark, f"refused: {reason}"))
+                continue
+            out.append(text)
+    return out, refused
 
 
 @click.command("backend-setup")
@@ -71,33 +115,14 @@ def backend_setup_command(ctx, address, os_name, undo, persistent, tunnel_addres
 
     if address is not None:
         cluster, port, servers = cfg.find_server(config, address)
-        for server in servers:
-            click.echo(_render(registry, config, cluster, port, server, os_name, undo, options), nl=False)
+        texts = [_render(registry, config, cluster, port, server, os_name, undo, options) for server in servers]
+        click.echo("".join(texts), nl=False)
         return
 
     if tunnel_address or tunnel_peer:
         raise ConfigError("--tunnel-address and --tunnel-peer belong to one server: give CLUSTER@PORT@SERVER")
-    groups = S.assignments(config)
-    if not groups:
-        raise ConfigError("the configuration has no servers")
-    mark = "rem" if os_name == "windows" else "#"
-    refused = []
-    first = True
-    for server_address, items in groups:
-        if not first:
-            click.echo("")
-        first = False
-        click.echo(f"{mark} ===== server {server_address} =====")
-        for item in items:
-            ports = ",".join(str(p) for p in item.ports)
-            click.echo(f"{mark} --- cluster {item.cluster.address} port(s) {ports}: {item.method} ---")
-            try:
-                text = _render(registry, config, item.cluster, item.port, item.server, os_name, undo, options)
-            except (SetupRefused, PluginError) as exc:
-                refused.append(f"{item.cluster.address}@{item.port.number}@{server_address}: {exc}")
-                click.echo(f"{mark} refused: {exc}")
-                continue
-            click.echo(text, nl=False)
+    out, refused = _grouped(registry, config, os_name, undo, options)
+    click.echo("".join(out), nl=False)
     if refused:
         raise SetupRefused(f"{len(refused)} setup(s) refused; first: {refused[0]}")
 

@@ -1,18 +1,33 @@
-"""Configuration: TOML load/save (atomic) and IBM ``dscontrol``-style commands that produce a new Config.
+"""Configuration: TOML load/save and IBM ``dscontrol``-style commands that produce a new Config.
 
-Every command is a pure function ``Config -> Config``; the CLI saves the result only when the command
-succeeded, so a failed command leaves the file untouched.
+Every command is a pure function ``Config -> Config``. The CLI runs it inside :func:`edit`, which holds an
+advisory lock on the file for the whole load → command → save sequence (so parallel edits are serialised,
+none is lost) and saves only when the command succeeded, so a failed command leaves the file untouched.
+
+Saving writes through symbolic links to their target, atomically (temporary file beside the target, fsync,
+rename), keeps the file's owner, group and mode, and keeps the comments and layout of a hand-written file:
+the new configuration is applied to the existing document (``tomlkit``) as a minimal change.
+
+:func:`check` is the one place where rules across objects are checked.
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import os
+import re
+import stat
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import attrs
-import tomli_w
+import tomlkit
+from tomlkit.container import Container
+from tomlkit.items import AoT, Array, Null, Table, Whitespace
 
 try:
     import tomllib
@@ -20,7 +35,18 @@ except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
 from .errors import ConfigError, PluginError
-from .model import Cluster, Config, Executor, Port, Server, parse_ip
+from .model import (
+    Cluster,
+    Config,
+    Executor,
+    Port,
+    Server,
+    _shown,
+    forwarding_method,
+    parse_int,
+    parse_ip,
+    server_key,
+)
 
 DEFAULT_PATH = "encapfwd.toml"
 ENV_CONFIG = "ENCAPFWD_CONFIG"
@@ -59,6 +85,13 @@ def default_path() -> str:
 
 # --------------------------------------------------------------------------------------------- TOML
 
+#: A configuration file larger than this is refused (a dispatcher with 100,000 servers needs about 10 MiB).
+MAX_BYTES = 16 * 1024 * 1024
+#: Deepest nesting of arrays and inline tables accepted (the configuration needs 2; parsers recurse on it).
+MAX_NESTING = 32
+#: How long an edit waits for another one to finish before giving up.
+LOCK_TIMEOUT = 60.0
+
 
 def _plain(value):
     if value is None:
@@ -84,20 +117,21 @@ def _table(obj, skip=()) -> dict:
     return out
 
 
+def _server_dict(server: Server) -> dict:
+    return {"address": str(server.address), **_table(server, skip=("address",))}
+
+
+def _port_dict(port: Port) -> dict:
+    return {"number": port.number, **_table(port, skip=("number", "servers")),
+            "servers": [_server_dict(s) for s in port.servers]}
+
+
+def _cluster_dict(cluster: Cluster) -> dict:
+    return {"address": str(cluster.address), "ports": [_port_dict(p) for p in cluster.ports]}
+
+
 def to_dict(config: Config) -> dict:
-    data: dict = {"executor": _table(config.executor)}
-    clusters = []
-    for cluster in config.clusters:
-        ports = []
-        for port in cluster.ports:
-            entry = {"number": port.number, **_table(port, skip=("number", "servers"))}
-            entry["servers"] = [
-                {"address": str(s.address), **_table(s, skip=("address",))} for s in port.servers
-            ]
-            ports.append(entry)
-        clusters.append({"address": str(cluster.address), "ports": ports})
-    data["clusters"] = clusters
-    return data
+    return {"executor": _table(config.executor), "clusters": [_cluster_dict(c) for c in config.clusters]}
 
 
 def _build(cls, raw, what: str, **extra):
@@ -130,73 +164,684 @@ def from_dict(data: dict) -> Config:
             ports.append(_build(Port, raw_port, f"{what} port", servers=tuple(servers)))
         clusters.append(_build(Cluster, raw_cluster, what, address=address, ports=tuple(ports)))
     config = Config(executor=executor, clusters=tuple(clusters))
-    validate(config)
+    check(config)
     return config
 
 
+# Strings and comments (skipped) or one bracket: enough to measure nesting without parsing.
+_NESTING_TOKENS = re.compile(
+    r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"(?:[^"\\\n]|\\.)*"|\'[^\'\n]*\'|#[^\n]*|[\[\]{}]'
+)
+
+
+def _nesting(text: str, limit: int) -> int:
+    """How deeply arrays and inline tables nest in *text* (stops counting beyond *limit*)."""
+    depth = peak = 0
+    for match in _NESTING_TOKENS.finditer(text):
+        token = match.group()
+        if token == "[" or token == "{":
+            depth += 1
+            if depth > peak:
+                peak = depth
+                if peak > limit:
+                    break
+        elif token == "]" or token == "}":
+            depth = max(0, depth - 1)
+    return peak
+
+
 def loads(text: str) -> Config:
+    if _nesting(text, MAX_NESTING) > MAX_NESTING:
+        raise ConfigError(f"invalid TOML: arrays or tables nested more than {MAX_NESTING} levels deep")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"invalid TOML: {exc}") from None
+        raise ConfigError(f"invalid TOML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError("invalid TOML: nested too deeply") from None
     try:
         return from_dict(data)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid configuration: {exc}") from None
+        raise ConfigError(f"invalid configuration: {' '.join(str(exc).split())}") from None
 
 
 def dumps(config: Config) -> str:
-    return tomli_w.dumps(to_dict(config))
+    """A fresh document for *config* (no comments); :func:`save` keeps an existing file's layout instead."""
+    return tomlkit.dumps(to_dict(config))
+
+
+# ---- files: what may be read and written
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_unless_regular(st: os.stat_result, shown, writing: bool) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
+        raise ConfigError(f"{shown} is {kind}, not a regular file: a configuration must be a regular file")
+    if writing and st.st_nlink > 1:
+        raise ConfigError(
+            f"{shown} has {st.st_nlink} hard links: saving would separate it from the other names; "
+            "edit it through a single name (or use a symbolic link)"
+        )
+
+
+def _target(shown: Path, writing: bool) -> Path:
+    """The file *shown* names, symbolic links resolved; refuses what cannot be (re)written as a regular file.
+
+    A file that does not exist yet is fine (it is created); a dangling symbolic link is not.
+    """
+    target = Path(os.path.realpath(shown))
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        if os.path.islink(shown):
+            raise ConfigError(f"{shown} is a symbolic link to {target}, which does not exist") from None
+        return target
+    except OSError as exc:
+        raise ConfigError(f"cannot read {shown}: {exc.strerror}") from None
+    _refuse_unless_regular(st, shown, writing)
+    return target
+
+
+def _decode(data: bytes, shown) -> str:
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ConfigError(f"{shown}: not UTF-8 (it starts with a UTF-16 or UTF-32 byte-order mark); save it as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{shown}: not UTF-8 (invalid byte 0x{data[exc.start]:02x} on line {line})") from None
+
+
+def _read(path: Path, shown, writing: bool) -> Optional[str]:
+    """The text of *path*, or None when it does not exist. Only regular files are opened for reading."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if writing:
+        flags |= getattr(os, "O_NOFOLLOW", 0)  # *path* is the resolved target: it must not turn into a link
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise ConfigError(f"{shown} is a symbolic link to {os.path.realpath(path)}, which does not exist") from None
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {shown}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            st = os.fstat(fd)
+            _refuse_unless_regular(st, shown, writing)
+            if st.st_size > MAX_BYTES:
+                raise ConfigError(f"{shown} is too large for a configuration ({st.st_size} bytes; at most {MAX_BYTES})")
+            data = handle.read(MAX_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {shown}: {exc.strerror}") from None
+    if len(data) > MAX_BYTES:
+        raise ConfigError(f"{shown} is too large for a configuration (more than {MAX_BYTES} bytes)")
+    return _decode(data, shown)
+
+
+def _parse(text: str, shown) -> Config:
+    try:
+        return loads(text)
+    except ConfigError as exc:
+        raise ConfigError(f"{shown}: {exc}") from None
 
 
 def load(path) -> Config:
     """Load *path*; a missing file is an empty configuration."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return Config()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        return loads(text)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    shown = Path(path)
+    text = _read(shown, shown, writing=False)
+    return Config() if text is None else _parse(text, shown)
 
 
-def save(path, config: Config) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, rename over the old one."""
-    path = Path(path)
-    text = dumps(config)
-    directory = path.parent if str(path.parent) else Path(".")
+# ---- the lock
+
+_held: Dict[str, int] = {}  # lock files this process holds -> thread holding it (an edit inside an edit)
+
+
+def lock_path(target: Path) -> Path:
+    """The lock file of the configuration file *target*: ``.NAME.lock`` in the same folder (it exists
+    only while an edit runs)."""
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def _locked(target: Path, shown, timeout: Optional[float] = None) -> Iterator[None]:
+    """Hold the advisory lock (``flock``) of *target* (already resolved) while the block runs."""
+    import fcntl
+
+    lock = lock_path(target)
+    key = str(lock)
+    if _held.get(key) == threading.get_ident():
+        yield
+        return
+    deadline = time.monotonic() + (LOCK_TIMEOUT if timeout is None else timeout)
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        try:
+            fd = os.open(lock, flags, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot lock {shown}: {lock}: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"cannot lock {shown}: {lock} is not a regular file")
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise ConfigError(
+                            f"{shown} is being changed by another process: gave up after "
+                            f"{LOCK_TIMEOUT if timeout is None else timeout:g} s waiting for {lock}"
+                        ) from None
+                    time.sleep(0.02)
+                except OSError as exc:
+                    raise ConfigError(f"cannot lock {shown}: {lock}: {exc.strerror}") from None
+            try:
+                mine, current = os.fstat(fd), os.lstat(lock)
+                same = (mine.st_dev, mine.st_ino) == (current.st_dev, current.st_ino)
+            except OSError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the lock file was replaced while we waited: lock the current one
+    _held[key] = threading.get_ident()
     try:
-        mode = path.stat().st_mode & 0o777
+        yield
+    finally:
+        _held.pop(key, None)
+        # Removed while still held, so that no lock file is left behind: a process that was waiting on this
+        # (now nameless) file notices after it gets the lock (the inode check above) and locks a fresh one.
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)  # releases the lock
+
+
+# ---- writing
+
+# the names tempfile.mkstemp gives: prefix, 8 characters of [a-z0-9_], suffix
+_TEMP_TAIL = r"[a-z0-9_]{8}\.tmp"
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Remove the temporary files an interrupted save of *target* left (only called under the lock)."""
+    pattern = re.compile(re.escape(f".{target.name}.") + _TEMP_TAIL)
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        if pattern.fullmatch(name):
+            stale = target.parent / name
+            try:
+                if stat.S_ISREG(os.lstat(stale).st_mode):
+                    os.unlink(stale)
+            except OSError:
+                pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write(target: Path, text: str, shown) -> None:
+    """Replace *target* by *text* atomically (call under the lock): temporary file beside it with the same
+    owner, group and mode, fsync, rename, fsync of the folder. On any error the temporary file is removed
+    and *target* is untouched."""
+    _remove_stale_temps(target)
+    try:
+        st: Optional[os.stat_result] = os.lstat(target)
     except FileNotFoundError:
-        mode = 0o644
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+        st = None
     except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot write {shown}: {exc.strerror}") from None
+    if st is not None:
+        _refuse_unless_regular(st, shown, writing=True)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {shown}: {exc.strerror}") from None
+    try:
+        try:
+            _write_all(fd, text.encode("utf-8"))
+            if st is not None:
+                mine = os.fstat(fd)
+                if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+                    try:
+                        os.fchown(fd, st.st_uid, st.st_gid)
+                    except OSError as exc:
+                        raise ConfigError(
+                            f"cannot write {shown}: cannot keep its owner and group "
+                            f"({st.st_uid}:{st.st_gid}): {exc.strerror}"
+                        ) from None
+                os.fchmod(fd, stat.S_IMODE(st.st_mode))
+            else:
+                os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write {shown}: {exc.strerror or exc}") from None
         raise
+    try:
+        dirfd = os.open(target.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dirfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dirfd)
 
 
-# ----------------------------------------------------------------------------------------- validate
+@attrs.define
+class Edit:
+    """What :func:`edit` yields: set :attr:`config` to the new configuration."""
+
+    path: Path
+    #: the configuration as loaded; replace it with the result of a command
+    config: Config
+    #: the configuration as loaded, unchanged
+    original: Config
+    #: the file's text as loaded (None: the file does not exist yet)
+    text: Optional[str]
 
 
-def validate(config: Config, registry=None) -> None:
-    """Checks across objects (the attrs converters check single fields)."""
+@contextlib.contextmanager
+def edit(path, *, timeout: Optional[float] = None) -> Iterator[Edit]:
+    """Load → change → save *path* under its lock; nothing is written when the block raises.
+
+    ::
+
+        with config.edit(path) as session:
+            session.config = server_add(session.config, "10.0.9.9@80@10.0.2.10", [])
+
+    The lock (``flock`` on ``.NAME.lock`` beside the file, symbolic links resolved) serialises edits of
+    the same file, so that none is lost; it is waited for up to *timeout* seconds (``LOCK_TIMEOUT``).
+    """
+    shown = Path(path)
+    target = _target(shown, writing=True)
+    with _locked(target, shown, timeout):
+        text = _read(target, shown, writing=True)
+        original = Config() if text is None else _parse(text, shown)
+        session = Edit(path=shown, config=original, original=original, text=text)
+        yield session
+        if not isinstance(session.config, Config):
+            raise TypeError(f"edit: expected a Config, got {type(session.config).__name__}")
+        if session.config != original:
+            _write(target, render(session.config, original, text), shown)
+
+
+def save(path, config: Config) -> None:
+    """Write *config* to *path* (under its lock, atomically, comments of the existing file kept)."""
+    shown = Path(path)
+    target = _target(shown, writing=True)
+    with _locked(target, shown):
+        text = _read(target, shown, writing=True)
+        try:
+            old = None if text is None else loads(text)
+        except ConfigError:
+            old = None  # an invalid file is replaced as a whole
+        _write(target, render(config, old, text), shown)
+
+
+# ---- keeping comments: the new configuration as a minimal change of the existing document
+
+
+class _Unmergeable(Exception):
+    """The existing document has a shape the minimal change does not handle: write a fresh one."""
+
+
+def render(new: Config, old: Optional[Config] = None, old_text: Optional[str] = None) -> str:
+    """The text to save for *new*: *old_text* (which loads as *old*) changed as little as possible, so its
+    comments and layout stay; a fresh document when there is none or when that fails."""
+    fresh = dumps(new)
+    if old is None or old_text is None:
+        return fresh
+    try:
+        doc = tomlkit.parse(old_text)
+        _attach_comments(doc, old_text)
+        _merge_document(doc, old, new)
+        text = doc.as_string()
+    except Exception:  # noqa: BLE001 - a tomlkit surprise costs the comments, never the edit
+        return fresh
+    if text.endswith("\n\n") and not old_text.endswith("\n\n"):
+        text = text.rstrip("\n") + "\n"  # what followed a removed table: no blank lines at the end
+    try:
+        if loads(text) == new:
+            return text
+    except ConfigError:
+        pass
+    return fresh
+
+
+def _run(container: Container, end: int) -> Tuple[int, int]:
+    """The run of comment/whitespace items that ends at *end* in *container*."""
+    body = container.body
+    start = end
+    while start > 0 and body[start - 1][0] is None:
+        start -= 1
+    return start, end
+
+
+def _entry_container(item) -> Optional[Container]:
+    if isinstance(item, Table):
+        return item.value
+    if isinstance(item, AoT) and item.body:
+        return item.body[-1].value
+    return None
+
+
+def _tail(container: Container) -> Tuple[Container, int, int]:
+    """Where the text at the very end of *container* (in document order, sub-tables included) lives."""
+    body = container.body
+    start, end = _run(container, len(body))
+    if start == end and body:
+        inner = _entry_container(body[-1][1])
+        if inner is not None:
+            return _tail(inner)
+    return container, start, end
+
+
+def _run_text(container: Container, start: int, end: int) -> str:
+    return "".join(item.as_string() for _, item in container.body[start:end])
+
+
+def _set_run(container: Container, start: int, end: int, text: str) -> None:
+    """Replace the comment/whitespace items ``body[start:end]`` by *text* (indices of keys do not move)."""
+    body = container.body
+    for i in range(start, end):
+        body[i] = (None, Null())
+    if not text:
+        return
+    if start < end:
+        body[start] = (None, Whitespace(text))
+        return
+    body.insert(start, (None, Whitespace(text)))
+    for key, index in list(container._map.items()):  # noqa: SLF001 - tomlkit has no public insert for trivia
+        if isinstance(index, tuple):
+            container._map[key] = tuple(i + 1 if i >= start else i for i in index)  # noqa: SLF001
+        elif index >= start:
+            container._map[key] = index + 1  # noqa: SLF001
+
+
+def _split_attached(text: str) -> Tuple[str, str]:
+    """(kept, attached): *attached* is the block of comment lines right above a header (no blank line in
+    between); it belongs to that header's object."""
+    lines = text.splitlines(keepends=True)
+    cut = len(lines)
+    while cut > 0 and lines[cut - 1].lstrip().startswith("#"):
+        cut -= 1
+    return "".join(lines[:cut]), "".join(lines[cut:])
+
+
+def _attach(location: Tuple[Container, int, int], table: Table) -> None:
+    container, start, end = location
+    kept, attached = _split_attached(_run_text(container, start, end))
+    if attached:
+        _set_run(container, start, end, kept)
+        table.trivia.indent = attached + table.trivia.indent
+
+
+def _before(container: Container, index: int) -> Tuple[Container, int, int]:
+    """Where the text right before the item ``body[index]`` of *container* lives (the end of the previous
+    table, when that is a table)."""
+    start, end = _run(container, index)
+    if start == end and start > 0:
+        inner = _entry_container(container.body[start - 1][1])
+        if inner is not None:
+            return _tail(inner)
+    return container, start, end
+
+
+def _attach_comments(doc, text: str) -> None:
+    """Move the comments right above each ``[table]``/``[[table]]`` header into that table (they are kept
+    at the end of the previous table by the parser), so that they go with it when it is removed and stay
+    with it when something is added before it. The document renders exactly as before."""
+
+    def walk(container: Container) -> None:
+        body = container.body
+        for index, (key, item) in enumerate(list(body)):
+            if key is None:
+                continue
+            if isinstance(item, Table):
+                if not item.is_super_table():
+                    _attach(_before(container, index), item)
+                walk(item.value)
+            elif isinstance(item, AoT):
+                for n, entry in enumerate(item.body):
+                    location = _before(container, index) if n == 0 else _tail(item.body[n - 1].value)
+                    _attach(location, entry)
+                    walk(entry.value)
+
+    walk(doc)
+    # what follows the last table (end-of-file comments) belongs to the document, not to that table
+    container, start, end = _tail(doc)
+    if container is not doc:
+        trailing = _run_text(container, start, end)
+        _set_run(container, start, end, "")
+        _set_run(doc, len(doc.body), len(doc.body), trailing)
+    if doc.as_string() != text:
+        raise _Unmergeable("moving comments changed the document")
+
+
+def _container(holder) -> Optional[Container]:
+    if isinstance(holder, Table):
+        return holder.value
+    if isinstance(holder, Container):
+        return holder
+    return None  # an inline table
+
+
+def _add_key(holder, key: str, value) -> None:
+    """Add *key* after the last key/value of *holder* (before its comments and sub-tables; a table goes
+    before the first sub-table), with a blank line above a table it ends up in front of.
+
+    Works on the container, not through ``Table.__setitem__``, which guesses an indentation from the text
+    above the table's header (where the comments that belong to the table are kept).
+    """
+    container = _container(holder)
+    if container is None:
+        holder[key] = value
+        return
+    body = container.body
+    pairs = [i for i, (k, v) in enumerate(body) if k is not None and not isinstance(v, (Table, AoT))]
+    tables = [i for i, (k, v) in enumerate(body) if k is not None and isinstance(v, (Table, AoT))]
+    if pairs and not isinstance(value, (Table, AoT)):
+        index = pairs[-1] + 1
+    elif tables:
+        index = tables[0]
+    else:
+        index = len(body) if holder is container else 0
+    if index >= len(body):
+        container.append(key, value)
+    else:
+        container._insert_at(index, key, value)  # noqa: SLF001 - tomlkit's positional insert
+        following = body[index + 1][1]
+        if isinstance(following, AoT) and following.body:
+            following = following.body[0]
+        if isinstance(following, Table) and not following.trivia.indent.startswith(("\n", "\r\n")):
+            following.trivia.indent = "\n" + following.trivia.indent
+    if isinstance(holder, Table):
+        dict.__setitem__(holder, key, container[key])
+
+
+def _merge_fields(table, old, new, skip=()) -> None:
+    for a in attrs.fields(type(new)):
+        if a.name in skip:
+            continue
+        before, after = getattr(old, a.name), getattr(new, a.name)
+        if before == after:
+            continue  # whatever the file says, it means this: leave it as written
+        if after is None:
+            if a.name in table:
+                del table[a.name]
+        elif a.name in table:
+            table[a.name] = _plain(after)
+        else:
+            _add_key(table, a.name, _plain(after))
+
+
+def _ends_with_blank_line(container: Container) -> bool:
+    lines = _run_text(*_tail(container)).splitlines()
+    return bool(lines) and not lines[-1].strip()
+
+
+def _join(first: str, second: str) -> str:
+    """*first* then *second*, without doubling the blank line where they meet."""
+    first_lines, second_lines = first.splitlines(keepends=True), second.splitlines(keepends=True)
+    if first_lines and not first_lines[-1].strip() and second_lines and not second_lines[0].strip():
+        second_lines = second_lines[1:]
+    return first + "".join(second_lines)
+
+
+def _space_out(table: Table) -> None:
+    """Give every ``[[table]]`` inside a new *table* a blank line above it, like the rest of the file."""
+    for _, item in table.value.body:
+        if isinstance(item, AoT):
+            for entry in item.body:
+                if "\n" not in entry.trivia.indent:
+                    entry.trivia.indent = "\n" + entry.trivia.indent
+                _space_out(entry)
+
+
+def _remove_entry(holder, key: str, entries, index: int) -> None:
+    """Remove ``entries[index]``; the text after it (which belongs to what follows) takes the place of the
+    text before it."""
+    if isinstance(entries, AoT):
+        if index > 0:
+            location = _tail(entries.body[index - 1].value)
+        else:
+            container = holder.value if isinstance(holder, Table) else holder
+            where = container._map.get(tomlkit.key(key))  # noqa: SLF001
+            location = _before(container, where) if isinstance(where, int) else None
+        if location is not None:
+            following = _tail(entries.body[index].value)
+            text = _join(_run_text(*location), _run_text(*following))
+            _set_run(*following, "")
+            _set_run(*location, text)
+    del entries[index]
+
+
+def _merge_list(holder, key: str, old_items, new_items, ident, merge_one, as_dict) -> None:
+    """Change the array *key* of *holder* (whose entries load as *old_items*) into *new_items*: entries that
+    stay are merged in place, removed ones go (with the comments above them), new ones are appended."""
+    if list(old_items) == list(new_items):
+        return
+    entries = holder[key] if key in holder else None
+    if old_items:
+        if not isinstance(entries, (AoT, Array)) or len(entries) != len(old_items):
+            raise _Unmergeable(key)
+    old_ids = [ident(o) for o in old_items]
+    new_ids = [ident(n) for n in new_items]
+    kept = [i for i in old_ids if i in new_ids]
+    if new_ids[: len(kept)] != kept:
+        raise _Unmergeable(f"{key}: order changed")
+    for index in reversed(range(len(old_items))):
+        if old_ids[index] not in new_ids:
+            _remove_entry(holder, key, entries, index)
+    for index, item in enumerate(new_items[: len(kept)]):
+        before = old_items[old_ids.index(ident(item))]
+        if before != item:
+            merge_one(entries[index], before, item)
+    added = new_items[len(kept):]
+    if not new_items:
+        if isinstance(entries, AoT):  # an emptied [[key]] list renders as nothing: say "key = []"
+            del holder[key]
+            _add_key(holder, key, tomlkit.array())
+        return
+    if not added:
+        return
+    if entries is None or (len(entries) == 0 and not isinstance(entries, AoT)):
+        if entries is not None:
+            del holder[key]
+        entries = tomlkit.aot()
+        container = _container(holder)
+        if container is None:
+            raise _Unmergeable(f"{key}: [[{key}]] inside an inline table")
+        container.append(key, entries)
+        if isinstance(holder, Table):
+            dict.__setitem__(holder, key, entries)
+    for item in added:
+        if isinstance(entries, AoT):
+            table = tomlkit.item(as_dict(item))
+            _space_out(table)
+            if entries.body:
+                blank = _ends_with_blank_line(entries.body[-1].value)
+            elif isinstance(holder, Table):
+                blank = _ends_with_blank_line(holder.value)
+            else:  # the document: nothing above is as good as a blank line
+                blank = not holder.as_string().strip() or _ends_with_blank_line(holder)
+            if not blank and "\n" not in table.trivia.indent:
+                table.trivia.indent = "\n" + table.trivia.indent
+            entries.append(table)
+        else:
+            entries.append(as_dict(item))
+
+
+def _merge_server(table, old: Server, new: Server) -> None:
+    _merge_fields(table, old, new, skip=("address",))
+
+
+def _merge_port(table, old: Port, new: Port) -> None:
+    _merge_fields(table, old, new, skip=("number", "servers"))
+    _merge_list(table, "servers", old.servers, new.servers, lambda s: s.address, _merge_server, _server_dict)
+
+
+def _merge_cluster(table, old: Cluster, new: Cluster) -> None:
+    _merge_list(table, "ports", old.ports, new.ports, lambda p: p.number, _merge_port, _port_dict)
+
+
+def _merge_document(doc, old: Config, new: Config) -> None:
+    if old.executor != new.executor:
+        if "executor" in doc:
+            _merge_fields(doc["executor"], old.executor, new.executor)
+        else:
+            table = tomlkit.table()
+            for name, value in _table(new.executor).items():
+                table[name] = value
+            _add_key(doc, "executor", table)
+    _merge_list(doc, "clusters", old.clusters, new.clusters, lambda c: c.address, _merge_cluster, _cluster_dict)
+
+
+# ----------------------------------------------------------------------------------------- check
+
+
+def check(config: Config, registry=None) -> None:
+    """Every rule across objects, checked in one place with one message each (the attrs converters check
+    single fields). Raises :class:`ConfigError` for the first rule broken.
+
+    Without *registry*: no object defined twice; ``encapforward yes`` only with an IPv4 cluster and an IPv4
+    server; ``grekey`` only with ``encaptype gre``. With the plugin *registry* as well: every port's
+    ``selectionalgorithm`` is provided; every ``encapforward yes`` server's ``encaptype`` is an installed
+    encapsulation; the forwarding method each server gets (``model.forwarding_method``, ``mac`` included) is
+    installed and can carry the cluster's address family.
+    """
+    servers = []
     seen_clusters = set()
     for cluster in config.clusters:
         if cluster.address in seen_clusters:
@@ -204,39 +849,55 @@ def validate(config: Config, registry=None) -> None:
         seen_clusters.add(cluster.address)
         seen_ports = set()
         for port in cluster.ports:
-            where = f"{cluster.address}@{port.number}"
             if port.number in seen_ports:
-                raise ConfigError(f"port {where} is defined twice")
+                raise ConfigError(f"port {cluster.address}@{port.number} is defined twice")
             seen_ports.add(port.number)
-            if registry is not None:
-                algorithms = registry.selection_algorithms()
-                if port.selectionalgorithm not in algorithms:
-                    raise ConfigError(
-                        f"port {where}: unknown selectionalgorithm {port.selectionalgorithm!r} "
-                        f"(available: {', '.join(algorithms)})"
-                    )
             seen_servers = set()
             for server in port.servers:
-                name = f"{where}@{server.address}"
+                name = server_key(cluster.address, port.number, server.address)
                 if server.address in seen_servers:
                     raise ConfigError(f"server {name} is defined twice")
                 seen_servers.add(server.address)
-                check_server(cluster, server, name, registry)
-
-
-def check_server(cluster: Cluster, server: Server, name: str, registry=None) -> None:
-    if server.encapforward:
-        if cluster.address.version != 4 or server.address.version != 4:
+                servers.append((name, cluster, port, server))
+    for name, cluster, port, server in servers:
+        if server.encapforward and (cluster.address.version != 4 or server.address.version != 4):
             raise ConfigError(f"server {name}: encapsulation forwarding is only valid for IPv4")
-        if registry is not None:
+        if server.grekey is not None and server.encaptype != "gre":
+            raise ConfigError(f"server {name}: grekey is only valid with encaptype gre")
+    if registry is None:
+        return
+    algorithms = None
+    for cluster in config.clusters:
+        for port in cluster.ports:
+            if algorithms is None:
+                algorithms = registry.selection_algorithms()
+            if port.selectionalgorithm not in algorithms:
+                raise ConfigError(
+                    f"port {cluster.address}@{port.number}: unknown selectionalgorithm "
+                    f"{port.selectionalgorithm!r} (available: {', '.join(algorithms)})"
+                )
+    for name, cluster, port, server in servers:
+        if server.encapforward:
             try:
                 forwarder = registry.forwarder(server.encaptype)
             except PluginError as exc:  # names the distribution to install
                 raise ConfigError(f"server {name}: encaptype {server.encaptype}: {exc}") from None
             if not forwarder.encapsulates:
                 raise ConfigError(f"server {name}: encaptype {server.encaptype!r} is not an encapsulation")
-    if server.grekey is not None and server.encaptype != "gre":
-        raise ConfigError(f"server {name}: grekey is only valid with encaptype gre")
+    for name, cluster, port, server in servers:
+        method = forwarding_method(config.executor, server)
+        try:
+            forwarder = registry.forwarder(method)
+        except PluginError as exc:
+            raise ConfigError(f"server {name}: forwarding method {method}: {exc}") from None
+        if forwarder.ipv4_only and 6 in (cluster.address.version, server.address.version):
+            raise ConfigError(
+                f"server {name}: forwarding method {method!r} carries IPv4 only; use MAC forwarding for IPv6"
+            )
+
+
+#: The former name of :func:`check`.
+validate = check
 
 
 # ------------------------------------------------------------------------------------------ grammar
@@ -252,11 +913,9 @@ def split_target(text: str, parts: int) -> Tuple:
     if parts == 1:
         return (cluster,)
     try:
-        port = int(pieces[1])
-    except ValueError:
-        raise ConfigError(f"invalid port {pieces[1]!r} in {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"port must be between 0 and 65535, got {port} in {text!r}")
+        port = parse_int(pieces[1], 0, 65535, "port")
+    except ConfigError as exc:
+        raise ConfigError(f"invalid port in {_shown(text)}: {exc}") from None
     if parts == 2:
         return cluster, port
     servers = [parse_ip(s) for s in pieces[2].split("+")]
@@ -311,7 +970,9 @@ def executor_set(config: Config, words: Sequence[str], registry=None) -> Config:
     values = parse_keywords(words, EXECUTOR_KEYWORDS, "executor")
     if not values:
         raise ConfigError("executor set needs at least one keyword and value")
-    return attrs.evolve(config, executor=attrs.evolve(config.executor, **values))
+    config = attrs.evolve(config, executor=attrs.evolve(config.executor, **values))
+    check(config, registry)
+    return config
 
 
 def cluster_add(config: Config, addresses: Iterable[str], registry=None) -> Config:
@@ -321,7 +982,9 @@ def cluster_add(config: Config, addresses: Iterable[str], registry=None) -> Conf
         if config.cluster(address) is not None or any(c.address == address for c in clusters):
             raise ConfigError(f"cluster {address} already exists")
         clusters.append(Cluster(address=address))
-    return attrs.evolve(config, clusters=tuple(clusters))
+    config = attrs.evolve(config, clusters=tuple(clusters))
+    check(config, registry)
+    return config
 
 
 def cluster_remove(config: Config, addresses: Iterable[str], registry=None) -> Config:
@@ -329,6 +992,7 @@ def cluster_remove(config: Config, addresses: Iterable[str], registry=None) -> C
         (address,) = split_target(text, 1)
         _need_cluster(config, address)
         config = attrs.evolve(config, clusters=tuple(c for c in config.clusters if c.address != address))
+    check(config, registry)
     return config
 
 
@@ -339,7 +1003,7 @@ def port_add(config: Config, target: str, words: Sequence[str], registry=None) -
         raise ConfigError(f"port {address}@{number} already exists: change it with 'encapfwd port set'")
     port = Port(number=number, **parse_keywords(words, PORT_KEYWORDS, "port"))
     config = _replace_cluster(config, attrs.evolve(cluster, ports=cluster.ports + (port,)))
-    validate(config, registry)
+    check(config, registry)
     return config
 
 
@@ -351,7 +1015,7 @@ def port_set(config: Config, target: str, words: Sequence[str], registry=None) -
     if not values:
         raise ConfigError("port set needs at least one keyword and value")
     config = _replace_cluster(config, _replace_port(cluster, attrs.evolve(port, **values)))
-    validate(config, registry)
+    check(config, registry)
     return config
 
 
@@ -359,9 +1023,11 @@ def port_remove(config: Config, target: str, registry=None) -> Config:
     address, number = split_target(target, 2)
     cluster = _need_cluster(config, address)
     _need_port(cluster, number)
-    return _replace_cluster(
+    config = _replace_cluster(
         config, attrs.evolve(cluster, ports=tuple(p for p in cluster.ports if p.number != number))
     )
+    check(config, registry)
+    return config
 
 
 def _servers_edit(config: Config, target: str, edit, registry) -> Config:
@@ -372,7 +1038,7 @@ def _servers_edit(config: Config, target: str, edit, registry) -> Config:
         name = f"{address}@{number}@{server_address}"
         port = edit(port, server_address, name)
     config = _replace_cluster(config, _replace_port(cluster, port))
-    validate(config, registry)
+    check(config, registry)
     return config
 
 
@@ -395,11 +1061,7 @@ def server_add(config: Config, target: str, words: Sequence[str], registry=None)
     def edit(port, server_address, name):
         if port.server(server_address) is not None:
             raise ConfigError(f"server {name} already exists: change it with 'encapfwd server set'")
-        try:
-            server = Server(address=server_address, **values)
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace(f"server {server_address}:", f"server {name}:")) from None
-        return attrs.evolve(port, servers=port.servers + (server,))
+        return attrs.evolve(port, servers=port.servers + (Server(address=server_address, **values),))
 
     return _servers_edit(config, target, edit, registry)
 
@@ -410,11 +1072,7 @@ def server_set(config: Config, target: str, words: Sequence[str], registry=None)
         raise ConfigError("server set needs at least one keyword and value")
 
     def edit(port, server_address, name):
-        try:
-            server = attrs.evolve(_existing(port, server_address, name), **values)
-        except ConfigError as exc:
-            raise ConfigError(str(exc).replace(f"server {server_address}:", f"server {name}:")) from None
-        return _replace_server(port, server)
+        return _replace_server(port, attrs.evolve(_existing(port, server_address, name), **values))
 
     return _servers_edit(config, target, edit, registry)
 

@@ -1,10 +1,11 @@
-"""The dispatcher: compiled configuration → ``process(frame, now) -> [frames]`` with counters.
+"""The dispatcher: the Python executor of a forwarding plan, ``process(frame, now) -> [frames]`` with counters.
 
-Configuration time (``Dispatcher(config, registry)`` and ``reload``): every server of every port gets its
-forwarding method (``model.forwarding_method``), its :class:`~encapfwd.hookspecs.Egress` (MACs, outer
-addresses, TTL, MTU) and a transform compiled by its forwarder plugin; every port gets a picker from the
-:class:`~encapfwd.selection.Scheduler`. Misconfiguration is a one-line :class:`ConfigError` or
-:class:`PluginError` here, never a surprise per packet.
+Configuration time (``Dispatcher(config or plan, registry)`` and ``reload``): the controller's
+:class:`~encapfwd.plan.Plan` (compiled here from a Config when given one) holds every server's forwarding
+method, egress and transform (derived from the method's template, the same data the XDP program runs), and
+every port's servers; the :class:`~encapfwd.selection.Scheduler` gives each port a picker. Misconfiguration
+is a one-line :class:`ConfigError` or :class:`PluginError` when the plan is compiled, never a surprise per
+packet.
 
 Per packet (``process``): only ``bytes`` slicing, ``struct``-free integer arithmetic, dict lookups and the
 compiled callables. ``process`` never raises: every frame that is not forwarded is counted under exactly one
@@ -15,13 +16,13 @@ back to the sender (time exceeded, fragmentation needed / packet too big).
 from __future__ import annotations
 
 import struct
+from ipaddress import ip_address
 from typing import Dict, List, Optional
 
 from . import packet as pk
-from .errors import ConfigError, EncapfwdError, PluginError
-from .hookspecs import Egress
-from .model import Config, forwarding_method
-from .report import server_key as server_name
+
+from .model import server_key as server_name
+from .plan import Plan, SidMap, compile_plan
 from .selection import Scheduler
 
 #: How long the fragment table remembers which server a fragmented datagram went to (Linux ipfrag_time).
@@ -73,9 +74,9 @@ _ICMP4_INFO = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
 class _ServerSlot:
     """What the dispatcher keeps about one cluster@port@server (compiled; plain attributes)."""
 
-    __slots__ = ("cluster", "counter", "limit", "method", "mtu", "name", "port", "server", "transform")
+    __slots__ = ("cluster", "counter", "limit", "method", "mtu", "name", "port", "server", "sid", "transform")
 
-    def __init__(self, name, cluster, port, server, method, transform, mtu, counter):
+    def __init__(self, name, cluster, port, server, method, transform, mtu, counter, sid=-1):
         self.name = name
         self.cluster = cluster
         self.port = port
@@ -85,6 +86,7 @@ class _ServerSlot:
         self.mtu = mtu
         self.limit = mtu + pk.ETH_HLEN
         self.counter = counter  # [packets, bytes]
+        self.sid = sid  # the plan's stable server id
 
 
 def _quoted_flow_slot(frame, ports, proto: int, ql4: int, client: bytes, vip: bytes, now):
@@ -103,7 +105,8 @@ def _quoted_flow_slot(frame, ports, proto: int, ql4: int, client: bytes, vip: by
 class Dispatcher:
     """See ``docs/architecture.md`` ("Dispatcher contract") and ``docs/datapath.md``."""
 
-    def __init__(self, config: Config, registry, scheduler: Optional[Scheduler] = None):
+    def __init__(self, config, registry=None, scheduler: Optional[Scheduler] = None,
+                 sids: Optional[SidMap] = None):
         self.registry = registry
         self.drops: Dict[str, int] = {}
         self._counters: Dict[str, list] = {}
@@ -111,124 +114,48 @@ class Dispatcher:
         self._held: Dict[bytes, list] = {}
         self._held_count = 0
         self._ident = 0
+        self._sids = sids or SidMap()
         #: ICMP errors sent back to clients (time exceeded, fragmentation needed, packet too big)
         self.replies = 0
-        self.scheduler = scheduler or Scheduler(registry, config.executor.maxflows)
-        self._compile(config)
+        plan = self._plan_of(config)
+        self.scheduler = scheduler or Scheduler(registry, plan.config.executor.maxflows)
+        self._compile(plan)
 
     # ------------------------------------------------------------------------------ configuration time
 
-    def reload(self, config: Config) -> None:
-        """Recompile for *config*; counters of servers that stay are kept, flows keep their server."""
-        self._compile(config)
+    def _plan_of(self, config_or_plan) -> Plan:
+        if isinstance(config_or_plan, Plan):
+            return config_or_plan.bind(self.registry)
+        return compile_plan(config_or_plan, self.registry, self._sids)
 
-    def _egress(self, config: Config, cluster, port, server, method: str) -> Egress:
-        ex = config.executor
-        name = server_name(cluster.address, port.number, server.address)
-        forwarder = self.registry.forwarder(method)  # PluginError naming the distribution to install
-        if ex.mac is None:
-            raise ConfigError("executor mac is not set: the dispatcher needs its own MAC to send frames")
-        if cluster.address.version == 6 and forwarder.ipv4_only:
-            raise ConfigError(
-                f"server {name}: forwarding method {method!r} carries IPv4 only, "
-                f"but cluster {cluster.address} is IPv6; use MAC forwarding"
-            )
-        attached = ex.attached(server.address)
-        outer_src = None
-        if not forwarder.encapsulates:
-            if not attached:
-                raise ConfigError(
-                    f"server {name}: MAC forwarding needs the server on a network the executor is attached "
-                    f"to (executor networks: {', '.join(map(str, ex.networks)) or 'none'}); "
-                    "use encapforward yes"
-                )
-            if server.mac is None:
-                raise ConfigError(f"server {name}: MAC forwarding needs the server's mac")
-            dst_mac = server.mac
-        else:
-            if attached:
-                if server.mac is None:
-                    raise ConfigError(
-                        f"server {name} is on an attached network: set its mac (the tunnel's next hop)"
-                    )
-                dst_mac = server.mac
-            else:
-                if ex.gatewaymac is None:
-                    raise ConfigError(
-                        f"server {name} is not on an attached network: set executor gatewaymac "
-                        "(the next hop for encapsulated packets)"
-                    )
-                dst_mac = ex.gatewaymac
-            outer_src = server.encapsource or ex.nfa
-            if outer_src is None:
-                raise ConfigError(
-                    f"server {name}: encapsulation needs an outer source: set executor nfa "
-                    "or the server's encapsource"
-                )
-        return Egress(
-            src_mac=ex.mac,
-            dst_mac=dst_mac,
-            outer_src=outer_src,
-            outer_dst=server.address,
-            ttl=ex.encapttl,
-            cluster=cluster.address,
-            mtu=ex.mtu,
-        )
+    def reload(self, config) -> None:
+        """Switch to a new configuration or :class:`~encapfwd.plan.Plan`; counters of servers that stay are
+        kept, flows keep their server."""
+        self._compile(self._plan_of(config))
 
-    def _compile(self, config: Config) -> None:
-        registry = self.registry
+    def _compile(self, plan: Plan) -> None:
+        config = plan.config
         ex = config.executor
         v4: Dict[bytes, dict] = {}
         v6: Dict[bytes, dict] = {}
         counters: Dict[str, list] = {}
         slots_by_name: Dict[str, _ServerSlot] = {}
-        cache = {}
-        plan = []
-        for cluster in config.clusters:
-            table: dict = {}
-            (v4 if cluster.address.version == 4 else v6)[cluster.address.packed] = table
-            for port in cluster.ports:
-                slots = []
-                for server in port.servers:
-                    method = forwarding_method(ex, server)
-                    egress = self._egress(config, cluster, port, server, method)
-                    name = server_name(cluster.address, port.number, server.address)
-                    ckey = (method, server, egress)
-                    transform = cache.get(ckey)
-                    if transform is None:
-                        owner = registry.owners.get(method, "unknown")
-                        try:
-                            transform = registry.hook.encapfwd_build_transform(
-                                forwarder=method, server=server, egress=egress
-                            )
-                        except EncapfwdError:
-                            raise
-                        except Exception as exc:  # noqa: BLE001 - a plugin bug becomes one clear line
-                            detail = f"{type(exc).__name__}: {exc}".splitlines()[0]
-                            raise PluginError(
-                                f"server {name}: the {owner} plugin failed to build its {method!r} transform: "
-                                f"{detail}"
-                            ) from None
-                        if not callable(transform):
-                            raise PluginError(
-                                f"server {name}: the plugin providing {method!r} ({owner}) built no transform"
-                            )
-                        cache[ckey] = transform
-                    counter = counters.get(name) or self._counters.get(name) or [0, 0]
-                    counters[name] = counter
-                    slot = _ServerSlot(name, str(cluster.address), port.number, str(server.address), method,
-                                       transform, ex.mtu, counter)
-                    slots.append(slot)
-                    slots_by_name[name] = slot
-                plan.append((cluster, port, table, tuple(slots)))
+        by_sid = {}
+        for sp in plan.servers:
+            counter = counters.get(sp.name) or self._counters.get(sp.name) or [0, 0]
+            counters[sp.name] = counter
+            slot = _ServerSlot(sp.name, sp.cluster, sp.port, sp.address, sp.method, sp.transform, sp.mtu,
+                               counter, sp.sid)
+            slots_by_name[sp.name] = slot
+            by_sid[sp.sid] = slot
         self.scheduler.configure(config)
-        for cluster, port, table, slots in plan:
-            pick = self.scheduler.picker(cluster.address, port.number)
-            entry = (pick, slots)
-            protos = {"tcp": (pk.PROTO_TCP,), "udp": (pk.PROTO_UDP,)}.get(
-                port.porttype, (pk.PROTO_TCP, pk.PROTO_UDP))
-            for proto in protos:
-                table[(proto << 16) | port.number] = entry
+        for pp in plan.ports:
+            address = ip_address(pp.cluster)
+            table = (v4 if address.version == 4 else v6).setdefault(address.packed, {})
+            entry = (self.scheduler.picker(address, pp.number), tuple(by_sid[sid] for sid in pp.servers))
+            for proto in pp.protos:
+                table[(proto << 16) | pp.number] = entry
+        self.plan = plan
         self._v4 = v4
         self._v6 = v6
         self._counters = counters
@@ -615,10 +542,6 @@ class Dispatcher:
         return [out]
 
     # -------------------------------------------------------------------------------------- reporting
-
-    @property
-    def forwarded(self) -> int:
-        return sum(c[0] for c in self._counters.values())
 
     def report(self) -> dict:
         """Per server packets/bytes, drops per reason, flow and fragment table stats (JSON-able)."""

@@ -188,12 +188,6 @@ class FlowTable:
         self.ctr[EXPIRED] += removed
         return removed
 
-    def clear(self) -> None:
-        entries = self.entries
-        while entries:
-            _, ov = entries.popitem()
-            self.release(ov)
-
     # -- reporting -------------------------------------------------------------------------------
     def stats(self) -> dict:
         ctr = self.ctr

@@ -32,6 +32,11 @@ class Forwarder:
     :param operating_systems: the ``--os`` values its setup generator answers.
     :param encapsulates: True for tunnel methods (selected through ``encapforward yes``).
     :param description: one line for ``encapfwd forwarders``.
+    :param template: True when the plugin describes this method as a :class:`Template`
+        (``encapfwd_build_template``): it can then run on every engine, the XDP program included
+        (``encapfwd forwarders`` lists ``xdp,python``); False: Python engine only. A declaration for the
+        listing, made without a server: a server whose template is None or longer than
+        :data:`XDP_MAX_HEADER` still runs in Python.
     """
 
     name: str
@@ -40,6 +45,7 @@ class Forwarder:
     operating_systems: tuple = field(default=OPERATING_SYSTEMS, converter=tuple)
     encapsulates: bool = True
     description: str = ""
+    template: bool = False
 
 
 @frozen
@@ -84,6 +90,62 @@ class SetupTarget:
 # A compiled transform: P' (an IP packet whose TTL was already decremented, as bytes) -> Ethernet frame.
 Transform = Callable[[bytes], bytes]
 
+#: The per-packet fields a :class:`Template` may ask every engine to fill (a small fixed set: the XDP
+#: program implements exactly these).
+TEMPLATE_FIELDS = ("ipv4", "tos", "df", "ident", "udp", "entropy")
+#: Largest template header the XDP engine runs (bytes; also a multiple of 4): longer ones run in Python.
+XDP_MAX_HEADER = 64
+
+
+@frozen
+class Template:
+    """An encapsulation described as data, so that every engine (the Python dispatcher and the XDP program)
+    runs the same method from the same bytes and the two cannot drift.
+
+    The frame sent for P' is ``Ethernet(egress.dst_mac, egress.src_mac, type) + header' + P'`` where
+    ``header'`` is *header* with *fields* filled per packet, and ``type`` is 0x0800 when *header* is not
+    empty (an outer IPv4 header), else the IP version of P' (0x0800 or 0x86DD: MAC forwarding).
+
+    :param header: the bytes between the Ethernet header and P' (outer IPv4 header + tunnel header, with
+        the constant parts already in place: version/IHL 0x45, TTL, protocol, addresses, the tunnel
+        header); empty for MAC forwarding.
+    :param fields: which per-packet fields to fill, a subset of :data:`TEMPLATE_FIELDS`:
+
+        - ``ipv4``: ``header[0:20]`` is an outer IPv4 header (IHL 5): total length (bytes 2-3) =
+          ``len(header) + len(P')``, header checksum (bytes 10-11) = ``-(sum of the other nine 16-bit
+          words) mod 0xFFFF``, computed after every other field;
+        - ``tos``: byte 1 = the TOS of an IPv4 P' (RFC 2003 3.1), the traffic class of an IPv6 P';
+        - ``df``: the DF bit (0x40 of byte 6) = P''s DF (set for an IPv6 P');
+        - ``ident``: identification (bytes 4-5) = 0 when the outer DF is set (RFC 6864), else a counter of
+          the executor's (each engine keeps its own; tests mask exactly this field and the checksum);
+        - ``udp``: ``header[20:28]`` is a UDP header: length (bytes 24-25) = ``len(header) - 20 +
+          len(P')``, checksum 0 (RFC 768 / RFC 8086 3.1 allow it over IPv4);
+        - ``entropy``: UDP source port (bytes 20-21) = ``0xC000 | (crc32(P'[12:20]) & 0x3FFF)``: a hash of
+          P''s addresses (RFC 8086 5.1 flow entropy), the same for every fragment of a datagram.
+    """
+
+    header: bytes = field(default=b"", converter=bytes)
+    fields: frozenset = field(default=frozenset(), converter=frozenset)
+
+    def __attrs_post_init__(self):
+        unknown = sorted(set(self.fields) - set(TEMPLATE_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown template field {unknown[0]!r} (known: {', '.join(TEMPLATE_FIELDS)})")
+        needs_ip = {"tos", "df", "ident", "udp", "entropy"} & set(self.fields)
+        if needs_ip and "ipv4" not in self.fields:
+            raise ValueError("template fields tos, df, ident, udp, entropy need the ipv4 field")
+        if "ipv4" in self.fields and (len(self.header) < 20 or self.header[0] != 0x45):
+            raise ValueError("an ipv4 template header starts with a 20-byte IPv4 header (0x45)")
+        if {"udp", "entropy"} & set(self.fields) and (len(self.header) < 28 or self.header[9] != 17):
+            raise ValueError("udp/entropy template fields need header[20:28] to be UDP (protocol 17)")
+        if self.header and "ipv4" not in self.fields:
+            raise ValueError("a non-empty template header must be an outer IPv4 header (field ipv4)")
+
+    @property
+    def xdp_capable(self) -> bool:
+        """True when the XDP program can run it (header a multiple of 4 bytes, at most XDP_MAX_HEADER)."""
+        return len(self.header) % 4 == 0 and len(self.header) <= XDP_MAX_HEADER
+
 
 @hookspec
 def encapfwd_register_forwarders(register: Callable[[Forwarder], None]) -> None:
@@ -95,11 +157,34 @@ def encapfwd_register_forwarders(register: Callable[[Forwarder], None]) -> None:
 
 
 @hookspec(firstresult=True)
+def encapfwd_build_template(forwarder: str, server: Server, egress: Egress) -> Optional[Template]:
+    """Describe the method *forwarder* to *server* as a :class:`Template`: the recommended way.
+
+    Called once per server each time configuration is loaded or changed, before
+    ``encapfwd_build_transform``; stops at the first non-None result. The core derives the Python transform
+    from the template (:func:`encapfwd.encap.template_transform`) and the XDP engine runs the same bytes, so
+    the plugin writes no per-packet code and no eBPF. Set ``Forwarder(template=True)`` for the listing.
+
+    Return None when *forwarder* is not a method of this plugin, or when the method cannot be described as
+    data for this server: ``encapfwd_build_transform`` is then asked (Python engine only).
+
+    :param forwarder: the method name (``mac``, ``ipip``, ``gre``, or a third party's).
+    :param server: the server's configuration (``grekey``, ``encapsource`` …).
+    :param egress: resolved MACs, addresses, TTL and MTU (the constant parts of the header).
+    :returns: a :class:`Template`; a header of at most :data:`XDP_MAX_HEADER` bytes, a multiple of 4, also
+        runs in the XDP program.
+    """
+
+
+@hookspec(firstresult=True)
 def encapfwd_build_transform(forwarder: str, server: Server, egress: Egress) -> Optional[Transform]:
     """Compile the per-packet transform that sends P' to *server* with method *forwarder*.
 
-    Called once per server each time configuration is loaded or changed; stops at the first non-None
-    result. Return None when *forwarder* is not a method of this plugin.
+    For methods that cannot be described as a :class:`Template` (Python engine only): the core asks
+    ``encapfwd_build_template`` first. Called once per server each time configuration is loaded or changed;
+    stops at the first non-None result. Return None when *forwarder* is not a method of this plugin. The
+    core answers last (``trylast``) for methods that have a template, with the transform derived from it,
+    so every caller of this hook gets a transform for every method.
 
     :param forwarder: the method name (``mac``, ``ipip``, ``gre``, or a third party's).
     :param server: the server's configuration (``grekey``, ``encapsource`` …).
@@ -153,7 +238,10 @@ __all__ = [
     "Forwarder",
     "OPERATING_SYSTEMS",
     "SetupTarget",
+    "TEMPLATE_FIELDS",
+    "Template",
     "Transform",
+    "XDP_MAX_HEADER",
     "hookimpl",
     "hookspec",
 ]

@@ -132,12 +132,3 @@ def table_bytes(table: Sequence[int]) -> bytes:
     if sys.byteorder != "little":  # pragma: no cover
         arr.byteswap()
     return arr.tobytes()
-
-
-def shares(table: Sequence[int], n: int) -> List[float]:
-    """Fraction of the table's slots held by each of *n* servers."""
-    counts = [0] * n
-    for i in table:
-        counts[i] += 1
-    total = len(table) or 1
-    return [c / total for c in counts]

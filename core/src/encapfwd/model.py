@@ -21,19 +21,41 @@ from .errors import ConfigError
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
-ENCAPTYPES_BUILTIN = ("ipip", "gre")
 ENCAPCONDS = ("auto", "always")
 PORTTYPES = ("tcp", "udp", "both")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
+_PLAIN_ADDRESS = re.compile(r"^[0-9A-Fa-f.:]{2,45}$")
+
+
+def _shown(value) -> str:
+    """*value* for an error message: printable ASCII is quoted, anything else is described, not echoed."""
+    text = str(value)
+    if text.isascii() and text.isprintable() and len(text) <= 64:
+        return repr(text)
+    return "a value with control or non-ASCII characters (not shown)"
+
+
 def parse_ip(value) -> IPAddress:
+    """A plain IPv4 or IPv6 address: no zone ID (``fe80::1%eth0``), no prefix, no surrounding junk.
+
+    The one place every address of the configuration and the command line is parsed: what passes is made
+    of hex digits, dots and colons only, so it is safe in a shell script, a file name or a log line.
+    """
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        if getattr(value, "scope_id", None):
+            raise ConfigError(f"invalid IP address: {_shown(value)} (zone IDs are not accepted)")
         return value
+    text = value.strip() if isinstance(value, str) else None
+    if text is None or not _PLAIN_ADDRESS.match(text):
+        if text is not None and "%" in text:
+            raise ConfigError(f"invalid IP address: {_shown(value)} (zone IDs are not accepted)")
+        raise ConfigError(f"invalid IP address: {_shown(value)}")
     try:
-        return ipaddress.ip_address(str(value).strip())
+        return ipaddress.ip_address(text)
     except ValueError:
-        raise ConfigError(f"invalid IP address: {value!r}") from None
+        raise ConfigError(f"invalid IP address: {_shown(value)}") from None
 
 
 def parse_ipv4(value) -> ipaddress.IPv4Address:
@@ -93,15 +115,31 @@ def parse_bool(value) -> bool:
     raise ConfigError(f"expected yes or no, got {value!r}")
 
 
+_DECIMAL = re.compile(r"[0-9]{1,20}")
+
+
+def parse_int(value, lo: int, hi: int, what: str) -> int:
+    """A whole number in ``lo..hi``: an ``int`` (TOML) or plain ASCII decimal digits (command line).
+
+    The one place every number of the configuration and the command line is parsed. Refused: ``bool``
+    (``true`` is not 1), signs, ``0x10``, ``1_0``, spaces, other scripts' digits (``"١٢"``), floats.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, str) and _DECIMAL.fullmatch(value):
+        number = int(value)
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
+        raise ConfigError(f"{what} must be between {lo} and {hi}, got {_shown(value)}")
+    else:
+        raise ConfigError(f"{what} must be a whole number (digits 0-9), got {_shown(value)}")
+    if not lo <= number <= hi:
+        raise ConfigError(f"{what} must be between {lo} and {hi}, got {number}")
+    return number
+
+
 def _int_in(lo: int, hi: int, what: str):
     def convert(value) -> int:
-        try:
-            number = int(str(value).strip(), 0) if not isinstance(value, int) else value
-        except ValueError:
-            raise ConfigError(f"{what} must be a whole number, got {value!r}") from None
-        if isinstance(number, bool) or not lo <= number <= hi:
-            raise ConfigError(f"{what} must be between {lo} and {hi}, got {value!r}")
-        return number
+        return parse_int(value, lo, hi, what)
 
     return convert
 
@@ -161,13 +199,8 @@ class Server:
     # "down" (IBM: server down): no traffic at all; weight 0 (quiesce): existing flows only
     down: bool = field(default=False, converter=parse_bool)
 
-    def __attrs_post_init__(self):
-        if self.encapforward and self.address.version != 4:
-            raise ConfigError(
-                f"server {self.address}: encapsulation forwarding is only valid for IPv4"
-            )
-        if self.encapsource is not None and not self.encapforward:
-            pass  # harmless: kept for when encapsulation is switched on
+    # Rules across fields and objects (encapforward needs IPv4, grekey needs gre, the plugins exist) are
+    # checked once, by ``config.check``, on every change and every load.
 
 
 @frozen
@@ -187,9 +220,40 @@ class Port:
         return None
 
 
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
+def vip_problem(address: IPAddress) -> Optional[str]:
+    """Why *address* cannot be a cluster address (VIP), or None: it must be a unicast address clients reach."""
+    candidates = [address]
+    if getattr(address, "ipv4_mapped", None) is not None:  # ::ffff:127.0.0.1 is 127.0.0.1
+        candidates.append(address.ipv4_mapped)
+    for addr in candidates:
+        if addr.is_unspecified:
+            return "the unspecified address"
+        if addr == _BROADCAST:
+            return "the broadcast address"
+        if addr.is_multicast:
+            return "a multicast address"
+        if addr.is_loopback:
+            return "a loopback address"
+        if addr.is_link_local:
+            return "a link-local address"
+    return None
+
+
+def _check_vip(instance, attribute, address) -> None:
+    problem = vip_problem(address)
+    if problem:
+        raise ConfigError(
+            f"cluster address {address} is {problem}: a cluster address (VIP) must be a unicast address "
+            "that clients can reach"
+        )
+
+
 @frozen
 class Cluster:
-    address: IPAddress = field(converter=parse_ip)
+    address: IPAddress = field(converter=parse_ip, validator=_check_vip)
     ports: Tuple[Port, ...] = field(default=(), converter=tuple)
 
     def port(self, number: int) -> Optional[Port]:
@@ -238,6 +302,11 @@ class Config:
         return None
 
 
+def server_key(cluster_address, port_number, server_address) -> str:
+    """The name a server has in messages, reports and counters: ``cluster@port@server``."""
+    return f"{cluster_address}@{port_number}@{server_address}"
+
+
 def forwarding_method(executor: Executor, server: Server) -> str:
     """The forwarder name that carries traffic to *server*.
 
@@ -260,6 +329,9 @@ __all__ = [
     "Server",
     "attrs",
     "forwarding_method",
+    "parse_int",
     "parse_ip",
     "parse_mac",
+    "server_key",
+    "vip_problem",
 ]

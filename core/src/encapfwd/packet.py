@@ -51,14 +51,6 @@ IPV6_EXT = frozenset((0, 43, 60))
 IPV6_FRAG = 44
 
 
-
-def fold(total: int) -> int:
-    """Fold a one's-complement sum of 16-bit words to 16 bits (end-around carry)."""
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
-
-
 def ones_sum(data) -> int:
     """One's-complement sum (folded to 16 bits) of *data* taken as big-endian 16-bit words (RFC 1071).
 
@@ -218,19 +210,11 @@ def icmp6_error(original, src: bytes, icmp_type: int, code: int, rest: int = 0, 
     return _IP6_HDR.pack(0x60000000, len(body), PROTO_ICMPV6, hop_limit, src, dst) + body
 
 
-def ethernet(dst_mac: bytes, src_mac: bytes, ethertype: int) -> bytes:
-    return dst_mac + src_mac + struct.pack("!H", ethertype)
-
-
 def mac_bytes(text: Optional[str]) -> bytes:
     """``02:00:00:00:00:01`` → 6 bytes (None → zeros)."""
     if not text:
         return b"\x00" * 6
     return bytes(int(part, 16) for part in text.split(":"))
-
-
-def mac_text(raw: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in raw)
 
 
 # --------------------------------------------------------------------------------------- fragmentation
@@ -309,7 +293,6 @@ def fragment4(packet, mtu: int) -> List[bytes]:
 
 __all__ = [
     "checksum",
-    "fold",
     "fragment4",
     "header_ok",
     "icmp4_error",

@@ -3,6 +3,8 @@
 - Entry-point group ``encapfwd``; the entry-point name is the distribution name.
 - ``ENCAPFWD_PLUGINS``: comma-separated allow-list of distribution names to load (set but empty: none).
 - ``ENCAPFWD_TRACE_HOOKS=1``: trace every hook call to stderr.
+- ``encapfwd.encap.TemplateTransforms`` is registered in every registry: it answers
+  ``encapfwd_build_transform`` last, from ``encapfwd_build_template``, for template-only plugins.
 - A plugin that fails to import, validate or register is recorded with ``status: failed: <error>`` and a
   warning; it never takes the CLI down. A *configured* forwarder that is missing is an error later, when
   the configuration is compiled.
@@ -14,12 +16,13 @@ import importlib
 import importlib.metadata
 import os
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import pluggy
 from attrs import define, field
 
 from . import hookspecs
+from .encap import TemplateTransforms
 from .errors import PluginError
 from .hookspecs import Forwarder
 
@@ -32,6 +35,9 @@ KNOWN_DISTRIBUTIONS = {"mac": "encapfwd-mac", "ipip": "encapfwd-ipip", "gre": "e
 
 #: Modules of the core that implement hooks like any plugin (registered first, so they run last).
 BUILTIN_MODULES = ("encapfwd.selection",)
+
+#: The engines that run forwarding methods: the XDP program runs templates only; Python runs every method.
+ENGINES = ("xdp", "python")
 
 
 @define
@@ -69,6 +75,20 @@ class Registry:
             return self.forwarders[name]
         except KeyError:
             raise PluginError(missing_forwarder_message(name)) from None
+
+    def engines(self, name: str) -> Tuple[str, ...]:
+        """The engines that can run the forwarder *name*: ``("xdp", "python")`` when it is declared with
+        ``Forwarder(template=True)`` and its plugin implements ``encapfwd_build_template``, else
+        ``("python",)``. Known without a server (no plugin code runs); a server whose template is None or
+        too long for XDP (:data:`~encapfwd.hookspecs.XDP_MAX_HEADER`) still runs in Python.
+        """
+        forwarder = self.forwarder(name)
+        if forwarder.template:
+            owner = self.owners.get(name)
+            hooks = [record.hooks for record in self.records if record.distribution == owner]
+            if not hooks or "encapfwd_build_template" in hooks[0]:
+                return ENGINES
+        return ("python",)
 
     def selection_algorithms(self) -> List[str]:
         names: List[str] = []
@@ -125,6 +145,8 @@ def get_plugin_manager(*, load_entrypoints: bool = True, plugins=()) -> Registry
 
     for module_name in BUILTIN_MODULES:
         _register_checked(pm, importlib.import_module(module_name), module_name)
+    # the transform of a method described by a template, for every caller of encapfwd_build_transform
+    _register_checked(pm, TemplateTransforms(pm), TemplateTransforms.NAME)
 
     if load_entrypoints:
         allow = _allow_list()

@@ -6,17 +6,13 @@ from typing import Optional
 
 from . import config as cfg
 from .model import forwarding_method
-
-
-def server_key(cluster_address, port_number, server_address) -> str:
-    """The name a server has in reports and counters: ``cluster@port@server``."""
-    return f"{cluster_address}@{port_number}@{server_address}"
+from .model import server_key  # noqa: F401 - defined in model, importable from here too
 
 
 def live_counters(control: Optional[str]) -> Optional[dict]:
     """Counters of a running ``encapfwd run``, or None when none answers."""
     try:
-        from .engines.live import query_control
+        from .engines.control import query_control
     except ImportError:
         return None
     try:

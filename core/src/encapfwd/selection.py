@@ -73,7 +73,7 @@ def encapfwd_selection_algorithms():
 @hookimpl(trylast=True)
 def encapfwd_build_selector(algorithm, port, servers, connections):
     if algorithm == "maglev":
-        return maglev_selector(servers, getattr(port, "maglevsize", None) or MAGLEV_SIZE)
+        return maglev_selector(servers, MAGLEV_SIZE)
     if algorithm == "wrr":
         return wrr_selector(servers)
     if algorithm == "wlc":
@@ -296,13 +296,6 @@ class Scheduler:
             return self._pickers[(cluster_address, port_number)]
         except KeyError:
             return self._pickers[(_address(cluster_address), int(port_number))]
-
-    def selector(self, cluster_address, port_number):
-        """The raw selector of a port (as the hook built it), for tools and tests."""
-        try:
-            return self._selectors[(cluster_address, port_number)]
-        except KeyError:
-            return self._selectors[(_address(cluster_address), int(port_number))]
 
     # -- maintenance and reporting --------------------------------------------------------------
     def expire(self, now: float, full: bool = False) -> int:

@@ -42,6 +42,7 @@ OPTION_HELP = {
 }
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,14}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _WINDOWS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}$")
 
 
@@ -95,6 +96,13 @@ def ifname(value, what: str = "interface name") -> str:
     """A Linux/Unix interface name: 1-15 of ``A-Z a-z 0-9 _ . -``, not starting with ``-`` or ``.``."""
     if not isinstance(value, str) or not _IFNAME.match(value):
         raise ConfigError(f"invalid {what}: {_show(value)} (1-15 letters, digits, '_', '.', '-')")
+    return value
+
+
+def forwarder_name(value, what: str = "forwarder name") -> str:
+    """A forwarder or algorithm name as the configuration grammar spells it: 1-32 of ``a-z 0-9 _ . -``."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(f"invalid {what}: {_show(value)} (1-32 lower-case letters, digits, '_', '.', '-')")
     return value
 
 
@@ -549,6 +557,7 @@ __all__ = [
     "comment_block",
     "describe",
     "dispatcher_end",
+    "forwarder_name",
     "ifname",
     "ip",
     "ipv4",

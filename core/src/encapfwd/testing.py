@@ -1,7 +1,7 @@
 """Hypothesis strategies for forwarder tests, shared by the project's plugins and by third parties.
 
-Needs ``hypothesis`` and ``scapy`` (test dependencies; nothing on the data path imports this module).
-Inner packets are built by scapy, so a forwarder's output can be compared, byte for byte, with what scapy
+Needs ``hypothesis`` and ``scapy``: ``pip install 'encapfwd[testing]'`` (nothing on the data path imports
+this module). Inner packets are built by scapy, so a forwarder's output can be compared, byte for byte, with what scapy
 builds from the same inputs: scapy computing its own lengths and checksums is the independent oracle.
 """
 
@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import ipaddress
 
-from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
+try:
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "encapfwd.testing needs hypothesis (a test dependency): pip install 'encapfwd[testing]'",
+        name=exc.name, path=exc.path,
+    ) from exc
 
 from .hookspecs import Egress
 

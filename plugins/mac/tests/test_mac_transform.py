@@ -1,4 +1,4 @@
-"""MAC forwarding transform against scapy as the independent oracle.
+"""MAC forwarding template (empty header), run by the core's Python executor, against scapy as the oracle.
 
 P' is sent unchanged in a frame from the dispatcher's MAC to the next hop; scapy's ``Ether()/IP(P')`` (or
 ``/IPv6``) picks the ethertype itself.
@@ -7,10 +7,12 @@ P' is sent unchanged in a frame from the dispatcher's MAC to the next hop; scapy
 import ipaddress
 
 import pytest
-from encapfwd.hookspecs import Egress
+from encapfwd.encap import template_transform
+from encapfwd.hookspecs import Egress, Template
 from encapfwd.model import Server
-from encapfwd_mac.transform import build
 from encapfwd.testing import SETTINGS, inner_ipv4, inner_ipv6, macs
+from encapfwd_mac import encapfwd_build_template
+from encapfwd_mac.template import template
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +33,17 @@ def egress_for(src_mac, dst_mac):
                   cluster=ipaddress.ip_address("10.0.9.9"), mtu=1500)
 
 
+def build(server, egress):
+    return template_transform(template(server, egress), egress)
+
+
+def test_the_hook_gives_an_empty_template():
+    egress = egress_for("02:00:00:00:00:01", "02:00:00:00:00:10")
+    t = encapfwd_build_template(forwarder="mac", server=Server(address="10.0.2.10"), egress=egress)
+    assert t == Template() and t.xdp_capable and not t.fields
+    assert encapfwd_build_template(forwarder="ipip", server=Server(address="10.0.2.10"), egress=egress) is None
+
+
 @SETTINGS
 @given(inner=inner_packets(), src_mac=macs, dst_mac=macs)
 def test_mac_equals_scapy(inner, src_mac, dst_mac):
@@ -45,3 +58,4 @@ def test_mac_equals_scapy(inner, src_mac, dst_mac):
 def test_never_raises_on_any_bytes(data):
     out = build(Server(address="10.0.2.10"), egress_for("02:00:00:00:00:01", "02:00:00:00:00:10"))(data)
     assert out[:12] == bytes.fromhex("020000000010020000000001") and out[14:] == data
+    assert out[12:14] == (b"\x86\xdd" if data and data[0] >> 4 == 6 else b"\x08\x00")

@@ -283,9 +283,13 @@ class RxRing:
             self.sock.close()
 
 
+_TX_HDR = struct.Struct("<II").pack_into  # tpacket2_hdr: tp_status, tp_len written together
+
+
 class TxRing:
-    """A TPACKET_V2 transmit ring: :meth:`put` copies a frame into the next free slot, :meth:`flush`
-    asks the kernel to send every filled slot with one system call."""
+    """A TPACKET_V2 transmit ring: :meth:`queue` (many frames) or :meth:`put` (one) copies frames into the
+    next free slots and marks them for sending; :meth:`flush` asks the kernel to send every marked slot
+    with one system call. Only these methods touch the slots."""
 
     def __init__(
         self, ifname: str, *, frame_size: int = 2048, frame_nr: int = 2048, qdisc_bypass: bool = True
@@ -326,6 +330,57 @@ class TxRing:
         self.full = 0
         self.too_big = 0
         self.errors = 0
+
+    def queue(self, batches) -> int:
+        """Copy every frame of every list in *batches* (an iterable of lists of frames, e.g. one list per
+        received frame) into the next free slots, marked ``TP_STATUS_SEND_REQUEST``; returns how many.
+        Nothing is sent until :meth:`flush` — except when the ring is full: then what is queued is sent and,
+        if the slot is still the kernel's, we wait for it once (≤ 10 ms) before counting the frame in
+        :attr:`full`. Frames larger than a slot are counted in :attr:`too_big`.
+
+        The data path calls this once per received block: the position and the pending count live in
+        locals and are written back at the end (and before any flush)."""
+        txm = self.map
+        size = self.frame_size
+        end = size * self.frame_nr
+        tx_max = self.max_frame
+        hdr = _TX_HDR
+        slot = self.index * size
+        queued = 0
+        total = 0
+        try:
+            for outs in batches:
+                for out in outs:
+                    length = len(out)
+                    if length > tx_max:
+                        self.too_big += 1
+                        continue
+                    if txm[slot]:  # still owned by the kernel: send what is queued, then wait once
+                        self.index = slot // size
+                        self.pending += queued
+                        total += queued
+                        queued = 0
+                        self.flush()
+                        if txm[slot]:
+                            self.wait_writable()
+                            if txm[slot]:
+                                self.full += 1
+                                continue
+                    data = slot + TX_DATA_OFFSET
+                    txm[data : data + length] = out
+                    hdr(txm, slot, TP_STATUS_SEND_REQUEST, length)
+                    queued += 1
+                    slot += size
+                    if slot == end:
+                        slot = 0
+        finally:
+            self.index = slot // size
+            self.pending += queued
+        return total + queued
+
+    def put(self, frame: bytes) -> bool:
+        """Queue one frame (see :meth:`queue`); False when it did not fit (too big, ring full)."""
+        return self.queue(((frame,),)) == 1
 
     def flush(self) -> None:
         if self.pending:

@@ -14,18 +14,20 @@ def encapfwd_register_forwarders(register):
             overhead=24,
             ipv4_only=True,
             operating_systems=("linux", "aix", "solaris", "windows"),
+            template=True,
             description="GRE (RFC 2784): outer IPv4 header, protocol 47, GRE protocol 0x0800; +4 bytes with a key",
         )
     )
 
 
 @hookimpl
-def encapfwd_build_transform(forwarder, server, egress):
+def encapfwd_build_template(forwarder, server, egress):
+    # Data, not code: the core runs it in Python (encapfwd.encap.template_transform) and in the XDP program.
     if forwarder != NAME:
         return None
-    from .transform import build
+    from .template import template
 
-    return build(server, egress)
+    return template(server, egress)
 
 
 @hookimpl

@@ -14,18 +14,20 @@ def encapfwd_register_forwarders(register):
             overhead=20,
             ipv4_only=True,
             operating_systems=("linux", "aix", "solaris", "windows"),
+            template=True,
             description="IP-in-IP (RFC 2003): outer IPv4 header, protocol 4",
         )
     )
 
 
 @hookimpl
-def encapfwd_build_transform(forwarder, server, egress):
+def encapfwd_build_template(forwarder, server, egress):
+    # Data, not code: the core runs it in Python (encapfwd.encap.template_transform) and in the XDP program.
     if forwarder != NAME:
         return None
-    from .transform import build
+    from .template import template
 
-    return build(server, egress)
+    return template(server, egress)
 
 
 @hookimpl

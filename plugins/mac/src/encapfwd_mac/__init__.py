@@ -15,18 +15,20 @@ def encapfwd_register_forwarders(register):
             ipv4_only=False,
             operating_systems=("linux", "aix", "solaris", "windows"),
             encapsulates=False,
+            template=True,
             description="MAC forwarding: P' in a frame to the server's MAC; the server holds the VIP on loopback",
         )
     )
 
 
 @hookimpl
-def encapfwd_build_transform(forwarder, server, egress):
+def encapfwd_build_template(forwarder, server, egress):
+    # Data, not code: the core runs it in Python (encapfwd.encap.template_transform) and in the XDP program.
     if forwarder != NAME:
         return None
-    from .transform import build
+    from .template import template
 
-    return build(server, egress)
+    return template(server, egress)
 
 
 @hookimpl

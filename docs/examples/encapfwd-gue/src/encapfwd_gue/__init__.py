@@ -1,19 +1,20 @@
 """encapfwd-gue: Generic UDP Encapsulation, an example of a third-party forwarder plugin.
 
-Everything an encapsulation type needs is here: metadata (``encapfwd_register_forwarders``), a per-server
-transform compiled once (``encapfwd_build_transform``) and back-end setup scripts
-(``encapfwd_backend_setup``). Nothing in encapfwd's core changes.
+Everything an encapsulation type needs is here: metadata (``encapfwd_register_forwarders``), the
+encapsulation described as data once per server (``encapfwd_build_template``) and back-end setup scripts
+(``encapfwd_backend_setup``). Nothing in encapfwd's core changes, and there is no per-packet code: the core
+runs the template in Python and in its XDP program (in the kernel), from the same bytes.
 """
 
 import struct
-import zlib
 
 from encapfwd import hookimpl
 from encapfwd.errors import SetupRefused
-from encapfwd.hookspecs import Forwarder
+from encapfwd.hookspecs import Forwarder, Template
 
 NAME = "gue"
 GUE_PORT = 6080
+GUE_HEADER = b"\x00\x04\x00\x00"  # version 0, C 0, Hlen 0, protocol 4 (IPv4), no flags
 OVERHEAD = 20 + 8 + 4  # outer IPv4 + UDP + GUE header
 
 
@@ -25,41 +26,27 @@ def encapfwd_register_forwarders(register):
             overhead=OVERHEAD,
             ipv4_only=True,
             operating_systems=("linux", "windows"),
+            template=True,  # encapfwd_build_template describes it: it runs in XDP too
             description=f"Generic UDP Encapsulation: IPv4/UDP port {GUE_PORT}/GUE (variant 0)",
         )
     )
 
 
-def _checksum(header: bytes) -> int:
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 @hookimpl
-def encapfwd_build_transform(forwarder, server, egress):
+def encapfwd_build_template(forwarder, server, egress):
     if forwarder != NAME:
         return None
-    # Everything that does not change per packet is prepared here, once per configuration change.
-    ethernet = bytes.fromhex(egress.dst_mac.replace(":", "") + egress.src_mac.replace(":", "")) + b"\x08\x00"
-    src, dst, ttl = egress.outer_src.packed, egress.outer_dst.packed, egress.ttl
-    gue = b"\x00\x04\x00\x00"  # version 0, C 0, Hlen 0, protocol 4 (IPv4), no flags
-    pack_ip = struct.Struct("!BBHHHBBH4s4s").pack
-    dst_port = GUE_PORT
-
-    def transform(inner: bytes) -> bytes:
-        # Flow entropy in the UDP source port (as RFC 8086 asks of UDP tunnels): a hash of the inner
-        # addresses and ports, so ECMP on the way spreads flows but keeps each on one path.
-        src_port = 0xC000 | (zlib.crc32(inner[12:24]) & 0x3FFF)
-        udp_len = 8 + 4 + len(inner)
-        tos = inner[1] if inner else 0
-        flags = (inner[6] & 0x40) << 8 if len(inner) > 6 else 0  # copy DF
-        header = pack_ip(0x45, tos, 20 + udp_len, 0, flags, ttl, 17, 0, src, dst)
-        header = header[:10] + _checksum(header).to_bytes(2, "big") + header[12:]
-        # UDP checksum 0: allowed for IPv4 tunnels (RFC 768, RFC 8086 section 3.1)
-        return ethernet + header + struct.pack("!HHHH", src_port, dst_port, udp_len, 0) + gue + inner
-    return transform
+    # The constant bytes, once per configuration change: outer IPv4 header (version/IHL 0x45, TTL,
+    # protocol 17, addresses; lengths, TOS, flags, identification and checksum are filled per packet),
+    # UDP header to port 6080 (source port, length and checksum filled per packet), GUE header.
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, egress.ttl, 17, 0,
+                     egress.outer_src.packed, egress.outer_dst.packed)
+    udp = struct.pack("!HHHH", 0, GUE_PORT, 0, 0)
+    # Per packet: outer total length and checksum (ipv4), TOS and DF copied from P' (tos, df), a fresh
+    # identification when DF is clear (ident), UDP length with checksum 0 (udp: RFC 768, RFC 8086 3.1),
+    # and flow entropy in the UDP source port from P''s addresses (entropy: RFC 8086 5.1), so ECMP on the
+    # way spreads flows but keeps each (and every fragment of it) on one path.
+    return Template(header=ip + udp + GUE_HEADER, fields={"ipv4", "tos", "df", "ident", "udp", "entropy"})
 
 
 @hookimpl

@@ -1,0 +1,173 @@
+"""The XDP data plane: the compiled program, its maps filled from a forwarding plan, attach and detach.
+
+    dp = DataPlane.load(plan)          # compile (cached) and load the program, write generation 0
+    dp.install(new_plan)               # reload: write the idle generation, then flip in one word
+    verdict, out = dp.test_run(frame)  # BPF_PROG_TEST_RUN: the program on one frame, no network
+    dp.attach(ifindex, "native")       # run it on an interface
+    dp.counters()                      # per-server packets/bytes, drops and slow-path frames
+    dp.close()                         # detach and unload; nothing is pinned
+
+Reloads never show a packet a half-written plan: every plan map holds two generations (keys carry the
+generation, array indexes are offset by it); :meth:`install` writes the idle one completely, then flips
+``control[0].gen``. Flows in the kernel's LRU flow table carry stable server ids, so they keep their server
+across a reload while it stays up.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Dict, Optional
+
+from . import maps as M
+from .build import build
+from .libbpf import BPFObject, test_run, xdp_attach, xdp_detach
+
+SOURCE = "encapfwd.bpf.c"
+PROGRAM = "encapfwd_xdp"
+PASS_PROGRAM = "encapfwd_xdp_pass"
+#: Selection-table slots a program holds per generation at least (grown at load for larger plans).
+MIN_RING_PORTS = 8
+#: Kernel flow table bound at most (entries are preallocated: about 100 bytes each).
+MAX_KERNEL_FLOWS = 1 << 20
+XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
+
+
+def object_path():
+    """The compiled program (built once per source and toolchain; see :mod:`encapfwd.xdp.build`)."""
+    return build(SOURCE, {"MAX_SERVERS": M.MAX_SERVERS, "MAX_PORTS": M.MAX_PORTS})
+
+
+class DataPlane:
+    """One loaded instance of the program and its maps."""
+
+    def __init__(self, obj: BPFObject, ring_cap: int, flows: int):
+        self.obj = obj
+        self.ring_cap = ring_cap
+        self.flow_capacity = flows
+        self.prog_fd = obj.program(PROGRAM)
+        self.maps = {name: obj.map(name) for name in (
+            "control", "vips", "port_index", "ports", "servers", "ring", "flows", "stats", "drops", "passes",
+            "last_reason")}
+        self.gen = 0
+        self.plan = None
+        self._keys: Dict[int, Dict[str, set]] = {0: {}, 1: {}}
+        self._attached: Optional[tuple] = None
+
+    @classmethod
+    def load(cls, plan, ring_ports: Optional[int] = None) -> "DataPlane":
+        """Compile (cached) and load the program sized for *plan*, and install *plan*."""
+        table_ports = len(M.table_ports(plan))
+        ring_ports = max(ring_ports or 0, MIN_RING_PORTS, 2 * table_ports)
+        ring_cap = ring_ports * 65537
+        flows = max(1024, min(plan.config.executor.maxflows, MAX_KERNEL_FLOWS))
+        obj = BPFObject.open(object_path(), max_entries={"ring": 2 * ring_cap, "flows": flows})
+        try:
+            dp = cls(obj, ring_cap, flows)
+            dp.install(plan, first=True)
+        except BaseException:
+            obj.close()
+            raise
+        return dp
+
+    # -- plans ------------------------------------------------------------------------------------------
+    def install(self, plan, first: bool = False) -> None:
+        """Make *plan* the one the program runs: write the idle generation, then flip to it."""
+        gen = 0 if first else 1 - self.gen
+        entries = M.plan_entries(plan, gen, self.ring_cap)  # ConfigError before anything is written
+        stale = self._keys[gen]
+        written: Dict[str, set] = {}
+        for name in ("vips", "port_index"):
+            keys = {k for k, _ in entries[name]}
+            for key in stale.get(name, set()) - keys:
+                self.maps[name].delete(key)
+            written[name] = keys
+        for name in ("vips", "port_index", "ports", "servers"):
+            rows = entries[name]
+            if rows:
+                self.maps[name].update_batch(b"".join(k for k, _ in rows), b"".join(v for _, v in rows),
+                                             len(rows))
+        ring = self.maps["ring"]
+        for first_slot, values in entries["ring"]:
+            count = len(values) // 4
+            keys = struct.pack(f"<{count}I", *range(first_slot, first_slot + count))
+            ring.update_batch(keys, values, count)
+        self._keys[gen] = written
+        self.maps["control"].update(0, M.CONTROL.pack(gen, 0))
+        self.gen = gen
+        self.plan = plan
+
+    # -- flows (the slow path writes the flows it decided) ---------------------------------------------------
+    def write_flow(self, key: bytes, sid: int) -> None:
+        """Keep flow *key* (``maps.flow_key``) on server *sid* in the kernel (first packets the program
+        handed up, e.g. for ports whose selection is not a table)."""
+        self.maps["flows"].update(key, M.FLOW_VALUE.pack(sid, 0, time.monotonic_ns()))
+
+    def flow(self, key: bytes) -> Optional[int]:
+        raw = self.maps["flows"].lookup(key)
+        return None if raw is None else M.FLOW_VALUE.unpack(raw)[0]
+
+    # -- running --------------------------------------------------------------------------------------------
+    def test_run(self, frame: bytes):
+        """``(verdict, output bytes)`` of the program on *frame* (BPF_PROG_TEST_RUN)."""
+        result = test_run(self.prog_fd, frame)
+        return result.retval, result.data
+
+    def last_reason(self, cpu: int) -> str:
+        """Why the last frame that CPU *cpu* did not forward was dropped or passed up (a reason name of
+        :data:`maps.DROPS` or :data:`maps.PASSES`)."""
+        raw = self.maps["last_reason"].lookup_percpu(0)[cpu]
+        code = M.U32.unpack(raw[:4])[0]
+        return M.PASSES[code & 0xFF] if code & 0x100 else M.DROPS[code]
+
+    def attach(self, ifindex: int, mode: str = "native") -> None:
+        xdp_attach(ifindex, self.prog_fd, mode)
+        self._attached = (ifindex, mode)
+
+    def detach(self) -> None:
+        if self._attached is not None:
+            ifindex, mode = self._attached
+            self._attached = None
+            xdp_detach(ifindex, mode)
+
+    def close(self) -> None:
+        try:
+            self.detach()
+        finally:
+            self.obj.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- counters -------------------------------------------------------------------------------------------
+    def _percpu_sum(self, name: str, index: int, fmt) -> tuple:
+        values = self.maps[name].lookup_percpu(index) or []
+        total = None
+        for raw in values:
+            row = fmt.unpack(raw[:fmt.size])
+            total = row if total is None else tuple(a + b for a, b in zip(total, row))
+        return total or (0,) * len(fmt.unpack(bytes(fmt.size)))
+
+    def reason_counts(self, name: str) -> Dict[str, int]:
+        names = M.DROPS if name == "drops" else M.PASSES
+        out = {}
+        for i, reason in enumerate(names):
+            (count,) = self._percpu_sum(name, i, M.U64)
+            if count:
+                out[reason] = count
+        return out
+
+    def counters(self) -> dict:
+        """Per server ``{name: {packets, bytes}}`` (the kernel's), ``drops`` and ``passed`` by reason."""
+        servers = {}
+        if self.plan is not None:
+            for server in self.plan.servers:
+                packets, nbytes = self._percpu_sum("stats", server.sid, M.COUNTER)
+                servers[server.name] = {"packets": packets, "bytes": nbytes}
+        return {"servers": servers, "drops": self.reason_counts("drops"), "passed": self.reason_counts("passes")}
+
+
+__all__ = ["DataPlane", "XDP_DROP", "XDP_PASS", "XDP_TX", "object_path"]

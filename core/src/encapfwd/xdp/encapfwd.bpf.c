@@ -1,0 +1,573 @@
+// SPDX-License-Identifier: GPL-2.0-only
+/*
+ * encapfwd's XDP data plane: executes the controller's forwarding plan (encapfwd.plan) from maps.
+ *
+ * One generic program for every method: a server's egress is a template (Ethernet MACs + header bytes +
+ * a fixed set of per-packet fields, encapfwd.hookspecs.Template), so a third party's tunnel runs here
+ * without eBPF of its own. What the program does not finish itself goes up with XDP_PASS to the Python
+ * dispatcher (the slow path), which answers exactly as the reference does: fragments, IP options, ICMP,
+ * TTL expiry, frames too big for the MTU, first packets of ports whose selection is not a table, and all
+ * traffic that is not for a cluster address. The Python side (encapfwd/xdp/maps.py) mirrors every layout.
+ *
+ * Reloads: every plan map holds two generations; the controller fills the idle one, then flips
+ * control[0].gen in one word, so no packet sees a half-written plan. Flows carry stable server ids.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "crc32_table.h"
+
+#ifndef MAX_SERVERS
+#define MAX_SERVERS 16384 /* server ids (sid) per generation */
+#endif
+#ifndef MAX_PORTS
+#define MAX_PORTS 256 /* ports per generation */
+#endif
+#define MAX_HDR 64
+#define NO_SERVER 0xFFFFFFFFu
+
+/* template fields (encapfwd.xdp.maps.FIELD_BITS) */
+#define F_IPV4 0x01
+#define F_TOS 0x02
+#define F_DF 0x04
+#define F_IDENT 0x08
+#define F_UDP 0x10
+#define F_ENTROPY 0x20
+
+/* drop reasons the program decides itself (encapfwd.xdp.maps.DROPS; names as the dispatcher's) */
+enum { D_TRUNCATED, D_BAD_CHECKSUM, D_NOT_PORT, D_NO_SERVER, D_MAX };
+/* why a frame went up (encapfwd.xdp.maps.PASSES) */
+enum {
+    P_NOT_OURS, P_MALFORMED, P_OPTIONS, P_FRAGMENT, P_NOT_TCP_UDP, P_TTL, P_NEW_FLOW, P_TOO_BIG,
+    P_NO_TEMPLATE, P_EXT_HEADER, P_ERROR, P_MAX
+};
+
+struct control {
+    __u32 gen;
+    __u32 pad;
+};
+
+struct vip_key { /* a cluster address (no port: "is this ours") */
+    __u8 addr[16];
+    __u8 family; /* 4 or 6 */
+    __u8 gen;
+    __u8 pad[2];
+};
+
+struct port_key {
+    __u8 addr[16];
+    __be16 port; /* network order, as in the packet; 0 = every port */
+    __u8 proto;
+    __u8 gen;
+};
+
+struct port_entry {
+    __u32 ring_base; /* first slot of this port's table in `ring` */
+    __u32 ring_size; /* 0: not a table, new flows go up */
+    __u32 timeout;   /* staletimeout, seconds */
+    __u32 pad;
+};
+
+struct server_entry {
+    __u8 dst[6];
+    __u8 src[6];
+    __u16 hdr_len;
+    __u16 fields;
+    __u16 mtu;
+    __u8 up;
+    __u8 xdp; /* 0: no template, frames go up */
+    __u8 hdr[MAX_HDR];
+};
+
+struct flow_key {
+    __u8 src[16];
+    __u8 dst[16];
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 pad[3];
+};
+
+struct flow_value {
+    __u32 sid;
+    __u32 pad;
+    __u64 seen_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last refresh */
+};
+
+struct counter {
+    __u64 packets;
+    __u64 bytes;
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct control);
+} control SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 2 * 1024);
+    __type(key, struct vip_key);
+    __type(value, __u32);
+} vips SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 2 * MAX_PORTS * 2);
+    __type(key, struct port_key);
+    __type(value, __u32); /* index into ports */
+} port_index SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2 * MAX_PORTS);
+    __type(key, __u32);
+    __type(value, struct port_entry);
+} ports SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2 * MAX_SERVERS);
+    __type(key, __u32);
+    __type(value, struct server_entry);
+} servers SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2 * 65537); /* set by the loader: 2 generations x the plan's table slots */
+    __type(key, __u32);
+    __type(value, __u32); /* sid or NO_SERVER */
+} ring SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 65536); /* set by the loader: executor maxflows */
+    __uint(map_flags, BPF_F_NO_COMMON_LRU);
+    __type(key, struct flow_key);
+    __type(value, struct flow_value);
+} flows SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, MAX_SERVERS);
+    __type(key, __u32);
+    __type(value, struct counter);
+} stats SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, D_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+} drops SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, P_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+} passes SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u32);
+} idents SEC(".maps");
+
+/* The reason of this CPU's last drop or pass (0x100 | pass reason): what tools and tests read to see
+ * why one frame was not forwarded (BPF_PROG_TEST_RUN runs on the caller's CPU). */
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u32);
+} last_reason SEC(".maps");
+
+static __always_inline void note(__u32 code)
+{
+    __u32 zero = 0;
+    __u32 *last = bpf_map_lookup_elem(&last_reason, &zero);
+    if (last)
+        *last = code;
+}
+
+static __always_inline int drop(__u32 reason)
+{
+    __u64 *c = bpf_map_lookup_elem(&drops, &reason);
+    if (c)
+        *c += 1;
+    note(reason);
+    return XDP_DROP;
+}
+
+static __always_inline int pass(__u32 reason)
+{
+    __u64 *c = bpf_map_lookup_elem(&passes, &reason);
+    if (c)
+        *c += 1;
+    note(0x100 | reason);
+    return XDP_PASS;
+}
+
+static __always_inline __u32 crc_byte(__u32 c, __u8 b)
+{
+    return crc32_table[(c ^ b) & 0xff] ^ (c >> 8);
+}
+
+/* zlib.crc32 of the dispatcher's flow key: src + dst + proto + the first four bytes of the L4 header */
+static __always_inline __u32 flow_crc(const __u8 *src, const __u8 *dst, __u32 alen, __u8 proto, const __u8 *l4)
+{
+    __u32 c = 0xFFFFFFFF;
+    for (__u32 i = 0; i < 16; i++) {
+        if (i >= alen)
+            break;
+        c = crc_byte(c, src[i]);
+    }
+    for (__u32 i = 0; i < 16; i++) {
+        if (i >= alen)
+            break;
+        c = crc_byte(c, dst[i]);
+    }
+    c = crc_byte(c, proto);
+    c = crc_byte(c, l4[0]);
+    c = crc_byte(c, l4[1]);
+    c = crc_byte(c, l4[2]);
+    c = crc_byte(c, l4[3]);
+    return c ^ 0xFFFFFFFF;
+}
+
+/* The server for a flow: the flow table first, else the port's table; NO_SERVER or a sid; -1: go up. */
+static __always_inline __s64 select_server(struct flow_key *fk, struct port_entry *pe, __u32 gen, __u32 hash)
+{
+    __u64 now = bpf_ktime_get_ns();
+    struct flow_value *fv = bpf_map_lookup_elem(&flows, fk);
+    if (fv) {
+        __u64 age = now - fv->seen_ns;
+        if (age <= (__u64)pe->timeout * 1000000000ull) {
+            __u32 key = gen * MAX_SERVERS + (fv->sid % MAX_SERVERS);
+            struct server_entry *s = bpf_map_lookup_elem(&servers, &key);
+            if (s && s->up) {
+                if (age > 1000000000ull)
+                    fv->seen_ns = now;
+                return fv->sid;
+            }
+        }
+    }
+    if (!pe->ring_size)
+        return -1;
+    __u32 slot = pe->ring_base + hash % pe->ring_size;
+    __u32 *sid = bpf_map_lookup_elem(&ring, &slot);
+    if (!sid || *sid == NO_SERVER)
+        return NO_SERVER;
+    struct flow_value nv = {.sid = *sid, .seen_ns = now};
+    bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
+    return *sid;
+}
+
+/* Put the template in front of P' (which starts at offset 14 and is `plen` bytes long) and send it. */
+static __always_inline int emit(struct xdp_md *ctx, struct server_entry *s, __u32 sid, __u32 plen, __u8 tos,
+                                __u8 df, __u32 entropy)
+{
+    __u32 hlen = s->hdr_len;
+    if (hlen > MAX_HDR || (hlen & 3))
+        return pass(P_ERROR);
+    if (hlen) {
+        if (bpf_xdp_adjust_head(ctx, -(int)hlen))
+            return pass(P_ERROR);
+    }
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return XDP_ABORTED;
+    __builtin_memcpy(eth->h_dest, s->dst, 6);
+    __builtin_memcpy(eth->h_source, s->src, 6);
+    if (hlen) {
+        eth->h_proto = bpf_htons(ETH_P_IP);
+        /* the header in 4-byte words; hlen <= MAX_HDR */
+        __u32 *to = (void *)(eth + 1);
+        const __u32 *from = (const __u32 *)s->hdr;
+        for (int i = 0; i < MAX_HDR / 4; i++) {
+            if (i * 4 >= hlen)
+                break;
+            if ((void *)(to + i + 1) > end)
+                return XDP_ABORTED;
+            to[i] = from[i];
+        }
+        if (s->fields & F_IPV4) {
+            __u8 *ip = (void *)(eth + 1);
+            if ((void *)(ip + 20) > end)
+                return XDP_ABORTED;
+            __u32 total = hlen + plen;
+            ip[2] = total >> 8;
+            ip[3] = total & 0xff;
+            if (s->fields & F_TOS)
+                ip[1] = tos;
+            if (s->fields & F_DF)
+                ip[6] = (ip[6] & ~0x40) | (df ? 0x40 : 0);
+            if (s->fields & F_IDENT) {
+                __u16 id = 0;
+                if (!(ip[6] & 0x40)) {
+                    __u32 zero = 0;
+                    __u32 *n = bpf_map_lookup_elem(&idents, &zero);
+                    if (n) {
+                        *n += 1;
+                        id = *n;
+                    }
+                }
+                ip[4] = id >> 8;
+                ip[5] = id & 0xff;
+            }
+            if (s->fields & (F_UDP | F_ENTROPY)) {
+                if ((void *)(ip + 28) > end)
+                    return XDP_ABORTED;
+                if (s->fields & F_UDP) {
+                    __u32 ulen = hlen - 20 + plen;
+                    ip[24] = ulen >> 8;
+                    ip[25] = ulen & 0xff;
+                    ip[26] = 0;
+                    ip[27] = 0;
+                }
+                if (s->fields & F_ENTROPY) {
+                    __u16 port = 0xC000 | (entropy & 0x3FFF);
+                    ip[20] = port >> 8;
+                    ip[21] = port & 0xff;
+                }
+            }
+            __u32 sum = 0;
+            ip[10] = 0;
+            ip[11] = 0;
+#pragma unroll
+            for (int i = 0; i < 20; i += 2)
+                sum += ((__u32)ip[i] << 8) | ip[i + 1];
+            __u32 ck = (0xFFFF - sum % 0xFFFF) % 0xFFFF;
+            ip[10] = ck >> 8;
+            ip[11] = ck & 0xff;
+        }
+    }
+    __u32 key = sid % MAX_SERVERS;
+    struct counter *c = bpf_map_lookup_elem(&stats, &key);
+    if (c) {
+        c->packets += 1;
+        c->bytes += plen;
+    }
+    return XDP_TX;
+}
+
+static __always_inline struct server_entry *server_of(__u32 gen, __u32 sid)
+{
+    __u32 key = gen * MAX_SERVERS + (sid % MAX_SERVERS);
+    return bpf_map_lookup_elem(&servers, &key);
+}
+
+static __always_inline struct port_entry *port_of(__u8 *addr, __be16 dport, __u8 proto, __u32 gen)
+{
+    struct port_key pk = {};
+    __builtin_memcpy(pk.addr, addr, 16);
+    pk.port = dport;
+    pk.proto = proto;
+    pk.gen = gen;
+    __u32 *idx = bpf_map_lookup_elem(&port_index, &pk);
+    if (!idx) {
+        pk.port = 0;
+        idx = bpf_map_lookup_elem(&port_index, &pk);
+        if (!idx)
+            return 0;
+    }
+    return bpf_map_lookup_elem(&ports, idx);
+}
+
+static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    __u8 *ip = data + sizeof(struct ethhdr);
+    if ((void *)(ip + 20) > end)
+        return pass(P_MALFORMED);
+    if (ip[0] != 0x45)
+        return pass(ip[0] >> 4 == 4 && (ip[0] & 0xf) > 5 ? P_OPTIONS : P_MALFORMED);
+    __u32 n = end - data;
+    __u32 tot = ((__u32)ip[2] << 8) | ip[3];
+    if (tot < 20 || 14 + tot > n)
+        return pass(P_MALFORMED);
+
+    struct vip_key vk = {.family = 4, .gen = gen};
+    __builtin_memcpy(vk.addr, ip + 16, 4);
+    if (!bpf_map_lookup_elem(&vips, &vk))
+        return pass(P_NOT_OURS);
+
+    __u32 sum = 0;
+#pragma unroll
+    for (int i = 0; i < 20; i += 2)
+        sum += ((__u32)ip[i] << 8) | ip[i + 1];
+    if (sum % 0xFFFF)
+        return drop(D_BAD_CHECKSUM);
+    if ((ip[6] & 0x3F) || ip[7])
+        return pass(P_FRAGMENT);
+    __u8 proto = ip[9];
+    __u8 flags = 0;
+    __u8 *l4 = ip + 20;
+    if (proto == IPPROTO_TCP) {
+        if (tot < 20 + 14)
+            return drop(D_TRUNCATED);
+        if ((void *)(l4 + 14) > end)
+            return drop(D_TRUNCATED);
+        flags = l4[13];
+    } else if (proto == IPPROTO_UDP) {
+        if (tot < 20 + 8)
+            return drop(D_TRUNCATED);
+        if ((void *)(l4 + 8) > end)
+            return drop(D_TRUNCATED);
+    } else {
+        return pass(P_NOT_TCP_UDP);
+    }
+    (void)flags;
+    struct port_entry *pe = port_of(vk.addr, *(__be16 *)(l4 + 2), proto, gen);
+    if (!pe)
+        return drop(D_NOT_PORT);
+    if (ip[8] <= 1)
+        return pass(P_TTL);
+
+    struct flow_key fk = {};
+    __builtin_memcpy(fk.src, ip + 12, 4);
+    __builtin_memcpy(fk.dst, ip + 16, 4);
+    fk.sport = *(__be16 *)l4;
+    fk.dport = *(__be16 *)(l4 + 2);
+    fk.proto = proto;
+    __u32 hash = flow_crc(fk.src, fk.dst, 4, proto, l4);
+    __s64 sid = select_server(&fk, pe, gen, hash);
+    if (sid < 0)
+        return pass(P_NEW_FLOW);
+    if (sid == NO_SERVER)
+        return drop(D_NO_SERVER);
+    struct server_entry *s = server_of(gen, sid);
+    if (!s)
+        return pass(P_ERROR);
+    if (!s->xdp)
+        return pass(P_NO_TEMPLATE);
+    if (s->hdr_len + tot > s->mtu)
+        return pass(P_TOO_BIG);
+
+    /* P': TTL - 1, checksum by RFC 1624 eqn. 3 as the reference computes it: (HC - 0xFEFF) mod 0xFFFF */
+    __u32 ck = ((__u32)ip[10] << 8) | ip[11];
+    ck = (ck + 0x100) % 0xFFFF;
+    ip[8] -= 1;
+    ip[10] = ck >> 8;
+    ip[11] = ck & 0xff;
+    __u8 tos = ip[1];
+    __u8 df = ip[6] & 0x40;
+    __u32 entropy = 0;
+    if (s->fields & F_ENTROPY) {
+        __u32 c = 0xFFFFFFFF;
+#pragma unroll
+        for (int i = 12; i < 20; i++)
+            c = crc_byte(c, ip[i]);
+        entropy = c ^ 0xFFFFFFFF;
+    }
+    if (n > 14 + tot) {
+        if (bpf_xdp_adjust_tail(ctx, (int)(14 + tot) - (int)n))
+            return pass(P_ERROR);
+    }
+    return emit(ctx, s, sid, tot, tos, df, entropy);
+}
+
+static __always_inline int v6(struct xdp_md *ctx, __u32 gen)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    __u8 *ip = data + sizeof(struct ethhdr);
+    if ((void *)(ip + 40) > end)
+        return pass(P_MALFORMED);
+    if (ip[0] >> 4 != 6)
+        return pass(P_MALFORMED);
+    __u32 n = end - data;
+    __u32 plen = ((__u32)ip[4] << 8) | ip[5];
+    if (plen == 0 || 54 + plen > n)
+        return pass(P_MALFORMED);
+    struct vip_key vk = {.family = 6, .gen = gen};
+    __builtin_memcpy(vk.addr, ip + 24, 16);
+    if (!bpf_map_lookup_elem(&vips, &vk))
+        return pass(P_NOT_OURS);
+    __u8 proto = ip[6];
+    __u8 *l4 = ip + 40;
+    if (proto == IPPROTO_TCP) {
+        if (plen < 14)
+            return drop(D_TRUNCATED);
+        if ((void *)(l4 + 14) > end)
+            return drop(D_TRUNCATED);
+    } else if (proto == IPPROTO_UDP) {
+        if (plen < 8)
+            return drop(D_TRUNCATED);
+        if ((void *)(l4 + 8) > end)
+            return drop(D_TRUNCATED);
+    } else {
+        return pass(P_EXT_HEADER);
+    }
+    struct port_entry *pe = port_of(vk.addr, *(__be16 *)(l4 + 2), proto, gen);
+    if (!pe)
+        return drop(D_NOT_PORT);
+    if (ip[7] <= 1)
+        return pass(P_TTL);
+    struct flow_key fk = {};
+    __builtin_memcpy(fk.src, ip + 8, 16);
+    __builtin_memcpy(fk.dst, ip + 24, 16);
+    fk.sport = *(__be16 *)l4;
+    fk.dport = *(__be16 *)(l4 + 2);
+    fk.proto = proto;
+    __u32 hash = flow_crc(fk.src, fk.dst, 16, proto, l4);
+    __s64 sid = select_server(&fk, pe, gen, hash);
+    if (sid < 0)
+        return pass(P_NEW_FLOW);
+    if (sid == NO_SERVER)
+        return drop(D_NO_SERVER);
+    struct server_entry *s = server_of(gen, sid);
+    if (!s)
+        return pass(P_ERROR);
+    if (!s->xdp || s->hdr_len)
+        return pass(P_NO_TEMPLATE); /* IPv6 runs MAC forwarding only */
+    if (40 + plen > s->mtu)
+        return pass(P_TOO_BIG);
+    ip[7] -= 1;
+    if (n > 54 + plen) {
+        if (bpf_xdp_adjust_tail(ctx, (int)(54 + plen) - (int)n))
+            return pass(P_ERROR);
+    }
+    return emit(ctx, s, sid, 40 + plen, 0, 0, 0);
+}
+
+SEC("xdp")
+int encapfwd_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end)
+        return pass(P_MALFORMED);
+    __u32 zero = 0;
+    struct control *ctl = bpf_map_lookup_elem(&control, &zero);
+    if (!ctl)
+        return XDP_PASS;
+    __u32 gen = ctl->gen & 1;
+    if (eth->h_proto == bpf_htons(ETH_P_IP))
+        return v4(ctx, gen);
+    if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+        return v6(ctx, gen);
+    return pass(P_NOT_OURS);
+}
+
+/* A pass-through program for the far end of a veth: XDP_TX on a veth needs one there (xdp-notes). */
+SEC("xdp")
+int encapfwd_xdp_pass(struct xdp_md *ctx)
+{
+    return XDP_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";
