@@ -1,135 +1,69 @@
 #!/usr/bin/env python3
-"""Live forwarding speed: the kernel's own IP forwarding against ``encapfwd run`` (MAC, IPIP, GRE; 1 and 2
-workers), small UDP packets, on the same veth path and the same CPU placement. Root, Linux.
+"""Live forwarding speed per method (MAC, IPIP, GRE): the kernel's own IP forwarding, ``encapfwd run`` with
+the AF_PACKET engine and the XDP engine, on the same veth path, the same CPU placement and the same
+generator, which offers more than any of them forwards. Root, Linux, 2 CPUs, clang + libbpf-dev.
 
 Topology (one-armed, as a dispatcher is)::
 
-    gen ns  g0 ──veth── f0  fwd ns
-    generator (TX ring,          kernel IP forwarding  (ip_forward=1, route VIP via 10.1.0.3), or
-    pinned to CPU 0)             encapfwd run          (VIP blackholed, process pinned)
-                                 both send back out of f0 towards 10.1.0.3's MAC, a MAC nobody owns:
-                                 the frames are counted as f0's tx_packets and dropped by gen's kernel
-                                 as "other host" on CPU 0.
+    gen ns   g0 ──veth── f0   fwd ns
+    xdp_gen (bench/xdp_gen.bpf.c) run by           (a) kernel IP forwarding: ip_forward=1, VIP via 10.1.0.3
+      BPF_PROG_TEST_RUN + LIVE_FRAMES on g0:       (b) encapfwd run --engine afpacket --cpus 1
+      64-byte UDP frames → VIP:9, --flows ports,   (c) the XDP engine (encapfwd run --engine xdp when that
+      XDP_TX out of g0 into f0 (CPU 0)                 exists, else DataPlane.load(plan).attach(f0, native)
+    xdp_count on g0: counts the frames that come       in a helper process inside the fwd namespace)
+      back to 10.1.0.3's MAC (NOBODY_MAC, owned     all three send the frame back out of f0 to NOBODY_MAC
+      by nobody), drops everything                  (MAC forwarding, or IPIP / GRE to 10.1.0.3 on-link)
 
-Placement: the generator on CPU 0; everything the forwarder does on CPU 1 — the kernel's forwarding
-through RPS on f0 (rps_cpus = CPU 1), ours pinned with ``--cpus 1`` (and the kernel's receive work for it
-also on CPU 1 through the same RPS setting). With 2 workers they are pinned to CPUs 0 and 1: the second
-worker shares CPU 0 with the generator on this 2-core machine (say so when reading those figures).
+Placement: the generator (a helper process, bench/live_helpers.py) pinned to CPU 0; f0's receive work on
+CPU 1: f0 has GRO on (a veth has a NAPI ring only with GRO or an XDP program), NAPI threaded
+(``/sys/class/net/f0/threaded``) and its ``napi/f0-*`` kthread pinned to CPU 1; the kernel forwards in that
+thread, the XDP program runs in it, and ``encapfwd run --cpus 1`` puts the AF_PACKET worker there too.
+g0's NAPI (the counting program) is threaded and pinned to CPU 0. RPS is off on both ends.
 
-Run: ``sudo .venv/bin/python bench/live.py [--seconds 3] [--rounds 3] [--flows 256]``.
+Figures per trial: forwarded = frames back at g0 / seconds; offered = frames generated / seconds (the
+generator is the limit when forwarded ≥ 95 % of offered); ns per packet on CPU 1 = CPU 1's busy time
+(/proc/stat user + nice + system + irq + softirq) / frames forwarded; for XDP also the program's own ns
+per packet (kernel.bpf_stats_enabled=1, run_time_ns / run_cnt, in a separate shorter trial so that the
+statistics' own cost does not touch the rate). The kernel's forwarding is the same whatever the method, so
+it is measured once per round and is the reference of every method's table.
 
-``--worker-cost RATE`` adds, per method with one worker, the worker's own CPU time per forwarded frame at a
-fixed, loss-free offered rate with f0's receive work on the generator's CPU (the steadiest figure on a
-shared machine); ``--qdisc-bypass`` runs ``encapfwd run --qdisc-bypass``.
+Reload under load (XDP): at half the XDP rate measured, a paced generator run without reloads, then one
+during which the plan is replaced 20 times (alternately with one more server); lost = generated − back.
+
+Run: ``sudo .venv/bin/python bench/live.py [--seconds 3] [--rounds 3] [--flows 256] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import signal
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "core" / "src"))
+
 GEN_CPU = 0
 FWD_CPU = 1
 GEN_IP = "10.1.0.2"
 FWD_IP = "10.1.0.1"
 SERVER_IP = "10.1.0.3"
+SERVER2_IP = "10.1.0.4"  # the server the reload check adds and removes
 VIP = "10.1.9.1"
 NOBODY_MAC = "02:00:00:00:00:33"
 UDP_PORT = 9
-
-
-# ------------------------------------------------------------------------------------------ generator
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def build_frames(dst_mac: bytes, src_mac: bytes, flows: int, payload: int = 18) -> list:
-    """Small UDP frames (64 bytes on the wire without FCS: 14 + 20 + 8 + 18), one per flow (source port)."""
-    frames = []
-    for i in range(flows):
-        udp_len = 8 + payload
-        ip = struct.pack(
-            "!BBHHHBBH4s4s",
-            0x45,
-            0,
-            20 + udp_len,
-            i & 0xFFFF,
-            0,
-            64,
-            17,
-            0,
-            socket.inet_aton(GEN_IP),
-            socket.inet_aton(VIP),
-        )
-        ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-        udp = struct.pack("!HHHH", 10000 + i, UDP_PORT, udp_len, 0) + bytes(payload)
-        frames.append(dst_mac + src_mac + b"\x08\x00" + ip + udp)
-    return frames
-
-
-def generator(ifname: str, dst_mac: str, seconds: float, flows: int, rate: float = 0.0) -> dict:
-    """Send as fast as a TX ring allows (or at *rate* packets/s) for *seconds*; print and return the count."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core" / "src"))
-    from encapfwd.engines.afpacket import TX_DATA_OFFSET, TxRing
-
-    src_mac = bytes.fromhex(Path(f"/sys/class/net/{ifname}/address").read_text().strip().replace(":", ""))
-    frames = build_frames(bytes.fromhex(dst_mac.replace(":", "")), src_mac, flows)
-    tx = TxRing(ifname, frame_size=256, frame_nr=4096, qdisc_bypass=True)
-    m = tx.map
-    for slot in range(tx.frame_nr):
-        frame = frames[slot % len(frames)]
-        base = slot * tx.frame_size
-        m[base + TX_DATA_OFFSET : base + TX_DATA_OFFSET + len(frame)] = frame
-        struct.pack_into("<I", m, base + 4, len(frame))
-    bases = [slot * tx.frame_size for slot in range(tx.frame_nr)]
-    sent = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    sock = tx.sock
-    if rate:
-        batch = 32
-        index = 0
-        nslots = len(bases)
-        while True:
-            now = time.perf_counter()
-            if now >= deadline:
-                break
-            if sent >= (now - start) * rate:
-                continue  # busy-wait: the generator has its own CPU
-            for base in bases[index : index + batch]:
-                m[base] = 1
-            sock.send(b"")
-            sent += batch
-            index = (index + batch) % nslots
-    while not rate and time.perf_counter() < deadline:
-        for base in bases:
-            m[base] = 1
-        sock.send(b"")  # blocking: returns when every marked slot was handed to the device
-        sent += len(bases)
-    elapsed = time.perf_counter() - start
-    out = {"sent": sent, "seconds": elapsed, "pps": sent / elapsed}
-    print(json.dumps(out), flush=True)
-    return out
-
-
-# --------------------------------------------------------------------------------------- the bench
+GENERATOR_BOUND = 0.95
+COUNTER_FIFO = 50  # SCHED_FIFO priority of g0's NAPI thread (the counting program)
+PACED_FIFO = 40  # of the generator while paced (reload check), and of f0's NAPI thread then
+HELPERS = Path(__file__).resolve().parent / "live_helpers.py"
+ENCAPFWD = Path(sys.executable).parent / "encapfwd"
 
 
 def sh(*argv, check=True, **kw):
@@ -139,14 +73,87 @@ def sh(*argv, check=True, **kw):
     return proc
 
 
+def napi_threads(dev: str) -> set:
+    """pids of the threaded-NAPI kthreads of interfaces called *dev* (any namespace): ``napi/DEV-ID``."""
+    pids = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith(f"napi/{dev}-"):
+                pids.add(int(pid))
+    return pids
+
+
+def run_help() -> str:
+    proc = subprocess.run([str(ENCAPFWD), "run", "--help"], capture_output=True, text=True)
+    return proc.stdout
+
+
+class Helper:
+    """A bench/live_helpers.py process inside a namespace: one JSON command per line, one answer back."""
+
+    def __init__(self, ns, *argv, timeout: float = 60):
+        self.log = tempfile.TemporaryFile()
+        self.proc = ns.popen([sys.executable, str(HELPERS), *argv], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.ready = self.answer(timeout)
+
+    def answer(self, timeout: float = 120) -> dict:
+        import select
+
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            raise RuntimeError(f"helper {self.proc.args[-1]}: no answer within {timeout:g} s")
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"helper exited: {self.log.read().decode(errors='replace').strip()[-2000:]}")
+        out = json.loads(line)
+        if "error" in out:
+            raise RuntimeError(f"helper: {out['error']}")
+        return out
+
+    def send(self, **cmd) -> None:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+
+    def ask(self, **cmd) -> dict:
+        self.send(**cmd)
+        return self.answer()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.ask(cmd="quit")
+                self.proc.wait(10)
+            except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired):
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        self.log.close()
+
+
 class Bench:
     def __init__(self, args):
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "core" / "src"))
         from encapfwd.lab.netns import Namespace, veth_pair
 
         self.args = args
+        self.helpers = []
+        self.procs = []
+        self.bpf_stats_saved = None
+        # NAPI threads of interfaces of the same names elsewhere (another lab) are not ours to move
+        self.foreign_napi = napi_threads("f0") | napi_threads("g0")
+        self.workdir = Path(tempfile.mkdtemp(prefix="efwbench"))
         self.gen = Namespace("bgen").create()
         self.fwd = Namespace("bfwd").create()
+        for ns in (self.gen, self.fwd):
+            for key in ("all", "default"):
+                ns.sysctl(f"net.ipv6.conf.{key}.disable_ipv6", 1)  # no router solicitations, MLD, …
         veth_pair(self.gen, "g0", self.fwd, "f0")
         self.gen.ip("addr", "add", f"{GEN_IP}/24", "dev", "g0")
         self.fwd.ip("addr", "add", f"{FWD_IP}/24", "dev", "f0")
@@ -155,381 +162,476 @@ class Bench:
             for key in ("all", "default", dev):
                 ns.sysctl(f"net.ipv4.conf.{key}.rp_filter", 0)
                 ns.sysctl(f"net.ipv4.conf.{key}.send_redirects", 0)
-        # forwarding work of f0 on CPU 1, the returning frames' (dropped) receive work of g0 on CPU 0
-        self.fwd.run(["sh", "-c", f"echo {1 << FWD_CPU:x} > /sys/class/net/f0/queues/rx-0/rps_cpus"])
-        self.gen.run(["sh", "-c", f"echo {1 << GEN_CPU:x} > /sys/class/net/g0/queues/rx-0/rps_cpus"])
-        self.fwd.ip("neigh", "replace", SERVER_IP, "lladdr", NOBODY_MAC, "dev", "f0", "nud", "permanent")
+            ns.run(["sh", "-c", f"echo 0 > /sys/class/net/{dev}/queues/rx-0/rps_cpus"])
+        for server in (SERVER_IP, SERVER2_IP):
+            self.fwd.ip("neigh", "replace", server, "lladdr", NOBODY_MAC, "dev", "f0", "nud", "permanent")
         self.fwd.ip("route", "add", f"{VIP}/32", "via", SERVER_IP)
+        # f0's NAPI ring for every case: GRO on (the XDP engine's program keeps it as well)
+        self.fwd.ethtool_offload("f0", gro=True)
         self.f0_mac = self.fwd.mac("f0")
-        self.workdir = Path(tempfile.mkdtemp(prefix="efwbench"))
+        self.generator = self.helper(self.gen, "gen", "g0", self.f0_mac, NOBODY_MAC, str(args.flows),
+                                     str(GEN_CPU), GEN_IP, VIP, str(UDP_PORT))
+        self.place()
+
+    def helper(self, ns, *argv) -> Helper:
+        h = Helper(ns, *argv)
+        self.helpers.append(h)
+        return h
 
     def close(self):
+        self.restore_bpf_stats()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+        for h in reversed(self.helpers):
+            h.close()
+        self.helpers = []
         self.fwd.delete()
         self.gen.delete()
         import shutil
 
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def tx_packets(self) -> int:
-        return int(self.fwd.run(["cat", "/sys/class/net/f0/statistics/tx_packets"]).stdout)
+    # -- placement
 
-    @staticmethod
-    def cpu_busy(cpu: int) -> float:
-        """Seconds CPU *cpu* spent busy (user, nice, system, irq, softirq, steal) since boot."""
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith(f"cpu{cpu} "):
-                    v = [int(x) for x in line.split()[1:]]
-                    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
-        return 0.0
-
-    @staticmethod
-    def proc_cpu(pids) -> float:
-        """user + system seconds of processes *pids* (includes softirq work that interrupted them)."""
-        total = 0
-        for pid in pids:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
-
-    @staticmethod
-    def softirq(cpu: int) -> float:
-        with open("/proc/stat") as f:
-            for line in f:
-                if line.startswith(f"cpu{cpu} "):
-                    return int(line.split()[7]) / os.sysconf("SC_CLK_TCK")
-        return 0.0
-
-    def generate(self, seconds: float, rate: float = 0.0) -> dict:
-        argv = self.gen.argv(
-            [
-                "nice",
-                "-n",
-                "-20",
-                "taskset",
-                "-c",
-                str(GEN_CPU),
-                sys.executable,
-                __file__,
-                "--generator",
-                "g0",
-                self.f0_mac,
-                str(seconds),
-                str(self.args.flows),
-                str(rate),
-            ]
-        )
-        before = self.tx_packets()
-        busy = self.cpu_busy(FWD_CPU)
-        soft = self.softirq(FWD_CPU)
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30)
-        busy = self.cpu_busy(FWD_CPU) - busy
-        soft = self.softirq(FWD_CPU) - soft
-        after = self.tx_packets()
+    def pin_napi(self, ns, dev: str, cpu: int, fifo: int = 0) -> list:
+        """Make *dev*'s NAPI threaded and pin its kthread(s) to *cpu* (SCHED_FIFO at *fifo*, else normal)."""
+        proc = ns.run(["sh", "-c", f"echo 1 > /sys/class/net/{dev}/threaded"], check=False)
         if proc.returncode != 0:
-            raise RuntimeError(proc.stderr)
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        result["forwarded"] = after - before
-        result["fwd_pps"] = (after - before) / result["seconds"]
-        # CPU 1's busy time per forwarded packet (includes the kernel's receive work for dropped packets and
-        # anything else the shared machine ran there)
-        result["cpu_us_per_fwd"] = busy * 1e6 / max(1, after - before)
-        result["softirq_us_per_fwd"] = soft * 1e6 / max(1, after - before)
-        return result
-
-    def loss_free(self, seconds: float, hi: float) -> dict:
-        """RFC 2544-style throughput: the highest offered rate (binary search, 6 steps) at which at least
-        99.5 % of the packets are forwarded."""
-        lo, best = 0.0, None
-        top = hi
-        for _ in range(6):
-            rate = (lo + top) / 2 if best is not None or lo else top / 2
-            result = self.generate(seconds, rate)
-            if result["forwarded"] >= 0.995 * result["sent"]:
-                lo, best = rate, result
+            raise RuntimeError(f"{dev}: threaded NAPI refused ({proc.stderr.strip()}): the veth has no NAPI "
+                               "ring (neither GRO nor an XDP program)")
+        pids = sorted(napi_threads(dev) - self.foreign_napi)
+        if not pids:
+            raise RuntimeError(f"{dev}: no napi/{dev}-* kthread found after enabling threaded NAPI")
+        for pid in pids:
+            os.sched_setaffinity(pid, {cpu})
+            if fifo:
+                os.sched_setscheduler(pid, os.SCHED_FIFO, os.sched_param(fifo))
             else:
-                top = rate
-        if best is None:
-            best = {
-                "sent": 0,
-                "seconds": seconds,
-                "pps": 0.0,
-                "forwarded": 0,
-                "fwd_pps": 0.0,
-                "cpu_us_per_fwd": 0.0,
-                "softirq_us_per_fwd": 0.0,
-            }
-        best = dict(best)
-        best["loss_free_pps"] = best["fwd_pps"]
-        return best
+                os.sched_setscheduler(pid, os.SCHED_OTHER, os.sched_param(0))
+        return pids
+
+    def place(self, f0_fifo: int = 0):
+        """f0's NAPI thread on CPU 1 (normal priority: it shares CPU 1 with the AF_PACKET worker as a NIC's
+        receive work would, unless *f0_fifo*); g0's (the counting program) on CPU 0 at SCHED_FIFO 50, so that
+        what comes back is counted however busy CPU 0 is (else g0's ring overflows and forwarded frames go
+        uncounted)."""
+        self.napi = {"f0": self.pin_napi(self.fwd, "f0", FWD_CPU, f0_fifo),
+                     "g0": self.pin_napi(self.gen, "g0", GEN_CPU, COUNTER_FIFO)}
+
+    # -- counters of f0 (cross-check of what the generator helper counts)
+
+    def f0_stats(self) -> dict:
+        link = json.loads(self.fwd.run(["ip", "-s", "-j", "link", "show", "f0"]).stdout)[0]
+        out = {f"{d}_{k}": link["stats64"][d][k] for d in ("rx", "tx") for k in ("packets", "dropped")}
+        proc = self.fwd.run(["ethtool", "-S", "f0"], check=False)
+        for line in proc.stdout.splitlines()[1:]:
+            name, _, value = line.strip().partition(":")
+            if value.strip().isdigit():
+                out[name.strip()] = int(value)
+        return out
+
+    # -- one trial
+
+    def run_command(self, seconds: float, rate: float = 0.0, pids=(), **extra) -> dict:
+        return dict(cmd="run", seconds=seconds, rate=rate, cpus=[FWD_CPU],
+                    pids=sorted(set(self.napi["f0"]) | set(pids)), fifo=PACED_FIFO if rate else 0, **extra)
+
+    def trial(self, seconds: float, rate: float = 0.0, pids=()) -> dict:
+        """One generator run; *pids*: the dispatcher's processes (their threads' CPU time is counted with
+        f0's NAPI thread)."""
+        before = self.f0_stats()
+        out = self.generator.ask(**self.run_command(seconds, rate, pids))
+        after = self.f0_stats()
+        return self.summarise(out, before, after)
+
+    @staticmethod
+    def summarise(out: dict, before: dict, after: dict) -> dict:
+        seconds = out["seconds"]
+        out["f0"] = f0 = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        out["fwd_pps"] = out["back"] / seconds
+        out["offered_pps"] = out["generated"] / seconds
+        out["cpu1_ns_per_pkt"] = out["busy_ns"][str(FWD_CPU)] / max(1, out["back"])
+        out["threads_ns_per_pkt"] = out["task_ns"] / max(1, out["back"])
+        out["generator_bound"] = out["back"] >= GENERATOR_BOUND * out["generated"]
+        # forwarded by f0 but lost before g0's counter (g0's ring full): the count would understate
+        out["return_lost"] = f0.get("tx_dropped", 0) + f0.get("rx_queue_0_xdp_tx_errors", 0)
+        return out
 
     # -- cases
 
-    def generator_alone(self, seconds):
-        self.fwd.sysctl("net.ipv4.ip_forward", 0)
-        return self.generate(seconds)
-
-    def kernel(self, seconds, search: float = 0.0):
+    def kernel(self, seconds):
         self.fwd.sysctl("net.ipv4.ip_forward", 1)
         try:
-            return self.loss_free(seconds, search) if search else self.generate(seconds)
+            self.place()
+            return self.trial(seconds)
         finally:
             self.fwd.sysctl("net.ipv4.ip_forward", 0)
 
-    def write_config(self, method: str) -> Path:
-        path = self.workdir / f"{method}.toml"
-        server = {"address": SERVER_IP, "mac": NOBODY_MAC}
-        if method != "mac":
-            server.update(encapforward=True, encaptype=method, encapcond="always")
+    def write_config(self, method: str, servers=(SERVER_IP,), name: str = "", mac: bool = False) -> Path:
+        path = self.workdir / f"{name or method}.toml"
         lines = [
             "[executor]",
             f'nfa = "{FWD_IP}"',
             'interface = "f0"',
             'networks = ["10.1.0.0/24"]',
-            "",
-            "[[clusters]]",
-            f'address = "{VIP}"',
-            "",
-            "[[clusters.ports]]",
-            f"number = {UDP_PORT}",
-            "",
-            "[[clusters.ports.servers]]",
+            "maxflows = 65536",
         ]
-        for key, value in server.items():
-            lines.append(f"{key} = {json.dumps(value)}")
-        path.write_text("\n".join(lines) + "\n")
+        if mac:  # the direct XDP path has no `encapfwd run` to read it from the interface
+            lines.append(f'mac = "{self.f0_mac}"')
+        lines += ["", "[[clusters]]", f'address = "{VIP}"', "", "[[clusters.ports]]", f"number = {UDP_PORT}"]
+        for address in servers:
+            server = {"address": address, "mac": NOBODY_MAC}
+            if method != "mac":
+                server.update(encapforward=True, encaptype=method, encapcond="always")
+            lines += ["", "[[clusters.ports.servers]]"]
+            lines += [f"{key} = {json.dumps(value)}" for key, value in server.items()]
+        text = "\n".join(lines) + "\n"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
         return path
 
-    def rps(self, cpu: int) -> None:
-        self.fwd.run(["sh", "-c", f"echo {1 << cpu:x} > /sys/class/net/f0/queues/rx-0/rps_cpus"])
+    def start_run(self, engine: str, config: Path, control: str) -> subprocess.Popen:
+        """``encapfwd run`` (engine *engine* when it has --engine) in the fwd namespace, pinned to CPU 1;
+        returns once its control socket answers."""
+        from encapfwd.engines.live import query_control
 
-    def encapfwd(
-        self, method: str, workers: int, seconds, rx_cpu: int = FWD_CPU, search: float = 0.0, rate: float = 0.0
-    ):
-        self.rps(rx_cpu)
-        try:
-            return self._encapfwd(method, workers, seconds, search, rate)
-        finally:
-            self.rps(FWD_CPU)
+        help_text = run_help()
+        argv = ["nice", "-n", "-20", str(ENCAPFWD), "--config", str(config), "run", "--interface", "f0",
+                "--workers", "1", "--control", control, "--cpus", str(FWD_CPU)]
+        if "--engine" in help_text:
+            argv += ["--engine", engine]
+        elif engine != "afpacket":
+            raise RuntimeError("encapfwd run has no --engine")
+        if engine == "xdp" and "--xdp-mode" in help_text:
+            argv += ["--xdp-mode", "native"]
+        if self.args.qdisc_bypass and engine == "afpacket":
+            argv.append("--qdisc-bypass")
+        log_path = self.workdir / f"run-{engine}.log"
+        with open(log_path, "wb") as log:
+            proc = self.fwd.popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                query_control(control, "ping", timeout=1)
+                return proc
+            except (OSError, ValueError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop_run(proc)
+                    raise RuntimeError(f"encapfwd run --engine {engine}: {log_path.read_text()[-2000:]}") from None
+                time.sleep(0.05)
 
-    def _encapfwd(self, method: str, workers: int, seconds, search: float = 0.0, rate: float = 0.0):
-        config = self.write_config(method)
-        control = str(self.workdir / "control.sock")
-        cpus = str(FWD_CPU) if workers == 1 else ",".join(str(c) for c in (FWD_CPU, GEN_CPU)[:workers])
-        exe = Path(sys.executable).parent / "encapfwd"
-        argv = self.fwd.argv(
-            [
-                "nice",
-                "-n",
-                "-20",
-                str(exe),
-                "--config",
-                str(config),
-                "run",
-                "--interface",
-                "f0",
-                "--workers",
-                str(workers),
-                "--control",
-                control,
-                "--cpus",
-                cpus,
-            ]
-            + (["--qdisc-bypass"] if getattr(self.args, "qdisc_bypass", False) else [])
-        )
-        log = open(self.workdir / "run.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            from encapfwd.engines.live import query_control
-
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    query_control(control, "ping", timeout=1)
-                    break
-                except (OSError, ValueError):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError((self.workdir / "run.log").read_text()) from None
-                    time.sleep(0.05)
-            pids = [w["pid"] for w in query_control(control)["workers"]]
-            cpu = self.proc_cpu(pids)
-            if search:
-                result = self.loss_free(seconds, search)
-                cpu = self.proc_cpu(pids) - cpu
-                result["worker_us_per_fwd"] = 0.0
-            else:
-                result = self.generate(seconds, rate)
-                cpu = self.proc_cpu(pids) - cpu
-                result["worker_us_per_fwd"] = cpu * 1e6 / max(1, result["forwarded"])
-            report = query_control(control)
-            result["kernel_drops"] = report["engine"].get("kernel_drops")
-            result["dispatcher_forwarded"] = report.get("forwarded")
-            return result
-        finally:
+    def stop_run(self, proc) -> None:
+        if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            log.close()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def afpacket(self, method: str, seconds):
+        from encapfwd.engines.live import query_control
+
+        control = str(self.workdir / "control.sock")
+        proc = self.start_run("afpacket", self.write_config(method), control)
+        try:
+            self.place()
+            result = self.trial(seconds, pids=run_pids(proc, control))
+            report = query_control(control)
+            result["kernel_drops"] = report["engine"].get("kernel_drops")
+            result["dispatcher_forwarded"] = report.get("forwarded")
+            return result
+        finally:
+            self.stop_run(proc)
+
+    # -- XDP
+
+    def xdp_engine(self, method: str):
+        if "--engine" in run_help():
+            return XDPRun(self, method)
+        return XDPDirect(self, method)
+
+    def xdp(self, method: str, seconds: float, stats_seconds: float) -> dict:
+        engine = self.xdp_engine(method)
+        try:
+            self.place()
+            result = self.trial(seconds, pids=engine.pids())
+            result["engine"] = engine.how
+            if stats_seconds:
+                pid = attached_prog_id(self.fwd, "f0")
+                with self.bpf_stats():
+                    s0 = prog_stats(pid)
+                    stats_trial = self.trial(stats_seconds, pids=engine.pids())
+                    s1 = prog_stats(pid)
+                runs = s1[1] - s0[1]
+                result["prog_ns_per_pkt"] = (s1[0] - s0[0]) / runs if runs else None
+                result["prog_runs"] = runs
+                result["stats_trial"] = stats_trial
+            return result
+        finally:
+            engine.close()
+
+    def reload_check(self, method: str, rate: float, seconds: float, reloads: int) -> dict:
+        """Paced at *rate*: a run without reloads, then a run during which the plan changes *reloads* times."""
+        engine = self.xdp_engine(method)
+        try:
+            # f0's NAPI thread at SCHED_FIFO too: other jobs on a shared machine must not hold it off CPU 1
+            # for longer than f0's ring (256 frames) lasts, or their delay would count as the reload's loss
+            self.place(f0_fifo=PACED_FIFO)
+            baseline = self.trial(seconds, rate, pids=engine.pids())
+            before = self.f0_stats()
+            self.generator.send(**self.run_command(0.0, rate, engine.pids(), until_stop=True))
+            time.sleep(0.2)
+            t = time.perf_counter()
+            done = engine.reload(reloads, interval=max(0.0, seconds / reloads - 0.02))
+            reload_seconds = time.perf_counter() - t
+            time.sleep(0.2)
+            self.generator.send(cmd="stop")
+            out = self.generator.answer()
+            loaded = self.summarise(out, before, self.f0_stats())
+            loaded.update(done)
+            loaded["reload_seconds"] = reload_seconds
+            return {"rate": rate, "engine": engine.how, "baseline": baseline, "reloading": loaded}
+        finally:
+            engine.close()
+            self.place()
+
+    # -- BPF run-time statistics (global sysctl; restored even on failure)
+
+    def bpf_stats(self):
+        bench = self
+
+        class _Stats:
+            def __enter__(self):
+                if bench.bpf_stats_saved is None:
+                    bench.bpf_stats_saved = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+                Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+
+            def __exit__(self, *exc):
+                bench.restore_bpf_stats()
+
+        return _Stats()
+
+    def restore_bpf_stats(self):
+        if self.bpf_stats_saved is not None:
+            Path("/proc/sys/kernel/bpf_stats_enabled").write_text(self.bpf_stats_saved)
+            self.bpf_stats_saved = None
+
+
+def run_pids(proc, control: str) -> list:
+    """``encapfwd run``'s controller and workers."""
+    from encapfwd.engines.live import query_control
+
+    return [proc.pid] + [w["pid"] for w in query_control(control).get("workers", []) if w.get("pid")]
+
+
+def attached_prog_id(ns, dev: str) -> int:
+    link = json.loads(ns.run(["ip", "-j", "link", "show", dev]).stdout)[0]
+    xdp = link.get("xdp") or {}
+    prog = xdp.get("prog") or {}
+    if prog.get("id"):
+        return int(prog["id"])
+    for attached in xdp.get("attached", []):
+        if attached.get("prog", {}).get("id"):
+            return int(attached["prog"]["id"])
+    raise RuntimeError(f"no XDP program on {dev}: {xdp}")
+
+
+def prog_stats(prog_id: int) -> tuple:
+    """``(run_time_ns, run_cnt)`` of a loaded program (bpftool; counted while bpf_stats_enabled=1)."""
+    info = json.loads(sh("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
+    return info.get("run_time_ns", 0), info.get("run_cnt", 0)
+
+
+class XDPRun:
+    """``encapfwd run --engine xdp``; reloads through the control socket (``reload``)."""
+
+    how = "encapfwd run --engine xdp"
+
+    def __init__(self, bench: Bench, method: str):
+        self.bench, self.method = bench, method
+        self.control = str(bench.workdir / "control.sock")
+        self.config = bench.write_config(method, name=f"{method}-xdp")
+        self.proc = bench.start_run("xdp", self.config, self.control)
+
+    def pids(self) -> list:
+        return run_pids(self.proc, self.control)
+
+    def reload(self, count: int, interval: float) -> dict:
+        from encapfwd.engines.live import query_control
+
+        times, errors = [], []
+        for i in range(count):
+            servers = (SERVER_IP, SERVER2_IP) if i % 2 == 0 else (SERVER_IP,)
+            self.bench.write_config(self.method, servers, name=f"{self.method}-xdp")
+            t = time.perf_counter()
+            answer = query_control(self.control, "reload", timeout=30)
+            times.append((time.perf_counter() - t) * 1e3)
+            if answer.get("error"):
+                errors.append(answer["error"])
+            time.sleep(interval)
+        return {"reloads": count - len(errors), "reload_errors": errors, "install_ms": times}
+
+    def close(self):
+        self.bench.stop_run(self.proc)
+
+
+class XDPDirect:
+    """The data plane without ``encapfwd run``: compile_plan + DataPlane.load + attach(f0, native) in a helper
+    process inside the fwd namespace; reloads are DataPlane.install of a freshly compiled plan."""
+
+    how = "DataPlane.load + attach (no encapfwd run --engine xdp yet)"
+
+    def __init__(self, bench: Bench, method: str):
+        self.bench = bench
+        self.configs = [str(bench.write_config(method, (SERVER_IP, SERVER2_IP), name=f"{method}-2", mac=True)),
+                        str(bench.write_config(method, name=f"{method}-1", mac=True))]
+        self.helper = bench.helper(bench.fwd, "xdp", "f0", self.configs[1])
+
+    def pids(self) -> list:
+        return [self.helper.ready["pid"]]
+
+    def reload(self, count: int, interval: float) -> dict:
+        out = self.helper.ask(cmd="reloads", configs=self.configs, count=count, interval=interval)
+        out["reload_errors"] = []
+        return out
+
+    def close(self):
+        self.helper.close()
+        if self.helper in self.bench.helpers:
+            self.bench.helpers.remove(self.helper)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def spread(rows, key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return None
+    return min(values), statistics.median(values), max(values)
+
+
+def print_tables(results: dict, methods, args) -> None:
+    kernel = results["kernel"]
+    k_med = spread(kernel, "fwd_pps")[1]
+    for method in methods:
+        print(f"\n{method.upper()}: forwarded kpps (min / median / max of {args.rounds} rounds of "
+              f"{args.seconds:g} s), ns per forwarded packet on CPU {FWD_CPU} (median)")
+        print(f"   {'case':<22} {'forwarded kpps':>21} {'× kernel':>8} {'offered kpps':>12} "
+              f"{'CPU1 ns/pkt':>11} {'threads ns/pkt':>14} {'prog ns/pkt':>11}")
+        rows = [("kernel IP forwarding", kernel), ("encapfwd afpacket", results["afpacket"][method]),
+                ("encapfwd xdp", results["xdp"][method])]
+        for name, data in rows:
+            lo, med, hi = spread(data, "fwd_pps")
+            offered = spread(data, "offered_pps")[1]
+            cpu = spread(data, "cpu1_ns_per_pkt")[1]
+            threads = spread(data, "threads_ns_per_pkt")[1]
+            prog = spread(data, "prog_ns_per_pkt")
+            notes = []
+            bound = sum(r["generator_bound"] for r in data)
+            if bound:
+                notes.append(f"generator-bound in {bound}/{len(data)}")
+            lost = sum(r["return_lost"] for r in data)
+            if lost > 0.005 * sum(r["back"] for r in data):
+                notes.append(f"{lost:,} forwarded frames lost before the counter")
+            print(f"   {name:<22} {f'{lo / 1e3:,.0f} / {med / 1e3:,.0f} / {hi / 1e3:,.0f}':>21} "
+                  f"{med / k_med:8.2f} {offered / 1e3:12,.0f} {cpu:11,.0f} {threads:14,.0f} "
+                  f"{'' if prog is None else f'{prog[1]:,.0f}':>11}{'  ' + '; '.join(notes) if notes else ''}")
+    if results.get("reload"):
+        print(f"\nXDP reload under load: paced at half the XDP median rate; {args.reloads} plan changes "
+              "(alternately with one more server) during the second run")
+        print(f"   {'method':<7} {'rate kpps':>10} {'run':<10} {'generated':>11} {'back':>11} {'lost':>7} "
+              f"{'reloads':>8} {'install ms (median / max)':>26}")
+        for method, r in results["reload"].items():
+            for label, t in (("steady", r["baseline"]), ("reloading", r["reloading"])):
+                ms = t.get("install_ms") or []
+                times = f"{statistics.median(ms):,.0f} / {max(ms):,.0f}" if ms else ""
+                print(f"   {method:<7} {r['rate'] / 1e3:10,.0f} {label:<10} {t['generated']:11,} {t['back']:11,} "
+                      f"{t['generated'] - t['back']:7,} {t.get('reloads', ''):>8} {times:>26}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=2.0, help="length of each trial")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each trial")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--flows", type=int, default=256)
+    parser.add_argument("--flows", type=int, default=256, help="distinct UDP source ports")
     parser.add_argument("--methods", default="mac,ipip,gre")
-    parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--no-search", action="store_true", help="skip the loss-free throughput search")
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument(
-        "--rx-on-generator-cpu",
-        action="store_true",
-        help="also run each 1-worker case with f0's receive softirq (RPS) on the generator's CPU",
-    )
-    parser.add_argument(
-        "--worker-cost",
-        type=float,
-        default=0.0,
-        metavar="PPS",
-        help="also measure each 1-worker method's CPU time per frame at this fixed rate (receive work on the "
-        "generator's CPU)",
-    )
-    parser.add_argument("--qdisc-bypass", action="store_true", help="run encapfwd with --qdisc-bypass")
-    parser.add_argument(
-        "--generator", nargs=5, metavar=("IF", "DSTMAC", "SECONDS", "FLOWS", "RATE"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--stats-seconds", type=float, default=1.0,
+                        help="length of the extra XDP trial with kernel.bpf_stats_enabled=1 (0: skip)")
+    parser.add_argument("--reloads", type=int, default=20, help="plan changes in the reload check (0: skip)")
+    parser.add_argument("--qdisc-bypass", action="store_true", help="run the AF_PACKET engine with --qdisc-bypass")
+    parser.add_argument("--json", action="store_true", help="also print every trial as JSON")
     args = parser.parse_args()
-    if args.generator:
-        ifname, mac, seconds, flows, rate = args.generator
-        generator(ifname, mac, float(seconds), int(flows), float(rate))
-        return 0
     if os.geteuid() != 0:
-        print("bench/live.py needs root (network namespaces, AF_PACKET)", file=sys.stderr)
+        print("bench/live.py needs root (network namespaces, BPF)", file=sys.stderr)
         return 1
     if os.cpu_count() < 2:
         print("bench/live.py needs 2 CPUs (generator and forwarder on their own cores)", file=sys.stderr)
         return 1
     methods = [m for m in args.methods.split(",") if m]
-    worker_counts = [int(w) for w in args.workers.split(",") if w]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    print(
-        f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, "
-        f"{args.rounds} rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, "
-        f"load average {' '.join(load)}"
-    )
-    print(
-        f"Placement: generator pinned to CPU {GEN_CPU}; forwarding on CPU {FWD_CPU} (kernel: RPS on f0; "
-        f"encapfwd: worker pinned with --cpus {FWD_CPU}, the kernel's receive work for it also on "
-        f"CPU {FWD_CPU} "
-        f"via RPS). With 2 workers: --cpus {FWD_CPU},{GEN_CPU}, so the 2nd worker shares CPU {GEN_CPU} with "
-        f"the generator."
-    )
-    print(
-        "The generator and encapfwd run at nice -20 so that other jobs on this shared machine take little of "
-        "their CPUs (the kernel's forwarding runs in softirq, ahead of every process anyway)."
-    )
-    print("Shared machine: other jobs may run; figures are medians over rounds, min–max in brackets.")
-    if args.qdisc_bypass:
-        print("encapfwd runs with --qdisc-bypass (PACKET_QDISC_BYPASS).")
-    print()
+    engine_note = ("encapfwd run --engine xdp" if "--engine" in run_help()
+                   else "DataPlane.load + attach(f0, native) in a helper in the fwd namespace "
+                        "(encapfwd run has no --engine yet)")
+    print(f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, {args.rounds} "
+          f"rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, load average {' '.join(load)}")
+    print(f"Generator: BPF_PROG_TEST_RUN live frames (bench/xdp_gen.bpf.c) on CPU {GEN_CPU}; f0's NAPI thread on "
+          f"CPU {FWD_CPU} (threaded, GRO on); encapfwd run --cpus {FWD_CPU}; XDP engine: {engine_note}.")
 
-    cases = [("kernel IP forwarding", lambda b, s, q=0.0: b.kernel(s, q))]
-    for workers in worker_counts:
-        for method in methods:
-            cases.append(
-                (
-                    f"encapfwd {method} {workers}w",
-                    lambda b, s, q=0.0, m=method, w=workers: b.encapfwd(m, w, s, search=q),
-                )
-            )
-            if args.rx_on_generator_cpu and workers == 1:
-                cases.append(
-                    (
-                        f"encapfwd {method} {workers}w rx@cpu{GEN_CPU}",
-                        lambda b, s, q=0.0, m=method, w=workers: b.encapfwd(
-                            m, w, s, rx_cpu=GEN_CPU, search=q
-                        ),
-                    )
-                )
-    flat = {name: [] for name, _ in cases}
-    flat["generator alone"] = []
-    free = {name: [] for name, _ in cases}
-    cost = {m: [] for m in methods} if args.worker_cost else {}
-    bench = Bench(args)
+    results = {"kernel": [], "afpacket": {m: [] for m in methods}, "xdp": {m: [] for m in methods},
+               "reload": {}}
+    bench = None
+
+    def on_signal(signum, frame):
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def cleanup():
+        if bench is not None:
+            bench.close()
+
+    atexit.register(cleanup)
     try:
-        for _ in range(args.rounds):
-            for method in cost:
-                cost[method].append(
-                    bench.encapfwd(method, 1, args.seconds, rx_cpu=GEN_CPU, rate=args.worker_cost)
-                )
-            alone = bench.generator_alone(args.seconds)
-            flat["generator alone"].append(alone)
-            for name, case in cases:
-                flat[name].append(case(bench, args.seconds))
-            if not args.no_search:
-                for name, case in cases:
-                    free[name].append(case(bench, args.seconds, alone["pps"]))
+        bench = Bench(args)
+        for r in range(args.rounds):
+            results["kernel"].append(bench.kernel(args.seconds))
+            for method in methods:
+                results["afpacket"][method].append(bench.afpacket(method, args.seconds))
+                results["xdp"][method].append(bench.xdp(method, args.seconds, min(args.stats_seconds,
+                                                                                   args.seconds)))
+            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        if args.reloads:
+            for method in methods:
+                rate = spread(results["xdp"][method], "fwd_pps")[1] / 2
+                results["reload"][method] = bench.reload_check(method, rate, args.seconds, args.reloads)
     finally:
-        bench.close()
+        b, bench = bench, None
+        if b is not None:
+            b.close()
 
-    def med(table, name, key):
-        values = [r.get(key, 0.0) for r in table[name]]
-        return statistics.median(values), min(values), max(values)
-
-    print(
-        "1. Generator flat out (offered load above what the forwarder takes; dropped packets still cost the "
-        "forwarding CPU their receive work):"
-    )
-    kernel = med(flat, "kernel IP forwarding", "fwd_pps")[0]
-    print(
-        f"   {'case':<28} {'forwarded pps':>14} {'(min–max)':>22} {'× kernel':>9} {'offered pps':>12} "
-        f"{'CPU1 µs/fwd':>12}"
-    )
-    for name in ["generator alone"] + [n for n, _ in cases]:
-        key = "pps" if name == "generator alone" else "fwd_pps"
-        m, lo, hi = med(flat, name, key)
-        offered = med(flat, name, "pps")[0]
-        ratio = "" if name == "generator alone" else f"{m / kernel:9.2f}"
-        cpu = "" if name == "generator alone" else f"{med(flat, name, 'cpu_us_per_fwd')[0]:12.2f}"
-        print(f"   {name:<28} {m:>14,.0f} {f'({lo:,.0f}–{hi:,.0f})':>22} {ratio:>9} {offered:>12,.0f} {cpu}")
-    if not args.no_search:
-        print(
-            "\n2. Loss-free throughput (RFC 2544 style: highest offered rate with ≥ 99.5 % forwarded; binary "
-            "search up to the generator's own rate):"
-        )
-        kernel = med(free, "kernel IP forwarding", "loss_free_pps")[0] or 1.0
-        print(f"   {'case':<28} {'loss-free pps':>14} {'(min–max)':>22} {'× kernel':>9}")
-        for name, _ in cases:
-            m, lo, hi = med(free, name, "loss_free_pps")
-            print(f"   {name:<28} {m:>14,.0f} {f'({lo:,.0f}–{hi:,.0f})':>22} {m / kernel:9.2f}")
-    if cost:
-        print(
-            f"\n3. Worker CPU time per forwarded frame at a fixed {args.worker_cost:,.0f} pps, one worker, f0's "
-            f"receive work on CPU {GEN_CPU} (user + system time of the worker process):"
-        )
-        print(f"   {'case':<28} {'µs/frame':>9} {'(min–max)':>16} {'forwarded/sent':>15}")
-        for method, results in cost.items():
-            m, lo, hi = med(cost, method, "worker_us_per_fwd")
-            share = statistics.median(r["forwarded"] / max(1, r["sent"]) for r in results)
-            print(f"   {'encapfwd ' + method + ' 1w':<28} {m:9.2f} {f'({lo:.2f}–{hi:.2f})':>16} {share:15.3f}")
-    alone = med(flat, "generator alone", "pps")[0]
-    print(
-        f"\nThe generator alone sends {alone:,.0f} pps; when the kernel forwards about that much, "
-        "the kernel's "
-        f"figure is a lower bound (the generator is the limit), and its ratio flatters nobody but the kernel."
-    )
-    print(
-        "CPU1 µs/fwd: CPU 1's busy time (all tasks and softirq) per forwarded packet — inflated by "
-        "other jobs."
-    )
-    print("Target: encapfwd with one worker ≥ 0.9 × kernel IP forwarding.")
+    print_tables(results, methods, args)
+    print(f"\nforwarded = frames back at g0 (to {NOBODY_MAC}) / s; offered = frames the generator made / s; "
+          f"'generator-bound': forwarded ≥ {GENERATOR_BOUND:.0%} of offered (the dispatcher was not the limit).")
+    print(f"CPU1 ns/pkt: CPU {FWD_CPU}'s busy time (user+nice+system+irq+softirq, every task, other jobs "
+          "included) / forwarded; threads ns/pkt: on-CPU time of f0's NAPI thread + the dispatcher's processes "
+          "(schedstat) / forwarded; prog ns/pkt: the XDP program's run_time_ns / run_cnt (bpf_stats, in a "
+          f"separate {args.stats_seconds:g} s trial). The kernel's forwarding does not depend on the method: "
+          "the same measurements head every table.")
     if args.json:
-        print(json.dumps({"flat_out": flat, "loss_free": free, "worker_cost": cost}, indent=2))
+        print(json.dumps(results, indent=2))
     return 0
 
 

@@ -24,9 +24,51 @@ def test_forwarders_lists_the_installed_plugins():
     for row in rows.values():
         assert row["status"] == "ok" and row["version"]
         assert "linux" in row["operating_systems"]
+    for name in ("mac", "ipip", "gre"):  # described as templates: the XDP program runs them too
+        assert rows[name]["engines"] == ["xdp", "python"]
     table = run_cli("forwarders", check=0).stdout
-    assert table.splitlines()[0].split() == [
-        "FORWARDER", "DISTRIBUTION", "VERSION", "OVERHEAD", "IPV4-ONLY", "OS", "STATUS"]
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "FORWARDER", "DISTRIBUTION", "VERSION", "OVERHEAD", "IPV4-ONLY", "OS", "ENGINES", "STATUS"]
+    gre = [line.split() for line in lines if line.startswith("gre ")][0]
+    assert gre[-2:] == ["xdp,python", "ok"]
+
+
+def test_engines_column_for_template_and_python_only_plugins(fake_dist):
+    env = fake_dist("encapfwd-both", "encapfwd_both", """
+        from encapfwd import hookimpl
+        from encapfwd.hookspecs import Forwarder, Template
+        @hookimpl
+        def encapfwd_register_forwarders(register):
+            register(Forwarder(name="data", overhead=0, template=True))
+            register(Forwarder(name="code", overhead=4))
+            register(Forwarder(name="claims", overhead=0, template=True))
+        @hookimpl
+        def encapfwd_build_template(forwarder, server, egress):
+            return Template() if forwarder == "data" else None
+        @hookimpl
+        def encapfwd_build_transform(forwarder, server, egress):
+            return (lambda p: p) if forwarder == "code" else None
+    """)
+    env2 = fake_dist("encapfwd-codeonly", "encapfwd_codeonly", """
+        from encapfwd import hookimpl
+        from encapfwd.hookspecs import Forwarder
+        @hookimpl
+        def encapfwd_register_forwarders(register):
+            register(Forwarder(name="legacy", overhead=4, template=True))  # declared, but no template hook
+        @hookimpl
+        def encapfwd_build_transform(forwarder, server, egress):
+            return (lambda p: p) if forwarder == "legacy" else None
+    """)
+    assert env == env2
+    rows = {r["name"]: r for r in json.loads(run_cli("forwarders", "--json", env=env, check=0).stdout)}
+    assert rows["data"]["engines"] == ["xdp", "python"]
+    assert rows["claims"]["engines"] == ["xdp", "python"]  # the declaration is per method: taken at its word
+    assert rows["code"]["engines"] == ["python"]
+    assert rows["legacy"]["engines"] == ["python"]  # template=True without encapfwd_build_template
+    table = run_cli("forwarders", env=env, check=0).stdout.splitlines()
+    code = [line.split() for line in table if line.startswith("code ")][0]
+    assert code[-2:] == ["python", "ok"]
 
 
 def test_allow_list_restricts_loading():
@@ -44,6 +86,7 @@ def test_broken_plugin_is_listed_as_failed_and_never_crashes(fake_dist):
     rows = json.loads(proc.stdout)
     broken = [r for r in rows if r["distribution"] == "encapfwd-broken"]
     assert broken and broken[0]["status"].startswith("failed: ModuleNotFoundError")
+    assert broken[0]["engines"] == []
     assert "warning: plugin encapfwd-broken could not be loaded" in proc.stderr
     assert {"mac", "ipip", "gre"} <= set(names(proc))
     assert "failed: ModuleNotFoundError" in run_cli("forwarders", env=env, check=0).stdout
@@ -113,3 +156,4 @@ def test_hermetic_registry_with_a_test_plugin():
     registry = get_plugin_manager(load_entrypoints=False, plugins=[Plugin()])
     assert list(registry.forwarders) == ["test"]
     assert registry.selection_algorithms()[:1] == ["maglev"]
+    assert registry.engines("test") == ("python",)

@@ -97,8 +97,8 @@ def sample_pcapng(tmp_path_factory):
 
 def tshark_count(path):
     """Frames tshark reads from *path*, and its stderr (it says when a file is cut short)."""
-    proc = subprocess.run([TSHARK, "-r", str(path), "-T", "fields", "-e", "frame.number"], capture_output=True,
-                          text=True, timeout=120, check=False)
+    proc = subprocess.run([TSHARK, "-r", str(path), "-T", "fields", "-e", "frame.number"],
+                          capture_output=True, text=True, timeout=120, check=False)
     return len(proc.stdout.split()), proc.stderr
 
 
@@ -153,6 +153,22 @@ def test_truncated_pcap_text_summary_and_tshark_agree(tmp_path):
         assert count == 273 and "cut short in the middle of a packet" in err, err
 
 
+def test_truncated_exit_status_in_process_with_progress_bar(tmp_path):
+    from click.testing import CliRunner
+
+    from encapfwd.cli_replay import EXIT_TRUNCATED as exit_truncated
+    from encapfwd.cli_replay import replay_command
+
+    assert exit_truncated == EXIT_TRUNCATED
+    src = tmp_path / "cut.pcap"
+    src.write_bytes(_cut_pcap("record")[0])
+    result = CliRunner().invoke(replay_command, [str(src), str(tmp_path / "o.pcap"), "--progress", "--json"],
+                                obj={"config_path": str(CONFIG)})
+    assert result.exit_code == EXIT_TRUNCATED, result.output
+    assert json.loads(result.stdout)["truncated"] is True
+    assert "replaying" in result.stderr and "cut short in the middle of frame 274" in result.stderr
+
+
 def test_truncated_first_record_writes_an_empty_capture(tmp_path):
     src = tmp_path / "cut.pcap"
     src.write_bytes(SAMPLE.read_bytes()[:24] + struct.pack("<IIII", 1, 0, 100, 100) + bytes(40))
@@ -171,8 +187,8 @@ def test_truncated_pcapng_is_replayed_and_reported(tmp_path, sample_pcapng, whol
     if cut == "last-epb":  # the last enhanced packet block loses its last 10 bytes
         data, frames, offset, words = blob[:-10], 272, offsets[-1], ["frame 273", "enhanced packet block"]
     elif cut == "block-header":  # 5 bytes of a next block header
-        data, frames, offset, words = blob + blob[offsets[-1]:offsets[-1] + 5], 273, len(blob), ["block header",
-                                                                                                   "after frame 273"]
+        data, frames, offset = blob + blob[offsets[-1]:offsets[-1] + 5], 273, len(blob)
+        words = ["block header", "after frame 273"]
     else:  # the section header and half of the interface description block
         data, frames, offset = blob[:offsets[1] + 10], 0, offsets[1]
         words = ["interface description block", "before the first frame"]
@@ -200,8 +216,8 @@ def test_explain_on_a_truncated_capture(tmp_path):
     src = tmp_path / "cut.pcap"
     src.write_bytes(blob)
     proc = encapfwd("--config", str(CONFIG), "explain", str(src), "--index", "273")
-    line = assert_one_line_error(proc, "no frame 273", "273 whole frames", "frame 274", f"byte offset {offset}",
-                                 status=EXIT_TRUNCATED)
+    line = assert_one_line_error(proc, "no frame 273", "273 whole frames", "frame 274",
+                                 f"byte offset {offset}", status=EXIT_TRUNCATED)
     assert "cut short" in line
     ok = encapfwd("--config", str(CONFIG), "explain", str(src), "--index", "272")
     assert ok.returncode == 0 and "=> " in ok.stdout, ok.stderr
@@ -287,21 +303,24 @@ def test_bad_inputs_are_one_line(tmp_path, name, data, words):
 
 
 def test_in_is_a_directory_missing_or_not_a_file(tmp_path):
-    for infile, words in ((tmp_path, ["is a directory"]), (tmp_path / "nope.pcap", ["nope.pcap", "no such file"]),
-                          (Path("/dev/null"), ["not a regular file"])):
-        assert_one_line_error(encapfwd("--config", str(CONFIG), "replay", str(infile), str(tmp_path / "o.pcap")),
-                              *words)
+    cases = ((tmp_path, ["is a directory"]), (tmp_path / "nope.pcap", ["nope.pcap", "no such file"]),
+             (Path("/dev/null"), ["not a regular file"]))
+    for infile, words in cases:
+        out = str(tmp_path / "o.pcap")
+        assert_one_line_error(encapfwd("--config", str(CONFIG), "replay", str(infile), out), *words)
         assert_one_line_error(encapfwd("--config", str(CONFIG), "explain", str(infile)), *words)
 
 
 def test_out_cannot_be_written(tmp_path):
-    assert_one_line_error(encapfwd("--config", str(CONFIG), "replay", str(SAMPLE), str(tmp_path / "no" / "o.pcap")),
+    missing = str(tmp_path / "no" / "o.pcap")
+    assert_one_line_error(encapfwd("--config", str(CONFIG), "replay", str(SAMPLE), missing),
                           "cannot write", "No such file or directory", status=1)
     afile = tmp_path / "afile"
     afile.write_text("x")
     assert_one_line_error(encapfwd("--config", str(CONFIG), "replay", str(SAMPLE), str(afile / "o.pcap")),
                           "cannot write", "Not a directory", status=1)
-    assert_one_line_error(encapfwd("--config", str(CONFIG), "replay", str(SAMPLE), str(tmp_path)), "is a directory")
+    assert_one_line_error(encapfwd("--config", str(CONFIG), "replay", str(SAMPLE), str(tmp_path)),
+                          "is a directory")
 
 
 def test_out_folder_without_write_permission():
@@ -330,7 +349,7 @@ def test_out_folder_without_write_permission():
 
 
 def _handmade_pcapng():
-    """Big-endian pcapng with if_tsresol, an obsolete packet block, a simple packet block, a second section."""
+    """Big-endian pcapng: if_tsresol, raw IP, obsolete and simple packet blocks, then a second section."""
 
     def be_block(btype, body):
         body += bytes(-len(body) % 4)
@@ -373,12 +392,12 @@ def test_handmade_pcapng_reads_like_scapy(tmp_path):
     oracle = [bytes(data) for data, _meta in RawPcapNgReader(str(src))]
     assert len(frames) == len(oracle) == 5
     assert [f for _, f in frames[:2] + frames[3:]] == oracle[:2] + oracle[3:]
-    assert frames[2][1][12:14] == b"\x08\x00" and frames[2][1][14:] == oracle[2]  # raw IP got an Ethernet header
+    assert frames[2][1][12:14] == b"\x08\x00" and frames[2][1][14:] == oracle[2]  # raw IP: Ethernet added
     assert [ts for ts, _ in frames] == pytest.approx([5e-9, 7e-9, 9e-6, 0.0, 1.0])  # if_tsresol per interface
     if TSHARK:
-        proc = subprocess.run([TSHARK, "-r", str(src), "-T", "fields", "-e", "frame.len"], capture_output=True,
-                              text=True, timeout=120, check=False)
-        assert proc.stdout.split() == ["42", "99", "28", "42", "42"], proc.stdout  # frame.len is the wire length
+        proc = subprocess.run([TSHARK, "-r", str(src), "-T", "fields", "-e", "frame.len"],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert proc.stdout.split() == ["42", "99", "28", "42", "42"], proc.stdout  # wire lengths
 
 
 def test_reader_never_raises_anything_but_capture_error(tmp_path, sample_pcapng):
@@ -424,7 +443,8 @@ def test_reader_never_raises_anything_but_capture_error(tmp_path, sample_pcapng)
             data[at:at + 4] = struct.pack("<I", rnd.choice([0, 1, 12, 13, 0xFFFF, 0xFFFFFFFF,
                                                              rnd.getrandbits(32), rnd.randrange(4096)]))
         elif op == 3:  # a valid magic followed by random bytes
-            magic = rnd.choice([b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d",
+            magic = rnd.choice([b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\xc3\xd4", b"\x4d\x3c\xb2\xa1",
+                                b"\xa1\xb2\x3c\x4d",
                                 b"\x0a\x0d\x0d\x0a" + struct.pack("<I", 28) + b"\x4d\x3c\x2b\x1a"])
             data = bytearray(magic + rnd.randbytes(rnd.randrange(200)))
         else:  # splice: insert or delete a run of bytes
@@ -446,7 +466,6 @@ def test_reader_never_raises_anything_but_capture_error(tmp_path, sample_pcapng)
                     assert (result[2] is None) == (len(data) in ends[i]), (i, len(data), result[2])
         else:
             outcomes["error"] += 1
-    print(outcomes)
     assert outcomes["frames"] > 500 and outcomes["error"] > 100 and outcomes["truncated"] > 300, outcomes
 
 
@@ -480,5 +499,6 @@ def test_help_and_replay_do_not_import_scapy(tmp_path):
         "assert rc == 0, rc\n"
         "sys.exit(1 if any(m.startswith('scapy') for m in sys.modules) else 0)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 0, proc.stderr

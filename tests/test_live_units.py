@@ -1,15 +1,20 @@
 """Pieces of the live engine that need neither root nor namespaces: the socket filter program, the
-checksum completion for offloaded frames, report merging, the control-socket client and the CLI surface."""
+checksum completion for offloaded frames, report merging, the control socket (server, client, path rules),
+reloads that fail, the TX ring's slot filling, the workers' flow expiry and the CLI surface."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
-from encapfwd.engines import afpacket, live
+from encapfwd.engines import afpacket, control, live
 
 
 def _run_bpf(program, frame: bytes, pkttype: int = 0) -> int:
@@ -124,13 +129,6 @@ def test_run_help_documents_options(cli):
 
 # ------------------------------------------------------------------------- hardening (no root needed)
 
-import json  # noqa: E402
-import os  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-from encapfwd.engines import control  # noqa: E402
-
 
 def test_report_module_imports_only_the_control_client():
     """`server report` loads the control client, never the engine (no cycle through the dispatcher)."""
@@ -204,7 +202,10 @@ def _client(path):
 def _answer(sock):
     data = b""
     while True:
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:  # the server closed with some of our request unread
+            chunk = b""
         if not chunk:
             return json.loads(data)
         data += chunk
@@ -245,6 +246,23 @@ def test_control_server_answers_bad_requests_and_cuts_off_slow_clients(tmp_path)
     finally:
         server.close()
     assert not os.path.exists(path)
+
+
+def test_control_request_sent_in_time_is_answered_after_a_busy_spell(tmp_path):
+    """A request that arrived while the controller was busy (a long reload) is still answered."""
+    clock = _Clock()
+    path = str(tmp_path / "c.sock")
+    server = control.ControlServer(path, lambda c: {"ok": c}, clock=clock)
+    server.open()
+    try:
+        sock = _client(path)
+        _serve(server, 2)  # accepted
+        sock.sendall(b"report\n")
+        clock.now += 10  # the controller was reloading meanwhile
+        _serve(server, 2)
+        assert _answer(sock) == {"ok": "report"}
+    finally:
+        server.close()
 
 
 def test_control_server_caps_concurrent_clients(tmp_path):
@@ -330,7 +348,7 @@ def _bare_controller(path):
 @pytest.mark.parametrize(
     "content, words",
     [
-        (b"[executor]\nnfa = '\xff\xfe'\n", "not valid UTF-8"),
+        (b"[executor]\nnfa = '\xff\xfe'\n", "UTF-8"),
         (b"a = " + b"[" * 4000, "nested"),
         (b"[[clusters]]\naddress = 'not-an-address'\n", "not-an-address"),
     ],
@@ -348,6 +366,32 @@ def test_reload_failure_keeps_the_running_configuration(tmp_path, capsys, conten
     assert "\n" not in controller.last_reload_error
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("encapfwd: reload failed, keeping the running configuration: ")
+
+
+@pytest.mark.parametrize(
+    "exc, words",
+    [
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "not valid UTF-8"),
+        (RecursionError("maximum recursion depth exceeded"), "nested too deeply"),
+        (MemoryError(), "out of memory"),
+        (KeyError("surprise"), "KeyError"),
+    ],
+)
+def test_reload_boundary_catches_whatever_loading_raises(tmp_path, monkeypatch, capsys, exc, words):
+    """Whatever the configuration loader raises (not only its own ConfigError), the reload is refused on
+    one line and the running configuration stays."""
+    from encapfwd import config as cfg
+
+    def broken(path):
+        raise exc
+
+    monkeypatch.setattr(cfg, "load", broken)
+    controller = _bare_controller(tmp_path / "encapfwd.toml")
+    controller.config = running = object()
+    controller.reload()
+    assert controller.config is running and controller.reload_errors == 1
+    assert words in controller.last_reload_error
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_a_changed_interface_is_reported_as_needing_a_restart(tmp_path):

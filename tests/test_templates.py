@@ -55,8 +55,8 @@ import encapfwd_ipip  # noqa: E402
 import encapfwd_mac  # noqa: E402
 
 # ------------------------------------------------------------------ frozen reference: the former ipv4_tunnel
-# encapfwd.encap.ipv4_tunnel as it was before templates (commit 26d29dc), kept verbatim as the reference the
-# template transforms must reproduce for IPv4 P'.
+# encapfwd.encap.ipv4_tunnel as it was before templates (commit 26d29dc), code unchanged (docstrings
+# dropped): the reference the template transforms must reproduce for IPv4 P'.
 
 _OLD_HEADER_CACHE = 4096
 
@@ -106,7 +106,8 @@ def ipv4_tunnel(egress, proto: int, header: bytes = b"", proto6: int = 41, heade
                         return cached + p
                     tos = p[1]
                     total = len(p) + extra
-                    cached = pack(eth, 0x45, tos, total, 0, 0x4000, tp4, (neg_df - tos - total) % 0xFFFF, tail4)
+                    cached = pack(eth, 0x45, tos, total, 0, 0x4000, tp4, (neg_df - tos - total) % 0xFFFF,
+                                  tail4)
                     if len(headers) < _OLD_HEADER_CACHE:
                         headers[key] = cached
                     return cached + p
@@ -128,7 +129,8 @@ def old_transform(method: str, egress, key=None):
         return ipv4_tunnel(egress, 4, proto6=41)
     flags = b"\x00\x00" if key is None else b"\x20\x00"
     key_field = b"" if key is None else struct.pack("!I", key)
-    return ipv4_tunnel(egress, 47, flags + b"\x08\x00" + key_field, proto6=47, header6=flags + b"\x86\xdd" + key_field)
+    return ipv4_tunnel(egress, 47, flags + b"\x08\x00" + key_field,
+                       proto6=47, header6=flags + b"\x86\xdd" + key_field)
 
 
 # ----------------------------------------------------------------- a naive executor of the contract
@@ -304,7 +306,7 @@ def test_old_ipv4_tunnel_and_template_give_the_same_bytes(registry, name, egress
             assert a == b
 
 
-def test_gre_and_mac_templates_are_the_old_bytes_for_ipv6_mac_only(registry):
+def test_ipv6_p_prime_mac_carries_it_and_tunnels_do_not_raise(registry):
     """MAC forwarding still carries IPv6 (ethertype 0x86DD); IPIP/GRE templates cover IPv4 P' only."""
     p6 = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2", tc=0x28) / UDP())
     _, mac = template_of(registry, "mac")
@@ -475,7 +477,8 @@ def test_resolve_prefers_the_template_and_falls_back_to_the_python_transform():
         encapfwd_register_forwarders=_register("data", "code"),
         encapfwd_build_template=encapfwd_build_template, encapfwd_build_transform=encapfwd_build_transform)])
     template, transform = resolve(registry, "data", SERVER, EGRESS)
-    assert template == Template() and transform(b"\x45") == bytes.fromhex("02000000 00fe0200 00000001 0800") + b"\x45"
+    assert template == Template()
+    assert transform(b"\x45") == bytes.fromhex("02000000 00fe0200 00000001 0800") + b"\x45"
     template, transform = resolve(registry, "code", SERVER, EGRESS)
     assert template is None and transform(b"x") == b"CODEx"
     assert calls == ["data", "code"]  # the template hook is asked once per resolve, not again by the core
@@ -558,18 +561,20 @@ def test_tshark_finds_no_malformed_packet_and_no_bad_checksum(registry, tmp_path
         _, transform = template_of(registry, name)
         for i in range(200):
             l4 = (TCP(sport=40003, dport=40004, flags="PA", seq=rnd.randrange(2**32))
-                  if i % 2 else UDP(sport=40001, dport=40002))  # ports without a dissector: the payload is random
+                  if i % 2 else UDP(sport=40001, dport=40002))  # ports without a dissector: random payload
             ip = IP(src=f"198.51.100.{rnd.randrange(1, 255)}", dst="10.0.9.9", tos=rnd.randrange(256),
                     ttl=rnd.randrange(1, 255), id=rnd.randrange(65536), flags="DF" if i % 3 else 0)
             size = rnd.randrange(0, 1480 - len(ip / l4) + 1)
-            frames.append(Ether(transform(bytes(ip / l4 / Raw(bytes(rnd.getrandbits(8) for _ in range(size)))))))
+            payload = bytes(rnd.getrandbits(8) for _ in range(size))
+            frames.append(Ether(transform(bytes(ip / l4 / Raw(payload)))))
     pcap = tmp_path / "templates.pcap"
     wrpcap(str(pcap), frames)
     proc = subprocess.run(
         ["tshark", "-n", "-r", str(pcap), "-o", "ip.check_checksum:TRUE", "-o", "tcp.check_checksum:TRUE",
          "-o", "udp.check_checksum:TRUE", "-o", "tcp.analyze_sequence_numbers:FALSE",
          "-T", "fields", "-E", "separator=|", "-e", "frame.number", "-e", "_ws.expert.severity",
-         "-e", "_ws.expert.group", "-e", "_ws.expert.message", "-e", "_ws.malformed", "-e", "frame.protocols"],
+         "-e", "_ws.expert.group", "-e", "_ws.expert.message", "-e", "_ws.malformed",
+         "-e", "frame.protocols"],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()

@@ -32,8 +32,9 @@ def _config_path(ctx) -> str:
     return path
 
 
-def _dispatcher(ctx):
-    """Load the configuration and compile a dispatcher (one-line errors for every user mistake)."""
+def _dispatcher(ctx, engine: str = "python"):
+    """Load the configuration and compile a dispatcher (one-line errors for every user mistake); with
+    *engine* ``xdp``, the kernel program run by BPF_PROG_TEST_RUN with the dispatcher as its slow path."""
     from . import config as cfg
     from .dispatcher import Dispatcher
     from .plugins import get_plugin_manager
@@ -48,6 +49,14 @@ def _dispatcher(ctx):
     validate = getattr(cfg, "validate", None)
     if validate is not None:
         validate(config, registry)
+    if engine == "xdp":
+        from .xdp import libbpf
+        from .xdp.executor import XDPExecutor
+
+        ok, why = libbpf.available()
+        if not ok:
+            raise EncapfwdError(f"--engine xdp: {why}")
+        return XDPExecutor(config, registry)
     return Dispatcher(config, registry)
 
 
@@ -60,6 +69,10 @@ def _print_summary(summary: dict) -> None:
         + f": {summary['forwarded']} forwarded, {summary['dropped']} dropped, "
         f"{summary['icmp_sent']} ICMP errors sent; wrote {summary['frames_out']} frames to {summary['output']}"
     )
+    engines = summary.get("engines") or {}
+    if engines.get("xdp"):
+        click.echo(f"engines: {engines['xdp']} frames decided by the XDP program, {engines['python']} handed up "
+                   "to the Python dispatcher")
     servers = summary["servers"]
     if servers:
         width = max(len("server"), *(len(name) for name in servers))
@@ -82,11 +95,15 @@ def _print_summary(summary: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar on stderr (default: for large inputs on a terminal).")
+@click.option("--engine", type=click.Choice(["python", "xdp"]), default="python", show_default=True,
+              help="python: the Python dispatcher; xdp: the XDP program on each frame (BPF_PROG_TEST_RUN, "
+                   "root), with the Python dispatcher for the frames it hands up.")
 @click.pass_context
-def replay_command(ctx, infile, outfile, as_json, progress):
+def replay_command(ctx, infile, outfile, as_json, progress, engine):
     """Forward every frame of the capture IN (pcap or pcapng) through the dispatcher; write OUT (pcap).
 
-    Prints how many packets went to each server and how many frames were dropped, per reason.
+    Prints how many packets went to each server and how many frames were dropped, per reason, and with
+    --engine xdp how many frames each engine decided.
     """
     from .engines.replay import replay
 
@@ -94,15 +111,20 @@ def replay_command(ctx, infile, outfile, as_json, progress):
     if os.path.abspath(infile) == os.path.abspath(outfile) or (
             os.path.exists(outfile) and os.path.samefile(infile, outfile)):
         raise EncapfwdError("IN and OUT are the same file")
-    dispatcher = _dispatcher(ctx)
+    dispatcher = _dispatcher(ctx, engine)
     size = os.path.getsize(infile)
     if progress is None:
         progress = size >= PROGRESS_MIN_BYTES and sys.stderr.isatty()
-    if progress:
-        with click.progressbar(length=size, label="replaying", file=sys.stderr) as bar:
-            summary = replay(dispatcher, infile, outfile, progress=bar.update)
-    else:
-        summary = replay(dispatcher, infile, outfile)
+    try:
+        if progress:
+            with click.progressbar(length=size, label="replaying", file=sys.stderr) as bar:
+                summary = replay(dispatcher, infile, outfile, progress=bar.update)
+        else:
+            summary = replay(dispatcher, infile, outfile)
+    finally:
+        close = getattr(dispatcher, "close", None)
+        if close is not None:
+            close()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -173,8 +195,8 @@ def explain_command(ctx, infile, index):
         truncation = reader.truncation
     if target is None:
         if truncation is not None:
-            click.echo(f"encapfwd: error: {infile} has no frame {index} (it has {count} whole frames, --index "
-                       f"counts from 0): {truncation.describe(infile)}", err=True)
+            click.echo(f"encapfwd: error: {infile} has no frame {index} (it has {count} whole frames, "
+                       f"--index counts from 0): {truncation.describe(infile)}", err=True)
             ctx.exit(EXIT_TRUNCATED)
         raise EncapfwdError(f"{infile} has no frame {index} (it has {count} frames)")
     ts, frame = target

@@ -519,24 +519,28 @@ class _Unmergeable(Exception):
 def render(new: Config, old: Optional[Config] = None, old_text: Optional[str] = None) -> str:
     """The text to save for *new*: *old_text* (which loads as *old*) changed as little as possible, so its
     comments and layout stay; a fresh document when there is none or when that fails."""
-    fresh = dumps(new)
     if old is None or old_text is None:
-        return fresh
+        return dumps(new)
     try:
         doc = tomlkit.parse(old_text)
         _attach_comments(doc, old_text)
         _merge_document(doc, old, new)
         text = doc.as_string()
     except Exception:  # noqa: BLE001 - a tomlkit surprise costs the comments, never the edit
-        return fresh
+        return dumps(new)
+    crlf = "\r\n" in old_text and old_text.count("\r\n") == old_text.count("\n")
+    if crlf:
+        text, old_text = text.replace("\r\n", "\n"), old_text.replace("\r\n", "\n")
     if text.endswith("\n\n") and not old_text.endswith("\n\n"):
         text = text.rstrip("\n") + "\n"  # what followed a removed table: no blank lines at the end
+    if crlf:
+        text = text.replace("\n", "\r\n")  # the file's line endings, for the new lines too
     try:
         if loads(text) == new:
             return text
     except ConfigError:
         pass
-    return fresh
+    return dumps(new)
 
 
 def _run(container: Container, end: int) -> Tuple[int, int]:
@@ -758,14 +762,16 @@ def _merge_list(holder, key: str, old_items, new_items, ident, merge_one, as_dic
             raise _Unmergeable(key)
     old_ids = [ident(o) for o in old_items]
     new_ids = [ident(n) for n in new_items]
-    kept = [i for i in old_ids if i in new_ids]
+    new_set = set(new_ids)
+    old_by_id = dict(zip(old_ids, old_items))
+    kept = [i for i in old_ids if i in new_set]
     if new_ids[: len(kept)] != kept:
         raise _Unmergeable(f"{key}: order changed")
     for index in reversed(range(len(old_items))):
-        if old_ids[index] not in new_ids:
+        if old_ids[index] not in new_set:
             _remove_entry(holder, key, entries, index)
     for index, item in enumerate(new_items[: len(kept)]):
-        before = old_items[old_ids.index(ident(item))]
+        before = old_by_id[ident(item)]
         if before != item:
             merge_one(entries[index], before, item)
     added = new_items[len(kept):]
@@ -776,6 +782,8 @@ def _merge_list(holder, key: str, old_items, new_items, ident, merge_one, as_dic
         return
     if not added:
         return
+    # nothing above the first new [[table]] of the document is as good as a blank line
+    top_blank = isinstance(holder, Container) and not holder.as_string().strip()
     if entries is None or (len(entries) == 0 and not isinstance(entries, AoT)):
         if entries is not None:
             del holder[key]
@@ -794,8 +802,8 @@ def _merge_list(holder, key: str, old_items, new_items, ident, merge_one, as_dic
                 blank = _ends_with_blank_line(entries.body[-1].value)
             elif isinstance(holder, Table):
                 blank = _ends_with_blank_line(holder.value)
-            else:  # the document: nothing above is as good as a blank line
-                blank = not holder.as_string().strip() or _ends_with_blank_line(holder)
+            else:
+                blank = top_blank or _ends_with_blank_line(holder)
             if not blank and "\n" not in table.trivia.indent:
                 table.trivia.indent = "\n" + table.trivia.indent
             entries.append(table)

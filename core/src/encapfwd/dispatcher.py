@@ -102,11 +102,23 @@ def _quoted_flow_slot(frame, ports, proto: int, ql4: int, client: bytes, vip: by
     return pe[1][idx]
 
 
+def _reporting(pick, slots, sink):
+    """*pick*, telling *sink* the server it chose for each flow."""
+
+    def reporting_pick(key, client, tcp_flags, now):
+        i = pick(key, client, tcp_flags, now)
+        if i >= 0:
+            sink(key, slots[i].sid)
+        return i
+
+    return reporting_pick
+
+
 class Dispatcher:
     """See ``docs/architecture.md`` ("Dispatcher contract") and ``docs/datapath.md``."""
 
     def __init__(self, config, registry=None, scheduler: Optional[Scheduler] = None,
-                 sids: Optional[SidMap] = None):
+                 sids: Optional[SidMap] = None, flow_sink=None):
         self.registry = registry
         self.drops: Dict[str, int] = {}
         self._counters: Dict[str, list] = {}
@@ -115,6 +127,9 @@ class Dispatcher:
         self._held_count = 0
         self._ident = 0
         self._sids = sids or SidMap()
+        #: ``sink(flow key, sid)``, told the server of every flow placed by a port whose selection is not a
+        #: table (WRR, WLC, affinity, a plugin's): the XDP engine keeps those flows in the kernel from then on
+        self.flow_sink = flow_sink
         #: ICMP errors sent back to clients (time exceeded, fragmentation needed, packet too big)
         self.replies = 0
         plan = self._plan_of(config)
@@ -152,7 +167,11 @@ class Dispatcher:
         for pp in plan.ports:
             address = ip_address(pp.cluster)
             table = (v4 if address.version == 4 else v6).setdefault(address.packed, {})
-            entry = (self.scheduler.picker(address, pp.number), tuple(by_sid[sid] for sid in pp.servers))
+            slots = tuple(by_sid[sid] for sid in pp.servers)
+            pick = self.scheduler.picker(address, pp.number)
+            if self.flow_sink is not None and pp.table is None:
+                pick = _reporting(pick, slots, self.flow_sink)
+            entry = (pick, slots)
             for proto in pp.protos:
                 table[(proto << 16) | pp.number] = entry
         self.plan = plan

@@ -67,7 +67,8 @@ def template_transform(template: Template, egress) -> Transform:
     Each transform keeps its own identification counter (1, 2, … modulo 2**16, DF-clear packets only).
     """
     if not isinstance(template, Template):
-        raise TypeError(f"template_transform() takes an encapfwd.hookspecs.Template, not {type(template).__name__}")
+        raise TypeError(
+            f"template_transform() takes an encapfwd.hookspecs.Template, not {type(template).__name__}")
     macs = mac_bytes(egress.dst_mac) + mac_bytes(egress.src_mac)
     if not template.header:
         return _mac(macs)
@@ -256,7 +257,8 @@ def resolve(registry, method: str, server, egress, *, name: Optional[str] = None
             f"{who}: the {owner} plugin failed to build its {method!r} transform: {_one_line(exc)}"
         ) from None
     if not callable(transform):
-        raise PluginError(f"{who}: the plugin providing {method!r} ({owner}) built no template and no transform")
+        raise PluginError(
+            f"{who}: the plugin providing {method!r} ({owner}) built no template and no transform")
     return None, transform
 
 
@@ -280,4 +282,11 @@ class TemplateTransforms:
         return template_transform(template, egress)
 
 
-__all__ = ["HEADER_CACHE", "TUNNEL_FIELDS", "TemplateTransforms", "ipv4_header", "resolve", "template_transform"]
+__all__ = [
+    "HEADER_CACHE",
+    "TUNNEL_FIELDS",
+    "TemplateTransforms",
+    "ipv4_header",
+    "resolve",
+    "template_transform",
+]

@@ -128,7 +128,7 @@ class Plan:
                 else:
                     if registry is None:
                         raise ConfigError(f"server {s.name}: method {s.method!r} needs its plugin to run")
-                    _, transform = resolve(registry, s.method, _server_of(self.config, s), s.egress)
+                    _, transform = resolve(registry, s.method, _server_of(self.config, s), s.egress, name=s.name)
                 s = attrs.evolve(s, transform=transform)
             servers.append(s)
         return attrs.evolve(self, servers=tuple(servers))
@@ -218,13 +218,14 @@ def compile_plan(config: Config, registry, sids: Optional[SidMap] = None) -> Pla
                 forwarder = registry.forwarder(method)  # PluginError naming the distribution to install
                 egress = egress_of(config, cluster, port, server, forwarder)
                 ckey = (method, server, egress)
+                name = server_key(cluster.address, port.number, server.address)
                 if ckey not in cache:
-                    cache[ckey] = resolve(registry, method, server, egress)
+                    cache[ckey] = resolve(registry, method, server, egress, name=name)
                 template, transform = cache[ckey]
                 sid = sids(cluster.address, port.number, server.address)
                 port_sids.append(sid)
                 servers.append(ServerPlan(
-                    sid=sid, name=server_key(cluster.address, port.number, server.address),
+                    sid=sid, name=name,
                     cluster=str(cluster.address), port=port.number, address=str(server.address),
                     method=method, up=not server.down, weight=server.weight, src_mac=egress.src_mac,
                     dst_mac=egress.dst_mac, mtu=egress.mtu, template=template, egress=egress,
@@ -267,22 +268,25 @@ def _table_of(registry, cluster, port, servers):
 
 
 def _digest(config: Config, servers, ports) -> str:
-    """SHA-256 over the plan's content with server ids replaced by server names."""
+    """SHA-256 over what the plan forwards where: server ids are replaced by server names, and what does
+    not change forwarding does not count (the order of servers in the file, for table-driven ports)."""
     h = hashlib.sha256(b"encapfwd-plan-1\0")
-    names = {s.sid: s.name.encode() for s in servers}
+    names = {s.sid: s.name for s in servers}
     ex = config.executor
     h.update(f"{ex.mac}|{ex.mtu}|{ex.encapttl}|{ex.maxflows}\0".encode())
-    for s in servers:
+    for s in sorted(servers, key=lambda s: s.name):
         t = s.template
         h.update(f"S|{s.name}|{s.method}|{s.up}|{s.weight}|{s.src_mac}|{s.dst_mac}|{s.mtu}|".encode())
         h.update(b"-" if t is None else t.header + b"|" + ",".join(sorted(t.fields)).encode())
         h.update(b"\0")
-    for p in ports:
+    for p in sorted(ports, key=lambda p: (p.cluster, p.number)):
         h.update(f"P|{p.cluster}|{p.number}|{p.protos}|{p.algorithm}|{p.stickytime}|{p.staletimeout}|".encode())
-        h.update(b"|".join(names[sid] for sid in p.servers))
-        if p.table is not None:
-            # the table slot by slot, as indices into the port's server list (order of the names above)
-            index = {sid: i for i, sid in enumerate(p.servers)}
+        if p.table is None:  # the selector may depend on configuration order (WRR ties)
+            h.update("|".join(names[sid] for sid in p.servers).encode())
+        else:
+            order = sorted(names[sid] for sid in p.servers)
+            h.update("|".join(order).encode())
+            index = {sid: order.index(names[sid]) for sid in p.servers}
             h.update(struct.pack(f"<{len(p.table)}i", *(index.get(sid, -1) for sid in p.table)))
         h.update(b"\0")
     return h.hexdigest()

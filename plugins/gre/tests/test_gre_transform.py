@@ -100,5 +100,6 @@ def test_ipv6_inner_does_not_raise():
     inner = bytes(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP())
     out = build(Server(address="10.0.4.10", encaptype="gre", grekey=5), _egress())(inner)
     want = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:fe") / IP(
-        src="10.0.2.1", dst="10.0.4.10", flags="DF", ttl=64, id=0, proto=47) / GRE(key_present=1, key=5, proto=0x0800) / Raw(inner)
+        src="10.0.2.1", dst="10.0.4.10", flags="DF", ttl=64, id=0, proto=47) / GRE(
+        key_present=1, key=5, proto=0x0800) / Raw(inner)
     assert out == bytes(want)

@@ -41,7 +41,8 @@ def test_the_hook_gives_an_empty_template():
     egress = egress_for("02:00:00:00:00:01", "02:00:00:00:00:10")
     t = encapfwd_build_template(forwarder="mac", server=Server(address="10.0.2.10"), egress=egress)
     assert t == Template() and t.xdp_capable and not t.fields
-    assert encapfwd_build_template(forwarder="ipip", server=Server(address="10.0.2.10"), egress=egress) is None
+    assert encapfwd_build_template(forwarder="ipip", server=Server(address="10.0.2.10"),
+                                   egress=egress) is None
 
 
 @SETTINGS

@@ -317,6 +317,11 @@ class ControlServer:
         now = self.clock() if now is None else now
         for client in list(self.clients.values()):
             if now >= client.deadline:
+                if client.out is None:
+                    # what arrived while the owner was busy (a reload, a report) still counts as in time
+                    self._read(client)
+                    if client.fd not in self.clients or client.out is not None:
+                        continue
                 self.stats["timeouts"] += 1
                 if client.out is None:
                     self._try_send(client.sock, {"error": f"request not complete within {self.timeout} s"})
@@ -368,24 +373,26 @@ class ControlServer:
             self.clients[client.fd] = client
 
     def _read(self, client: _Client) -> None:
-        try:
-            chunk = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._drop(client)
-            return
-        if chunk:
+        while True:  # until the socket is drained, the request complete or too large: bounded
+            try:
+                chunk = client.sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._drop(client)
+                return
+            if not chunk:  # the client closed its side: what it sent is the request
+                request = client.data
+                break
             client.data += chunk
             end = client.data.find(b"\n")
-            if end < 0:
-                if len(client.data) >= self.max_request:
-                    self.stats["bad_requests"] += 1
-                    self._answer(client, {"error": f"request too large (at most {self.max_request} bytes)"})
+            if end >= 0:
+                request = client.data[:end]
+                break
+            if len(client.data) >= self.max_request:
+                self.stats["bad_requests"] += 1
+                self._answer(client, {"error": f"request too large (at most {self.max_request} bytes)"})
                 return
-            request = client.data[:end]
-        else:  # the client closed its side: what it sent is the request
-            request = client.data
         if len(request) >= self.max_request:
             self.stats["bad_requests"] += 1
             self._answer(client, {"error": f"request too large (at most {self.max_request} bytes)"})
@@ -433,6 +440,14 @@ class ControlServer:
 
     def _drop(self, client: _Client) -> None:
         self.clients.pop(client.fd, None)
+        try:
+            # discard a little unread input (bounded, non-blocking): closing with unread data would turn the
+            # client's end-of-answer into ECONNRESET
+            for _ in range(4):
+                if not client.sock.recv(65536):
+                    break
+        except OSError:
+            pass
         try:
             client.sock.close()
         except OSError:

@@ -45,7 +45,16 @@ from .control import (
     default_control_path,
     query_control,
 )
-from .netlink import Interface, ask_neighbour, current_neighbour, open_ipr
+from .netlink import (
+    Interface,
+    ask_neighbour,
+    current_neighbour,
+    interface_info,
+    local_addresses,
+    neighbour_mac,
+    open_ipr,
+    route_gateway,
+)
 from .prepare import (
     check_platform,
     cluster_addresses,
@@ -55,7 +64,7 @@ from .prepare import (
     prepare,
 )
 from .supervisor import WorkerPool
-from .worker import tx_mtu_limit
+from .worker import Worker, tx_mtu_limit
 
 ENV_NEIGH_REFRESH = "ENCAPFWD_NEIGH_REFRESH"
 FANOUT_BASE = 0x4E00
@@ -228,7 +237,10 @@ class Controller:
             return
         errors: List[str] = []
         for executor in self.executors:
-            answers = executor.reload(config, dispatcher)
+            try:
+                answers = executor.reload(config, dispatcher)
+            except Exception as exc:  # noqa: BLE001 - reported like a worker's failure
+                answers = {getattr(executor, "kind", "executor"): f"{type(exc).__name__}: {exc}"}
             errors.extend(f"{unit}: {error}" for unit, error in answers.items() if error)
         self.config, self.dispatcher = config, dispatcher
         self.resolved = resolved
@@ -396,11 +408,20 @@ __all__ = [
     "Controller",
     "Interface",
     "LiveError",
+    "Worker",
+    "WorkerPool",
     "check_platform",
+    "cluster_addresses",
     "complete_checksum",
     "default_control_path",
+    "interface_info",
+    "kernel_warnings",
+    "local_addresses",
+    "log",
     "merge_reports",
+    "neighbour_mac",
     "prepare",
     "query_control",
+    "route_gateway",
     "run",
 ]

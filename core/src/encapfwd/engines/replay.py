@@ -112,6 +112,10 @@ def _block_name(btype: int) -> str:
     return "pcapng " + _BLOCK_NAMES.get(btype, f"block of type 0x{btype:08x}")
 
 
+def _corrupt(path: str, what: str, offset: int, detail: str) -> CaptureError:
+    return CaptureError(f"{path}: corrupt {what} at byte offset {offset} ({detail})")
+
+
 class Truncation(NamedTuple):
     """Where a capture ends in the middle of a record (pcap) or block (pcapng)."""
 
@@ -156,12 +160,10 @@ def _section_header(path: str, offset: int, head: bytes) -> Tuple[str, int]:
     elif bom == b"\x1a\x2b\x3c\x4d":
         endian = ">"
     else:
-        raise CaptureError(f"{path}: corrupt pcapng section header block at byte offset {offset} "
-                           f"(byte-order magic {bom.hex()})")
+        raise _corrupt(path, _block_name(0x0A0D0D0A), offset, f"byte-order magic {bom.hex()}")
     (length,) = struct.unpack(endian + "I", head[4:8])
     if length < 28 or length % 4 or length > 1 << 24:
-        raise CaptureError(f"{path}: corrupt pcapng section header block at byte offset {offset} "
-                           f"(block length {length})")
+        raise _corrupt(path, _block_name(0x0A0D0D0A), offset, f"block length {length}")
     return endian, length
 
 
@@ -210,8 +212,7 @@ class CaptureReader:
                 raise CaptureError(f"{path}: the pcapng section header block is cut short "
                                    f"({len(block)} of {length} bytes)")
             if block[-4:] != block[4:8]:
-                raise CaptureError(f"{path}: corrupt pcapng section header block at byte offset 0 "
-                                   f"(its two block lengths differ)")
+                raise _corrupt(path, _block_name(0x0A0D0D0A), 0, "its two block lengths differ")
             return self._read_pcapng(endian, length)
         if not header:
             raise CaptureError(f"{path}: empty file, not a pcap or pcapng capture")
@@ -247,8 +248,8 @@ class CaptureReader:
                     return
                 sec, frac, caplen, _wirelen = record(head)
                 if caplen > MAX_CAPLEN:
-                    raise CaptureError(f"{path}: corrupt record header of frame {n} at byte offset {tell() - 16} "
-                                       f"(captured length {caplen}, more than {MAX_CAPLEN})")
+                    raise _corrupt(path, f"record header of frame {n}", tell() - 16,
+                                   f"captured length {caplen}, more than {MAX_CAPLEN}")
                 data = read(caplen)
                 if len(data) < caplen:
                     self._cut(n, tell() - 16 - len(data), "record", 16 + len(data), 16 + caplen, True)
@@ -282,46 +283,44 @@ class CaptureReader:
                         self._cut(n + 1, start, _block_name(0x0A0D0D0A), 12 + len(body), length, False)
                         return
                     if body[-4:] != head[4:]:
-                        raise CaptureError(f"{path}: corrupt pcapng section header block at byte offset {start} "
-                                           f"(its two block lengths differ)")
+                        raise _corrupt(path, _block_name(0x0A0D0D0A), start, "its two block lengths differ")
                     interfaces = []
                     pos += length
                     continue
                 btype, length = unpack_from(endian + "II", head)
                 if length < 12 or length % 4 or length > 1 << 26:
-                    raise CaptureError(f"{path}: corrupt {_block_name(btype)} at byte offset {start} "
-                                       f"(block length {length})")
+                    raise _corrupt(path, _block_name(btype), start, f"block length {length}")
                 body = read(length - 8)
                 if len(body) < length - 8:
-                    self._cut(n + 1, start, _block_name(btype), 8 + len(body), length, btype in _PACKET_BLOCKS)
+                    packet = btype in _PACKET_BLOCKS
+                    self._cut(n + 1, start, _block_name(btype), 8 + len(body), length, packet)
                     return
                 if body[-4:] != head[4:]:
-                    raise CaptureError(f"{path}: corrupt {_block_name(btype)} at byte offset {start} "
-                                       f"(its two block lengths differ)")
+                    raise _corrupt(path, _block_name(btype), start, "its two block lengths differ")
                 pos += length
                 size = length - 12  # the body without the trailing block length
                 if btype == 6:  # enhanced packet
                     if size < 20:
-                        raise CaptureError(f"{path}: corrupt pcapng enhanced packet block at byte offset {start} "
-                                           f"(block length {length}, at least 32 needed)")
+                        raise _corrupt(path, _block_name(6), start,
+                                       f"block length {length}, at least 32 needed")
                     ifid, hi, lo, caplen, _wire = unpack_from(endian + "IIIII", body, 0)
                     if caplen > size - 20:
-                        raise CaptureError(f"{path}: corrupt pcapng enhanced packet block at byte offset {start} "
-                                           f"(captured length {caplen} does not fit in block length {length})")
+                        raise _corrupt(path, _block_name(6), start,
+                                       f"captured length {caplen} does not fit in block length {length}")
                     convert, resolution = interfaces[ifid] if ifid < len(interfaces) else (None, 1e-6)
                     data = body[20:20 + caplen]
                     n += 1
                     yield ((hi << 32) | lo) * resolution, (data if convert is None else convert(data))
                 elif btype == 1:  # interface description
                     if size < 8:
-                        raise CaptureError(f"{path}: corrupt pcapng interface description block at byte offset "
-                                           f"{start} (block length {length}, at least 20 needed)")
+                        raise _corrupt(path, _block_name(1), start,
+                                       f"block length {length}, at least 20 needed")
                     linktype = unpack_from(endian + "H", body, 0)[0]
                     interfaces.append((_converter(path, linktype), _tsresol(body[8:size], endian)))
                 elif btype == 3:  # simple packet
                     if size < 4:
-                        raise CaptureError(f"{path}: corrupt pcapng simple packet block at byte offset {start} "
-                                           f"(block length {length}, at least 16 needed)")
+                        raise _corrupt(path, _block_name(3), start,
+                                       f"block length {length}, at least 16 needed")
                     (wire,) = unpack_from(endian + "I", body, 0)
                     convert = interfaces[0][0] if interfaces else None
                     data = body[4:4 + min(wire, size - 4)]
@@ -329,12 +328,12 @@ class CaptureReader:
                     yield 0.0, (data if convert is None else convert(data))
                 elif btype == 2:  # obsolete packet block
                     if size < 20:
-                        raise CaptureError(f"{path}: corrupt pcapng packet block at byte offset {start} "
-                                           f"(block length {length}, at least 32 needed)")
+                        raise _corrupt(path, _block_name(2), start,
+                                       f"block length {length}, at least 32 needed")
                     ifid, _drops, hi, lo, caplen, _wire = unpack_from(endian + "HHIIII", body, 0)
                     if caplen > size - 20:
-                        raise CaptureError(f"{path}: corrupt pcapng packet block at byte offset {start} "
-                                           f"(captured length {caplen} does not fit in block length {length})")
+                        raise _corrupt(path, _block_name(2), start,
+                                       f"captured length {caplen} does not fit in block length {length}")
                     convert, resolution = interfaces[ifid] if ifid < len(interfaces) else (None, 1e-6)
                     data = body[20:20 + caplen]
                     n += 1
@@ -473,6 +472,7 @@ def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], Non
         "servers": report.get("servers", {}),
         "drops": report.get("drops", {}),
         "flows": report.get("flows", {}),
+        "engines": report.get("engines") or {"xdp": 0, "python": frames_in},
     }
     return summary
 

@@ -9,6 +9,7 @@ runs the template in Python and in its XDP program (in the kernel), from the sam
 import struct
 
 from encapfwd import hookimpl
+from encapfwd.encap import ipv4_header
 from encapfwd.errors import SetupRefused
 from encapfwd.hookspecs import Forwarder, Template
 
@@ -36,11 +37,11 @@ def encapfwd_register_forwarders(register):
 def encapfwd_build_template(forwarder, server, egress):
     if forwarder != NAME:
         return None
-    # The constant bytes, once per configuration change: outer IPv4 header (version/IHL 0x45, TTL,
-    # protocol 17, addresses; lengths, TOS, flags, identification and checksum are filled per packet),
-    # UDP header to port 6080 (source port, length and checksum filled per packet), GUE header.
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, egress.ttl, 17, 0,
-                     egress.outer_src.packed, egress.outer_dst.packed)
+    # The constant bytes, once per configuration change: outer IPv4 header (version/IHL 0x45, TTL
+    # egress.ttl, protocol 17, egress.outer_src -> egress.outer_dst; lengths, TOS, flags, identification and
+    # checksum are filled per packet), UDP header to port 6080 (source port, length and checksum filled per
+    # packet), GUE header.
+    ip = ipv4_header(egress, 17)
     udp = struct.pack("!HHHH", 0, GUE_PORT, 0, 0)
     # Per packet: outer total length and checksum (ipv4), TOS and DF copied from P' (tos, df), a fresh
     # identification when DF is clear (ident), UDP length with checksum 0 (udp: RFC 768, RFC 8086 3.1),
