@@ -61,7 +61,7 @@ NOBODY_MAC = "02:00:00:00:00:33"
 UDP_PORT = 9
 GENERATOR_BOUND = 0.95
 COUNTER_FIFO = 50  # SCHED_FIFO priority of g0's NAPI thread (the counting program)
-PACED_FIFO = 40  # of the generator while paced (reload check), and of f0's NAPI thread then
+PACED_FIFO = 40  # of f0's NAPI thread during the reload check
 HELPERS = Path(__file__).resolve().parent / "live_helpers.py"
 ENCAPFWD = Path(sys.executable).parent / "encapfwd"
 
@@ -239,7 +239,7 @@ class Bench:
 
     def run_command(self, seconds: float, rate: float = 0.0, pids=(), **extra) -> dict:
         return dict(cmd="run", seconds=seconds, rate=rate, cpus=[FWD_CPU],
-                    pids=sorted(set(self.napi["f0"]) | set(pids)), fifo=PACED_FIFO if rate else 0, **extra)
+                    pids=sorted(set(self.napi["f0"]) | set(pids)), **extra)
 
     def trial(self, seconds: float, rate: float = 0.0, pids=()) -> dict:
         """One generator run; *pids*: the dispatcher's processes (their threads' CPU time is counted with
@@ -381,13 +381,12 @@ class Bench:
             engine.close()
 
     def reload_check(self, method: str, rate: float, seconds: float, reloads: int) -> dict:
-        """Paced at *rate*: a run without reloads, then a run during which the plan changes *reloads* times."""
+        """Paced at *rate*: a run during which the plan changes *reloads* times, then one as long without."""
         engine = self.xdp_engine(method)
         try:
-            # f0's NAPI thread at SCHED_FIFO too: other jobs on a shared machine must not hold it off CPU 1
-            # for longer than f0's ring (256 frames) lasts, or their delay would count as the reload's loss
+            # f0's NAPI thread at SCHED_FIFO: other jobs on a shared machine must not hold it off CPU 1 for
+            # longer than f0's ring (256 frames) lasts, or their delay would count as the reload's loss
             self.place(f0_fifo=PACED_FIFO)
-            baseline = self.trial(seconds, rate, pids=engine.pids())
             before = self.f0_stats()
             self.generator.send(**self.run_command(0.0, rate, engine.pids(), until_stop=True))
             time.sleep(0.2)
@@ -396,11 +395,17 @@ class Bench:
             reload_seconds = time.perf_counter() - t
             time.sleep(0.2)
             self.generator.send(cmd="stop")
-            out = self.generator.answer()
-            loaded = self.summarise(out, before, self.f0_stats())
+            loaded = self.summarise(self.generator.answer(), before, self.f0_stats())
             loaded.update(done)
             loaded["reload_seconds"] = reload_seconds
-            return {"rate": rate, "engine": engine.how, "baseline": baseline, "reloading": loaded}
+            steady = self.trial(loaded["seconds"], rate, pids=engine.pids())
+            for run in (loaded, steady):
+                f0 = run["f0"]
+                run["lost"] = run["generated"] - run["back"]
+                run["lost_f0_ring"] = f0.get("rx_dropped", 0)  # never reached the program: f0's ring full
+                run["lost_program"] = f0.get("rx_queue_0_xdp_packets", 0) - f0.get("rx_queue_0_xdp_tx", 0)
+                run["lost_return"] = f0.get("rx_queue_0_xdp_tx_errors", 0)
+            return {"rate": rate, "engine": engine.how, "reloading": loaded, "steady": steady}
         finally:
             engine.close()
             self.place()
@@ -495,7 +500,7 @@ class XDPDirect:
         self.bench = bench
         self.configs = [str(bench.write_config(method, (SERVER_IP, SERVER2_IP), name=f"{method}-2", mac=True)),
                         str(bench.write_config(method, name=f"{method}-1", mac=True))]
-        self.helper = bench.helper(bench.fwd, "xdp", "f0", self.configs[1])
+        self.helper = bench.helper(bench.fwd, "xdp", "f0", self.configs[1], str(FWD_CPU))
 
     def pids(self) -> list:
         return [self.helper.ready["pid"]]
@@ -548,16 +553,21 @@ def print_tables(results: dict, methods, args) -> None:
                   f"{med / k_med:8.2f} {offered / 1e3:12,.0f} {cpu:11,.0f} {threads:14,.0f} "
                   f"{'' if prog is None else f'{prog[1]:,.0f}':>11}{'  ' + '; '.join(notes) if notes else ''}")
     if results.get("reload"):
-        print(f"\nXDP reload under load: paced at half the XDP median rate; {args.reloads} plan changes "
-              "(alternately with one more server) during the second run")
-        print(f"   {'method':<7} {'rate kpps':>10} {'run':<10} {'generated':>11} {'back':>11} {'lost':>7} "
-              f"{'reloads':>8} {'install ms (median / max)':>26}")
+        print(f"\nXDP reload under load: paced at half the XDP median rate, f0's NAPI thread at SCHED_FIFO; "
+              f"{args.reloads} plan changes (alternately one more server) during the first run, none during the "
+              "second (as long); lost = generated − back, split by where: f0's ring full (never reached the "
+              "program) / the program did not send it / the way back")
+        print(f"   {'method':<7} {'rate kpps':>9} {'run':<10} {'seconds':>7} {'generated':>11} {'back':>11} "
+              f"{'lost':>7} {'ring/prog/back':>15} {'steal ms':>8} {'reloads':>7} {'reload ms (median / max)':>25}")
         for method, r in results["reload"].items():
-            for label, t in (("steady", r["baseline"]), ("reloading", r["reloading"])):
+            for label, t in (("reloading", r["reloading"]), ("steady", r["steady"])):
                 ms = t.get("install_ms") or []
                 times = f"{statistics.median(ms):,.0f} / {max(ms):,.0f}" if ms else ""
-                print(f"   {method:<7} {r['rate'] / 1e3:10,.0f} {label:<10} {t['generated']:11,} {t['back']:11,} "
-                      f"{t['generated'] - t['back']:7,} {t.get('reloads', ''):>8} {times:>26}")
+                where = f"{t['lost_f0_ring']}/{t['lost_program']}/{t['lost_return']}"
+                steal = t["steal_ns"][str(FWD_CPU)] / 1e6
+                print(f"   {method:<7} {r['rate'] / 1e3:9,.0f} {label:<10} {t['seconds']:7.1f} {t['generated']:11,} "
+                      f"{t['back']:11,} {t['lost']:7,} {where:>15} {steal:8,.0f} {t.get('reloads', ''):>7} "
+                      f"{times:>25}")
 
 
 def main():

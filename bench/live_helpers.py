@@ -9,19 +9,23 @@ bench/xdp_gen.bpf.c, attaches its counting program to IF (native XDP), pins itse
 generating program with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES on IF.
 
     {"cmd": "run", "seconds": 2}                        flat out for 2 s
-    {"cmd": "run", "rate": 500000, "seconds": 2}        paced: batches of "batch" frames (default 64), sleeping
-    {"cmd": "run", "rate": 500000, "until_stop": true}  paced until the next line on stdin (any), then answers
-    -> {"generated": n, "back": n, "other": n, "seconds": s, "busy_ns": {"1": ns}, "task_ns": ns, "calls": n}
-    (also: "cpus": [1] CPUs whose busy time to measure, "pids": [..] processes whose threads' CPU time to sum,
-    "fifo": 40 run SCHED_FIFO at that priority for this run — a paced run must not wait for the CPU)
+    {"cmd": "run", "rate": 500000, "seconds": 2}        paced by the program itself (token bucket, "burst")
+    {"cmd": "run", "rate": 500000, "until_stop": true}  until the next line on stdin (any), then answers
+    -> {"generated": n, "back": n, "other": n, "idle_runs": n, "seconds": s, "busy_ns": {"1": ns}, "task_ns": ns}
+    (also: "cpus": [1] CPUs whose busy time to measure, "pids": [..] processes whose threads' CPU time to sum)
+
+A run is one live-frames test run in a thread, ended by SIGUSR1 to that thread (the kernel stops a test run
+between batches when a signal is pending): a test run's setup and teardown cost tens of milliseconds here,
+so short calls cannot make a rate. The window opens when the first frames are counted.
 
 ``generated`` are the generating program's runs, ``back`` the frames that came back to IF with COUNTMAC as
 destination (forwarded by the dispatcher), ``other`` whatever else came back; ``busy_ns`` the busy time
 (user + nice + system + irq + softirq, /proc/stat) of each CPU named in ``"cpus"`` during the run,
 ``task_ns`` the on-CPU time (/proc/PID/task/*/schedstat) of the threads of ``"pids"``.
 
-``xdp IF CONFIG`` — encapfwd's XDP data plane without ``encapfwd run``, in the dispatcher's namespace:
-``compile_plan(config, get_plugin_manager())``, ``DataPlane.load(plan)``, ``attach(IF, "native")``.
+``xdp IF CONFIG CPU`` — encapfwd's XDP data plane without ``encapfwd run``, in the dispatcher's namespace:
+``compile_plan(config, get_plugin_manager())``, ``DataPlane.load(plan)``, ``attach(IF, "native")``; this
+process (the control plane: reloads) pinned to CPU.
 
     {"cmd": "reloads", "configs": [A, B], "count": 20, "interval": 0.05}
         -> {"reloads": 20, "install_ms": [...]}     compile + DataPlane.install, alternating A and B
@@ -31,13 +35,14 @@ destination (forwarded by the dispatcher), ``other`` whatever else came back; ``
 
 from __future__ import annotations
 
+import errno
 import json
 import os
-import select
 import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -47,8 +52,9 @@ sys.path.insert(0, str(HERE.parent / "core" / "src"))
 GEN_SOURCE = HERE / "xdp_gen.bpf.c"
 FRAME_LEN = 64
 BASE_PORT = 10000
-#: frames per live-frames call when flat out (about 10 ms at 3.5 Mpps: the deadline is checked between calls)
-FLAT_CHUNK = 1 << 15
+#: runs per live-frames call: the call is ended by a signal long before (each call costs tens of ms of setup
+#: and teardown on these VMs, so calls must be long)
+REPEAT_MAX = (1 << 31) - 1
 
 
 def reply(obj) -> None:
@@ -82,7 +88,8 @@ def udp_frame(dst_mac: bytes, src_mac: bytes, src_ip: str, dst_ip: str, dport: i
 
 
 def cpu_busy_ns(cpus) -> dict:
-    """Busy time of each CPU in *cpus* since boot (user + nice + system + irq + softirq), in ns."""
+    """``{cpu: (busy, steal)}`` since boot, in ns: busy = user + nice + system + irq + softirq; steal = time
+    the hypervisor ran something else on this virtual CPU."""
     tick = 1e9 / os.sysconf("SC_CLK_TCK")
     wanted = {f"cpu{c}": c for c in cpus}
     out = {}
@@ -91,7 +98,7 @@ def cpu_busy_ns(cpus) -> dict:
             name = line.split(" ", 1)[0]
             if name in wanted:
                 v = [int(x) for x in line.split()[1:]]
-                out[wanted[name]] = (v[0] + v[1] + v[2] + v[5] + v[6]) * tick
+                out[wanted[name]] = ((v[0] + v[1] + v[2] + v[5] + v[6]) * tick, v[7] * tick)
     return out
 
 
@@ -133,8 +140,8 @@ class Generator:
         self.count_fd = self.obj.program("xdp_count")
         self.counts = self.obj.map("counts")
         self.frame = udp_frame(_mac(dst_mac), src_mac, src_ip, dst_ip, dport)
-        config = self.frame + struct.pack("=IH6s", max(1, flows), BASE_PORT, _mac(count_mac))
-        self.obj.map("gen_config").update(0, config)
+        self.flows, self.count_mac = max(1, flows), _mac(count_mac)
+        self.configure()
         self.attached = False
         xdp_attach(self.ifindex, self.count_fd, "native")
         self.attached = True
@@ -151,62 +158,73 @@ class Generator:
         self.obj.close()
 
     def read(self) -> tuple:
+        """(generated, back, other, idle paced runs) summed over CPUs."""
         out = []
-        for key in range(3):
+        for key in range(4):
             out.append(sum(struct.unpack("=Q", v)[0] for v in self.counts.lookup_percpu(key)))
         return tuple(out)
 
-    def run(self, seconds: float = 0.0, rate: float = 0.0, batch: int = 64, until_stop: bool = False,
-            cpus=(), pids=(), fifo: int = 0, drain: float = 0.05) -> dict:
+    def configure(self, rate: float = 0.0, burst: int = 32) -> None:
+        """Pacing: *rate* frames/s from now on (0: flat out), catching up at most *burst* frames at once."""
+        self.counts.update(4, struct.pack("=Q", 0))  # frames sent since the pacing started, every CPU
+        self.config = self.frame + struct.pack("=IH6s4xQQQ", self.flows, BASE_PORT, self.count_mac,
+                                               int(rate), time.monotonic_ns(), burst)
+        self.obj.map("gen_config").update(0, self.config)
+
+    def _generate(self) -> None:
+        """The generating thread: one live-frames test run as long as the kernel allows (≈ 10 min flat out),
+        ended by a signal (the kernel checks for one between batches: EINTR)."""
+        from encapfwd.xdp import BPFError
         from encapfwd.xdp.libbpf import live_frames
 
-        frame, fd, ifindex = self.frame, self.gen_fd, self.ifindex
-        if fifo:
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(fifo))
         try:
-            return self._run(live_frames, frame, fd, ifindex, seconds, rate, batch, until_stop, cpus, pids,
-                             drain)
-        finally:
-            if fifo:
-                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            while not self._stop:
+                live_frames(self.gen_fd, self.frame, REPEAT_MAX, self.ifindex, 64)
+        except BPFError as exc:
+            if exc.errno != errno.EINTR:
+                self._error = str(exc)
 
-    def _run(self, live_frames, frame, fd, ifindex, seconds, rate, batch, until_stop, cpus, pids, drain):
-        g0, b0, o0 = self.read()
-        busy0 = cpu_busy_ns(cpus)
-        task0 = task_ns(pids)
-        calls = 0
-        start = time.perf_counter()
-        deadline = start + seconds if seconds else float("inf")
-        if not rate:
-            while time.perf_counter() < deadline:
-                live_frames(fd, frame, FLAT_CHUNK, ifindex, 64)
-                calls += 1
+    def run(self, seconds: float = 0.0, rate: float = 0.0, until_stop: bool = False, cpus=(), pids=(),
+            burst: int = 32, drain: float = 0.05) -> dict:
+        """Generate for *seconds* (or until a line arrives on stdin) at *rate* (0: flat out). A paced
+        generator that loses the CPU for a while sends at most *burst* frames to catch up: what it offered is
+        what it counted, never more than the rate."""
+        self.configure(rate, burst)
+        self._stop, self._error = False, None
+        first = self.read()
+        thread = threading.Thread(target=self._generate, name="live-frames", daemon=True)
+        thread.start()
+        # the window opens when frames flow (a test run's setup takes a moment)
+        deadline = time.monotonic() + 10
+        while self.read()[0] == first[0] and self.read()[3] == first[3]:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                self._stop_thread(thread)
+                raise RuntimeError(self._error or "the generator sent nothing")
+            time.sleep(0.0005)
+        c0 = self.read()
+        busy0, task0 = cpu_busy_ns(cpus), task_ns(pids)
+        t0 = time.perf_counter()
+        if until_stop:
+            sys.stdin.readline()
         else:
-            sent = 0
-            check = 0
-            while True:
-                now = time.perf_counter()
-                if now >= deadline:
-                    break
-                if until_stop:
-                    check += 1
-                    if check % 16 == 0 and select.select([sys.stdin], [], [], 0)[0]:
-                        sys.stdin.readline()
-                        break
-                due = (now - start) * rate
-                if sent < due:
-                    live_frames(fd, frame, batch, ifindex, batch)
-                    sent += batch
-                    calls += 1
-                else:
-                    time.sleep((sent - due) / rate)
-        elapsed = time.perf_counter() - start
-        busy1 = cpu_busy_ns(cpus)
-        task1 = task_ns(pids)
-        time.sleep(drain)  # frames still in the veth rings come back
-        g1, b1, o1 = self.read()
-        return {"generated": g1 - g0, "back": b1 - b0, "other": o1 - o0, "seconds": elapsed, "calls": calls,
-                "busy_ns": {str(c): busy1[c] - busy0[c] for c in busy0}, "task_ns": task1 - task0}
+            time.sleep(seconds)
+        t1 = time.perf_counter()
+        busy1, task1 = cpu_busy_ns(cpus), task_ns(pids)
+        self._stop_thread(thread)
+        time.sleep(drain)  # what is still in the veth rings comes back
+        c1 = self.read()
+        if self._error:
+            raise RuntimeError(self._error)
+        return {"generated": c1[0] - c0[0], "back": c1[1] - c0[1], "other": c1[2] - c0[2],
+                "idle_runs": c1[3] - c0[3], "seconds": t1 - t0,
+                "busy_ns": {str(c): busy1[c][0] - busy0[c][0] for c in busy0},
+                "steal_ns": {str(c): busy1[c][1] - busy0[c][1] for c in busy0}, "task_ns": task1 - task0}
+
+    def _stop_thread(self, thread) -> None:
+        self._stop = True
+        while thread.is_alive():
+            signal.pthread_kill(thread.ident, signal.SIGUSR1)
+            thread.join(0.05)
 
 
 def gen_main(argv) -> int:
@@ -221,9 +239,8 @@ def gen_main(argv) -> int:
         reply({"ready": True, "frame": gen.frame.hex(), "pid": os.getpid()})
         for cmd in commands():
             if cmd["cmd"] == "run":
-                reply(gen.run(cmd.get("seconds", 0.0), cmd.get("rate", 0.0), cmd.get("batch", 64),
-                              cmd.get("until_stop", False), cmd.get("cpus", ()), cmd.get("pids", ()),
-                              cmd.get("fifo", 0)))
+                reply(gen.run(cmd.get("seconds", 0.0), cmd.get("rate", 0.0), cmd.get("until_stop", False),
+                              cmd.get("cpus", ()), cmd.get("pids", ()), cmd.get("burst", 32)))
             elif cmd["cmd"] == "counts":
                 reply(dict(zip(("generated", "back", "other"), gen.read())))
             elif cmd["cmd"] == "quit":
@@ -240,7 +257,8 @@ def gen_main(argv) -> int:
 
 
 def xdp_main(argv) -> int:
-    ifname, config_path = argv
+    ifname, config_path, cpu = argv
+    os.sched_setaffinity(0, {int(cpu)})
     from encapfwd import config as cfg
     from encapfwd.plan import SidMap, compile_plan
     from encapfwd.plugins import get_plugin_manager
@@ -278,6 +296,7 @@ def xdp_main(argv) -> int:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally-blocks detach and unload
+    signal.signal(signal.SIGUSR1, lambda *_: None)  # interrupts the generating thread's test run (EINTR)
     mode, *argv = sys.argv[1:]
     try:
         return {"gen": gen_main, "xdp": xdp_main}[mode](argv)

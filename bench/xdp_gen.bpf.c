@@ -8,12 +8,17 @@
  *   gen_config, then puts a per-run UDP source port in (base_port + seq % flows, seq a per-CPU counter:
  *   `flows` distinct flows). The port is not covered by the IPv4 header checksum and the UDP checksum is
  *   0, so the template's checksums stay right. XDP_TX: out of g0, into the dispatcher's interface.
+ *   Paced (rate_pps > 0): a run sends only while the frames sent since start_ns are behind rate_pps (a
+ *   token bucket holding at most `burst` frames), else it returns XDP_DROP at once. Each test-run call
+ *   costs a fixed setup and teardown (tens of ms on these VMs), so a rate cannot come from many small
+ *   calls with sleeps: one long call runs until user space interrupts it with a signal.
  *
  * xdp_count: attached to g0 (a veth end needs an XDP program for frames XDP_TX'd by its peer to arrive);
  *   counts the frames coming back whose destination MAC is count_mac (what the dispatcher forwarded) and
  *   the others apart, and drops everything.
  *
- * counts (per-CPU): [0] frames generated, [1] frames back to count_mac, [2] other frames back.
+ * counts (per-CPU): [0] frames generated (sent), [1] frames back to count_mac, [2] other frames back,
+ * [3] paced runs that sent nothing, [4] frames sent since the pacing started (reset by user space).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -27,6 +32,9 @@ struct gen_config {
     __u32 flows;           /* distinct source ports (>= 1) */
     __u16 base_port;       /* first source port (host order) */
     __u8 count_mac[6];     /* destination MAC of the frames xdp_count counts as forwarded */
+    __u64 rate_pps;        /* 0: every run sends */
+    __u64 start_ns;        /* bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the pacing started */
+    __u64 burst;           /* frames a paced generator may send at once to catch up */
 };
 
 struct {
@@ -38,7 +46,7 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-    __uint(max_entries, 3);
+    __uint(max_entries, 5);
     __type(key, __u32);
     __type(value, __u64);
 } counts SEC(".maps");
@@ -55,13 +63,26 @@ int xdp_gen(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
-    __u32 zero = 0;
+    __u32 zero = 0, paced_key = 4;
     if (data + FRAME_LEN > end)
         return XDP_ABORTED;
     struct gen_config *c = bpf_map_lookup_elem(&gen_config, &zero);
     __u64 *seq = bpf_map_lookup_elem(&counts, &zero);
     if (!c || !seq)
         return XDP_ABORTED;
+    if (c->rate_pps) {
+        __u64 *paced = bpf_map_lookup_elem(&counts, &paced_key);
+        if (!paced)
+            return XDP_ABORTED;
+        __u64 due = (bpf_ktime_get_ns() - c->start_ns) * c->rate_pps / 1000000000ull;
+        if (*paced >= due) {
+            bump(3);
+            return XDP_DROP;
+        }
+        if (due - *paced > c->burst) /* behind (preempted): do not make up more than a burst */
+            *paced = due - c->burst;
+        *paced += 1;
+    }
     __builtin_memcpy(data, c->frame, FRAME_LEN);
     __u64 n = *seq;
     *seq = n + 1;

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -364,13 +363,6 @@ def test_render_falls_back_to_a_fresh_document_when_it_must():
     assert cfg.loads(cfg.render(new, old, old_text)) == new
 
 
-def test_tomli_w_is_no_longer_needed():
-    source = (ROOT / "core" / "src" / "encapfwd" / "config.py").read_text()
-    assert "tomli_w" not in source
-    pyproject = (ROOT / "core" / "pyproject.toml").read_text()
-    assert "tomlkit" in pyproject and "tomli-w" not in pyproject
-
-
 # --------------------------------------------------------------------------- 5. stale temporary files
 
 
@@ -429,7 +421,8 @@ def test_number_rules():
 def test_cli_refuses_lenient_numbers(cli):
     base(cli)
     before = cli.config.read_bytes()
-    one_line_error(cli("server", "add", "10.0.9.9@80@10.0.2.10", "weight", "0x10"), "weight must be a whole number")
+    one_line_error(cli("server", "add", "10.0.9.9@80@10.0.2.10", "weight", "0x10"),
+                   "weight must be a whole number")
     one_line_error(cli("port", "add", "10.0.9.9@1_0"), "invalid port")
     one_line_error(cli("executor", "set", "mtu", "\u0661\u0665\u0660\u0660"), "mtu must be a whole number")
     assert cli.config.read_bytes() == before
@@ -442,11 +435,13 @@ def test_cli_refuses_lenient_numbers(cli):
     ("0.0.0.0", "the unspecified address"), ("::", "the unspecified address"),
     ("224.0.0.1", "a multicast address"), ("ff02::1", "a multicast address"),
     ("255.255.255.255", "the broadcast address"),
-    ("127.0.0.1", "a loopback address"), ("::1", "a loopback address"), ("::ffff:127.0.0.1", "a loopback address"),
+    ("127.0.0.1", "a loopback address"), ("::1", "a loopback address"),
+    ("::ffff:127.0.0.1", "a loopback address"),
     ("169.254.1.1", "a link-local address"), ("fe80::1", "a link-local address"),
 ])
 def test_unusable_cluster_addresses_are_refused(address, reason):
-    with pytest.raises(ConfigError, match=f"is {reason}: a cluster address \\(VIP\\) must be a unicast") as info:
+    message = f"is {reason}: a cluster address \\(VIP\\) must be a unicast"
+    with pytest.raises(ConfigError, match=message) as info:
         Cluster(address=address)
     assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match=reason):
@@ -565,7 +560,8 @@ def test_every_command_checks_the_result():
     only_ipip = registry_with(IPIP)
     for command in (lambda: cfg.executor_set(config, ["mtu", "1400"], only_ipip),
                     lambda: cfg.cluster_add(config, ["10.0.9.10"], only_ipip),
-                    lambda: cfg.port_remove(cfg.port_add(config, "10.0.9.9@81", []), "10.0.9.9@81", only_ipip)):
+                    lambda: cfg.port_remove(cfg.port_add(config, "10.0.9.9@81", []), "10.0.9.9@81",
+                                            only_ipip)):
         with pytest.raises(ConfigError, match="forwarding method mac"):
             command()
 

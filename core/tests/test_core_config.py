@@ -38,7 +38,7 @@ def test_forwarding_method_definition():
 def test_ipv6_server_with_encapsulation_is_refused():
     # the rule lives in config.check (one place), which every command and every load runs
     c = cfg.port_add(cfg.cluster_add(cfg.Config(), ["10.0.9.9"]), "10.0.9.9@80", [])
-    with pytest.raises(ConfigError, match="server 10.0.9.9@80@2001:db8::1: encapsulation forwarding is only valid"):
+    with pytest.raises(ConfigError, match="server 10.0.9.9@80@2001:db8::1: encapsulation forwarding is only"):
         cfg.server_add(c, "10.0.9.9@80@2001:db8::1", "encapforward yes".split())
     c = cfg.port_add(cfg.cluster_add(cfg.Config(), ["2001:db8::9"]), "2001:db8::9@80", [])
     with pytest.raises(ConfigError, match="only valid for IPv4"):

@@ -221,6 +221,12 @@ _KINDS = (
 )
 
 
+def _display(path) -> str:
+    """*path* for a one-line message: as is when printable, else quoted with escapes."""
+    text = os.fsdecode(path) if not isinstance(path, str) else path
+    return text if text.isprintable() else repr(text)
+
+
 def _refuse_unless_regular(st: os.stat_result, shown, writing: bool) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a regular file")
@@ -232,17 +238,19 @@ def _refuse_unless_regular(st: os.stat_result, shown, writing: bool) -> None:
         )
 
 
-def _target(shown: Path, writing: bool) -> Path:
-    """The file *shown* names, symbolic links resolved; refuses what cannot be (re)written as a regular file.
+def _target(path: Path, shown: str, writing: bool) -> Path:
+    """The file *path* names, symbolic links resolved; refuses what cannot be (re)written as a regular file.
 
     A file that does not exist yet is fine (it is created); a dangling symbolic link is not.
     """
-    target = Path(os.path.realpath(shown))
+    target = Path(os.path.realpath(path))
     try:
         st = os.stat(target)
     except FileNotFoundError:
-        if os.path.islink(shown):
-            raise ConfigError(f"{shown} is a symbolic link to {target}, which does not exist") from None
+        if os.path.islink(path):
+            raise ConfigError(
+                f"{shown} is a symbolic link to {_display(target)}, which does not exist"
+            ) from None
         return target
     except OSError as exc:
         raise ConfigError(f"cannot read {shown}: {exc.strerror}") from None
@@ -254,12 +262,15 @@ def _decode(data: bytes, shown) -> str:
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise ConfigError(f"{shown}: not UTF-8 (it starts with a UTF-16 or UTF-32 byte-order mark); save it as UTF-8")
+        raise ConfigError(
+            f"{shown}: not UTF-8 (it starts with a UTF-16 or UTF-32 byte-order mark); save it as UTF-8"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{shown}: not UTF-8 (invalid byte 0x{data[exc.start]:02x} on line {line})") from None
+        bad = data[exc.start]
+        raise ConfigError(f"{shown}: not UTF-8 (invalid byte 0x{bad:02x} on line {line})") from None
 
 
 def _read(path: Path, shown, writing: bool) -> Optional[str]:
@@ -271,7 +282,8 @@ def _read(path: Path, shown, writing: bool) -> Optional[str]:
         fd = os.open(path, flags)
     except FileNotFoundError:
         if os.path.islink(path):
-            raise ConfigError(f"{shown} is a symbolic link to {os.path.realpath(path)}, which does not exist") from None
+            target = _display(os.path.realpath(path))
+            raise ConfigError(f"{shown} is a symbolic link to {target}, which does not exist") from None
         return None
     except OSError as exc:
         raise ConfigError(f"cannot read {shown}: {exc.strerror}") from None
@@ -280,7 +292,9 @@ def _read(path: Path, shown, writing: bool) -> Optional[str]:
             st = os.fstat(fd)
             _refuse_unless_regular(st, shown, writing)
             if st.st_size > MAX_BYTES:
-                raise ConfigError(f"{shown} is too large for a configuration ({st.st_size} bytes; at most {MAX_BYTES})")
+                raise ConfigError(
+                    f"{shown} is too large for a configuration ({st.st_size} bytes; at most {MAX_BYTES})"
+                )
             data = handle.read(MAX_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"cannot read {shown}: {exc.strerror}") from None
@@ -298,8 +312,8 @@ def _parse(text: str, shown) -> Config:
 
 def load(path) -> Config:
     """Load *path*; a missing file is an empty configuration."""
-    shown = Path(path)
-    text = _read(shown, shown, writing=False)
+    shown = _display(path)
+    text = _read(Path(path), shown, writing=False)
     return Config() if text is None else _parse(text, shown)
 
 
@@ -324,29 +338,36 @@ def _locked(target: Path, shown, timeout: Optional[float] = None) -> Iterator[No
     if _held.get(key) == threading.get_ident():
         yield
         return
-    deadline = time.monotonic() + (LOCK_TIMEOUT if timeout is None else timeout)
-    flags = os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    wait = LOCK_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + wait
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NONBLOCK
+    flags |= getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+    def busy() -> ConfigError:
+        return ConfigError(
+            f"{shown} is being changed by another process: gave up after {wait:g} s waiting for "
+            f"{_display(lock)}"
+        )
+
     while True:
         try:
             fd = os.open(lock, flags, 0o644)
         except OSError as exc:
-            raise ConfigError(f"cannot lock {shown}: {lock}: {exc.strerror}") from None
+            raise ConfigError(f"cannot lock {shown}: {_display(lock)}: {exc.strerror}") from None
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"cannot lock {shown}: {lock} is not a regular file")
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise ConfigError(
-                            f"{shown} is being changed by another process: gave up after "
-                            f"{LOCK_TIMEOUT if timeout is None else timeout:g} s waiting for {lock}"
-                        ) from None
-                    time.sleep(0.02)
-                except OSError as exc:
-                    raise ConfigError(f"cannot lock {shown}: {lock}: {exc.strerror}") from None
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigError(f"cannot lock {shown}: {_display(lock)} is not a regular file")
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise busy() from None
+                        time.sleep(0.02)
+            except OSError as exc:
+                raise ConfigError(f"cannot lock {shown}: {_display(lock)}: {exc.strerror}") from None
             try:
                 mine, current = os.fstat(fd), os.lstat(lock)
                 same = (mine.st_dev, mine.st_ino) == (current.st_dev, current.st_ino)
@@ -357,7 +378,9 @@ def _locked(target: Path, shown, timeout: Optional[float] = None) -> Iterator[No
             raise
         if same:
             break
-        os.close(fd)  # the lock file was replaced while we waited: lock the current one
+        os.close(fd)  # the lock file was removed or replaced while we waited: lock the current one
+        if time.monotonic() >= deadline:
+            raise busy()
     _held[key] = threading.get_ident()
     try:
         yield
@@ -483,12 +506,12 @@ def edit(path, *, timeout: Optional[float] = None) -> Iterator[Edit]:
     The lock (``flock`` on ``.NAME.lock`` beside the file, symbolic links resolved) serialises edits of
     the same file, so that none is lost; it is waited for up to *timeout* seconds (``LOCK_TIMEOUT``).
     """
-    shown = Path(path)
-    target = _target(shown, writing=True)
+    shown = _display(path)
+    target = _target(Path(path), shown, writing=True)
     with _locked(target, shown, timeout):
         text = _read(target, shown, writing=True)
         original = Config() if text is None else _parse(text, shown)
-        session = Edit(path=shown, config=original, original=original, text=text)
+        session = Edit(path=Path(path), config=original, original=original, text=text)
         yield session
         if not isinstance(session.config, Config):
             raise TypeError(f"edit: expected a Config, got {type(session.config).__name__}")
@@ -498,8 +521,8 @@ def edit(path, *, timeout: Optional[float] = None) -> Iterator[Edit]:
 
 def save(path, config: Config) -> None:
     """Write *config* to *path* (under its lock, atomically, comments of the existing file kept)."""
-    shown = Path(path)
-    target = _target(shown, writing=True)
+    shown = _display(path)
+    target = _target(Path(path), shown, writing=True)
     with _locked(target, shown):
         text = _read(target, shown, writing=True)
         try:
@@ -526,7 +549,7 @@ def render(new: Config, old: Optional[Config] = None, old_text: Optional[str] = 
         _attach_comments(doc, old_text)
         _merge_document(doc, old, new)
         text = doc.as_string()
-    except Exception:  # noqa: BLE001 - a tomlkit surprise costs the comments, never the edit
+    except Exception:  # a tomlkit surprise costs the comments, never the edit
         return dumps(new)
     crlf = "\r\n" in old_text and old_text.count("\r\n") == old_text.count("\n")
     if crlf:
@@ -586,11 +609,11 @@ def _set_run(container: Container, start: int, end: int, text: str) -> None:
         body[start] = (None, Whitespace(text))
         return
     body.insert(start, (None, Whitespace(text)))
-    for key, index in list(container._map.items()):  # noqa: SLF001 - tomlkit has no public insert for trivia
+    for key, index in list(container._map.items()):  # tomlkit has no public insert for trivia
         if isinstance(index, tuple):
-            container._map[key] = tuple(i + 1 if i >= start else i for i in index)  # noqa: SLF001
+            container._map[key] = tuple(i + 1 if i >= start else i for i in index)
         elif index >= start:
-            container._map[key] = index + 1  # noqa: SLF001
+            container._map[key] = index + 1
 
 
 def _split_attached(text: str) -> Tuple[str, str]:
@@ -684,7 +707,7 @@ def _add_key(holder, key: str, value) -> None:
     if index >= len(body):
         container.append(key, value)
     else:
-        container._insert_at(index, key, value)  # noqa: SLF001 - tomlkit's positional insert
+        container._insert_at(index, key, value)  # tomlkit's positional insert
         following = body[index + 1][1]
         if isinstance(following, AoT) and following.body:
             following = following.body[0]
@@ -741,7 +764,7 @@ def _remove_entry(holder, key: str, entries, index: int) -> None:
             location = _tail(entries.body[index - 1].value)
         else:
             container = holder.value if isinstance(holder, Table) else holder
-            where = container._map.get(tomlkit.key(key))  # noqa: SLF001
+            where = container._map.get(tomlkit.key(key))
             location = _before(container, where) if isinstance(where, int) else None
         if location is not None:
             following = _tail(entries.body[index].value)
@@ -756,10 +779,9 @@ def _merge_list(holder, key: str, old_items, new_items, ident, merge_one, as_dic
     stay are merged in place, removed ones go (with the comments above them), new ones are appended."""
     if list(old_items) == list(new_items):
         return
-    entries = holder[key] if key in holder else None
-    if old_items:
-        if not isinstance(entries, (AoT, Array)) or len(entries) != len(old_items):
-            raise _Unmergeable(key)
+    entries = holder.get(key)
+    if old_items and (not isinstance(entries, (AoT, Array)) or len(entries) != len(old_items)):
+        raise _Unmergeable(key)
     old_ids = [ident(o) for o in old_items]
     new_ids = [ident(n) for n in new_items]
     new_set = set(new_ids)
@@ -833,7 +855,9 @@ def _merge_document(doc, old: Config, new: Config) -> None:
             for name, value in _table(new.executor).items():
                 table[name] = value
             _add_key(doc, "executor", table)
-    _merge_list(doc, "clusters", old.clusters, new.clusters, lambda c: c.address, _merge_cluster, _cluster_dict)
+    _merge_list(
+        doc, "clusters", old.clusters, new.clusters, lambda c: c.address, _merge_cluster, _cluster_dict
+    )
 
 
 # ----------------------------------------------------------------------------------------- check
@@ -866,8 +890,8 @@ def check(config: Config, registry=None) -> None:
                 if server.address in seen_servers:
                     raise ConfigError(f"server {name} is defined twice")
                 seen_servers.add(server.address)
-                servers.append((name, cluster, port, server))
-    for name, cluster, port, server in servers:
+                servers.append((name, cluster, server))
+    for name, cluster, server in servers:
         if server.encapforward and (cluster.address.version != 4 or server.address.version != 4):
             raise ConfigError(f"server {name}: encapsulation forwarding is only valid for IPv4")
         if server.grekey is not None and server.encaptype != "gre":
@@ -884,7 +908,7 @@ def check(config: Config, registry=None) -> None:
                     f"port {cluster.address}@{port.number}: unknown selectionalgorithm "
                     f"{port.selectionalgorithm!r} (available: {', '.join(algorithms)})"
                 )
-    for name, cluster, port, server in servers:
+    for name, _, server in servers:
         if server.encapforward:
             try:
                 forwarder = registry.forwarder(server.encaptype)
@@ -892,7 +916,7 @@ def check(config: Config, registry=None) -> None:
                 raise ConfigError(f"server {name}: encaptype {server.encaptype}: {exc}") from None
             if not forwarder.encapsulates:
                 raise ConfigError(f"server {name}: encaptype {server.encaptype!r} is not an encapsulation")
-    for name, cluster, port, server in servers:
+    for name, cluster, server in servers:
         method = forwarding_method(config.executor, server)
         try:
             forwarder = registry.forwarder(method)

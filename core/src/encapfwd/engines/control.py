@@ -112,7 +112,7 @@ def query_control(path: Optional[str] = None, command: str = "report", timeout: 
     return answer
 
 
-def probe(path: str, timeout: float = 1.0) -> str:
+def probe(path: str, timeout: float = 5.0) -> str:
     """What is at *path*: ``"absent"``, ``"stale"`` (a socket nobody listens on), ``"encapfwd"`` (a
     dispatcher answers) or ``"other"`` (something else accepts connections, or connecting failed for
     another reason such as permissions)."""
@@ -257,13 +257,20 @@ class ControlServer:
         claim_path(path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
+        bound = False
         try:
             listener.bind(path)
+            bound = True
             os.chmod(path, 0o600)
             st = os.stat(path)
             listener.listen(16)
         except OSError as exc:
             listener.close()
+            if bound:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
             raise ControlError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         finally:
             os.umask(old)
@@ -286,7 +293,7 @@ class ControlServer:
     def forget(self) -> None:
         """Close our descriptors without touching the socket file (in a forked worker)."""
         for client in list(self.clients.values()):
-            self._drop(client)
+            self._drop(client, drain=False)  # never read a client's bytes in a forked child
         if self.listener is not None:
             try:
                 self.listener.close()
@@ -438,16 +445,17 @@ class ControlServer:
         except OSError:
             pass
 
-    def _drop(self, client: _Client) -> None:
+    def _drop(self, client: _Client, drain: bool = True) -> None:
         self.clients.pop(client.fd, None)
-        try:
-            # discard a little unread input (bounded, non-blocking): closing with unread data would turn the
-            # client's end-of-answer into ECONNRESET
-            for _ in range(4):
-                if not client.sock.recv(65536):
-                    break
-        except OSError:
-            pass
+        if drain:
+            try:
+                # discard a little unread input (bounded, non-blocking): closing with unread data would turn
+                # the client's end-of-answer into ECONNRESET
+                for _ in range(4):
+                    if not client.sock.recv(65536):
+                        break
+            except OSError:
+                pass
         try:
             client.sock.close()
         except OSError:
