@@ -87,6 +87,14 @@ def napi_threads(dev: str) -> set:
     return pids
 
 
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the bench dies, even by SIGKILL (PR_SET_PDEATHSIG survives the
+    exec of ``ip netns exec``, ``nice`` and the command)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
 def run_help() -> str:
     proc = subprocess.run([str(ENCAPFWD), "run", "--help"], capture_output=True, text=True)
     return proc.stdout
@@ -98,10 +106,14 @@ class Helper:
     def __init__(self, ns, *argv, timeout: float = 60):
         self.log = tempfile.TemporaryFile()
         self.proc = ns.popen([sys.executable, str(HELPERS), *argv], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.ready = self.answer(timeout)
+                             stdout=subprocess.PIPE, stderr=self.log, text=True, preexec_fn=die_with_parent)
+        try:
+            self.ready = self.answer(timeout)
+        except BaseException:
+            self.close()
+            raise
 
-    def answer(self, timeout: float = 120) -> dict:
+    def answer(self, timeout: float = 600) -> dict:
         import select
 
         if not select.select([self.proc.stdout], [], [], timeout)[0]:
@@ -124,11 +136,13 @@ class Helper:
         return self.answer()
 
     def close(self) -> None:
+        """Ask it to quit (it detaches and unloads its programs), else SIGTERM (same), else SIGKILL."""
         if self.proc.poll() is None:
             try:
-                self.ask(cmd="quit")
+                self.send(cmd="quit")
+                self.proc.stdin.close()  # a helper in the middle of a run takes "quit" as "stop": EOF ends it
                 self.proc.wait(10)
-            except (OSError, RuntimeError, ValueError, subprocess.TimeoutExpired):
+            except (OSError, ValueError, subprocess.TimeoutExpired):
                 self.proc.terminate()
                 try:
                     self.proc.wait(10)
@@ -140,7 +154,7 @@ class Helper:
 
 class Bench:
     def __init__(self, args):
-        from encapfwd.lab.netns import Namespace, veth_pair
+        from encapfwd.lab.netns import Namespace
 
         self.args = args
         self.helpers = []
@@ -149,8 +163,19 @@ class Bench:
         # NAPI threads of interfaces of the same names elsewhere (another lab) are not ours to move
         self.foreign_napi = napi_threads("f0") | napi_threads("g0")
         self.workdir = Path(tempfile.mkdtemp(prefix="efwbench"))
-        self.gen = Namespace("bgen").create()
-        self.fwd = Namespace("bfwd").create()
+        self.gen = Namespace("bgen")
+        self.fwd = Namespace("bfwd")
+        try:
+            self._setup(args)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self, args):
+        from encapfwd.lab.netns import veth_pair
+
+        self.gen.create()
+        self.fwd.create()
         for ns in (self.gen, self.fwd):
             for key in ("all", "default"):
                 ns.sysctl(f"net.ipv6.conf.{key}.disable_ipv6", 1)  # no router solicitations, MLD, …
@@ -314,7 +339,7 @@ class Bench:
             argv.append("--qdisc-bypass")
         log_path = self.workdir / f"run-{engine}.log"
         with open(log_path, "wb") as log:
-            proc = self.fwd.popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            proc = self.fwd.popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self.procs.append(proc)
         deadline = time.monotonic() + 30
         while True:
@@ -403,7 +428,8 @@ class Bench:
                 f0 = run["f0"]
                 run["lost"] = run["generated"] - run["back"]
                 run["lost_f0_ring"] = f0.get("rx_dropped", 0)  # never reached the program: f0's ring full
-                run["lost_program"] = f0.get("rx_queue_0_xdp_packets", 0) - f0.get("rx_queue_0_xdp_tx", 0)
+                run["lost_program"] = (f0.get("rx_queue_0_xdp_packets", 0) - f0.get("rx_queue_0_xdp_tx", 0)
+                                       - f0.get("rx_queue_0_xdp_tx_errors", 0))
                 run["lost_return"] = f0.get("rx_queue_0_xdp_tx_errors", 0)
             return {"rate": rate, "engine": engine.how, "reloading": loaded, "steady": steady}
         finally:
@@ -628,6 +654,8 @@ def main():
                 rate = spread(results["xdp"][method], "fwd_pps")[1] / 2
                 results["reload"][method] = bench.reload_check(method, rate, args.seconds, args.reloads)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # let the clean-up finish
         b, bench = bench, None
         if b is not None:
             b.close()

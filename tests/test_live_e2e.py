@@ -41,11 +41,26 @@ if REASON:
 TUNNEL_REASON = topology.unavailable_reason(METHODS)
 
 
-@pytest.fixture(scope="module")
-def lab():
+def _xdp_reason():
+    if os.geteuid() != 0:
+        return "BPF needs root"
+    from encapfwd.xdp.libbpf import available
+
+    ok, why = available()
+    return None if ok else why
+
+
+@pytest.fixture(scope="module", params=["xdp", "afpacket"])
+def lab(request):
+    """The whole module runs once with each engine: the XDP program (the AF_PACKET workers as its slow
+    path) and the AF_PACKET engine alone."""
+    engine = request.param
+    if engine == "xdp" and _xdp_reason():
+        pytest.skip(f"XDP engine: {_xdp_reason()}")
     methods = METHODS if TUNNEL_REASON is None else ("mac",)
-    with topology.Topology(methods, ipv6=True) as built:
+    with topology.Topology(methods, ipv6=True, engine=engine) as built:
         built.start_dispatcher()
+        assert built.report()["engine"]["engine"] == engine
         yield built
 
 

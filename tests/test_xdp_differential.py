@@ -85,6 +85,8 @@ def compare(dp, dispatcher, cpu, frames, now=0.0):
             if out != ref and masked and _masked_equal(out, ref):
                 if not _checksum_ok(out[14:34]):
                     bad.append((i, "xdp outer checksum wrong", out.hex()))
+                elif not out[18] & 0x80 or ref[18] & 0x80:
+                    bad.append((i, "identification outside the executor's half", out.hex(), ref.hex()))
                 continue
             if out != ref:
                 bad.append((i, "bytes differ", frame.hex(), out.hex(), ref.hex()))

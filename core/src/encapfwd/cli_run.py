@@ -69,8 +69,24 @@ def _cpus(text):
     "discipline (may save time per frame on a NIC; nothing measurable on a veth), but tcpdump on the "
     "interface no longer sees what is sent and no traffic shaping applies.",
 )
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "xdp", "afpacket"]),
+    default="auto",
+    show_default=True,
+    help="xdp: the XDP program forwards in the kernel, the AF_PACKET workers are its slow path; afpacket: "
+    "the workers forward everything; auto: xdp when BPF and the interface allow it (the first line says "
+    "which and why).",
+)
+@click.option(
+    "--xdp-mode",
+    type=click.Choice(["native", "generic"]),
+    default="native",
+    show_default=True,
+    help="native: in the driver (fast); generic: after the kernel built an skb, for drivers without XDP.",
+)
 @click.pass_context
-def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass):
+def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass, engine, xdp_mode):
     """Forward live traffic for the configured clusters (Linux, root).
 
     \b
@@ -100,6 +116,8 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass
         cpus=cpu_list,
         answer_arp=answer_arp,
         qdisc_bypass=qdisc_bypass,
+        engine=engine,
+        xdp_mode=xdp_mode,
     )
     ctx.exit(code)
 

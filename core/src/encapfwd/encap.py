@@ -59,12 +59,18 @@ def ipv4_header(egress, proto: int) -> bytes:
     return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, egress.ttl, proto, 0, src, dst)
 
 
-def template_transform(template: Template, egress) -> Transform:
+#: The Python engine's identifications (DF-clear packets): the low half; the XDP program uses the high half.
+IDENT_MASK = 0x7FFF
+
+
+def template_transform(template: Template, egress, ident_start: int = 1) -> Transform:
     """Compile ``transform(p_prime) -> frame`` running *template* for the server behind *egress*.
 
     The frame is ``Ethernet(egress.dst_mac, egress.src_mac, type) + header' + P'`` exactly as
     :class:`~encapfwd.hookspecs.Template` specifies. The transform never raises for any bytes P'.
-    Each transform keeps its own identification counter (1, 2, … modulo 2**16, DF-clear packets only).
+    Each transform keeps its own identification counter for DF-clear packets: *ident_start*, +1, …, in the
+    Python engine's half of the space, 0x0000-0x7FFF (the XDP program numbers in 0x8000-0xFFFF), so the
+    executors of one dispatcher never hand out the same sequence; forked workers start at random points.
     """
     if not isinstance(template, Template):
         raise TypeError(
@@ -72,7 +78,7 @@ def template_transform(template: Template, egress) -> Transform:
     macs = mac_bytes(egress.dst_mac) + mac_bytes(egress.src_mac)
     if not template.header:
         return _mac(macs)
-    return _ipv4(template, macs + b"\x08\x00")
+    return _ipv4(template, macs + b"\x08\x00", ident_start)
 
 
 def _mac(macs: bytes) -> Transform:
@@ -90,7 +96,7 @@ def _mac(macs: bytes) -> Transform:
     return transform
 
 
-def _ipv4(template: Template, eth: bytes) -> Transform:
+def _ipv4(template: Template, eth: bytes, ident_start: int = 1) -> Transform:
     header, fields = template.header, template.fields
     hlen = len(header)
     f_tos, f_df, f_ident = "tos" in fields, "df" in fields, "ident" in fields
@@ -109,7 +115,7 @@ def _ipv4(template: Template, eth: bytes) -> Transform:
     neg_df = -(base + flags_c + _DF)  # checksum of a DF packet = (neg_df - tos - total) % 0xFFFF
     neg = -(base + flags_c)  # checksum = (neg - tos - total - ident) % 0xFFFF
     udp_extra = hlen - 20
-    idents = itertools.count(1)
+    idents = itertools.count(ident_start)
 
     if udp_layout:
         sport_c = int.from_bytes(header[20:22], "big")
@@ -150,7 +156,7 @@ def _ipv4(template: Template, eth: bytes) -> Transform:
         elif (flags_c | df) & _DF:
             ident = 0
         else:
-            ident = next(idents) & 0xFFFF
+            ident = next(idents) & IDENT_MASK
         sport = 0xC000 | (zlib.crc32(p[12:20]) & 0x3FFF) if f_entropy else (sport_c if udp_layout else 0)
         return build(tos, df, n, ident, sport) + p
 
@@ -177,7 +183,7 @@ def _ipv4(template: Template, eth: bytes) -> Transform:
                         return cached + p
                     tos = p[1]
                     total = (len(p) + hlen) & 0xFFFF
-                    ident = next(idents) & 0xFFFF
+                    ident = next(idents) & IDENT_MASK
                     return pack_ip(eth, 0x45, tos, total, ident, flags_c, ttlproto,
                                    (neg - tos - total - ident) % 0xFFFF, tail) + p
             except (IndexError, TypeError):
@@ -199,7 +205,7 @@ def _ipv4(template: Template, eth: bytes) -> Transform:
                 if p[6] & 0x40:
                     return pack_udp(eth, 0x45, tos, total, 0, flags_c | _DF, ttlproto,
                                     (neg_df - tos - total) % 0xFFFF, addrs, sport, dport, ulen, uck, rest) + p
-                ident = next(idents) & 0xFFFF
+                ident = next(idents) & IDENT_MASK
                 return pack_udp(eth, 0x45, tos, total, ident, flags_c, ttlproto,
                                 (neg - tos - total - ident) % 0xFFFF, addrs, sport, dport, ulen, uck, rest) + p
         except (IndexError, TypeError):

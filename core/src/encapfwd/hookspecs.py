@@ -117,7 +117,9 @@ class Template:
         - ``tos``: byte 1 = the TOS of an IPv4 P' (RFC 2003 3.1), the traffic class of an IPv6 P';
         - ``df``: the DF bit (0x40 of byte 6) = P''s DF (set for an IPv6 P');
         - ``ident``: identification (bytes 4-5) = 0 when the outer DF is set (RFC 6864), else a counter of
-          the executor's (each engine keeps its own; tests mask exactly this field and the checksum);
+          the executor's: the Python engine numbers in 0x0000-0x7FFF (each process from a random start),
+          the XDP program in 0x8000-0xFFFF (each CPU its own residue class), so that two executors of one
+          dispatcher never send the same sequence; tests mask exactly this field and the checksum;
         - ``udp``: ``header[20:28]`` is a UDP header: length (bytes 24-25) = ``len(header) - 20 +
           len(P')``, checksum 0 (RFC 768 / RFC 8086 3.1 allow it over IPv4);
         - ``entropy``: UDP source port (bytes 20-21) = ``0xC000 | (crc32(P'[12:20]) & 0x3FFF)``: a hash of

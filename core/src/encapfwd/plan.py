@@ -26,6 +26,7 @@ without a template call their plugin again there.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import struct
 from typing import Dict, Optional, Tuple
 
@@ -118,13 +119,14 @@ class Plan:
         """The same plan with every server's Python transform in place (after unpickling)."""
         if self.bound:
             return self
-        from .encap import resolve, template_transform
+        from .encap import IDENT_MASK, resolve, template_transform
 
+        start = secrets.randbelow(IDENT_MASK + 1)  # each process that binds a plan numbers from elsewhere
         servers = []
         for s in self.servers:
             if s.transform is None:
                 if s.template is not None:
-                    transform = template_transform(s.template, s.egress)
+                    transform = template_transform(s.template, s.egress, start)
                 else:
                     if registry is None:
                         raise ConfigError(f"server {s.name}: method {s.method!r} needs its plugin to run")

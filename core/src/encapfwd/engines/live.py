@@ -64,6 +64,7 @@ from .prepare import (
     prepare,
 )
 from .supervisor import WorkerPool
+from .xdp_executor import KernelFlows, XDPProgram, choose
 from .worker import Worker, tx_mtu_limit
 
 ENV_NEIGH_REFRESH = "ENCAPFWD_NEIGH_REFRESH"
@@ -110,8 +111,11 @@ class Controller:
         cpus: Optional[List[int]] = None,
         answer_arp: bool = False,
         qdisc_bypass: bool = False,
+        engine: str = "afpacket",
+        xdp_mode: str = "native",
     ):
         from ..dispatcher import Dispatcher
+        from ..plan import SidMap
 
         check_platform()
         if workers < 1:
@@ -126,8 +130,15 @@ class Controller:
         self.qdisc_bypass = qdisc_bypass
         self._Dispatcher = Dispatcher
         config = load_config(config_path)
+        self.asked_engine = engine
+        self.engine, self.engine_reason = choose(engine, interface or config.executor.interface, xdp_mode)
+        self.xdp_mode = xdp_mode
+        log(f"engine {self.engine}: {self.engine_reason}")
         self.resolved: dict = {}
         self.config, self.iface = prepare(config, registry, interface, resolved=self.resolved)
+        #: stable server ids for every plan of this run (flows keep their server across reloads)
+        self.sids = SidMap()
+        self.kernel_flows = KernelFlows()
         # the TX rings are sized for the interface's MTU at start; a larger one needs a restart
         self.max_mtu = tx_mtu_limit(self.iface.mtu)
         # how often the neighbour table is read again for the MACs taken from it (seconds; 0 = never)
@@ -146,7 +157,8 @@ class Controller:
             qdisc_bypass=qdisc_bypass,
             in_child=self._in_child,
         )
-        self.executors = [self.pool]
+        self.xdp = XDPProgram(self.iface, xdp_mode, self.kernel_flows) if self.engine == "xdp" else None
+        self.executors = [self.pool] if self.xdp is None else [self.xdp, self.pool]
         self.started = time.time()
         self.reloads = 0
         self.reload_errors = 0
@@ -158,10 +170,25 @@ class Controller:
         self._reload = False
 
     def _build(self, config):
+        """Compile *config* into the plan every executor runs (the controller's own dispatcher holds it)."""
+        sink = self.kernel_flows if self.engine == "xdp" else None
         try:
-            return self._Dispatcher(config, self.registry)
+            return self._Dispatcher(config, self.registry, sids=self.sids, flow_sink=sink)
         except EncapfwdError as exc:
             raise LiveError(str(exc)) from None
+
+    def _start_xdp(self) -> None:
+        """Load and attach the XDP program; with ``--engine auto`` an interface that refuses native XDP
+        falls back to the AF_PACKET engine (said in one line). An interface that already has an XDP
+        program is always an error."""
+        try:
+            self.xdp.load(self.dispatcher.plan)
+        except LiveError as exc:
+            if self.asked_engine != "auto" or "already has an XDP program" in str(exc):
+                raise
+            log(f"engine afpacket: falling back, the XDP program could not be attached: {exc}")
+            self.executors.remove(self.xdp)
+            self.xdp, self.engine, self.engine_reason = None, "afpacket", f"fallback: {exc}"
 
     def _in_child(self) -> None:
         """In a freshly forked worker: drop the controller's descriptors (control socket, other channels)."""
@@ -190,7 +217,7 @@ class Controller:
         engine.update(
             interface=self.iface.name,
             mac=self.iface.mac,
-            workers=sum(len(executor) for executor in self.executors),
+            workers=len(self.pool),
             pid=os.getpid(),
             uptime=round(time.time() - self.started, 3),
             reloads=self.reloads,
@@ -202,6 +229,10 @@ class Controller:
             clusters=[str(a) for a in cluster_addresses(self.config)],
             answer_arp=self.answer_arp,
             qdisc_bypass=self.qdisc_bypass,
+            engine=self.engine,
+            engine_reason=self.engine_reason,
+            xdp_mode=self.xdp_mode if self.engine == "xdp" else None,
+            plan_digest=self.dispatcher.plan.digest,
             config=os.path.abspath(self.config_path),
             control=self.control_path,
             control_requests=dict(self.control.stats),
@@ -251,8 +282,8 @@ class Controller:
             log("reload failed in " + self.last_reload_error)
         else:
             self.last_reload_error = None
-            units = sum(len(executor) for executor in self.executors)
-            log(f"configuration reloaded from {self.config_path} ({units} workers)")
+            log(f"configuration reloaded from {self.config_path} ({len(self.pool)} workers"
+                f"{', the XDP program' if self.xdp is not None else ''}; plan {self.dispatcher.plan.digest[:12]})")
 
     def _static_changes(self, config) -> List[str]:
         """Lines for settings of the new file that cannot change while running (kept as they are)."""
@@ -328,11 +359,14 @@ class Controller:
         }
         try:
             self.control.open()  # refuses a path in use before any worker starts
+            if self.xdp is not None:
+                self._start_xdp()
             for executor in self.executors:
                 executor.start(self.config, self.dispatcher)
             log(
                 f"forwarding {len(self.config.clusters)} cluster(s) on {self.iface.name} ({self.iface.mac}) "
-                f"with {self.nworkers} worker(s)"
+                f"with {'the XDP program in the kernel and ' if self.xdp is not None else ''}"
+                f"{self.nworkers} worker(s){' as its slow path' if self.xdp is not None else ''}"
                 f"{'; answering ARP for the cluster addresses' if self.answer_arp else ''}; "
                 f"control socket {self.control_path}"
             )
@@ -399,7 +433,11 @@ def run(config_path: str, registry, **kwargs) -> int:
     code = controller.run()
     summary = controller.final_summary()
     engine = summary.get("engine") or {}
-    log(f"stopped: {engine.get('rx', 0)} frames received, {engine.get('tx', 0)} sent")
+    line = f"stopped: {engine.get('rx', 0)} frames received, {engine.get('tx', 0)} sent"
+    if controller.engine == "xdp":
+        line += (f"; XDP: {engine.get('xdp_forwarded', 0)} forwarded in the kernel, "
+                 f"{engine.get('xdp_passed', 0)} handed up, {engine.get('xdp_dropped', 0)} dropped")
+    log(line)
     return code
 
 

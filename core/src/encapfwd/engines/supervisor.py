@@ -8,7 +8,8 @@ XDP program or any other forwarding back-end can be hosted beside the pool by pr
   the controller's compilation of it, which forked workers inherit);
 - ``fds()`` / ``owns(fd)`` / ``on_readable(fd) -> bool``: descriptors the controller's poll loop watches
   for it (False from ``on_readable``: it cannot go on, the controller stops);
-- ``reload(config, dispatcher) -> {name: error or None}``: switch to a new configuration;
+- ``reload(config, dispatcher) -> {name: error or None}``: switch to a new configuration (every executor
+  runs ``dispatcher.plan``, the controller's compiled plan: workers receive it, they compile nothing);
 - ``report() -> [per-unit report]`` (``{"dispatcher": …, "engine": …}`` each), ``restarts``;
 - ``stop() -> [last per-unit report]``; ``close_in_child()`` (descriptors a forked process must drop).
 """
@@ -103,7 +104,7 @@ class WorkerPool:
         return True
 
     def reload(self, config, dispatcher) -> Dict[str, Optional[str]]:
-        answers = self._ask_all(("reload", config), "reloaded")
+        answers = self._ask_all(("reload", dispatcher.plan), "reloaded")
         self.config, self.dispatcher = config, dispatcher
         return {f"worker {n}": error for n, error in answers.items()}
 

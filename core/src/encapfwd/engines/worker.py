@@ -174,9 +174,10 @@ class Worker:
         if kind == "report":
             send_msg(self.channel, ("report", self.report()))
         elif kind == "reload":
-            config = message[1]
+            plan = message[1]  # the controller's plan: nothing to compile here, no plugin to call
+            config = plan.config
             try:
-                self.dispatcher.reload(config)
+                self.dispatcher.reload(plan)
                 self.rx.set_filter(self._program(config))
                 self.config = config
                 if self.number == 0:

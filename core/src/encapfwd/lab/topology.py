@@ -82,6 +82,23 @@ SERVERS = {
 }
 
 
+def _xdp_peer(ns: Namespace, ifname: str) -> Optional[str]:
+    """Attach a pass-everything XDP program to *ifname* (the dispatcher's veth peer), so that frames the
+    dispatcher's XDP program sends with XDP_TX arrive; returns why not when BPF is unavailable here (the
+    dispatcher's ``--engine auto`` then picks AF_PACKET too)."""
+    try:
+        from ..xdp.dataplane import pass_object_path
+        from ..xdp.libbpf import available
+
+        ok, why = available()
+        if not ok:
+            return why
+        ns.ip("link", "set", "dev", ifname, "xdpdrv", "obj", str(pass_object_path()), "sec", "xdp")
+    except Exception as exc:  # noqa: BLE001 - the lab still runs, with the AF_PACKET engine
+        return f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
 def encapfwd_argv() -> List[str]:
     """The installed console script next to this interpreter (or ``python -m`` as a fallback)."""
     script = Path(sys.executable).parent / "encapfwd"
@@ -126,7 +143,9 @@ class LabError(EncapfwdError):
 class Sniffer:
     """Records IPv4 and IPv6 frames on an interface in a namespace (an AF_PACKET socket read in a thread)."""
 
-    def __init__(self, ns: Namespace, ifname: str):
+    def __init__(self, ns: Namespace, ifname: str, mirror: bool = False):
+        #: recording at the far end of a veth: what leaves it arrives at our end and the other way round
+        self.mirror = mirror
         self.sock = ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
         self.sock.bind((ifname, 0))
         self.sock.settimeout(0.1)
@@ -157,7 +176,10 @@ class Sniffer:
             if proto in (6, 17) and len(data) >= 14 + ihl + 4:
                 sport = int.from_bytes(data[14 + ihl : 16 + ihl], "big")
                 dport = int.from_bytes(data[16 + ihl : 18 + ihl], "big")
-            self.frames.append((addr[2], src, dst, proto, sport, dport))
+            kind = addr[2]
+            if self.mirror:
+                kind = socket.PACKET_HOST if kind == socket.PACKET_OUTGOING else socket.PACKET_OUTGOING
+            self.frames.append((kind, src, dst, proto, sport, dport))
 
     def stop(self) -> List[tuple]:
         self._stop.set()
@@ -188,8 +210,13 @@ class Topology:
         echo: Callable[[str], None] = lambda s: None,
         use_uml: Optional[bool] = None,
         ipv6: bool = False,
+        engine: Optional[str] = None,
     ):
         self.methods = [m for m in ("mac", "ipip", "gre") if m in methods]
+        #: ``encapfwd run --engine`` for every start (None: run's default, auto)
+        self.engine = engine
+        #: why the dispatcher's veth peer has no pass-through XDP program (None: it has one)
+        self.xdp_peer: Optional[str] = None
         self.ipv6 = ipv6 and "mac" in self.methods
         self.echo = echo
         self.own_workdir = workdir is None
@@ -248,6 +275,7 @@ class Topology:
         r.ip("addr", "add", f"{ROUTER_LAN}/24", "dev", "lan0")
         veth_pair(d, "eth0", r, "lan-d")
         r.ip("link", "set", "lan-d", "master", "lan0")
+        self.xdp_peer = _xdp_peer(r, "lan-d")
         d.ip("addr", "add", f"{DISPATCHER}/24", "dev", "eth0")
         d.ip("route", "add", "default", "via", ROUTER_LAN)
         d.ip("route", "add", "blackhole", VIP_NET)
@@ -477,6 +505,7 @@ class Topology:
             str(workers),
             "--control",
             self.control_path,
+            *(["--engine", self.engine] if self.engine and "--engine" not in extra else []),
             *extra,
         ]
         log = open(self.log_path, "ab")
@@ -590,7 +619,9 @@ class Topology:
         return body.decode()
 
     def sniff_dispatcher(self) -> Sniffer:
-        return Sniffer(self.ns["dispatcher"], "eth0")
+        """What arrives at and leaves the dispatcher's eth0, recorded at its veth peer in the router: frames
+        the XDP program forwards never reach a packet socket on eth0 itself."""
+        return Sniffer(self.ns["router"], "lan-d", mirror=True)
 
     # ------------------------------------------------------------------------------------- teardown
 
@@ -701,6 +732,10 @@ def run_lab(
             echo("  encapfwd " + " ".join(command))
         echo("")
         lab.start_dispatcher()
+        engine = (lab.report().get("engine") or {})
+        result["engine"] = engine.get("engine", "afpacket")
+        echo(f"Engine: {result['engine']} ({engine.get('engine_reason', '')})")
+        echo("")
         sniffer = lab.sniff_dispatcher()
         try:
             for method in lab.methods + (["mac6"] if lab.ipv6 else []):

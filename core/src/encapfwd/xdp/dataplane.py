@@ -21,11 +21,11 @@ from typing import Dict, Optional
 
 from . import maps as M
 from .build import build
-from .libbpf import BPFObject, test_run, xdp_attach, xdp_detach
+from .libbpf import BPFObject, possible_cpus, test_run, xdp_attach, xdp_detach
 
 SOURCE = "encapfwd.bpf.c"
 PROGRAM = "encapfwd_xdp"
-PASS_PROGRAM = "encapfwd_xdp_pass"
+PASS_SOURCE = "xdp_pass.bpf.c"
 #: Selection-table slots a program holds per generation at least (grown at load for larger plans).
 MIN_RING_PORTS = 8
 #: Kernel flow table bound at most (entries are preallocated: about 100 bytes each).
@@ -35,7 +35,13 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 
 def object_path():
     """The compiled program (built once per source and toolchain; see :mod:`encapfwd.xdp.build`)."""
-    return build(SOURCE, {"MAX_SERVERS": M.MAX_SERVERS, "MAX_PORTS": M.MAX_PORTS})
+    return build(SOURCE, {"MAX_SERVERS": M.MAX_SERVERS, "MAX_PORTS": M.MAX_PORTS, "NCPUS": possible_cpus()})
+
+
+def pass_object_path():
+    """A pass-everything program, for the far end of a veth (XDP_TX reaches a veth peer only when the
+    peer runs XDP): ``ip link set dev PEER xdpdrv obj PATH sec xdp``."""
+    return build(PASS_SOURCE)
 
 
 class DataPlane:
@@ -130,6 +136,10 @@ class DataPlane:
             self._attached = None
             xdp_detach(ifindex, mode)
 
+    def forget(self) -> None:
+        """In a forked process: keep using the maps, but never detach the program (the parent owns it)."""
+        self._attached = None
+
     def close(self) -> None:
         try:
             self.detach()
@@ -170,4 +180,4 @@ class DataPlane:
         return {"servers": servers, "drops": self.reason_counts("drops"), "passed": self.reason_counts("passes")}
 
 
-__all__ = ["DataPlane", "XDP_DROP", "XDP_PASS", "XDP_TX", "object_path"]
+__all__ = ["DataPlane", "XDP_DROP", "XDP_PASS", "XDP_TX", "object_path", "pass_object_path"]

@@ -28,6 +28,9 @@
 #ifndef MAX_PORTS
 #define MAX_PORTS 256 /* ports per generation */
 #endif
+#ifndef NCPUS
+#define NCPUS 1 /* possible CPUs (the loader passes libbpf_num_possible_cpus) */
+#endif
 #define MAX_HDR 64
 #define NO_SERVER 0xFFFFFFFFu
 
@@ -314,13 +317,15 @@ static __always_inline int emit(struct xdp_md *ctx, struct server_entry *s, __u3
             if (s->fields & F_DF)
                 ip[6] = (ip[6] & ~0x40) | (df ? 0x40 : 0);
             if (s->fields & F_IDENT) {
+                /* DF clear: the high half of the space is the program's (the Python engine numbers in the
+                 * low half), each CPU its own residue class modulo NCPUS */
                 __u16 id = 0;
                 if (!(ip[6] & 0x40)) {
                     __u32 zero = 0;
                     __u32 *n = bpf_map_lookup_elem(&idents, &zero);
                     if (n) {
                         *n += 1;
-                        id = *n;
+                        id = 0x8000 | ((*n * NCPUS + bpf_get_smp_processor_id() % NCPUS) & 0x7FFF);
                     }
                 }
                 ip[4] = id >> 8;
@@ -561,13 +566,6 @@ int encapfwd_xdp(struct xdp_md *ctx)
     if (eth->h_proto == bpf_htons(ETH_P_IPV6))
         return v6(ctx, gen);
     return pass(P_NOT_OURS);
-}
-
-/* A pass-through program for the far end of a veth: XDP_TX on a veth needs one there (xdp-notes). */
-SEC("xdp")
-int encapfwd_xdp_pass(struct xdp_md *ctx)
-{
-    return XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "GPL";
