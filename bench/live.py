@@ -14,21 +14,37 @@ Topology (one-armed, as a dispatcher is)::
       back to 10.1.0.3's MAC (NOBODY_MAC, owned     all three send the frame back out of f0 to NOBODY_MAC
       by nobody), drops everything                  (MAC forwarding, or IPIP / GRE to 10.1.0.3 on-link)
 
-Placement: the generator (a helper process, bench/live_helpers.py) pinned to CPU 0; f0's receive work on
-CPU 1: f0 has GRO on (a veth has a NAPI ring only with GRO or an XDP program), NAPI threaded
-(``/sys/class/net/f0/threaded``) and its ``napi/f0-*`` kthread pinned to CPU 1; the kernel forwards in that
-thread, the XDP program runs in it, and ``encapfwd run --cpus 1`` puts the AF_PACKET worker there too.
-g0's NAPI (the counting program) is threaded and pinned to CPU 0. RPS is off on both ends.
+Generator: bench/live_helpers.py in the gen namespace runs xdp_gen with BPF_PROG_TEST_RUN and
+BPF_F_TEST_XDP_LIVE_FRAMES in a thread: one test run per trial, stopped by a signal (a test run costs tens
+of milliseconds of setup and teardown on these VMs, so many short calls cannot make a rate); a paced run is
+paced by the program itself (token bucket: it sends only when behind the rate, else XDP_DROP).
+
+Placement: the generator pinned to CPU 0; f0's receive work on CPU 1: f0 has GRO on (a veth has a NAPI
+ring only with GRO or an XDP program; writing ``threaded`` fails with EIO without one), NAPI threaded
+(``/sys/class/net/f0/threaded``) and its ``napi/f0-*`` kthread pinned to CPU 1 at normal priority; the
+kernel forwards in that thread, the XDP program runs in it, and ``encapfwd run --cpus 1`` puts the workers
+there too. g0's NAPI thread (the counting program) is pinned to CPU 0 at SCHED_FIFO 50: else, on a busy
+CPU 0, g0's 256-frame ring overflows and forwarded frames go uncounted. RPS is off on both ends.
 
 Figures per trial: forwarded = frames back at g0 / seconds; offered = frames generated / seconds (the
-generator is the limit when forwarded ≥ 95 % of offered); ns per packet on CPU 1 = CPU 1's busy time
-(/proc/stat user + nice + system + irq + softirq) / frames forwarded; for XDP also the program's own ns
-per packet (kernel.bpf_stats_enabled=1, run_time_ns / run_cnt, in a separate shorter trial so that the
-statistics' own cost does not touch the rate). The kernel's forwarding is the same whatever the method, so
-it is measured once per round and is the reference of every method's table.
+generator is the limit when forwarded ≥ 95 % of offered); CPU1 ns/pkt = CPU 1's busy time (/proc/stat
+user + nice + system + irq + softirq, every task) / frames forwarded; threads ns/pkt = on-CPU time
+(schedstat) of f0's NAPI thread and the dispatcher's processes / frames forwarded (the same work without
+other jobs sharing CPU 1); for XDP also the program's own ns per packet (kernel.bpf_stats_enabled=1,
+run_time_ns / run_cnt, restored after, in a separate shorter trial so that the statistics' cost does not
+touch the rate). f0's own counters (ip -s link, ethtool -S) are kept per trial as a cross-check. The
+kernel's forwarding is the same whatever the method: measured once per round, it heads every table.
 
-Reload under load (XDP): at half the XDP rate measured, a paced generator run without reloads, then one
-during which the plan is replaced 20 times (alternately with one more server); lost = generated − back.
+Reload under load (XDP): paced at half the XDP median rate, f0's NAPI thread at SCHED_FIFO (so that other
+jobs cannot hold it off CPU 1 longer than f0's 256-frame ring lasts), a run during which the plan is
+replaced --reloads times (alternately with one more server: ``encapfwd run``'s control ``reload``, or
+DataPlane.install from a helper pinned to CPU 1), then a run as long without; lost = generated − back,
+split into f0's ring overflowing (the frame never reached the program), the program not sending it, and the
+way back.
+
+Replaced by this version: the AF_PACKET TX-ring generator (≈ 0.6–0.7 Mpps, less than the kernel forwards),
+RPS placement, f0's tx_packets as the forwarded count, the "generator alone" row, the loss-free binary
+search, --worker-cost, --rx-on-generator-cpu and --workers (a second worker would share the generator's CPU).
 
 Run: ``sudo .venv/bin/python bench/live.py [--seconds 3] [--rounds 3] [--flows 256] [--json]``.
 """
@@ -337,7 +353,7 @@ class Bench:
             argv += ["--xdp-mode", "native"]
         if self.args.qdisc_bypass and engine == "afpacket":
             argv.append("--qdisc-bypass")
-        log_path = self.workdir / f"run-{engine}.log"
+        log_path = self.run_log(engine)
         with open(log_path, "wb") as log:
             proc = self.fwd.popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self.procs.append(proc)
@@ -349,8 +365,12 @@ class Bench:
             except (OSError, ValueError):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     self.stop_run(proc)
-                    raise RuntimeError(f"encapfwd run --engine {engine}: {log_path.read_text()[-2000:]}") from None
+                    tail = log_path.read_text()[-2000:]
+                    raise RuntimeError(f"encapfwd run --engine {engine}: {tail}") from None
                 time.sleep(0.05)
+
+    def run_log(self, engine: str) -> Path:
+        return self.workdir / f"run-{engine}.log"
 
     def stop_run(self, proc) -> None:
         if proc.poll() is None:
@@ -388,11 +408,13 @@ class Bench:
     def xdp(self, method: str, seconds: float, stats_seconds: float) -> dict:
         engine = self.xdp_engine(method)
         try:
+            pid, mode = attached_prog(self.fwd, "f0")
             self.place()
             result = self.trial(seconds, pids=engine.pids())
             result["engine"] = engine.how
+            result["engine_says"] = engine.says()
+            result["xdp_mode"] = mode
             if stats_seconds:
-                pid = attached_prog_id(self.fwd, "f0")
                 with self.bpf_stats():
                     s0 = prog_stats(pid)
                     stats_trial = self.trial(stats_seconds, pids=engine.pids())
@@ -465,16 +487,17 @@ def run_pids(proc, control: str) -> list:
     return [proc.pid] + [w["pid"] for w in query_control(control).get("workers", []) if w.get("pid")]
 
 
-def attached_prog_id(ns, dev: str) -> int:
+XDP_ATTACHED_MODES = {1: "native", 2: "generic", 3: "offload", 4: "multi"}  # linux/if_link.h XDP_ATTACHED_*
+
+
+def attached_prog(ns, dev: str) -> tuple:
+    """``(program id, "native" | "generic" | …)`` of the XDP program on *dev*; RuntimeError when none."""
     link = json.loads(ns.run(["ip", "-j", "link", "show", dev]).stdout)[0]
     xdp = link.get("xdp") or {}
     prog = xdp.get("prog") or {}
-    if prog.get("id"):
-        return int(prog["id"])
-    for attached in xdp.get("attached", []):
-        if attached.get("prog", {}).get("id"):
-            return int(attached["prog"]["id"])
-    raise RuntimeError(f"no XDP program on {dev}: {xdp}")
+    if not prog.get("id"):
+        raise RuntimeError(f"no XDP program on {dev}: {xdp}")
+    return int(prog["id"]), XDP_ATTACHED_MODES.get(xdp.get("mode"), str(xdp.get("mode")))
 
 
 def prog_stats(prog_id: int) -> tuple:
@@ -496,6 +519,11 @@ class XDPRun:
 
     def pids(self) -> list:
         return run_pids(self.proc, self.control)
+
+    def says(self) -> str:
+        """The first line ``encapfwd run`` logged (which engine, and why)."""
+        text = self.bench.run_log("xdp").read_text(errors="replace").strip()
+        return text.splitlines()[0] if text else ""
 
     def reload(self, count: int, interval: float) -> dict:
         from encapfwd.engines.live import query_control
@@ -524,12 +552,15 @@ class XDPDirect:
 
     def __init__(self, bench: Bench, method: str):
         self.bench = bench
-        self.configs = [str(bench.write_config(method, (SERVER_IP, SERVER2_IP), name=f"{method}-2", mac=True)),
-                        str(bench.write_config(method, name=f"{method}-1", mac=True))]
+        two = bench.write_config(method, (SERVER_IP, SERVER2_IP), name=f"{method}-2", mac=True)
+        self.configs = [str(two), str(bench.write_config(method, name=f"{method}-1", mac=True))]
         self.helper = bench.helper(bench.fwd, "xdp", "f0", self.configs[1], str(FWD_CPU))
 
     def pids(self) -> list:
         return [self.helper.ready["pid"]]
+
+    def says(self) -> str:
+        return self.how
 
     def reload(self, count: int, interval: float) -> dict:
         out = self.helper.ask(cmd="reloads", configs=self.configs, count=count, interval=interval)
@@ -553,6 +584,9 @@ def spread(rows, key):
 
 
 def print_tables(results: dict, methods, args) -> None:
+    says = {r.get("engine_says") for m in methods for r in results["xdp"][m]} - {None, ""}
+    if says:
+        print("\nXDP engine: " + " | ".join(sorted(says)))
     kernel = results["kernel"]
     k_med = spread(kernel, "fwd_pps")[1]
     for method in methods:
@@ -569,6 +603,9 @@ def print_tables(results: dict, methods, args) -> None:
             threads = spread(data, "threads_ns_per_pkt")[1]
             prog = spread(data, "prog_ns_per_pkt")
             notes = []
+            modes = {r["xdp_mode"] for r in data if r.get("xdp_mode")} - {"native"}
+            if modes:
+                notes.append(f"XDP attached {'/'.join(sorted(modes))}, not native")
             bound = sum(r["generator_bound"] for r in data)
             if bound:
                 notes.append(f"generator-bound in {bound}/{len(data)}")
@@ -577,21 +614,24 @@ def print_tables(results: dict, methods, args) -> None:
                 notes.append(f"{lost:,} forwarded frames lost before the counter")
             print(f"   {name:<22} {f'{lo / 1e3:,.0f} / {med / 1e3:,.0f} / {hi / 1e3:,.0f}':>21} "
                   f"{med / k_med:8.2f} {offered / 1e3:12,.0f} {cpu:11,.0f} {threads:14,.0f} "
-                  f"{'' if prog is None else f'{prog[1]:,.0f}':>11}{'  ' + '; '.join(notes) if notes else ''}")
+                  f"{'' if prog is None else f'{prog[1]:,.0f}':>11}"
+                  f"{'  ' + '; '.join(notes) if notes else ''}")
     if results.get("reload"):
         print(f"\nXDP reload under load: paced at half the XDP median rate, f0's NAPI thread at SCHED_FIFO; "
-              f"{args.reloads} plan changes (alternately one more server) during the first run, none during the "
-              "second (as long); lost = generated − back, split by where: f0's ring full (never reached the "
-              "program) / the program did not send it / the way back")
-        print(f"   {'method':<7} {'rate kpps':>9} {'run':<10} {'seconds':>7} {'generated':>11} {'back':>11} "
-              f"{'lost':>7} {'ring/prog/back':>15} {'steal ms':>8} {'reloads':>7} {'reload ms (median / max)':>25}")
+              f"{args.reloads} plan changes (alternately one more server) during the first run, none "
+              "during the second (as long); lost = generated − back, split by where: f0's ring full "
+              "(never reached the program) / the program did not send it / the way back")
+        print(f"   {'method':<7} {'kpps target/offered':>19} {'run':<10} {'seconds':>7} {'generated':>11} "
+              f"{'back':>11} {'lost':>7} {'ring/prog/back':>15} {'steal ms':>8} {'reloads':>7} "
+              f"{'reload ms (median / max)':>25}")
         for method, r in results["reload"].items():
             for label, t in (("reloading", r["reloading"]), ("steady", r["steady"])):
                 ms = t.get("install_ms") or []
                 times = f"{statistics.median(ms):,.0f} / {max(ms):,.0f}" if ms else ""
                 where = f"{t['lost_f0_ring']}/{t['lost_program']}/{t['lost_return']}"
                 steal = t["steal_ns"][str(FWD_CPU)] / 1e6
-                print(f"   {method:<7} {r['rate'] / 1e3:9,.0f} {label:<10} {t['seconds']:7.1f} {t['generated']:11,} "
+                rates = f"{r['rate'] / 1e3:,.0f} / {t['offered_pps'] / 1e3:,.0f}"
+                print(f"   {method:<7} {rates:>19} {label:<10} {t['seconds']:7.1f} {t['generated']:11,} "
                       f"{t['back']:11,} {t['lost']:7,} {where:>15} {steal:8,.0f} {t.get('reloads', ''):>7} "
                       f"{times:>25}")
 
@@ -605,7 +645,8 @@ def main():
     parser.add_argument("--stats-seconds", type=float, default=1.0,
                         help="length of the extra XDP trial with kernel.bpf_stats_enabled=1 (0: skip)")
     parser.add_argument("--reloads", type=int, default=20, help="plan changes in the reload check (0: skip)")
-    parser.add_argument("--qdisc-bypass", action="store_true", help="run the AF_PACKET engine with --qdisc-bypass")
+    parser.add_argument("--qdisc-bypass", action="store_true",
+                        help="run the AF_PACKET engine with --qdisc-bypass")
     parser.add_argument("--json", action="store_true", help="also print every trial as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -620,10 +661,12 @@ def main():
     engine_note = ("encapfwd run --engine xdp" if "--engine" in run_help()
                    else "DataPlane.load + attach(f0, native) in a helper in the fwd namespace "
                         "(encapfwd run has no --engine yet)")
-    print(f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, {args.rounds} "
-          f"rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, load average {' '.join(load)}")
-    print(f"Generator: BPF_PROG_TEST_RUN live frames (bench/xdp_gen.bpf.c) on CPU {GEN_CPU}; f0's NAPI thread on "
-          f"CPU {FWD_CPU} (threaded, GRO on); encapfwd run --cpus {FWD_CPU}; XDP engine: {engine_note}.")
+    print(f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, "
+          f"{args.rounds} rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, "
+          f"load average {' '.join(load)}")
+    print(f"Generator: BPF_PROG_TEST_RUN live frames (bench/xdp_gen.bpf.c) on CPU {GEN_CPU}; f0's NAPI "
+          f"thread on CPU {FWD_CPU} (threaded, GRO on); encapfwd run --cpus {FWD_CPU}; XDP engine: "
+          f"{engine_note}.")
 
     results = {"kernel": [], "afpacket": {m: [] for m in methods}, "xdp": {m: [] for m in methods},
                "reload": {}}
@@ -662,12 +705,13 @@ def main():
 
     print_tables(results, methods, args)
     print(f"\nforwarded = frames back at g0 (to {NOBODY_MAC}) / s; offered = frames the generator made / s; "
-          f"'generator-bound': forwarded ≥ {GENERATOR_BOUND:.0%} of offered (the dispatcher was not the limit).")
+          f"'generator-bound': forwarded ≥ {GENERATOR_BOUND:.0%} of offered (the dispatcher was not the "
+          "limit).")
     print(f"CPU1 ns/pkt: CPU {FWD_CPU}'s busy time (user+nice+system+irq+softirq, every task, other jobs "
-          "included) / forwarded; threads ns/pkt: on-CPU time of f0's NAPI thread + the dispatcher's processes "
-          "(schedstat) / forwarded; prog ns/pkt: the XDP program's run_time_ns / run_cnt (bpf_stats, in a "
-          f"separate {args.stats_seconds:g} s trial). The kernel's forwarding does not depend on the method: "
-          "the same measurements head every table.")
+          "included) / forwarded; threads ns/pkt: on-CPU time of f0's NAPI thread + the dispatcher's "
+          "processes (schedstat) / forwarded; prog ns/pkt: the XDP program's run_time_ns / run_cnt "
+          f"(bpf_stats, in a separate {args.stats_seconds:g} s trial). The kernel's forwarding does not "
+          "depend on the method: the same measurements head every table.")
     if args.json:
         print(json.dumps(results, indent=2))
     return 0

@@ -11,7 +11,8 @@ generating program with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES on IF.
     {"cmd": "run", "seconds": 2}                        flat out for 2 s
     {"cmd": "run", "rate": 500000, "seconds": 2}        paced by the program itself (token bucket, "burst")
     {"cmd": "run", "rate": 500000, "until_stop": true}  until the next line on stdin (any), then answers
-    -> {"generated": n, "back": n, "other": n, "idle_runs": n, "seconds": s, "busy_ns": {"1": ns}, "task_ns": ns}
+    -> {"generated": n, "back": n, "other": n, "idle_runs": n, "seconds": s, "busy_ns": {"1": ns},
+        "steal_ns": {"1": ns}, "task_ns": ns}
     (also: "cpus": [1] CPUs whose busy time to measure, "pids": [..] processes whose threads' CPU time to sum)
 
 A run is one live-frames test run in a thread, ended by SIGUSR1 to that thread (the kernel stops a test run

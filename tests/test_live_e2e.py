@@ -414,3 +414,77 @@ def test_a_changed_neighbour_is_followed(lab):
         d.ip("neigh", "replace", server, "lladdr", old, "dev", "eth0", "nud", "reachable")
         lab.stop_dispatcher()
         lab.start_dispatcher()
+
+
+def _reload(lab):
+    def count():
+        engine = lab.report()["engine"]
+        return engine["reloads"] + engine["reload_errors"]
+
+    reloads = count()
+    lab.dispatcher.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while count() == reloads:
+        assert time.monotonic() < deadline, lab.dispatcher_log()
+        time.sleep(0.05)
+    assert lab.report()["engine"]["last_reload_error"] is None, lab.dispatcher_log()
+
+
+def test_server_down_moves_new_flows(lab):
+    """A second MAC server (another address of the MAC server's namespace): new flows spread over both;
+    after 'server down' of the first, every new flow goes to the second and still succeeds."""
+    _ensure_running(lab)
+    vip, first, _ = topology.SERVERS["mac"]
+    second = "10.0.2.11"
+    names = {a: f"{vip}@80@{a}" for a in (first, second)}
+    lab.ns["mac"].ip("addr", "add", f"{second}/24", "dev", "eth0")
+    lab.cli("server", "add", names[second])
+    try:
+        _reload(lab)
+        before = lab.report()["servers"]
+        assert all(a.startswith("server=mac ") for a in lab.curl("mac", 24))
+        spread = lab.report()["servers"]
+        assert all(spread[n]["packets"] > before.get(n, {}).get("packets", 0) for n in names.values()), spread
+        lab.cli("server", "down", names[first])
+        _reload(lab)
+        before = lab.report()["servers"]
+        assert all(a.startswith("server=mac ") for a in lab.curl("mac", 12))
+        after = lab.report()["servers"]
+        assert after[names[first]]["packets"] == before[names[first]]["packets"], "a new flow went to a down server"
+        assert after[names[second]]["packets"] >= before[names[second]]["packets"] + 4 * 12
+    finally:
+        lab.cli("server", "remove", names[second], check=False)
+        lab.cli("server", "up", names[first], check=False)
+        lab.ns["mac"].ip("addr", "del", f"{second}/24", "dev", "eth0", check=False)
+        _reload(lab)
+
+
+def test_xdp_stop_leaves_no_program_and_no_pin(lab):
+    if lab.engine != "xdp":
+        pytest.skip("the XDP engine's clean-up")
+    _ensure_running(lab)
+    d = lab.ns["dispatcher"]
+    assert "prog/xdp" in d.ip("-d", "link", "show", "eth0").stdout
+    assert lab.stop_dispatcher(signal.SIGTERM) == 0
+    assert "XDP:" in lab.dispatcher_log() and "forwarded in the kernel" in lab.dispatcher_log()
+    shown = d.ip("-d", "link", "show", "eth0").stdout
+    assert "prog/xdp" not in shown and "xdp" not in shown.split("\n")[0], shown
+    progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
+    assert "encapfwd_xdp" not in progs
+    pinned = os.listdir("/sys/fs/bpf") if os.path.isdir("/sys/fs/bpf") else []
+    assert not [p for p in pinned if "encapfwd" in p]
+    lab.start_dispatcher()
+
+
+def test_xdp_second_run_on_the_interface_refuses(lab):
+    if lab.engine != "xdp":
+        pytest.skip("the XDP engine's interface guard")
+    _ensure_running(lab)
+    argv = topology.encapfwd_argv() + ["--config", str(lab.config_path), "run", "--interface", "eth0",
+                                       "--engine", "xdp", "--control", lab.control_path + ".2"]
+    proc = lab.ns["dispatcher"].run(argv, check=False, timeout=30)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stderr or "").splitlines() if "error" in line]
+    assert len(errors) == 1 and "already has an XDP program" in errors[0], proc.stderr
+    assert lab.dispatcher.poll() is None
+    assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))

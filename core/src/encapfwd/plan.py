@@ -39,6 +39,9 @@ from .model import Config, forwarding_method, server_key
 
 #: A Maglev slot no server can take (the port has no eligible server).
 NO_SERVER = -1
+#: The next hop of a server that is down and whose MAC is unknown (live mode resolves only servers that
+#: are up): it takes no packet, so its MAC is never used.
+UNRESOLVED_MAC = "00:00:00:00:00:00"
 
 
 class SidMap:
@@ -172,14 +175,14 @@ def egress_of(config: Config, cluster, port, server, forwarder) -> Egress:
                 f"server {name}: MAC forwarding needs the server on a network the executor is attached "
                 f"to (executor networks: {', '.join(map(str, ex.networks)) or 'none'}); use encapforward yes"
             )
-        if server.mac is None:
+        if server.mac is None and not server.down:
             raise ConfigError(f"server {name}: MAC forwarding needs the server's mac")
-        dst_mac = server.mac
+        dst_mac = server.mac or UNRESOLVED_MAC
     else:
         if attached:
-            if server.mac is None:
+            if server.mac is None and not server.down:
                 raise ConfigError(f"server {name} is on an attached network: set its mac (the tunnel's next hop)")
-            dst_mac = server.mac
+            dst_mac = server.mac or UNRESOLVED_MAC
         else:
             if ex.gatewaymac is None:
                 raise ConfigError(

@@ -207,11 +207,14 @@ class Controller:
     # -- reports
 
     def report(self) -> dict:
-        workers: List[dict] = []
+        units: List[dict] = []
+        kinds: List[str] = []
         for executor in self.executors:
-            workers.extend(executor.report())
-        merged = merge_reports([w["dispatcher"] for w in workers])
-        engine = merge_reports([w["engine"] for w in workers]) if workers else {}
+            for unit in executor.report():
+                units.append(unit)
+                kinds.append(executor.kind)
+        merged = merge_reports([w["dispatcher"] for w in units])
+        engine = merge_reports([w["engine"] for w in units]) if units else {}
         for key in ("cpu", "pid", "number"):
             engine.pop(key, None)
         engine.update(
@@ -239,7 +242,7 @@ class Controller:
         )
         out = dict(merged) if isinstance(merged, dict) else {"dispatcher": merged}
         out["engine"] = engine
-        out["workers"] = [w["engine"] for w in workers]
+        out["workers"] = [w["engine"] for w, kind in zip(units, kinds) if kind == "afpacket"]
         return out
 
     # -- reload
