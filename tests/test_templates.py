@@ -35,7 +35,7 @@ from encapfwd.hookspecs import TEMPLATE_FIELDS, XDP_MAX_HEADER, Egress, Forwarde
 from encapfwd.model import Server
 from encapfwd.packet import mac_bytes
 from encapfwd.plugins import get_plugin_manager
-from encapfwd.testing import SETTINGS, addresses, egresses, macs
+from encapfwd.testing import SETTINGS, addresses, egresses
 
 pytest.importorskip("scapy.layers.inet")
 from scapy.layers.inet import IP, TCP, UDP  # noqa: E402

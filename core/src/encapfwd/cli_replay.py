@@ -46,9 +46,7 @@ def _dispatcher(ctx, engine: str = "python"):
     if not config.clusters:
         raise ConfigError(f"{path}: no cluster is configured, every frame would be dropped")
     registry = get_plugin_manager()
-    validate = getattr(cfg, "validate", None)
-    if validate is not None:
-        validate(config, registry)
+    cfg.check(config, registry)
     if engine == "xdp":
         from .xdp import libbpf
         from .xdp.executor import XDPExecutor

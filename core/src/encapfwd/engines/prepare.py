@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Tuple
 import attrs
 
 from ..errors import EncapfwdError
-from ..model import Config, forwarding_method
+from ..model import Config
 from .common import LiveError, log, one_line
 from .netlink import (
     Interface,
@@ -82,7 +82,7 @@ def prepare(
     *resolved*, when given, receives ``{address: mac or None}`` for every MAC taken from the neighbour table
     (not the pinned ones), so that the controller can notice when one changes.
     """
-    from ..config import validate
+    from ..config import check
 
     ex = config.executor
     name = interface or ex.interface
@@ -90,7 +90,7 @@ def prepare(
         raise LiveError("no interface: pass --interface IF or set 'executor set interface IF'")
     if not config.clusters:
         raise LiveError("no cluster configured: add one with 'encapfwd cluster add ADDRESS'")
-    validate(config, registry)
+    check(config, registry)  # every rule of the file, installed forwarders included, one line each
     with open_ipr() as ipr:
         iface = interface_info(ipr, name)
         local = local_addresses(ipr)
@@ -102,17 +102,6 @@ def prepare(
                     "the "
                     f"servers hold it, on loopback) and route or ARP it to the dispatcher instead"
                 )
-        for cluster in config.clusters:
-            for port in cluster.ports:
-                for server in port.servers:
-                    method = forwarding_method(ex, server)
-                    try:
-                        registry.forwarder(method)
-                    except EncapfwdError as exc:
-                        raise LiveError(
-                            f"server {cluster.address}@{port.number}@{server.address}: {exc}"
-                        ) from None
-
         changes = {"mac": iface.mac, "interface": iface.name}
         if ex.mac and ex.mac != iface.mac:
             warn(f"executor mac {ex.mac} differs from {iface.name}'s {iface.mac}: using {iface.mac}")
