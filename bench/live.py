@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Live forwarding speed per method (MAC, IPIP, GRE): the kernel's own IP forwarding, ``encapfwd run`` with
-the AF_PACKET engine and the XDP engine, on the same veth path, the same CPU placement and the same
-generator, which offers more than any of them forwards. Root, Linux, 2 CPUs, clang + libbpf-dev.
+"""Live forwarding speed per method: kernel IP forwarding vs encapfwd run's AF_PACKET and XDP engines.
+
+MAC, IPIP and GRE; the three cases on the same veth path, the same CPU placement and the same generator,
+which offers more than any of them forwards. Root, Linux, 2 CPUs, clang + libbpf-dev.
 
 Topology (one-armed, as a dispatcher is)::
 
@@ -42,7 +43,7 @@ DataPlane.install from a helper pinned to CPU 1), then a run as long without; lo
 split into f0's ring overflowing (the frame never reached the program), the program not sending it, and the
 way back.
 
-Replaced by this version: the AF_PACKET TX-ring generator (≈ 0.6–0.7 Mpps, less than the kernel forwards),
+Replaced by this version: the AF_PACKET TX-ring generator (≈ 0.6–0.7 Mpps, about what the kernel forwards),
 RPS placement, f0's tx_packets as the forwarded count, the "generator alone" row, the loss-free binary
 search, --worker-cost, --rx-on-generator-cpu and --workers (a second worker would share the generator's CPU).
 
@@ -401,7 +402,7 @@ class Bench:
     # -- XDP
 
     def xdp_engine(self, method: str):
-        if "--engine" in run_help():
+        if "--engine" in run_help() and not self.args.xdp_direct:
             return XDPRun(self, method)
         return XDPDirect(self, method)
 
@@ -548,7 +549,7 @@ class XDPDirect:
     """The data plane without ``encapfwd run``: compile_plan + DataPlane.load + attach(f0, native) in a helper
     process inside the fwd namespace; reloads are DataPlane.install of a freshly compiled plan."""
 
-    how = "DataPlane.load + attach (no encapfwd run --engine xdp yet)"
+    how = "DataPlane.load + attach(f0, native) in a helper, no encapfwd run"
 
     def __init__(self, bench: Bench, method: str):
         self.bench = bench
@@ -647,6 +648,9 @@ def main():
     parser.add_argument("--reloads", type=int, default=20, help="plan changes in the reload check (0: skip)")
     parser.add_argument("--qdisc-bypass", action="store_true",
                         help="run the AF_PACKET engine with --qdisc-bypass")
+    parser.add_argument("--xdp-direct", action="store_true",
+                        help="load the XDP data plane from a helper (DataPlane.load + attach) even when "
+                             "encapfwd run has --engine")
     parser.add_argument("--json", action="store_true", help="also print every trial as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -658,9 +662,10 @@ def main():
     methods = [m for m in args.methods.split(",") if m]
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    engine_note = ("encapfwd run --engine xdp" if "--engine" in run_help()
+    has_engine = "--engine" in run_help()
+    engine_note = ("encapfwd run --engine xdp" if has_engine and not args.xdp_direct
                    else "DataPlane.load + attach(f0, native) in a helper in the fwd namespace "
-                        "(encapfwd run has no --engine yet)")
+                        + ("(--xdp-direct)" if has_engine else "(encapfwd run has no --engine)"))
     print(f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, "
           f"{args.rounds} rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, "
           f"load average {' '.join(load)}")

@@ -4,9 +4,10 @@
 Both speak one JSON object per line: a command on stdin, one answer on stdout (the first line, once ready,
 is ``{"ready": true, …}``); an error is answered ``{"error": "…"}`` and ends the process.
 
-``gen IF DSTMAC COUNTMAC FLOWS CPU`` — the traffic generator, in the generator's namespace: loads
-bench/xdp_gen.bpf.c, attaches its counting program to IF (native XDP), pins itself to CPU and runs the
-generating program with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES on IF.
+``gen IF DSTMAC COUNTMAC FLOWS CPU SRCIP DSTIP DPORT`` — the traffic generator, in the generator's
+namespace: loads bench/xdp_gen.bpf.c, attaches its counting program to IF (native XDP), pins itself to CPU
+and runs the generating program with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES on IF: 64-byte UDP
+frames SRCIP → DSTIP:DPORT to DSTMAC, FLOWS source ports; frames back to COUNTMAC count as forwarded.
 
     {"cmd": "run", "seconds": 2}                        flat out for 2 s
     {"cmd": "run", "rate": 500000, "seconds": 2}        paced by the program itself (token bucket, "burst")

@@ -373,10 +373,14 @@ static __always_inline struct server_entry *server_of(__u32 gen, __u32 sid)
     return bpf_map_lookup_elem(&servers, &key);
 }
 
-static __always_inline struct port_entry *port_of(__u8 *addr, __be16 dport, __u8 proto, __u32 gen)
+static __always_inline struct port_entry *port_of(const __u8 *addr, __u32 alen, __be16 dport, __u8 proto,
+                                                  __u32 gen)
 {
     struct port_key pk = {};
-    __builtin_memcpy(pk.addr, addr, 16);
+    if (alen == 4)
+        __builtin_memcpy(pk.addr, addr, 4);
+    else
+        __builtin_memcpy(pk.addr, addr, 16);
     pk.port = dport;
     pk.proto = proto;
     pk.gen = gen;
@@ -388,6 +392,16 @@ static __always_inline struct port_entry *port_of(__u8 *addr, __be16 dport, __u8
             return 0;
     }
     return bpf_map_lookup_elem(&ports, idx);
+}
+
+/* The reference's test: the IPv4 header (IHL 5) read as one number is a multiple of 0xFFFF. */
+static __always_inline int ipv4_checksum_ok(const __u8 *ip)
+{
+    __u32 sum = 0;
+#pragma unroll
+    for (int i = 0; i < 20; i += 2)
+        sum += ((__u32)ip[i] << 8) | ip[i + 1];
+    return sum % 0xFFFF == 0;
 }
 
 static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
@@ -404,40 +418,40 @@ static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
     if (tot < 20 || 14 + tot > n)
         return pass(P_MALFORMED);
 
-    struct vip_key vk = {.family = 4, .gen = gen};
-    __builtin_memcpy(vk.addr, ip + 16, 4);
-    if (!bpf_map_lookup_elem(&vips, &vk))
-        return pass(P_NOT_OURS);
-
-    __u32 sum = 0;
-#pragma unroll
-    for (int i = 0; i < 20; i += 2)
-        sum += ((__u32)ip[i] << 8) | ip[i + 1];
-    if (sum % 0xFFFF)
-        return drop(D_BAD_CHECKSUM);
-    if ((ip[6] & 0x3F) || ip[7])
-        return pass(P_FRAGMENT);
+    /* The common case first: a whole TCP/UDP datagram for a port of ours (one hash lookup). */
     __u8 proto = ip[9];
-    __u8 flags = 0;
     __u8 *l4 = ip + 20;
-    if (proto == IPPROTO_TCP) {
-        if (tot < 20 + 14)
-            return drop(D_TRUNCATED);
-        if ((void *)(l4 + 14) > end)
-            return drop(D_TRUNCATED);
-        flags = l4[13];
-    } else if (proto == IPPROTO_UDP) {
-        if (tot < 20 + 8)
-            return drop(D_TRUNCATED);
-        if ((void *)(l4 + 8) > end)
-            return drop(D_TRUNCATED);
-    } else {
-        return pass(P_NOT_TCP_UDP);
-    }
-    (void)flags;
-    struct port_entry *pe = port_of(vk.addr, *(__be16 *)(l4 + 2), proto, gen);
-    if (!pe)
+    struct port_entry *pe = 0;
+    if (!((ip[6] & 0x3F) || ip[7]) &&
+        ((proto == IPPROTO_TCP && tot >= 20 + 14 && (void *)(l4 + 14) <= end) ||
+         (proto == IPPROTO_UDP && tot >= 20 + 8 && (void *)(l4 + 8) <= end)))
+        pe = port_of(ip + 16, 4, *(__be16 *)(l4 + 2), proto, gen);
+    if (!pe) {
+        /* everything else is decided in the reference's order: VIP, checksum, fragment, protocol,
+         * truncation, port */
+        struct vip_key vk = {.family = 4, .gen = gen};
+        __builtin_memcpy(vk.addr, ip + 16, 4);
+        if (!bpf_map_lookup_elem(&vips, &vk))
+            return pass(P_NOT_OURS);
+        if (!ipv4_checksum_ok(ip))
+            return drop(D_BAD_CHECKSUM);
+        if ((ip[6] & 0x3F) || ip[7])
+            return pass(P_FRAGMENT);
+        if (proto == IPPROTO_TCP) {
+            if (tot < 20 + 14 || (void *)(l4 + 14) > end)
+                return drop(D_TRUNCATED);
+        } else if (proto == IPPROTO_UDP) {
+            if (tot < 20 + 8 || (void *)(l4 + 8) > end)
+                return drop(D_TRUNCATED);
+        } else {
+            return pass(P_NOT_TCP_UDP);
+        }
         return drop(D_NOT_PORT);
+    }
+    if (!ipv4_checksum_ok(ip))
+        return drop(D_BAD_CHECKSUM);
+    if ((void *)(l4 + 4) > end)
+        return pass(P_ERROR);
     if (ip[8] <= 1)
         return pass(P_TTL);
 
@@ -516,7 +530,7 @@ static __always_inline int v6(struct xdp_md *ctx, __u32 gen)
     } else {
         return pass(P_EXT_HEADER);
     }
-    struct port_entry *pe = port_of(vk.addr, *(__be16 *)(l4 + 2), proto, gen);
+    struct port_entry *pe = port_of(vk.addr, 16, *(__be16 *)(l4 + 2), proto, gen);
     if (!pe)
         return drop(D_NOT_PORT);
     if (ip[7] <= 1)
