@@ -275,6 +275,13 @@ class Controller:
                 answers = executor.reload(config, dispatcher)
             except Exception as exc:  # noqa: BLE001 - reported like a worker's failure
                 answers = {getattr(executor, "kind", "executor"): f"{type(exc).__name__}: {exc}"}
+            if executor is self.xdp and any(answers.values()):
+                # the kernel kept its plan (nothing was flipped): the workers keep theirs too, so that
+                # every executor still runs one plan
+                self.reload_errors += 1
+                self.last_reload_error = one_line("; ".join(f"{u}: {e}" for u, e in answers.items() if e))
+                log(f"reload failed, keeping the running configuration: {self.last_reload_error}")
+                return
             errors.extend(f"{unit}: {error}" for unit, error in answers.items() if error)
         self.config, self.dispatcher = config, dispatcher
         self.resolved = resolved

@@ -394,6 +394,28 @@ static __always_inline struct port_entry *port_of(const __u8 *addr, __u32 alen, 
     return bpf_map_lookup_elem(&ports, idx);
 }
 
+/* The server entry for flow *fk* (the port's table on a miss); NULL with *verdict* set when the frame is
+ * not forwarded here: a new flow of a port without a table or a server without a template goes up, a
+ * port with no eligible server drops. */
+static __always_inline struct server_entry *server_for(struct flow_key *fk, __u32 alen, const __u8 *l4,
+                                                       struct port_entry *pe, __u32 gen, __u32 *sid,
+                                                       int *verdict)
+{
+    __s64 got = select_server(fk, pe, gen, flow_crc(fk->src, fk->dst, alen, fk->proto, l4));
+    struct server_entry *s = 0;
+    if (got < 0)
+        *verdict = pass(P_NEW_FLOW);
+    else if (got == NO_SERVER)
+        *verdict = drop(D_NO_SERVER);
+    else if (!(s = server_of(gen, got)))
+        *verdict = pass(P_ERROR);
+    else if (!s->xdp)
+        *verdict = pass(P_NO_TEMPLATE);
+    else
+        *sid = got;
+    return s && s->xdp ? s : 0;
+}
+
 /* The reference's test: the IPv4 header (IHL 5) read as one number is a multiple of 0xFFFF. */
 static __always_inline int ipv4_checksum_ok(const __u8 *ip)
 {
@@ -455,23 +477,14 @@ static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
     if (ip[8] <= 1)
         return pass(P_TTL);
 
-    struct flow_key fk = {};
+    struct flow_key fk = {.sport = *(__be16 *)l4, .dport = *(__be16 *)(l4 + 2), .proto = proto};
     __builtin_memcpy(fk.src, ip + 12, 4);
     __builtin_memcpy(fk.dst, ip + 16, 4);
-    fk.sport = *(__be16 *)l4;
-    fk.dport = *(__be16 *)(l4 + 2);
-    fk.proto = proto;
-    __u32 hash = flow_crc(fk.src, fk.dst, 4, proto, l4);
-    __s64 sid = select_server(&fk, pe, gen, hash);
-    if (sid < 0)
-        return pass(P_NEW_FLOW);
-    if (sid == NO_SERVER)
-        return drop(D_NO_SERVER);
-    struct server_entry *s = server_of(gen, sid);
+    __u32 sid;
+    int verdict;
+    struct server_entry *s = server_for(&fk, 4, l4, pe, gen, &sid, &verdict);
     if (!s)
-        return pass(P_ERROR);
-    if (!s->xdp)
-        return pass(P_NO_TEMPLATE);
+        return verdict;
     if (s->hdr_len + tot > s->mtu)
         return pass(P_TOO_BIG);
 
@@ -535,22 +548,15 @@ static __always_inline int v6(struct xdp_md *ctx, __u32 gen)
         return drop(D_NOT_PORT);
     if (ip[7] <= 1)
         return pass(P_TTL);
-    struct flow_key fk = {};
+    struct flow_key fk = {.sport = *(__be16 *)l4, .dport = *(__be16 *)(l4 + 2), .proto = proto};
     __builtin_memcpy(fk.src, ip + 8, 16);
     __builtin_memcpy(fk.dst, ip + 24, 16);
-    fk.sport = *(__be16 *)l4;
-    fk.dport = *(__be16 *)(l4 + 2);
-    fk.proto = proto;
-    __u32 hash = flow_crc(fk.src, fk.dst, 16, proto, l4);
-    __s64 sid = select_server(&fk, pe, gen, hash);
-    if (sid < 0)
-        return pass(P_NEW_FLOW);
-    if (sid == NO_SERVER)
-        return drop(D_NO_SERVER);
-    struct server_entry *s = server_of(gen, sid);
+    __u32 sid;
+    int verdict;
+    struct server_entry *s = server_for(&fk, 16, l4, pe, gen, &sid, &verdict);
     if (!s)
-        return pass(P_ERROR);
-    if (!s->xdp || s->hdr_len)
+        return verdict;
+    if (s->hdr_len)
         return pass(P_NO_TEMPLATE); /* IPv6 runs MAC forwarding only */
     if (40 + plen > s->mtu)
         return pass(P_TOO_BIG);
