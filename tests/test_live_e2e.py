@@ -488,3 +488,22 @@ def test_xdp_second_run_on_the_interface_refuses(lab):
     assert len(errors) == 1 and "already has an XDP program" in errors[0], proc.stderr
     assert lab.dispatcher.poll() is None
     assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
+
+
+def test_xdp_a_killed_dispatcher_keeps_forwarding_and_a_restart_takes_over(lab):
+    """SIGKILL leaves no chance to detach: the program stays and keeps forwarding from its maps (the kernel
+    holds it); the next run sees that its owner is gone and replaces it atomically."""
+    if lab.engine != "xdp":
+        pytest.skip("the XDP engine's crash behaviour")
+    _ensure_running(lab)
+    lab.stop_dispatcher(signal.SIGKILL)
+    time.sleep(0.3)
+    assert "prog/xdp" in lab.ns["dispatcher"].ip("-d", "link", "show", "eth0").stdout
+    answers = lab.curl("mac", 3)
+    assert all(a.startswith("server=mac ") for a in answers), answers
+    if os.path.exists(lab.control_path):
+        os.unlink(lab.control_path)
+    lab.start_dispatcher()
+    assert "taking over the XDP program left by encapfwd run" in lab.dispatcher_log()
+    assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
+    assert lab.report()["engine"]["engine"] == "xdp"

@@ -37,6 +37,15 @@ class KernelFlows:
             self.errors += 1
 
 
+def _alive(pid: int) -> bool:
+    """True when *pid* is a running encapfwd process (a recycled pid of another program does not count)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"encapfwd" in handle.read()
+    except OSError:
+        return False
+
+
 def choose(engine: str, ifname: Optional[str], mode: str) -> tuple:
     """``(engine, reason)``: *engine* as asked, or for ``auto`` xdp when BPF is available here (the
     attach itself is tried at start; a driver without native XDP then falls back)."""
@@ -75,21 +84,31 @@ class XDPProgram:
     def load(self, plan) -> None:
         """Load the program with *plan* and attach it; one clear line when the interface refuses."""
         from ..errors import EncapfwdError
-        from ..xdp.dataplane import DataPlane
-        from ..xdp.libbpf import xdp_query
+        from ..xdp.dataplane import DataPlane, attached_owner
 
-        current = xdp_query(self.iface.index)
-        if current:
-            raise LiveError(
-                f"{self.iface.name} already has an XDP program (id {current}): another encapfwd run, or "
-                f"someone else's; stop it or detach it ('ip link set dev {self.iface.name} xdp off')"
-            )
+        replace = False
+        owner = attached_owner(self.iface.index)
+        if owner is not None:
+            kind, who = owner
+            if kind != "encapfwd":
+                raise LiveError(
+                    f"{self.iface.name} already has an XDP program, {who}, that is not encapfwd's: detach it "
+                    f"first ('ip link set dev {self.iface.name} xdp off')"
+                )
+            if who and _alive(who):
+                raise LiveError(
+                    f"{self.iface.name} already has an XDP program: encapfwd run (pid {who}) is forwarding "
+                    "on it; stop that one first"
+                )
+            log(f"{self.iface.name}: taking over the XDP program left by encapfwd run (pid {who}), which "
+                "is no longer running (it kept forwarding meanwhile)")
+            replace = True
         try:
             dataplane = DataPlane.load(plan)
         except EncapfwdError as exc:
             raise LiveError(f"loading the XDP program: {exc}") from None
         try:
-            dataplane.attach(self.iface.index, self.mode)
+            dataplane.attach(self.iface.index, self.mode, replace=replace)
         except EncapfwdError as exc:
             dataplane.close()
             raise LiveError(str(exc)) from None

@@ -15,6 +15,7 @@ across a reload while it stays up.
 
 from __future__ import annotations
 
+import os
 import struct
 import time
 from typing import Dict, Optional
@@ -36,6 +37,29 @@ XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_TX, XDP_REDIRECT = range(5)
 def object_path():
     """The compiled program (built once per source and toolchain; see :mod:`encapfwd.xdp.build`)."""
     return build(SOURCE, {"MAX_SERVERS": M.MAX_SERVERS, "MAX_PORTS": M.MAX_PORTS, "NCPUS": possible_cpus()})
+
+
+def attached_owner(ifindex: int):
+    """Who runs the XDP program on *ifindex*: None (no program), ``("other", name)`` (not ours), or
+    ``("encapfwd", pid)`` — the controller that installed its plan (its pid is in the control map)."""
+    from .libbpf import prog_by_id, xdp_query
+
+    current = xdp_query(ifindex)
+    if not current:
+        return None
+    name, maps = prog_by_id(current)
+    try:
+        if name != PROGRAM[:15]:
+            return ("other", f"{name or 'unnamed'} (id {current})")
+        for m in maps:
+            if m.name == "control":
+                raw = m.lookup(0)
+                if raw is not None:
+                    return ("encapfwd", M.CONTROL.unpack(raw)[1])
+        return ("encapfwd", 0)
+    finally:
+        for m in maps:
+            m.close()
 
 
 def pass_object_path():
@@ -99,7 +123,7 @@ class DataPlane:
             keys = struct.pack(f"<{count}I", *range(first_slot, first_slot + count))
             ring.update_batch(keys, values, count)
         self._keys[gen] = written
-        self.maps["control"].update(0, M.CONTROL.pack(gen, 0))
+        self.maps["control"].update(0, M.CONTROL.pack(gen, os.getpid()))
         self.gen = gen
         self.plan = plan
 
@@ -126,8 +150,8 @@ class DataPlane:
         code = M.U32.unpack(raw[:4])[0]
         return M.PASSES[code & 0xFF] if code & 0x100 else M.DROPS[code]
 
-    def attach(self, ifindex: int, mode: str = "native") -> None:
-        xdp_attach(ifindex, self.prog_fd, mode)
+    def attach(self, ifindex: int, mode: str = "native", replace: bool = False) -> None:
+        xdp_attach(ifindex, self.prog_fd, mode, replace)
         self._attached = (ifindex, mode)
 
     def detach(self) -> None:

@@ -52,7 +52,7 @@ enum {
 
 struct control {
     __u32 gen;
-    __u32 pad;
+    __u32 owner; /* pid of the controller that installed the plan (a restart replaces a dead one's program) */
 };
 
 struct vip_key { /* a cluster address (no port: "is this ours") */

@@ -98,8 +98,12 @@ class _MapInfo(ctypes.Structure):  # leading fields of struct bpf_map_info; the 
                 ("max_entries", _u32), ("map_flags", _u32), ("name", ctypes.c_char * 16)]
 
 
-class _ProgInfo(ctypes.Structure):  # leading fields of struct bpf_prog_info
-    _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8)]
+class _ProgInfo(ctypes.Structure):  # leading fields of struct bpf_prog_info (linux/bpf.h)
+    _fields_ = [("type", _u32), ("id", _u32), ("tag", ctypes.c_uint8 * 8), ("jited_prog_len", _u32),
+                ("xlated_prog_len", _u32), ("jited_prog_insns", ctypes.c_uint64),
+                ("xlated_prog_insns", ctypes.c_uint64), ("load_time", ctypes.c_uint64),
+                ("created_by_uid", _u32), ("nr_map_ids", _u32), ("map_ids", ctypes.c_uint64),
+                ("name", ctypes.c_char * 16)]
 
 
 def _opts(struct_type):
@@ -139,6 +143,8 @@ _SIGNATURES = {
     "bpf_map_update_batch": (_INT, [_INT, _VP, _VP, ctypes.POINTER(_u32), _VP]),
     "bpf_obj_get_info_by_fd": (_INT, [_INT, _VP, ctypes.POINTER(_u32)]),
     "bpf_prog_load": (_INT, [_INT, _CP, _CP, _VP, _SZ, _VP]),
+    "bpf_prog_get_fd_by_id": (_INT, [_u32]),
+    "bpf_map_get_fd_by_id": (_INT, [_u32]),
     "bpf_prog_test_run_opts": (_INT, [_INT, ctypes.POINTER(_TestRunOpts)]),
     "bpf_xdp_attach": (_INT, [_INT, _INT, _u32, _VP]),
     "bpf_xdp_detach": (_INT, [_INT, _u32, _VP]),
@@ -221,6 +227,26 @@ def prog_id(prog_fd: int) -> int:
     _check(_lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size)),
            "reading program info")
     return info.id
+
+
+def prog_by_id(prog_id_: int) -> Tuple[str, List["Map"]]:
+    """The name and the maps (owned: close them) of the loaded program with kernel id *prog_id_* — e.g. the
+    one :func:`xdp_query` finds on an interface."""
+    lib = _lib()
+    fd = _check(lib.bpf_prog_get_fd_by_id(prog_id_), f"opening program id {prog_id_}")
+    try:
+        ids = (_u32 * 64)()
+        info = _ProgInfo(nr_map_ids=64, map_ids=ctypes.addressof(ids))
+        size = _u32(ctypes.sizeof(info))
+        _check(lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "reading program info")
+        maps = []
+        for i in range(min(info.nr_map_ids, 64)):
+            map_fd = lib.bpf_map_get_fd_by_id(ids[i])
+            if map_fd >= 0:
+                maps.append(Map.from_fd(map_fd, owned=True))
+        return info.name.decode(errors="replace"), maps
+    finally:
+        os.close(fd)
 
 
 # -- maps -------------------------------------------------------------------------------------------------
@@ -620,10 +646,11 @@ def xdp_query(ifindex: int, mode: Union[str, int, None] = None) -> int:
     return opts.drv_prog_id if flags & XDP_FLAGS_DRV_MODE else opts.skb_prog_id
 
 
-def xdp_attach(ifindex: int, prog_fd: int, mode: Union[str, int] = "native") -> None:
+def xdp_attach(ifindex: int, prog_fd: int, mode: Union[str, int] = "native", replace: bool = False) -> None:
     """Attach *prog_fd* to *ifindex* in *mode* ("native"/"drv" or "generic"/"skb"). Refuses, with one clear
-    error, when a program is already attached there (detach it first)."""
-    flags = _mode_flags(mode) | XDP_FLAGS_UPDATE_IF_NOEXIST
+    error, when a program is already attached there (detach it first) — unless *replace*: then the new
+    program takes the old one's place atomically (no frame meets neither)."""
+    flags = _mode_flags(mode) | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)
     ret = _lib().bpf_xdp_attach(ifindex, prog_fd, flags, None)
     if ret in (-errnos.EBUSY, -errnos.EEXIST):
         current = xdp_query(ifindex)
