@@ -195,3 +195,32 @@ def test_a_reload_keeps_flows_and_moves_only_the_downed_servers(lab):
         assert moved > 0 and kept > 0
     finally:
         dp.install(plan)
+
+
+def test_the_slow_path_places_new_flows_of_a_table_less_port_in_the_kernel():
+    """A WRR port has no table in the kernel: a flow's first packet goes up, the Python selector places it
+    and writes it into the kernel's flow table, and the flow's next packets are forwarded by the program
+    to the same server."""
+    ok, why = _available()
+    if not ok:
+        pytest.skip(why)
+    from encapfwd import config as cfg
+    from encapfwd.xdp.executor import XDPExecutor
+
+    vip = X.METHODS["ipip"][0]
+    config = cfg.port_set(X.make_config(("ipip",)), f"{vip}@80", ["selectionalgorithm", "wrr"])
+    rng = random.Random(9)
+    flows = []
+    while len(flows) < 40:
+        f = X.ipv4_frame(rng, vip)
+        if f[23] == 6 and not f[47] & 0x07 and f[22] > 1 and len(f) < 1400:  # TCP, no SYN/FIN/RST, TTL > 1
+            flows.append(f)
+    with XDPExecutor(config, X.registry_with_gue()) as ex:
+        first = [ex.process(f) for f in flows]
+        assert ex.engines == {"xdp": 0, "python": len(flows)}, ex.engines
+        again = [ex.process(f) for f in flows]
+        assert ex.engines == {"xdp": len(flows), "python": len(flows)}, ex.engines
+        servers = {out[0][30:34] for out in first}
+        assert len(servers) == X.SERVERS_PER_PORT  # WRR spread the 40 flows over the five servers
+        for a, b in zip(first, again):
+            assert len(a) == len(b) == 1 and a[0][30:34] == b[0][30:34]  # the same server, now in the kernel

@@ -247,8 +247,10 @@ static __always_inline __u32 flow_crc(const __u8 *src, const __u8 *dst, __u32 al
     return c ^ 0xFFFFFFFF;
 }
 
-/* The server for a flow: the flow table first, else the port's table; NO_SERVER or a sid; -1: go up. */
-static __always_inline __s64 select_server(struct flow_key *fk, struct port_entry *pe, __u32 gen, __u32 hash)
+/* The server for a flow: the flow table first, else the port's table for crc32(flow key); NO_SERVER or a
+ * sid; -1: go up. */
+static __always_inline __s64 select_server(struct flow_key *fk, struct port_entry *pe, __u32 gen, __u32 alen,
+                                           const __u8 *l4)
 {
     __u64 now = bpf_ktime_get_ns();
     struct flow_value *fv = bpf_map_lookup_elem(&flows, fk);
@@ -266,6 +268,8 @@ static __always_inline __s64 select_server(struct flow_key *fk, struct port_entr
     }
     if (!pe->ring_size)
         return -1;
+    /* a new flow: the hash is needed only now (established flows never pay for it) */
+    __u32 hash = flow_crc(fk->src, fk->dst, alen, fk->proto, l4);
     __u32 slot = pe->ring_base + hash % pe->ring_size;
     __u32 *sid = bpf_map_lookup_elem(&ring, &slot);
     if (!sid || *sid == NO_SERVER)
@@ -401,7 +405,7 @@ static __always_inline struct server_entry *server_for(struct flow_key *fk, __u3
                                                        struct port_entry *pe, __u32 gen, __u32 *sid,
                                                        int *verdict)
 {
-    __s64 got = select_server(fk, pe, gen, flow_crc(fk->src, fk->dst, alen, fk->proto, l4));
+    __s64 got = select_server(fk, pe, gen, alen, l4);
     struct server_entry *s = 0;
     if (got < 0)
         *verdict = pass(P_NEW_FLOW);
