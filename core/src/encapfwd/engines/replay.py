@@ -299,13 +299,16 @@ class CaptureReader:
                     raise _corrupt(path, _block_name(btype), start, "its two block lengths differ")
                 pos += length
                 size = length - 12  # the body without the trailing block length
-                if btype == 6:  # enhanced packet
+                if btype in (6, 2):  # enhanced packet, or the obsolete packet block
                     if size < 20:
-                        raise _corrupt(path, _block_name(6), start,
+                        raise _corrupt(path, _block_name(btype), start,
                                        f"block length {length}, at least 32 needed")
-                    ifid, hi, lo, caplen, _wire = unpack_from(endian + "IIIII", body, 0)
+                    if btype == 6:
+                        ifid, hi, lo, caplen, _wire = unpack_from(endian + "IIIII", body, 0)
+                    else:
+                        ifid, _drops, hi, lo, caplen, _wire = unpack_from(endian + "HHIIII", body, 0)
                     if caplen > size - 20:
-                        raise _corrupt(path, _block_name(6), start,
+                        raise _corrupt(path, _block_name(btype), start,
                                        f"captured length {caplen} does not fit in block length {length}")
                     convert, resolution = interfaces[ifid] if ifid < len(interfaces) else (None, 1e-6)
                     data = body[20:20 + caplen]
@@ -326,18 +329,6 @@ class CaptureReader:
                     data = body[4:4 + min(wire, size - 4)]
                     n += 1
                     yield 0.0, (data if convert is None else convert(data))
-                elif btype == 2:  # obsolete packet block
-                    if size < 20:
-                        raise _corrupt(path, _block_name(2), start,
-                                       f"block length {length}, at least 32 needed")
-                    ifid, _drops, hi, lo, caplen, _wire = unpack_from(endian + "HHIIII", body, 0)
-                    if caplen > size - 20:
-                        raise _corrupt(path, _block_name(2), start,
-                                       f"captured length {caplen} does not fit in block length {length}")
-                    convert, resolution = interfaces[ifid] if ifid < len(interfaces) else (None, 1e-6)
-                    data = body[20:20 + caplen]
-                    n += 1
-                    yield ((hi << 32) | lo) * resolution, (data if convert is None else convert(data))
         except OSError as exc:
             raise CaptureError(f"cannot read {path}: {exc.strerror or exc}") from None
 
