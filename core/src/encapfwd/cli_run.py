@@ -85,8 +85,15 @@ def _cpus(text):
     show_default=True,
     help="native: in the driver (fast); generic: after the kernel built an skb, for drivers without XDP.",
 )
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    default=None,
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (HOST:PORT, [IPV6]:PORT, or :PORT for "
+    "127.0.0.1; 0.0.0.0 or [::] for every address). Needs prometheus_client ('encapfwd[live]').",
+)
 @click.pass_context
-def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass, engine, xdp_mode):
+def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass, engine, xdp_mode, metrics):
     """Forward live traffic for the configured clusters (Linux, root).
 
     \b
@@ -105,6 +112,11 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass
         cpu_list = _cpus(cpus)
     except ValueError:
         raise EncapfwdError(f"--cpus: expected a list like 0,1 or 2-5, got {cpus!r}") from None
+    if metrics is not None:  # a bad value is refused before anything starts (a port in use: at start)
+        from .engines.metrics import check_available, parse_address
+
+        parse_address(metrics)
+        check_available()
     live.check_platform()
     registry = get_plugin_manager()
     code = live.run(
@@ -118,6 +130,7 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass
         qdisc_bypass=qdisc_bypass,
         engine=engine,
         xdp_mode=xdp_mode,
+        metrics=metrics,
     )
     ctx.exit(code)
 

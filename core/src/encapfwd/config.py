@@ -27,7 +27,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import attrs
 import tomlkit
 from tomlkit.container import Container
-from tomlkit.items import AoT, Array, Null, Table, Whitespace
+from tomlkit.items import AoT, Array, InlineTable, Null, Table, Whitespace
 
 try:
     import tomllib
@@ -36,12 +36,15 @@ except ModuleNotFoundError:  # Python < 3.11
 
 from .errors import ConfigError, PluginError
 from .model import (
+    Advisor,
     Cluster,
     Config,
     Executor,
     Port,
     Server,
+    _name,
     _shown,
+    advisor_option_key,
     forwarding_method,
     parse_int,
     parse_ip,
@@ -67,6 +70,14 @@ PORT_KEYWORDS = {
     "selectionalgorithm": "maglev (default), wrr or wlc, or one a plugin provides",
     "stickytime": "seconds a client keeps its server after its last packet (0 = off)",
     "staletimeout": "seconds an idle flow is kept (default 300)",
+}
+ADVISOR_KEYWORDS = {
+    "interval": "seconds between two probes of a server (default 5; e.g. 0.5)",
+    "timeout": "seconds a probe may take in total, at most the interval (default 3)",
+    "rise": "good probes in a row that mark a down server up (default 2)",
+    "fall": "failed probes in a row that mark a server down (default 3)",
+    "via": "address (default: probe the server's address) or forwarding (the cluster address, through "
+           "the server's forwarding method; IPv4)",
 }
 SERVER_KEYWORDS = {
     "weight": "0-100 (default 1); 0 quiesces: no new flows, existing ones continue",
@@ -98,7 +109,7 @@ def _plain(value):
         return None
     if isinstance(value, bool):
         return value
-    if isinstance(value, (int, str)):
+    if isinstance(value, (int, float, str)):
         return value
     if isinstance(value, tuple):
         return [_plain(v) for v in value]
@@ -130,8 +141,34 @@ def _cluster_dict(cluster: Cluster) -> dict:
     return {"address": str(cluster.address), "ports": [_port_dict(p) for p in cluster.ports]}
 
 
+def _advisor_dict(advisor: Advisor) -> dict:
+    out = {"name": advisor.name, "port": advisor.port, **_table(advisor, skip=("name", "port", "options"))}
+    if advisor.options:
+        out["options"] = dict(advisor.options)
+    return out
+
+
+def _advisor_toml(advisor: Advisor) -> dict:
+    """:func:`_advisor_dict` with the options as an inline table (``options = { path = "/" }``)."""
+    out = _advisor_dict(advisor)
+    if "options" in out:
+        out["options"] = _inline(out["options"])
+    return out
+
+
+def _inline(options: dict):
+    table = tomlkit.inline_table()
+    table.update(options)
+    return table
+
+
 def to_dict(config: Config) -> dict:
-    return {"executor": _table(config.executor), "clusters": [_cluster_dict(c) for c in config.clusters]}
+    """The configuration as plain data (what the file holds and ``--json`` reports show); ``advisors``
+    only when there are some."""
+    out = {"executor": _table(config.executor), "clusters": [_cluster_dict(c) for c in config.clusters]}
+    if config.advisors:
+        out["advisors"] = [_advisor_dict(a) for a in config.advisors]
+    return out
 
 
 def _build(cls, raw, what: str, **extra):
@@ -144,8 +181,14 @@ def _build(cls, raw, what: str, **extra):
     return cls(**{**raw, **extra})
 
 
+def _plain_text(value) -> str:
+    """*value* in a message as is when it is short printable ASCII, else ``?``."""
+    text = str(value)
+    return text if text.isascii() and text.isprintable() and 0 < len(text) <= 64 else "?"
+
+
 def from_dict(data: dict) -> Config:
-    unknown = sorted(set(data) - {"executor", "clusters"})
+    unknown = sorted(set(data) - {"executor", "clusters", "advisors"})
     if unknown:
         raise ConfigError(f"unknown top-level table {unknown[0]!r}")
     executor = _build(Executor, data.get("executor", {}), "executor")
@@ -163,7 +206,27 @@ def from_dict(data: dict) -> Config:
             ]
             ports.append(_build(Port, raw_port, f"{what} port", servers=tuple(servers)))
         clusters.append(_build(Cluster, raw_cluster, what, address=address, ports=tuple(ports)))
-    config = Config(executor=executor, clusters=tuple(clusters))
+    advisors = []
+    raw_advisors = data.get("advisors", [])
+    if not isinstance(raw_advisors, list):
+        raise ConfigError("advisors: expected [[advisors]] tables")
+    known = {a.name for a in attrs.fields(Advisor)}
+    for raw in raw_advisors:
+        if not isinstance(raw, dict):
+            raise ConfigError("advisors: expected [[advisors]] tables")
+        if "name" not in raw or "port" not in raw:
+            raise ConfigError("advisor: name and port are required in every [[advisors]] table")
+        what = f"advisor {_plain_text(raw['name'])} {_plain_text(raw['port'])}"
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"{what}: unknown keyword {unknown[0]!r}")
+        if not isinstance(raw.get("options", {}), dict):
+            raise ConfigError(f"{what}: options must be a table (options = {{ key = \"value\" }})")
+        try:
+            advisors.append(Advisor(**raw))
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
+    config = Config(executor=executor, clusters=tuple(clusters), advisors=tuple(advisors))
     check(config)
     return config
 
@@ -207,7 +270,10 @@ def loads(text: str) -> Config:
 
 def dumps(config: Config) -> str:
     """A fresh document for *config* (no comments); :func:`save` keeps an existing file's layout instead."""
-    return tomlkit.dumps(to_dict(config))
+    data = to_dict(config)
+    if config.advisors:
+        data["advisors"] = [_advisor_toml(a) for a in config.advisors]
+    return tomlkit.dumps(data)
 
 
 # ---- files: what may be read and written
@@ -846,6 +912,37 @@ def _merge_cluster(table, old: Cluster, new: Cluster) -> None:
     _merge_list(table, "ports", old.ports, new.ports, lambda p: p.number, _merge_port, _port_dict)
 
 
+def _merge_advisor(table, old: Advisor, new: Advisor) -> None:
+    before_keys = set(table.keys())
+    _merge_fields(table, old, new, skip=("name", "port", "options"))
+    options = table.get("options")
+    if isinstance(options, InlineTable) and set(table.keys()) - before_keys:
+        # a keyword added after "options = { … }": keep the options last, where they were
+        del table["options"]
+        _add_key(table, "options", options)
+    if old.options == new.options:
+        return
+    if not new.options:
+        if "options" in table:
+            del table["options"]
+        return
+    if "options" not in table or isinstance(options, InlineTable):
+        if "options" in table:
+            table["options"] = _inline(dict(new.options))  # one line, no comments inside: replaced whole
+        else:
+            _add_key(table, "options", _inline(dict(new.options)))
+        return
+    if not isinstance(options, Table):
+        raise _Unmergeable("advisors: options is not a table")
+    before, after = dict(old.options), dict(new.options)
+    for key in list(options.keys()):
+        if key not in after:
+            del options[key]
+    for key, value in after.items():
+        if before.get(key) != value or key not in options:
+            options[key] = value
+
+
 def _merge_document(doc, old: Config, new: Config) -> None:
     if old.executor != new.executor:
         if "executor" in doc:
@@ -858,6 +955,20 @@ def _merge_document(doc, old: Config, new: Config) -> None:
     _merge_list(
         doc, "clusters", old.clusters, new.clusters, lambda c: c.address, _merge_cluster, _cluster_dict
     )
+    if old.advisors and not new.advisors:
+        # the last advisor stopped: the tables go (with their comments), no "advisors = []" is left behind
+        entries = doc.get("advisors")
+        if isinstance(entries, AoT):
+            if len(entries) != len(old.advisors):
+                raise _Unmergeable("advisors")
+            for index in reversed(range(len(entries))):
+                _remove_entry(doc, "advisors", entries, index)
+        if "advisors" in doc:
+            del doc["advisors"]
+        return
+    _merge_list(
+        doc, "advisors", old.advisors, new.advisors, lambda a: (a.name, a.port), _merge_advisor, _advisor_toml
+    )
 
 
 # ----------------------------------------------------------------------------------------- check
@@ -868,10 +979,12 @@ def check(config: Config, registry=None) -> None:
     single fields). Raises :class:`ConfigError` for the first rule broken.
 
     Without *registry*: no object defined twice; ``encapforward yes`` only with an IPv4 cluster and an IPv4
-    server; ``grekey`` only with ``encaptype gre``. With the plugin *registry* as well: every port's
+    server; ``grekey`` only with ``encaptype gre``; every advisor's timeout at most its interval, its port
+    with servers on some cluster, ``via forwarding`` only for IPv4 clusters and servers with an ``nfa``. With the plugin *registry* as well: every port's
     ``selectionalgorithm`` is provided; every ``encapforward yes`` server's ``encaptype`` is an installed
     encapsulation; the forwarding method each server gets (``model.forwarding_method``, ``mac`` included) is
-    installed and can carry the cluster's address family.
+    installed and can carry the cluster's address family; every advisor is installed, and its keys are its
+    own and pass its ``check``.
     """
     servers = []
     seen_clusters = set()
@@ -896,6 +1009,7 @@ def check(config: Config, registry=None) -> None:
             raise ConfigError(f"server {name}: encapsulation forwarding is only valid for IPv4")
         if server.grekey is not None and server.encaptype != "gre":
             raise ConfigError(f"server {name}: grekey is only valid with encaptype gre")
+    _check_advisors(config)
     if registry is None:
         return
     algorithms = None
@@ -926,6 +1040,86 @@ def check(config: Config, registry=None) -> None:
             raise ConfigError(
                 f"server {name}: forwarding method {method!r} carries IPv4 only; use MAC forwarding for IPv6"
             )
+    _check_advisor_types(config, registry)
+
+
+def _probed_ports(config: Config, number: int) -> List[Tuple[Cluster, Port]]:
+    """The (cluster, port) pairs an advisor on port *number* probes: that port of every cluster, when it has
+    servers (IBM: an advisor on a port probes the servers of that port number on every cluster)."""
+    return [(c, p) for c in config.clusters for p in c.ports if p.number == number and p.servers]
+
+
+def _check_advisors(config: Config) -> None:
+    """The advisors' rules that need no plugin."""
+    seen = set()
+    for advisor in config.advisors:
+        label = f"advisor {advisor.label}"
+        if (advisor.name, advisor.port) in seen:
+            raise ConfigError(f"{label} is defined twice")
+        seen.add((advisor.name, advisor.port))
+        if advisor.timeout > advisor.interval:
+            raise ConfigError(
+                f"{label}: timeout {advisor.timeout:g} s is longer than the interval {advisor.interval:g} s "
+                "(a probe must end before the next one starts)"
+            )
+        probed = _probed_ports(config, advisor.port)
+        if not probed:
+            raise ConfigError(
+                f"{label}: no cluster has port {advisor.port} with servers, so it has nothing to probe: stop "
+                f"it first ('encapfwd advisor stop {advisor.label}') or keep a server on port {advisor.port}"
+            )
+        if advisor.via == "forwarding":
+            for cluster, port in probed:
+                for address in [cluster.address] + [server.address for server in port.servers]:
+                    if address.version != 4:
+                        raise ConfigError(
+                            f"{label}: via forwarding is only valid for IPv4 ({address} on "
+                            f"{cluster.address}@{port.number}); use via address"
+                        )
+            if config.executor.nfa is None:
+                raise ConfigError(
+                    f"{label}: via forwarding needs the executor's nfa, the address the probes are sent from "
+                    "('encapfwd executor set nfa ADDRESS')"
+                )
+
+
+def _check_advisor_types(config: Config, registry) -> None:
+    """The advisors' rules that need the plugins: the advisor is installed, knows its keys and accepts
+    their values."""
+    if not config.advisors or not hasattr(registry, "advisors"):
+        return
+    from .hookspecs import one_line
+
+    types = registry.advisors()
+    for advisor in config.advisors:
+        label = f"advisor {advisor.label}"
+        kind = types.get(advisor.name)
+        if kind is None:
+            raise ConfigError(f"{label}: {_unknown_advisor(advisor.name, types)}")
+        options = dict(advisor.options)
+        unknown = sorted(set(options) - set(kind.keys))
+        if unknown:
+            raise ConfigError(f"{label}: {_unknown_key(unknown[0], advisor.name, kind)}")
+        if kind.check is None:
+            continue
+        try:
+            kind.check(options)
+        except ConfigError as exc:
+            raise ConfigError(f"{label}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug is one line too
+            raise ConfigError(
+                f"{label}: the advisor's check failed: {one_line(f'{type(exc).__name__}: {exc}')}"
+            ) from None
+
+
+def _unknown_advisor(name: str, types) -> str:
+    available = ", ".join(sorted(types)) or "none"
+    return f"unknown advisor {name!r}: no installed plugin provides it (available: {available})"
+
+
+def _unknown_key(key: str, name: str, kind) -> str:
+    known = sorted(set(ADVISOR_KEYWORDS) | set(kind.keys)) if kind is not None else sorted(ADVISOR_KEYWORDS)
+    return f"unknown advisor {name} keyword {_shown(key)} (known: {', '.join(known)})"
 
 
 #: The former name of :func:`check`.
@@ -1122,6 +1316,128 @@ def server_remove(config: Config, target: str, registry=None) -> Config:
         return attrs.evolve(port, servers=tuple(s for s in port.servers if s.address != server_address))
 
     return _servers_edit(config, target, edit, registry)
+
+
+# ---- advisors (IBM: advisor start NAME PORT …, advisor set, advisor stop)
+
+
+def _advisor_key(name, port) -> Tuple[str, int]:
+    """*name* and *port* as typed (``HTTP``, ``"80"``) → (``http``, 80), or a one-line error."""
+    name = _name("advisor name")(name)
+    port = parse_int(port, 1, 65535, "advisor port")
+    return name, port
+
+
+def _advisor_kind(name: str, registry):
+    """The installed advisor *name* (None without a registry: nothing to check against)."""
+    if registry is None or not hasattr(registry, "advisors"):
+        return None
+    types = registry.advisors()
+    if name not in types:
+        raise ConfigError(_unknown_advisor(name, types))
+    return types[name]
+
+
+def _advisor_words(words: Sequence[str], name: str, kind) -> Tuple[Dict[str, str], Dict[str, Optional[str]]]:
+    """``KEY VALUE …`` of ``advisor start``/``set`` → (fields of every advisor, the advisor's own keys).
+
+    An own key given ``none`` maps to None (``advisor set`` clears it). Without *kind* (no registry) any
+    well-formed key is taken as the advisor's own; ``check`` with a registry decides."""
+    words = list(words)
+    fields: Dict[str, str] = {}
+    options: Dict[str, Optional[str]] = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        key = word.lower()
+        own = kind is not None and key in kind.keys
+        if key not in ADVISOR_KEYWORDS and not own:
+            if kind is not None:
+                raise ConfigError(_unknown_key(word, name, kind))
+            key = advisor_option_key(word)
+        if i + 1 >= len(words):
+            raise ConfigError(f"advisor keyword {key!r} needs a value")
+        if key in fields or key in options:
+            raise ConfigError(f"advisor keyword {key!r} given twice")
+        value = words[i + 1]
+        if key in ADVISOR_KEYWORDS:
+            fields[key] = value
+        else:
+            options[key] = None if value.strip().lower() in ("", "none") else value
+        i += 2
+    return fields, options
+
+
+def advisor_start(config: Config, name, port, words: Sequence[str] = (), registry=None) -> Config:
+    """``advisor start NAME PORT [interval S] [timeout S] [rise N] [fall N] [via address|forwarding]
+    [KEY VALUE …]``: a new advisor on *port* (every cluster's servers of that port are probed)."""
+    name, port = _advisor_key(name, port)
+    kind = _advisor_kind(name, registry)
+    if config.advisor(name, port) is not None:
+        raise ConfigError(
+            f"advisor {name} {port} is already started: change it with 'encapfwd advisor set {name} {port} "
+            "KEY VALUE'"
+        )
+    fields, options = _advisor_words(words, name, kind)
+    options = {key: value for key, value in options.items() if value is not None}
+    advisor = Advisor(name=name, port=port, options=options, **fields)
+    if not _probed_ports(config, port):
+        raise ConfigError(
+            f"advisor {name} {port}: no cluster has port {port} with servers to probe: add them first "
+            f"('encapfwd server add CLUSTER@{port}@SERVER')"
+        )
+    config = attrs.evolve(config, advisors=config.advisors + (advisor,))
+    check(config, registry)
+    return config
+
+
+def _need_advisor(config: Config, name: str, port: int) -> Advisor:
+    advisor = config.advisor(name, port)
+    if advisor is None:
+        raise ConfigError(
+            f"advisor {name} {port} is not started (start it with 'encapfwd advisor start {name} {port}')"
+        )
+    return advisor
+
+
+def advisor_set(config: Config, name, port, words: Sequence[str], registry=None) -> Config:
+    """``advisor set NAME PORT KEY VALUE …``: change an advisor; ``KEY none`` clears one of its own keys."""
+    name, port = _advisor_key(name, port)
+    advisor = _need_advisor(config, name, port)
+    kind = _advisor_kind(name, registry)
+    fields, changes = _advisor_words(words, name, kind)
+    if not fields and not changes:
+        raise ConfigError("advisor set needs at least one keyword and value")
+    options = dict(advisor.options)
+    for key, value in changes.items():
+        if value is None:
+            options.pop(key, None)
+        else:
+            options[key] = value
+    changed = attrs.evolve(advisor, options=options, **fields)
+    config = attrs.evolve(
+        config, advisors=tuple(changed if a is advisor else a for a in config.advisors)
+    )
+    check(config, registry)
+    return config
+
+
+def advisor_stop(config: Config, name, port, registry=None) -> Config:
+    """``advisor stop NAME PORT``: remove an advisor (its servers' health is forgotten)."""
+    name, port = _advisor_key(name, port)
+    advisor = _need_advisor(config, name, port)
+    config = attrs.evolve(config, advisors=tuple(a for a in config.advisors if a is not advisor))
+    check(config, registry)
+    return config
+
+
+def advisor_servers(config: Config, advisor: Advisor) -> List[str]:
+    """The servers *advisor* probes, as ``cluster@port@server``."""
+    return [
+        server_key(cluster.address, port.number, server.address)
+        for cluster, port in _probed_ports(config, advisor.port)
+        for server in port.servers
+    ]
 
 
 def find_server(config: Config, target: str) -> Tuple[Cluster, Port, List[Server]]:

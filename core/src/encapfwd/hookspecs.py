@@ -7,6 +7,8 @@ the dispatcher keeps; the per-packet path never calls pluggy. Call hooks with ke
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Callable, Optional, Sequence
 
 import pluggy
@@ -149,6 +151,99 @@ class Template:
         return len(self.header) % 4 == 0 and len(self.header) <= XDP_MAX_HEADER
 
 
+#: Longest ``ProbeResult.detail`` kept (characters).
+MAX_DETAIL = 200
+
+
+def one_line(text) -> str:
+    """*text* as a short line: its first line, control characters replaced, at most MAX_DETAIL long."""
+    text = "" if text is None else str(text)
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    line = "".join(c if c.isprintable() else "?" for c in line)
+    return line if len(line) <= MAX_DETAIL else line[: MAX_DETAIL - 1] + "…"
+
+
+@frozen
+class ProbeResult:
+    """What one probe of an advisor found.
+
+    :param ok: True when the server answered as expected.
+    :param detail: a short one-line reason: ``"connected"``, ``"HTTP 200"``, ``"connection refused"``,
+        ``"HTTP 503"``, ``"timeout"`` …
+    :param latency: seconds from the start of the probe to its result.
+    """
+
+    ok: bool = field(converter=bool)
+    detail: str = field(default="", converter=one_line)
+    latency: float = field(default=0.0, converter=float)
+
+
+#: Keys every advisor has (``advisor start NAME PORT interval … timeout … rise … fall … via …``); an
+#: advisor's own keys must not use these names.
+ADVISOR_FIELDS = ("interval", "timeout", "rise", "fall", "via")
+
+_ADVISOR_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+_ADVISOR_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def _is_async(function) -> bool:
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)
+    )
+
+
+@frozen
+class AdvisorType:
+    """What an advisor plugin registers: a kind of health check (``connect``, ``http``, ``udp`` …).
+
+    :param name: the name used in ``advisor start NAME PORT`` (lower case: letters, digits, ``_.-``).
+    :param keys: the advisor's own keys, each with a one-line help: ``{"path": "the path requested"}``.
+        ``advisor start``/``set`` refuse any other key (besides :data:`ADVISOR_FIELDS`).
+    :param description: one line for the listings.
+    :param probe: ``async def probe(address: str, port: int, options: dict, timeout: float) ->
+        ProbeResult``: probe the server at *address* (a plain IPv4 or IPv6 address) and *port*; *options*
+        holds the keys the user set (defaults are the probe's to apply); *timeout* (seconds) bounds the
+        whole probe (``asyncio.wait_for``). It must never raise: an error is a failed probe whose
+        ``detail`` is the error in one line.
+    :param check: optional ``check(options: dict) -> None`` raising
+        :class:`encapfwd.errors.ConfigError` for a bad value (and for a required key that is missing); run
+        on every change of the configuration, so a bad value never reaches the file.
+    """
+
+    name: str
+    keys: dict = field(factory=dict, converter=dict, hash=False)
+    description: str = ""
+    probe: Callable = field(kw_only=True, hash=False)
+    check: Optional[Callable] = field(default=None, kw_only=True, hash=False)
+
+    def __attrs_post_init__(self):
+        if not isinstance(self.name, str) or not _ADVISOR_NAME.match(self.name):
+            raise ValueError(f"invalid advisor name {self.name!r} (lower case letters, digits, _ . -)")
+        for key, text in self.keys.items():
+            if not isinstance(key, str) or not _ADVISOR_KEY.match(key):
+                raise ValueError(f"advisor {self.name}: invalid key {key!r} (a lower-case word)")
+            if key in ADVISOR_FIELDS:
+                raise ValueError(f"advisor {self.name}: key {key!r} is one every advisor has")
+            if not isinstance(text, str):
+                raise ValueError(f"advisor {self.name}: the help of key {key!r} must be a string")
+        if not _is_async(self.probe):
+            raise ValueError(f"advisor {self.name}: probe must be an async function (async def)")
+        if self.check is not None and not callable(self.check):
+            raise ValueError(f"advisor {self.name}: check must be callable")
+
+
+@hookspec
+def encapfwd_register_advisors(register: Callable[[AdvisorType], None]) -> None:
+    """Register advisors (health checks) by calling ``register(AdvisorType(...))`` once for each.
+
+    Called once when the registry is built. The core's own advisors (``connect``, ``http``, ``udp``) are
+    registered the same way (``encapfwd.advisors``).
+
+    :param register: the core's callback; a name registered by two distributions is an error that names
+        both.
+    """
+
+
 @hookspec
 def encapfwd_register_forwarders(register: Callable[[Forwarder], None]) -> None:
     """Register forwarding methods by calling ``register(Forwarder(...))`` once for each.
@@ -235,10 +330,13 @@ def encapfwd_build_selector(algorithm: str, port: Port, servers: Sequence[Server
 
 
 __all__ = [
+    "ADVISOR_FIELDS",
+    "AdvisorType",
     "Egress",
     "Executor",
     "Forwarder",
     "OPERATING_SYSTEMS",
+    "ProbeResult",
     "SetupTarget",
     "TEMPLATE_FIELDS",
     "Template",

@@ -22,6 +22,8 @@ from .errors import ConfigError
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 ENCAPCONDS = ("auto", "always")
+#: How an advisor reaches a server: its own address, or the cluster address through the forwarding method.
+ADVISOR_VIAS = ("address", "forwarding")
 PORTTYPES = ("tcp", "udp", "both")
 MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -134,6 +136,31 @@ def parse_int(value, lo: int, hi: int, what: str) -> int:
         raise ConfigError(f"{what} must be a whole number (digits 0-9), got {_shown(value)}")
     if not lo <= number <= hi:
         raise ConfigError(f"{what} must be between {lo} and {hi}, got {number}")
+    return number
+
+
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,6})?")
+
+
+def parse_seconds(value, lo: float, hi: float, what: str) -> float:
+    """A duration in seconds in ``lo..hi``: a number (TOML integer or float) or plain ASCII decimal digits
+    with an optional fraction (command line): ``5``, ``0.5``, ``2.25``.
+
+    Refused like :func:`parse_int`: ``bool``, signs, exponents (``1e3``), ``.5``, ``5.``, spaces, other
+    scripts' digits, ``nan`` and ``inf``.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ConfigError(f"{what} must be a number of seconds, got {value}")
+    elif isinstance(value, str) and _SECONDS.fullmatch(value):
+        number = float(value)
+    else:
+        raise ConfigError(
+            f"{what} must be a number of seconds (digits 0-9, e.g. 5 or 0.5), got {_shown(value)}"
+        )
+    if not lo <= number <= hi:
+        raise ConfigError(f"{what} must be between {lo:g} and {hi:g} seconds, got {number:g}")
     return number
 
 
@@ -289,16 +316,111 @@ class Executor:
         return any(address in net for net in self.networks if net.version == address.version)
 
 
+#: Shortest and longest advisor interval and timeout (seconds).
+ADVISOR_MIN_SECONDS = 0.001
+ADVISOR_MAX_SECONDS = 86400.0
+#: Longest value of an advisor option (characters).
+ADVISOR_MAX_OPTION = 1024
+
+_OPTION_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def _seconds(what: str):
+    def convert(value) -> float:
+        return parse_seconds(value, ADVISOR_MIN_SECONDS, ADVISOR_MAX_SECONDS, what)
+
+    return convert
+
+
+def advisor_option_key(key) -> str:
+    """An advisor option's key: a lower-case word (``path``, ``status``, ``send``)."""
+    text = key.strip().lower() if isinstance(key, str) else None
+    if text is None or not _OPTION_KEY.match(text):
+        raise ConfigError(f"invalid advisor option name: {_shown(key)}")
+    return text
+
+
+def advisor_option_value(key: str, value) -> str:
+    """An advisor option's value: a string of at most ADVISOR_MAX_OPTION printable characters (one line,
+    safe in a log line or a report); what a value means is the advisor's to check."""
+    if not isinstance(value, str):
+        raise ConfigError(f"advisor option {key!r} must be a string, got {type(value).__name__}")
+    if not value.isprintable():
+        raise ConfigError(f"advisor option {key!r}: {_shown(value)} (control characters are not accepted)")
+    if len(value) > ADVISOR_MAX_OPTION:
+        raise ConfigError(f"advisor option {key!r} is longer than {ADVISOR_MAX_OPTION} characters")
+    return value
+
+
+def _options(value) -> Tuple[Tuple[str, str], ...]:
+    """An advisor's options as sorted ``(key, value)`` pairs, from a mapping or from pairs."""
+    if value is None:
+        return ()
+    items = value.items() if hasattr(value, "items") else value
+    if isinstance(items, (str, bytes)):
+        raise ConfigError("advisor options must be a table of key = \"value\"")
+    out = {}
+    try:
+        pairs = [tuple(pair) for pair in items]
+    except TypeError:
+        raise ConfigError("advisor options must be a table of key = \"value\"") from None
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ConfigError("advisor options must be a table of key = \"value\"")
+        key = advisor_option_key(pair[0])
+        if key in out:
+            raise ConfigError(f"advisor option {key!r} given twice")
+        out[key] = advisor_option_value(key, pair[1])
+    return tuple(sorted(out.items()))
+
+
+@frozen
+class Advisor:
+    """A health check (IBM: ``advisor start NAME PORT``): the advisor *name* probes every server of every
+    cluster's port *port*, every *interval* seconds, each probe bounded by *timeout*; a server is marked
+    down after *fall* failed probes in a row and up after *rise* good ones. *via* ``address`` probes the
+    server's own address, ``forwarding`` the cluster address carried by the server's forwarding method.
+    *options* are the advisor's own keys (``path``, ``status`` …) as sorted pairs.
+
+    Rules across fields and objects (timeout ≤ interval, the port has servers, the advisor is installed and
+    knows its keys) are checked by ``config.check``.
+    """
+
+    name: str = field(converter=_name("advisor name"))
+    port: int = field(converter=_int_in(1, 65535, "advisor port"))
+    interval: float = field(default=5.0, converter=_seconds("interval"))
+    timeout: float = field(default=3.0, converter=_seconds("timeout"))
+    rise: int = field(default=2, converter=_int_in(1, 1000, "rise"))
+    fall: int = field(default=3, converter=_int_in(1, 1000, "fall"))
+    via: str = field(default="address", converter=_one_of(ADVISOR_VIAS, "via"))
+    options: Tuple[Tuple[str, str], ...] = field(default=(), converter=_options)
+
+    @property
+    def label(self) -> str:
+        """``NAME PORT``, as the commands and messages name it."""
+        return f"{self.name} {self.port}"
+
+
 @frozen
 class Config:
     executor: Executor = field(factory=Executor)
     clusters: Tuple[Cluster, ...] = field(default=(), converter=tuple)
+    advisors: Tuple[Advisor, ...] = field(default=(), converter=tuple)
 
     def cluster(self, address) -> Optional[Cluster]:
         address = parse_ip(address)
         for cluster in self.clusters:
             if cluster.address == address:
                 return cluster
+        return None
+
+    def advisor(self, name, port) -> Optional[Advisor]:
+        """The advisor *name* on *port*, or None (*name* and *port* as typed: ``"HTTP"``, ``"80"``)."""
+        name = _name("advisor name")(name)
+        port = parse_int(port, 1, 65535, "advisor port")
+        for advisor in self.advisors:
+            if advisor.name == name and advisor.port == port:
+                return advisor
         return None
 
 
@@ -322,6 +444,8 @@ def forwarding_method(executor: Executor, server: Server) -> str:
 
 
 __all__ = [
+    "ADVISOR_VIAS",
+    "Advisor",
     "Cluster",
     "Config",
     "Executor",
@@ -332,6 +456,7 @@ __all__ = [
     "parse_int",
     "parse_ip",
     "parse_mac",
+    "parse_seconds",
     "server_key",
     "vip_problem",
 ]

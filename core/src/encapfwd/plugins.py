@@ -5,6 +5,8 @@
 - ``ENCAPFWD_TRACE_HOOKS=1``: trace every hook call to stderr.
 - ``encapfwd.encap.TemplateTransforms`` is registered in every registry: it answers
   ``encapfwd_build_transform`` last, from ``encapfwd_build_template``, for template-only plugins.
+- Advisors (health checks) are registered like forwarders (``encapfwd_register_advisors``); the core's own
+  (``connect``, ``http``, ``udp``) come from ``encapfwd.advisors``, a built-in module.
 - A plugin that fails to import, validate or register is recorded with ``status: failed: <error>`` and a
   warning; it never takes the CLI down. A *configured* forwarder that is missing is an error later, when
   the configuration is compiled.
@@ -24,7 +26,7 @@ from attrs import define, field
 from . import hookspecs
 from .encap import TemplateTransforms
 from .errors import PluginError
-from .hookspecs import Forwarder
+from .hookspecs import AdvisorType, Forwarder
 
 GROUP = "encapfwd"
 ENV_ALLOW = "ENCAPFWD_PLUGINS"
@@ -34,7 +36,9 @@ ENV_TRACE = "ENCAPFWD_TRACE_HOOKS"
 KNOWN_DISTRIBUTIONS = {"mac": "encapfwd-mac", "ipip": "encapfwd-ipip", "gre": "encapfwd-gre"}
 
 #: Modules of the core that implement hooks like any plugin (registered first, so they run last).
-BUILTIN_MODULES = ("encapfwd.selection",)
+BUILTIN_MODULES = ("encapfwd.selection", "encapfwd.advisors")
+#: The distribution named as the owner of what the built-in modules register.
+CORE_DISTRIBUTION = "encapfwd"
 
 #: The engines that run forwarding methods: the XDP program runs templates only; Python runs every method.
 ENGINES = ("xdp", "python")
@@ -50,6 +54,7 @@ class PluginRecord:
     status: str = "ok"
     hooks: List[str] = field(factory=list)
     forwarders: List[str] = field(factory=list)
+    advisors: List[str] = field(factory=list)
 
     @property
     def ok(self) -> bool:
@@ -64,10 +69,17 @@ class Registry:
     records: List[PluginRecord] = field(factory=list)
     forwarders: Dict[str, Forwarder] = field(factory=dict)
     owners: Dict[str, str] = field(factory=dict)  # forwarder name -> distribution
+    advisor_types: Dict[str, AdvisorType] = field(factory=dict)
+    advisor_owners: Dict[str, str] = field(factory=dict)  # advisor name -> distribution
 
     @property
     def hook(self):
         return self.pm.hook
+
+    def advisors(self) -> Dict[str, AdvisorType]:
+        """The installed advisors: name -> :class:`~encapfwd.hookspecs.AdvisorType` (the core's ``connect``,
+        ``http`` and ``udp`` included), in registration order."""
+        return dict(self.advisor_types)
 
     def forwarder(self, name: str) -> Forwarder:
         """The registered forwarder *name*, or a one-line error naming the distribution to install."""
@@ -176,30 +188,52 @@ def get_plugin_manager(*, load_entrypoints: bool = True, plugins=()) -> Registry
         record.hooks = _hook_names(pm, plugin)
 
     _collect_forwarders(registry)
+    _collect_advisors(registry)
     return registry
 
 
 def _collect_forwarders(registry: Registry) -> None:
     """Call every ``encapfwd_register_forwarders`` implementation in its own try, keeping owners."""
+    _collect(registry, "encapfwd_register_forwarders", Forwarder, "forwarder", registry.forwarders,
+             registry.owners, "forwarders")
+
+
+def _collect_advisors(registry: Registry) -> None:
+    """Call every ``encapfwd_register_advisors`` implementation in its own try, keeping owners."""
+    _collect(registry, "encapfwd_register_advisors", AdvisorType, "advisor", registry.advisor_types,
+             registry.advisor_owners, "advisors")
+
+
+def _collect(registry: Registry, hook_name: str, cls, what: str, store: dict, owners: dict,
+             listed: str) -> None:
+    """Call every implementation of the registration hook *hook_name* in its own try: *store* gets name ->
+    object, *owners* name -> distribution, the plugin's record the names (its attribute *listed*). A name
+    registered twice is a :class:`PluginError` naming both distributions; a plugin that raises otherwise
+    is recorded as failed and unregistered (a built-in's error is raised)."""
     pm = registry.pm
     by_name = {record.name: record for record in registry.records}
-    for impl in reversed(pm.hook.encapfwd_register_forwarders.get_hookimpls()):
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
         record = by_name.get(impl.plugin_name)
-        dist = record.distribution if record else impl.plugin_name
+        if record is not None:
+            dist = record.distribution
+        elif impl.plugin_name in BUILTIN_MODULES:
+            dist = CORE_DISTRIBUTION
+        else:
+            dist = impl.plugin_name
 
-        def register(forwarder: Forwarder, _dist=dist, _record=record) -> None:
-            if not isinstance(forwarder, Forwarder):
-                raise TypeError("register() takes an encapfwd.hookspecs.Forwarder")
-            other = registry.owners.get(forwarder.name)
+        def register(obj, _dist=dist, _record=record) -> None:
+            if not isinstance(obj, cls):
+                raise TypeError(f"register() takes an encapfwd.hookspecs.{cls.__name__}")
+            other = owners.get(obj.name)
             if other is not None:
                 raise PluginError(
-                    f"forwarder {forwarder.name!r} is registered by both {other} and {_dist}: "
+                    f"{what} {obj.name!r} is registered by both {other} and {_dist}: "
                     f"uninstall one of them or restrict loading with {ENV_ALLOW}"
                 )
-            registry.forwarders[forwarder.name] = forwarder
-            registry.owners[forwarder.name] = _dist
+            store[obj.name] = obj
+            owners[obj.name] = _dist
             if _record is not None:
-                _record.forwarders.append(forwarder.name)
+                getattr(_record, listed).append(obj.name)
 
         try:
             impl.function(register=register)
@@ -209,9 +243,15 @@ def _collect_forwarders(registry: Registry) -> None:
             if record is None:
                 raise
             record.status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
-            _warn(f"plugin {dist} failed to register its forwarders: {record.status[len('failed: '):]}")
+            _warn(f"plugin {dist} failed to register its {what}s: {record.status[len('failed: '):]}")
+            # what the plugin registered before failing goes with it, forwarders and advisors alike
             for name in record.forwarders:
                 registry.forwarders.pop(name, None)
                 registry.owners.pop(name, None)
             record.forwarders.clear()
-            pm.unregister(impl.plugin)
+            for name in record.advisors:
+                registry.advisor_types.pop(name, None)
+                registry.advisor_owners.pop(name, None)
+            record.advisors.clear()
+            if pm.is_registered(impl.plugin):
+                pm.unregister(impl.plugin)

@@ -64,6 +64,8 @@ from .prepare import (
     prepare,
 )
 from .supervisor import WorkerPool
+from .metrics import start_metrics  # metrics (--metrics)
+from .manager import HealthManager, targets_of, with_health
 from .xdp_executor import KernelFlows, XDPProgram, choose
 from .worker import Worker, tx_mtu_limit
 
@@ -89,7 +91,16 @@ def merge_reports(reports: List[dict]):
     for r in reports:
         if isinstance(r, dict):
             keys.extend(k for k in r if k not in keys)
-    return {k: merge_reports([r.get(k) for r in reports if isinstance(r, dict)]) for k in keys}
+    return {k: _first([r.get(k) for r in reports if isinstance(r, dict)]) if k in _IDENTITY
+            else merge_reports([r.get(k) for r in reports if isinstance(r, dict)]) for k in keys}
+
+
+#: numbers in a report that name something rather than count it: taken from the first report, not summed
+_IDENTITY = frozenset(("port",))
+
+
+def _first(values):
+    return next((v for v in values if v is not None), None)
 
 
 class Controller:
@@ -113,6 +124,7 @@ class Controller:
         qdisc_bypass: bool = False,
         engine: str = "afpacket",
         xdp_mode: str = "native",
+        metrics: Optional[str] = None,  # metrics (--metrics HOST:PORT)
     ):
         from ..dispatcher import Dispatcher
         from ..plan import SidMap
@@ -144,6 +156,9 @@ class Controller:
         # how often the neighbour table is read again for the MACs taken from it (seconds; 0 = never)
         self.neigh_interval = float(os.environ.get(ENV_NEIGH_REFRESH, "10") or 0)
         self.neigh_changes = 0
+        #: the advisors' manager (None when the configuration has no advisor)
+        self.manager = HealthManager(self.config, registry) if getattr(self.config, "advisors", ()) else None
+        self.health_changes = 0
         self.dispatcher = self._build(self.config)
         kernel_warnings(self.config)
         self.fanout_group = (os.getpid() & 0xFFFF) or FANOUT_BASE  # one group per dispatcher (per netns)
@@ -168,6 +183,8 @@ class Controller:
         self.final_reports: List[dict] = []
         self._stop = False
         self._reload = False
+        # metrics: --metrics HOST:PORT (engines/metrics.py); the server while running
+        self.metrics, self.metrics_server = metrics, None
 
     def _build(self, config):
         """Compile *config* into the plan every executor runs (the controller's own dispatcher holds it)."""
@@ -241,6 +258,9 @@ class Controller:
             control_requests=dict(self.control.stats),
         )
         out = dict(merged) if isinstance(merged, dict) else {"dispatcher": merged}
+        if self.manager is not None:
+            out["health"] = self.manager.snapshot()
+            engine["health_changes"] = self.health_changes
         out["engine"] = engine
         out["workers"] = [w["engine"] for w, kind in zip(units, kinds) if kind == "afpacket"]
         return out
@@ -263,27 +283,18 @@ class Controller:
             if iface.index != self.iface.index:
                 raise LiveError("the interface cannot change on reload; restart instead")
             config = self._within_tx_ring(config)
-            dispatcher = self._build(config)
+            targets_of(config, self.registry)  # the advisors must be runnable before anything changes
+            dispatcher = self._build(self._with_health(config))
         except Exception as exc:  # noqa: BLE001 - a failed reload never stops the running configuration
             self.reload_errors += 1
             self.last_reload_error = describe_failure(exc, self.config_path)
             log(f"reload failed, keeping the running configuration: {self.last_reload_error}")
             return
-        errors: List[str] = []
-        for executor in self.executors:
-            try:
-                answers = executor.reload(config, dispatcher)
-            except Exception as exc:  # noqa: BLE001 - reported like a worker's failure
-                answers = {getattr(executor, "kind", "executor"): f"{type(exc).__name__}: {exc}"}
-            if executor is self.xdp and any(answers.values()):
-                # the kernel kept its plan (nothing was flipped): the workers keep theirs too, so that
-                # every executor still runs one plan
-                self.reload_errors += 1
-                self.last_reload_error = one_line("; ".join(f"{u}: {e}" for u, e in answers.items() if e))
-                log(f"reload failed, keeping the running configuration: {self.last_reload_error}")
-                return
-            errors.extend(f"{unit}: {error}" for unit, error in answers.items() if error)
+        errors = self._hand_over(config, dispatcher)
+        if errors is None:
+            return
         self.config, self.dispatcher = config, dispatcher
+        self._update_manager(config)
         self.resolved = resolved
         self.reloads += 1
         if errors:
@@ -294,6 +305,52 @@ class Controller:
             self.last_reload_error = None
             log(f"configuration reloaded from {self.config_path} ({len(self.pool)} workers"
                 f"{', the XDP program' if self.xdp is not None else ''}; plan {self.dispatcher.plan.digest[:12]})")
+
+    def _hand_over(self, config, dispatcher) -> Optional[List[str]]:
+        """Give every executor *dispatcher*'s plan; the workers' errors, or None when the XDP program
+        refused it (then nothing changed anywhere: every executor still runs one plan)."""
+        errors: List[str] = []
+        for executor in self.executors:
+            try:
+                answers = executor.reload(config, dispatcher)
+            except Exception as exc:  # noqa: BLE001 - reported like a worker's failure
+                answers = {getattr(executor, "kind", "executor"): f"{type(exc).__name__}: {exc}"}
+            if executor is self.xdp and any(answers.values()):
+                self.reload_errors += 1
+                self.last_reload_error = one_line("; ".join(f"{u}: {e}" for u, e in answers.items() if e))
+                log(f"reload failed, keeping the running configuration: {self.last_reload_error}")
+                return None
+            errors.extend(f"{unit}: {error}" for unit, error in answers.items() if error)
+        return errors
+
+    # -- health (the advisors' manager)
+
+    def _with_health(self, config):
+        return with_health(config, self.manager.down()) if self.manager is not None else config
+
+    def _update_manager(self, config) -> None:
+        if self.manager is not None:
+            self.manager.update(config)
+        elif getattr(config, "advisors", ()):
+            self.manager = HealthManager(config, self.registry)
+            self.manager.start()
+
+    def apply_health(self) -> None:
+        """A server's health changed: a new plan from the running configuration with the servers the
+        advisors hold down taken out of selection (the file is not read, nor written)."""
+        self.manager.drain()
+        try:
+            dispatcher = self._build(self._with_health(self.config))
+        except Exception as exc:  # noqa: BLE001 - the running plan stays
+            log(f"health change not applied: {one_line(str(exc))}")
+            return
+        errors = self._hand_over(self.config, dispatcher)
+        if errors is None:
+            return
+        self.dispatcher = dispatcher
+        self.health_changes += 1
+        if errors:
+            log("health change failed in " + one_line("; ".join(errors)))
 
     def _static_changes(self, config) -> List[str]:
         """Lines for settings of the new file that cannot change while running (kept as they are)."""
@@ -369,10 +426,13 @@ class Controller:
         }
         try:
             self.control.open()  # refuses a path in use before any worker starts
+            self.metrics_server = start_metrics(self.metrics, self)  # metrics: refuses a port in use
             if self.xdp is not None:
                 self._start_xdp()
             for executor in self.executors:
                 executor.start(self.config, self.dispatcher)
+            if self.manager is not None:
+                self.manager.start()
             log(
                 f"forwarding {len(self.config.clusters)} cluster(s) on {self.iface.name} ({self.iface.mac}) "
                 f"with {'the XDP program in the kernel and ' if self.xdp is not None else ''}"
@@ -400,6 +460,8 @@ class Controller:
                 for executor in self.executors:
                     for fd in executor.fds():
                         poller.register(fd, select.POLLIN)
+                if self.manager is not None:
+                    poller.register(self.manager.fileno(), select.POLLIN)
                 timeout = self.control.timeout_ms(now, 1000)
                 if self.neigh_interval:
                     timeout = min(timeout, max(10, int((next_neigh - now) * 1000)))
@@ -409,6 +471,8 @@ class Controller:
                             os.read(rpipe, 512)
                         except BlockingIOError:
                             pass
+                    elif self.manager is not None and fd == self.manager.fileno():
+                        self.apply_health()
                     elif self.control.handle(fd, event):
                         pass
                     elif not self._stop:
@@ -427,6 +491,10 @@ class Controller:
             os.close(wpipe)
 
     def _shutdown(self) -> None:
+        if self.metrics_server is not None:  # metrics: stop serving before the control socket goes
+            self.metrics_server.stop()
+        if self.manager is not None:
+            self.manager.stop()
         self.control.close()
         for executor in self.executors:
             self.final_reports.extend(executor.stop())

@@ -199,6 +199,30 @@ class Sniffer:
         }
 
 
+class LabServer:
+    """The httpd of a lab back-end namespace, to stop (a server failing) and start again."""
+
+    def __init__(self, ns: Namespace, name: str, procs: List[subprocess.Popen]):
+        self.ns, self.name, self.procs = ns, name, procs
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        self.proc = self.ns.popen([sys.executable, str(HTTPD), "--name", self.name, "--port", str(PORT)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(self.proc)
+        deadline = time.monotonic() + 10
+        while self.ns.run(["ss", "-Hltn", f"sport = :{PORT}"], check=False).stdout.strip() == "":
+            if time.monotonic() > deadline:
+                raise LabError(f"the httpd of {self.name} did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+
 class Topology:
     """Build with :meth:`build` (or ``with``); :meth:`close` always tears everything down."""
 
@@ -406,6 +430,27 @@ class Topology:
                 stderr=subprocess.DEVNULL,
             )
         )
+
+    def add_mac_server(self, name: str, address: str) -> "LabServer":
+        """Another MAC-forwarded back-end on lan0 for *address*, already in the configuration (``server add
+        VIP@80@ADDRESS``): its own namespace, set up with the generated Linux script, and an httpd
+        answering ``server=<name>`` that :class:`LabServer` can stop and start (advisor tests)."""
+        r = self.ns["router"]
+        vip = SERVERS["mac"][0]
+        ns = self.ns[name] = Namespace(f"{name}srv").create()
+        peer = f"lan-{name}"[:15]
+        veth_pair(ns, "eth0", r, peer)
+        r.ip("link", "set", peer, "master", "lan0")
+        ns.ip("addr", "add", f"{address}/24", "dev", "eth0")
+        ns.ip("route", "add", "default", "via", ROUTER_LAN)
+        ns.ethtool_offload("eth0", tx=False)
+        script = self.cli("backend-setup", f"{vip}@{PORT}@{address}", "--os", "linux").stdout
+        proc = ns.run(["sh", "-e"], input=script, check=False, env=self._script_env(name))
+        if proc.returncode != 0:
+            raise LabError(f"the generated MAC back-end script failed in {ns.name}: {proc.stderr.strip()}")
+        server = LabServer(ns, name, self.procs)
+        server.start()
+        return server
 
     def _guest(self, method: str):
         from .uml import UML
@@ -798,4 +843,4 @@ def run_lab(
     return result
 
 
-__all__ = ["SERVERS", "Sniffer", "Topology", "host_has_tunnels", "run_lab", "unavailable_reason"]
+__all__ = ["SERVERS", "LabServer", "Sniffer", "Topology", "host_has_tunnels", "run_lab", "unavailable_reason"]
