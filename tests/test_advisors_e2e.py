@@ -98,6 +98,8 @@ def test_a_failed_server_goes_down_and_comes_back_without_failing_requests(lab):
     finally:
         stop.set()
         thread.join(5)
+    print(f"\nm2 marked down {took:.2f} s after its httpd stopped, up {back:.2f} s after it started; "
+          f"{len(results)} requests, {sum(1 for r in results if not r[1])} failed before the verdict")
     # from the moment it was marked down, no request failed (before that, those hashed to m2 could)
     after_down = [r for r in results if r[0] >= t_down + APPLY]
     assert after_down and all(ok for _, ok, _ in after_down), [r for r in after_down if not r[1]][:3]

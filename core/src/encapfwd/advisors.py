@@ -141,7 +141,8 @@ async def bounded(attempt: Callable[[], Awaitable[Tuple[bool, str]]], timeout: f
     cancellation of the caller through)."""
     started = time.monotonic()
     try:
-        ok, detail = await asyncio.wait_for(attempt(), max(0.0, float(timeout)))
+        bound = max(0.0, float(timeout))
+        ok, detail = await asyncio.wait_for(attempt(), bound)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # noqa: BLE001 - every error is a failed probe

@@ -213,8 +213,8 @@ class AdvisorType:
     name: str
     keys: dict = field(factory=dict, converter=dict, hash=False)
     description: str = ""
-    probe: Callable = field(kw_only=True, hash=False)
-    check: Optional[Callable] = field(default=None, kw_only=True, hash=False)
+    probe: Callable = field(default=None, hash=False)  # required: a default only to keep the order above
+    check: Optional[Callable] = field(default=None, hash=False)
 
     def __attrs_post_init__(self):
         if not isinstance(self.name, str) or not _ADVISOR_NAME.match(self.name):
@@ -226,7 +226,7 @@ class AdvisorType:
                 raise ValueError(f"advisor {self.name}: key {key!r} is one every advisor has")
             if not isinstance(text, str):
                 raise ValueError(f"advisor {self.name}: the help of key {key!r} must be a string")
-        if not _is_async(self.probe):
+        if self.probe is None or not _is_async(self.probe):
             raise ValueError(f"advisor {self.name}: probe must be an async function (async def)")
         if self.check is not None and not callable(self.check):
             raise ValueError(f"advisor {self.name}: check must be callable")
@@ -344,4 +344,5 @@ __all__ = [
     "XDP_MAX_HEADER",
     "hookimpl",
     "hookspec",
+    "one_line",
 ]
