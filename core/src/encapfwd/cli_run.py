@@ -152,7 +152,10 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass
 )
 @click.option("--keep", is_flag=True, help="Keep the lab running until Enter is pressed (to explore it).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON at the end.")
-def lab_command(requests, methods, keep, as_json):
+@click.option("--failover", is_flag=True,
+              help="Also show health checking: two more MAC servers and a connect advisor; one server's "
+                   "httpd is stopped (it goes down, requests keep succeeding) and started again (it comes back).")
+def lab_command(requests, methods, keep, as_json, failover):
     """Build a namespace lab, send HTTP requests through 'encapfwd run', show counters, tear it down.
 
     \b
@@ -168,7 +171,9 @@ def lab_command(requests, methods, keep, as_json):
     bad = [m for m in wanted if m not in ("mac", "ipip", "gre")]
     if bad:
         raise EncapfwdError(f"--methods: unknown method(s) {', '.join(bad)} (mac, ipip, gre)")
-    result = run_lab(methods=wanted, requests=requests, keep=keep, echo=click.echo)
+    if failover and "mac" not in wanted:
+        raise EncapfwdError("--failover needs the mac method (its extra servers are MAC-forwarded)")
+    result = run_lab(methods=wanted, requests=requests, keep=keep, echo=click.echo, failover=failover)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
     if not result.get("ok"):

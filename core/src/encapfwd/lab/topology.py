@@ -748,8 +748,48 @@ class Topology:
         return "\n".join(rows)
 
 
+#: the advisor ``encapfwd lab --failover`` configures: (interval, timeout, fall, rise)
+FAILOVER_ADVISOR = (1.0, 0.5, 2, 2)
+FAILOVER_SERVERS = (("m2", "10.0.2.11"), ("m3", "10.0.2.12"))
+
+
+def _wait_health(lab: "Topology", name: str, state: str, timeout: float) -> Optional[float]:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if ((lab.report().get("health") or {}).get(name) or {}).get("state") == state:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    return None
+
+
+def _failover(lab: "Topology", servers: Dict[str, "LabServer"], echo, requests: int) -> dict:
+    """Stop one server's httpd, watch the advisor take it out, keep requesting, start it, watch it return."""
+    interval, timeout, fall, rise = FAILOVER_ADVISOR
+    vip = SERVERS["mac"][0]
+    name = f"{vip}@{PORT}@{FAILOVER_SERVERS[0][1]}"
+    _wait_health(lab, name, "up", 5)
+    echo("")
+    echo(f"Failover: connect advisor on port {PORT} (interval {interval:g} s, timeout {timeout:g} s, fall {fall}, "
+         f"rise {rise}) over three MAC servers.")
+    servers["m2"].stop()
+    echo(f"  stopped the httpd of m2 ({FAILOVER_SERVERS[0][1]}) …")
+    down = _wait_health(lab, name, "down", fall * interval + timeout + 5)
+    echo(f"  m2 marked down after {down:.2f} s" if down is not None else "  m2 was NOT marked down")
+    answers = lab.curl("mac", requests)
+    ok_down = sum(1 for a in answers if a.startswith("server="))
+    echo(f"  {ok_down}/{requests} requests answered while m2 is down, by "
+         f"{', '.join(sorted({a.split()[0][7:] for a in answers if a.startswith('server=')}))}")
+    servers["m2"].start()
+    echo("  started the httpd of m2 again …")
+    up = _wait_health(lab, name, "up", rise * interval + 5)
+    echo(f"  m2 back up after {up:.2f} s" if up is not None else "  m2 did NOT come back")
+    return {"down_after": down, "up_after": up, "ok_while_down": ok_down, "requests": requests,
+            "ok": down is not None and up is not None and ok_down == requests}
+
+
 def run_lab(
-    methods=("mac", "ipip", "gre"), requests: int = 5, keep: bool = False, echo: Callable[[str], None] = print
+    methods=("mac", "ipip", "gre"), requests: int = 5, keep: bool = False, echo: Callable[[str], None] = print,
+    failover: bool = False,
 ) -> dict:
     """``encapfwd lab``: build, show, send requests through each method, show counters, tear down."""
     started = time.monotonic()
@@ -776,6 +816,18 @@ def run_lab(
         for command in lab.config_commands:
             echo("  encapfwd " + " ".join(command))
         echo("")
+        extra_servers: Dict[str, LabServer] = {}
+        if failover:
+            vip = SERVERS["mac"][0]
+            for name, address in FAILOVER_SERVERS:
+                lab.cli("server", "add", f"{vip}@{PORT}@{address}")
+                extra_servers[name] = lab.add_mac_server(name, address)
+            interval, timeout, fall, rise = FAILOVER_ADVISOR
+            command = ["advisor", "start", "connect", str(PORT), "interval", f"{interval:g}", "timeout",
+                       f"{timeout:g}", "fall", str(fall), "rise", str(rise)]
+            lab.cli(*command)
+            echo("  encapfwd " + " ".join(command))
+            echo("")
         lab.start_dispatcher()
         engine = (lab.report().get("engine") or {})
         result["engine"] = engine.get("engine", "afpacket")
@@ -785,7 +837,8 @@ def run_lab(
         try:
             for method in lab.methods + (["mac6"] if lab.ipv6 else []):
                 answers = lab.curl(method, requests)
-                ok = sum(1 for a in answers if a.startswith(f"server={method.rstrip('6')} "))
+                names = {method.rstrip("6")} | ({n for n, _ in FAILOVER_SERVERS} if failover and method == "mac" else set())
+                ok = sum(1 for a in answers if a.split(" ")[0][len("server="):] in names)
                 result["methods"][method] = {
                     "vip": SERVERS[method][0],
                     "requests": requests,
@@ -794,11 +847,13 @@ def run_lab(
                 }
                 echo(
                     f"{method:>5}: {ok}/{requests} HTTP requests to {SERVERS[method][0]} answered by the "
-                    f"{method.rstrip('6')} server   e.g. {answers[0] if answers else '-'}"
+                    f"{'/'.join(sorted(names))} server{'s' if len(names) > 1 else ''}   e.g. {answers[0] if answers else '-'}"
                 )
         finally:
             time.sleep(0.2)
             sniffer.stop()
+        if failover:
+            result["failover"] = _failover(lab, extra_servers, echo, requests)
         report = lab.report()
         seen = sniffer.summary(lab.vips.values())
         echo("")
@@ -832,7 +887,8 @@ def run_lab(
         code = lab.stop_dispatcher()
         result["dispatcher_exit"] = code
         result["ok"] = (
-            all(m["ok"] == m["requests"] for m in result["methods"].values())
+            (not failover or result["failover"]["ok"])
+            and all(m["ok"] == m["requests"] for m in result["methods"].values())
             and seen["in_from_vip"] == 0
             and code == 0
         )
