@@ -108,12 +108,6 @@ class Plan:
     ports: Tuple[PortPlan, ...]
     digest: str = field(eq=False)
 
-    def server(self, sid: int) -> ServerPlan:
-        for server in self.servers:
-            if server.sid == sid:
-                return server
-        raise KeyError(sid)
-
     @property
     def bound(self) -> bool:
         return all(s.transform is not None for s in self.servers)

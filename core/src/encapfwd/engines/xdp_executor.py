@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+from ..xdp.maps import kernel_flow_key
 from .common import LiveError, log
 
 ENGINES = ("auto", "xdp", "afpacket")
@@ -30,8 +31,6 @@ class KernelFlows:
         if dataplane is None:
             return
         try:
-            from ..xdp.executor import kernel_flow_key
-
             dataplane.write_flow(kernel_flow_key(key), sid)
         except Exception:  # noqa: BLE001 - the data path never raises
             self.errors += 1

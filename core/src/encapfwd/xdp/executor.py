@@ -12,14 +12,8 @@ from typing import Dict, List
 
 from ..dispatcher import Dispatcher
 from ..plan import SidMap, compile_plan
-from . import maps as M
+from .maps import kernel_flow_key
 from .dataplane import XDP_DROP, XDP_PASS, XDP_TX, DataPlane
-
-
-def kernel_flow_key(key: bytes) -> bytes:
-    """The dispatcher's flow key (src + dst + proto + 4 bytes of ports) as the program's ``flow_key``."""
-    n = (len(key) - 5) // 2
-    return M.flow_key(key[:n], key[n:2 * n], key[2 * n], key[2 * n + 1:])
 
 
 class XDPExecutor:
@@ -102,4 +96,4 @@ class XDPExecutor:
         self.close()
 
 
-__all__ = ["XDPExecutor", "kernel_flow_key"]
+__all__ = ["XDPExecutor"]

@@ -114,5 +114,11 @@ def flow_key(src: bytes, dst: bytes, proto: int, ports4: bytes) -> bytes:
     return FLOW_KEY.pack(src.ljust(16, b"\0"), dst.ljust(16, b"\0"), ports4[:2], ports4[2:4], proto)
 
 
-__all__ = ["DROPS", "FIELD_BITS", "MAX_PORTS", "MAX_SERVERS", "PASSES", "flow_key", "plan_entries",
+def kernel_flow_key(key: bytes) -> bytes:
+    """The dispatcher's flow key (src + dst + proto + 4 bytes of ports; 13 or 37 bytes) as a ``flow_key``."""
+    n = (len(key) - 5) // 2
+    return flow_key(key[:n], key[n:2 * n], key[2 * n], key[2 * n + 1:])
+
+
+__all__ = ["DROPS", "FIELD_BITS", "MAX_PORTS", "MAX_SERVERS", "PASSES", "flow_key", "kernel_flow_key", "plan_entries",
            "server_value"]
