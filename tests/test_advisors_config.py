@@ -181,6 +181,7 @@ ERRORS = [
     (("start", "connect", "80", "via", "tunnel"), "via must be one of address, forwarding"),
     (("start", "connect", "80", "via", "forwarding"), "via forwarding needs the executor's nfa"),
     (("start", "connect", "443", "via", "forwarding"), "via forwarding is only valid for IPv4"),
+    (("start", "udp", "53", "send", "x", "via", "forwarding"), "only the connect advisor does"),
     (("start", "connect", "80", "interval"), "needs a value"),
     (("start", "connect", "80", "rise", "2", "rise", "3"), "given twice"),
     (("start", "http", "53", "path", "/a b"), "spaces"),

@@ -466,3 +466,31 @@ def test_http_check_accepts():
 def test_udp_check_refuses(options, message):
     with pytest.raises(ConfigError, match=message):
         advisors.check_udp(options)
+
+
+# ------------------------------------------------------------------------------ via forwarding's segments
+
+
+def test_via_forwarding_segments_are_what_scapy_decodes():
+    """The SYN and RST that ``via forwarding`` sends (engines/through.py), checked by scapy as the oracle, and
+    a SYN-ACK scapy builds is what the prober reads back."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import Ether
+
+    from encapfwd.engines.through import RST, SYN, parse_answer, syn_segment
+
+    src, dst = socket.inet_aton("10.0.2.1"), socket.inet_aton("10.0.9.1")
+    for flags, name in ((SYN, "S"), (RST, "R")):
+        raw = syn_segment(src, dst, 40000, 80, 0xFFFFFFF0, flags)
+        pkt = IP(raw)
+        assert (pkt.src, pkt.dst, pkt.ttl, pkt.flags) == ("10.0.2.1", "10.0.9.1", 63, "DF")
+        assert (pkt[TCP].sport, pkt[TCP].dport, pkt[TCP].seq, str(pkt[TCP].flags)) == (40000, 80, 0xFFFFFFF0, name)
+        again = IP(raw)
+        del again.chksum, again[TCP].chksum
+        rebuilt = IP(bytes(again))
+        assert (rebuilt.chksum, rebuilt[TCP].chksum) == (pkt.chksum, pkt[TCP].chksum)
+        assert dict(pkt[TCP].options).get("MSS") == (1360 if flags == SYN else None)
+    synack = Ether() / IP(src="10.0.9.1", dst="10.0.2.1") / TCP(sport=80, dport=40000, flags="SA", ack=0xFFFFFFF1)
+    assert parse_answer(bytes(synack)) == ((dst, 80, 40000), 0x12, 0xFFFFFFF1)
+    assert parse_answer(bytes(Ether() / IP() / b"x")) is None
+    assert parse_answer(b"\x00" * 10) is None

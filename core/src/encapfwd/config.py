@@ -1043,6 +1043,10 @@ def check(config: Config, registry=None) -> None:
     _check_advisor_types(config, registry)
 
 
+#: the advisors that ``via forwarding`` runs (as a TCP handshake through the method: engines/through.py)
+FORWARDING_ADVISORS = ("connect",)
+
+
 def _probed_ports(config: Config, number: int) -> List[Tuple[Cluster, Port]]:
     """The (cluster, port) pairs an advisor on port *number* probes: that port of every cluster, when it has
     servers (IBM: an advisor on a port probes the servers of that port number on every cluster)."""
@@ -1069,6 +1073,12 @@ def _check_advisors(config: Config) -> None:
                 f"it first ('encapfwd advisor stop {advisor.label}') or keep a server on port {advisor.port}"
             )
         if advisor.via == "forwarding":
+            if advisor.name not in FORWARDING_ADVISORS:
+                raise ConfigError(
+                    f"{label}: via forwarding is a TCP handshake with the cluster address through each "
+                    f"server's method, which only the connect advisor does; add 'advisor start connect "
+                    f"{advisor.port} via forwarding' beside this one (via address)"
+                )
             for cluster, port in probed:
                 for address in [cluster.address] + [server.address for server in port.servers]:
                     if address.version != 4:

@@ -157,7 +157,7 @@ class Controller:
         self.neigh_interval = float(os.environ.get(ENV_NEIGH_REFRESH, "10") or 0)
         self.neigh_changes = 0
         #: the advisors' manager (None when the configuration has no advisor)
-        self.manager = HealthManager(self.config, registry) if getattr(self.config, "advisors", ()) else None
+        self.manager = self._new_manager(self.config) if getattr(self.config, "advisors", ()) else None
         self.health_changes = 0
         self.dispatcher = self._build(self.config)
         kernel_warnings(self.config)
@@ -332,8 +332,14 @@ class Controller:
         if self.manager is not None:
             self.manager.update(config)
         elif getattr(config, "advisors", ()):
-            self.manager = HealthManager(config, self.registry)
+            self.manager = self._new_manager(config)
             self.manager.start()
+
+    def _new_manager(self, config) -> HealthManager:
+        """The manager, with the ``via forwarding`` probes built by the running plan's transforms."""
+        from .through import ForwardingProber
+
+        return HealthManager(config, self.registry, ForwardingProber(self.iface.name, lambda: self.dispatcher.plan))
 
     def apply_health(self) -> None:
         """A server's health changed: a new plan from the running configuration with the servers the

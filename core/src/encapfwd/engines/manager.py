@@ -44,6 +44,8 @@ class Target:
     rise: int
     fall: int
     options: dict = field(factory=dict)
+    via: str = "address"
+    vip: str = ""  # the cluster address (probed by via forwarding)
     state: str = "unknown"  # unknown (counts as up), up, down
     good: int = 0  # consecutive good probes
     bad: int = 0  # consecutive failed probes
@@ -90,11 +92,6 @@ def targets_of(config, registry) -> List[Target]:
     for adv in advisors:
         if adv.name not in types:
             raise LiveError(f"advisor {adv.name} {adv.port}: no installed plugin provides it")
-        if adv.via != "address":
-            raise LiveError(
-                f"advisor {adv.name} {adv.port}: 'via forwarding' is not available yet in this version; "
-                "use 'via address'"
-            )
         for cluster in config.clusters:
             port = cluster.port(adv.port)
             if port is None:
@@ -103,16 +100,22 @@ def targets_of(config, registry) -> List[Target]:
                 out.append(Target(
                     name=server_key(cluster.address, port.number, server.address), advisor=adv.name,
                     port=adv.port, address=str(server.address), interval=adv.interval, timeout=adv.timeout,
-                    rise=adv.rise, fall=adv.fall, options=dict(adv.options),
+                    rise=adv.rise, fall=adv.fall, options=dict(adv.options), via=adv.via,
+                    vip=str(cluster.address),
                 ))
     return out
 
 
 class HealthManager:
-    """The advisors' loop in a thread; :meth:`down` is what the controller takes out of selection."""
+    """The advisors' loop in a thread; :meth:`down` is what the controller takes out of selection.
 
-    def __init__(self, config, registry):
+    *forwarding* (a :class:`~.through.ForwardingProber`) runs the ``via forwarding`` probes; without it they
+    fail (the live engine sets it).
+    """
+
+    def __init__(self, config, registry, forwarding=None):
         self.registry = registry
+        self.forwarding = forwarding
         self._lock = threading.Lock()
         self._targets: Dict[tuple, Target] = {}
         self._rfd, self._wfd = os.pipe()
@@ -216,6 +219,8 @@ class HealthManager:
                 loop.run_until_complete(asyncio.gather(*self._tasks.values(), return_exceptions=True))
             except Exception:  # noqa: BLE001 - shutting down
                 pass
+            if self.forwarding is not None:
+                self.forwarding.close()
             loop.close()
 
     def _sync_tasks(self) -> None:
@@ -236,7 +241,7 @@ class HealthManager:
             if target is None:
                 return
             started = time.monotonic()
-            ok, detail, latency = await _probe(types.get(target.advisor), target)
+            ok, detail, latency = await _probe(types.get(target.advisor), target, self.forwarding)
             with self._lock:
                 current = self._targets.get(key)
                 changed = current is not None and current.record(ok, detail, latency)
@@ -251,14 +256,19 @@ class HealthManager:
             await asyncio.sleep(max(0.0, target.interval - (time.monotonic() - started)))
 
 
-async def _probe(kind, target: Target) -> Tuple[bool, str, float]:
+async def _probe(kind, target: Target, forwarding=None) -> Tuple[bool, str, float]:
     """One probe, bounded by the target's timeout; never raises."""
     started = time.monotonic()
     if kind is None:
         return False, f"advisor {target.advisor} is not installed", 0.0
+    if target.via == "forwarding":
+        if forwarding is None:
+            return False, "via forwarding runs in encapfwd run only", 0.0
+        probe = forwarding.connect(target.name, target.vip, target.port, target.timeout)
+    else:
+        probe = kind.probe(target.address, target.port, target.options, target.timeout)
     try:
-        result = await asyncio.wait_for(kind.probe(target.address, target.port, target.options, target.timeout),
-                                        target.timeout + 0.5)
+        result = await asyncio.wait_for(probe, target.timeout + 0.5)
         return bool(result.ok), str(result.detail).splitlines()[0] if result.detail else "", float(result.latency)
     except asyncio.TimeoutError:
         return False, "timeout", time.monotonic() - started
