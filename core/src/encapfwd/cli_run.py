@@ -155,7 +155,12 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass
 @click.option("--failover", is_flag=True,
               help="Also show health checking: two more MAC servers and a connect advisor; one server's "
                    "httpd is stopped (it goes down, requests keep succeeding) and started again (it comes back).")
-def lab_command(requests, methods, keep, as_json, failover):
+@click.option("--dispatchers", type=click.IntRange(1, 9), default=None,
+              help="Scale-out: this many dispatchers announce the VIPs over BGP (ExaBGP) to a BIRD router that "
+                   "spreads flows by ECMP; shows which dispatcher carried which flows.")
+@click.option("--kill", "kill", type=click.IntRange(1, 9), default=None,
+              help="With --dispatchers: SIGKILL this dispatcher and show the routes and connections after.")
+def lab_command(requests, methods, keep, as_json, failover, dispatchers, kill):
     """Build a namespace lab, send HTTP requests through 'encapfwd run', show counters, tear it down.
 
     \b
@@ -173,6 +178,17 @@ def lab_command(requests, methods, keep, as_json, failover):
         raise EncapfwdError(f"--methods: unknown method(s) {', '.join(bad)} (mac, ipip, gre)")
     if failover and "mac" not in wanted:
         raise EncapfwdError("--failover needs the mac method (its extra servers are MAC-forwarded)")
+    if kill is not None and dispatchers is None:
+        raise EncapfwdError("--kill needs --dispatchers")
+    if dispatchers is not None:
+        if failover or keep:
+            raise EncapfwdError("--dispatchers does not combine with --failover or --keep")
+        from .lab.scaleout import run_scaleout_lab
+
+        result = run_scaleout_lab(dispatchers, wanted, requests=requests, kill=kill, echo=click.echo)
+        if as_json:
+            click.echo(json.dumps(result, indent=2, default=str))
+        sys.exit(0 if result.get("ok") else 1)
     result = run_lab(methods=wanted, requests=requests, keep=keep, echo=click.echo, failover=failover)
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))

@@ -64,6 +64,12 @@ EXECUTOR_KEYWORDS = {
     "mtu": "egress MTU (default 1500)",
     "encapttl": "TTL of outer encapsulation headers (default 64)",
     "maxflows": "bound of the flow table (default 1000000; LRU eviction beyond it)",
+    "bgppeer": "the BGP peer (router) the cluster addresses are announced to (none: no BGP)",
+    "bgpasn": "this dispatcher's AS number",
+    "bgppeerasn": "the peer's AS number",
+    "bgprouterid": "this speaker's BGP router ID (default nfa)",
+    "bgpnexthop": "the next hop announced for the cluster addresses (default nfa)",
+    "bgpholdtime": "BGP hold time in seconds, 3 or more (default 9; keepalives every third of it)",
 }
 PORT_KEYWORDS = {
     "porttype": "tcp, udp or both (default both)",
@@ -1010,6 +1016,7 @@ def check(config: Config, registry=None) -> None:
         if server.grekey is not None and server.encaptype != "gre":
             raise ConfigError(f"server {name}: grekey is only valid with encaptype gre")
     _check_advisors(config)
+    _check_bgp(config.executor)
     if registry is None:
         return
     algorithms = None
@@ -1091,6 +1098,22 @@ def _check_advisors(config: Config) -> None:
                     f"{label}: via forwarding needs the executor's nfa, the address the probes are sent from "
                     "('encapfwd executor set nfa ADDRESS')"
                 )
+
+
+def _check_bgp(ex) -> None:
+    """Announcing over BGP needs both AS numbers, a router ID and a next hop (the nfa by default)."""
+    if ex.bgppeer is None:
+        return
+    if ex.bgppeer.version != 4:
+        raise ConfigError(f"bgppeer {ex.bgppeer}: the BGP session runs over IPv4 in this version")
+    missing = [k for k in ("bgpasn", "bgppeerasn") if getattr(ex, k) is None]
+    if missing:
+        raise ConfigError(f"bgppeer {ex.bgppeer} needs {' and '.join(missing)} ('encapfwd executor set "
+                          f"{' '.join(k + ' ASN' for k in missing)}')")
+    for key in ("bgprouterid", "bgpnexthop"):
+        if getattr(ex, key) is None and ex.nfa is None:
+            raise ConfigError(f"bgppeer {ex.bgppeer} needs {key} or the executor's nfa ('encapfwd executor "
+                              f"set nfa ADDRESS')")
 
 
 def _check_advisor_types(config: Config, registry) -> None:

@@ -310,6 +310,14 @@ class Executor:
     encapttl: int = field(default=64, converter=_int_in(1, 255, "encapttl"))
     # bound of the connection (flow) table; least-recently-used entries are evicted beyond it
     maxflows: int = field(default=1_000_000, converter=_int_in(1, 2**31 - 1, "maxflows"))
+    # scale-out (docs/scale-out.md): the BGP peer (router) the cluster addresses are announced to, the
+    # ASNs, this speaker's router ID (default nfa), the next hop announced (default nfa) and the hold time
+    bgppeer: Optional[IPAddress] = field(default=None, converter=parse_optional_ip)
+    bgpasn: Optional[int] = field(default=None, converter=_optional(_int_in(1, 2**32 - 1, "bgpasn")))
+    bgppeerasn: Optional[int] = field(default=None, converter=_optional(_int_in(1, 2**32 - 1, "bgppeerasn")))
+    bgprouterid: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
+    bgpnexthop: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
+    bgpholdtime: int = field(default=9, converter=_int_in(3, 65535, "bgpholdtime"))
 
     def attached(self, address) -> bool:
         address = parse_ip(address)

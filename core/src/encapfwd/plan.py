@@ -107,6 +107,9 @@ class Plan:
     servers: Tuple[ServerPlan, ...]
     ports: Tuple[PortPlan, ...]
     digest: str = field(eq=False)
+    #: the selection's digest (host bytes left out): must be equal on every dispatcher of a scale-out group;
+    #: for table-driven ports (maglev without stickytime) equal selections send every flow to the same server
+    selection: str = field(default="", eq=False)
 
     @property
     def bound(self) -> bool:
@@ -244,7 +247,8 @@ def compile_plan(config: Config, registry, sids: Optional[SidMap] = None) -> Pla
             ))
     servers_t = tuple(servers)
     ports_t = tuple(ports)
-    return Plan(config=config, servers=servers_t, ports=ports_t, digest=_digest(config, servers_t, ports_t))
+    return Plan(config=config, servers=servers_t, ports=ports_t, digest=_digest(config, servers_t, ports_t),
+                selection=_digest(config, servers_t, ports_t, host=False))
 
 
 def _table_of(registry, cluster, port, servers):
@@ -266,17 +270,24 @@ def _table_of(registry, cluster, port, servers):
     return select.table
 
 
-def _digest(config: Config, servers, ports) -> str:
+def _digest(config: Config, servers, ports, host: bool = True) -> str:
     """SHA-256 over what the plan forwards where: server ids are replaced by server names, and what does
-    not change forwarding does not count (the order of servers in the file, for table-driven ports)."""
-    h = hashlib.sha256(b"encapfwd-plan-1\0")
+    not change forwarding does not count (the order of servers in the file, for table-driven ports).
+
+    With *host* False only the selection counts (which server each flow gets: servers, methods, health,
+    weights, tables), not this dispatcher's own bytes (its MAC, the outer source in the templates): the
+    digest that must be equal on every dispatcher of a scale-out group (docs/scale-out.md)."""
+    h = hashlib.sha256(b"encapfwd-plan-1\0" if host else b"encapfwd-selection-1\0")
     names = {s.sid: s.name for s in servers}
     ex = config.executor
-    h.update(f"{ex.mac}|{ex.mtu}|{ex.encapttl}|{ex.maxflows}\0".encode())
+    if host:
+        h.update(f"{ex.mac}|{ex.mtu}|{ex.encapttl}|{ex.maxflows}\0".encode())
     for s in sorted(servers, key=lambda s: s.name):
-        t = s.template
-        h.update(f"S|{s.name}|{s.method}|{s.up}|{s.weight}|{s.src_mac}|{s.dst_mac}|{s.mtu}|".encode())
-        h.update(b"-" if t is None else t.header + b"|" + ",".join(sorted(t.fields)).encode())
+        h.update(f"S|{s.name}|{s.method}|{s.up}|{s.weight}|".encode())
+        if host:
+            t = s.template
+            h.update(f"{s.src_mac}|{s.dst_mac}|{s.mtu}|".encode())
+            h.update(b"-" if t is None else t.header + b"|" + ",".join(sorted(t.fields)).encode())
         h.update(b"\0")
     for p in sorted(ports, key=lambda p: (p.cluster, p.number)):
         h.update(f"P|{p.cluster}|{p.number}|{p.protos}|{p.algorithm}|{p.stickytime}|{p.staletimeout}|".encode())

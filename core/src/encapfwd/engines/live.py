@@ -65,6 +65,7 @@ from .prepare import (
 )
 from .supervisor import WorkerPool
 from .metrics import start_metrics  # metrics (--metrics)
+from .bgp import Speaker, bgp_settings
 from .manager import HealthManager, targets_of, with_health
 from .xdp_executor import KernelFlows, XDPProgram, choose
 from .worker import Worker, tx_mtu_limit
@@ -159,6 +160,8 @@ class Controller:
         #: the advisors' manager (None when the configuration has no advisor)
         self.manager = self._new_manager(self.config) if getattr(self.config, "advisors", ()) else None
         self.health_changes = 0
+        #: the BGP speaker (docs/scale-out.md); None without an executor bgppeer
+        self.bgp = Speaker(self.config.executor) if self.config.executor.bgppeer is not None else None
         self.dispatcher = self._build(self.config)
         kernel_warnings(self.config)
         self.fanout_group = (os.getpid() & 0xFFFF) or FANOUT_BASE  # one group per dispatcher (per netns)
@@ -253,11 +256,14 @@ class Controller:
             engine_reason=self.engine_reason,
             xdp_mode=self.xdp_mode if self.engine == "xdp" else None,
             plan_digest=self.dispatcher.plan.digest,
+            selection_digest=self.dispatcher.plan.selection,
             config=os.path.abspath(self.config_path),
             control=self.control_path,
             control_requests=dict(self.control.stats),
         )
         out = dict(merged) if isinstance(merged, dict) else {"dispatcher": merged}
+        if self.bgp is not None:
+            out["bgp"] = self.bgp.snapshot()
         if self.manager is not None:
             out["health"] = self.manager.snapshot()
             engine["health_changes"] = self.health_changes
@@ -293,8 +299,10 @@ class Controller:
         errors = self._hand_over(config, dispatcher)
         if errors is None:
             return
+        old_executor = self.config.executor
         self.config, self.dispatcher = config, dispatcher
         self._update_manager(config)
+        self._update_bgp(old_executor, config.executor)
         self.resolved = resolved
         self.reloads += 1
         if errors:
@@ -322,6 +330,30 @@ class Controller:
                 return None
             errors.extend(f"{unit}: {error}" for unit, error in answers.items() if error)
         return errors
+
+    # -- BGP (scale-out)
+
+    def _announce(self) -> None:
+        """Announce each cluster address the running plan can forward (a server up), withdraw the others."""
+        if self.bgp is not None:
+            self.bgp.want(self.bgp.routes_for(self.dispatcher.plan))
+
+    def _update_bgp(self, old, new) -> None:
+        if bgp_settings(old) == bgp_settings(new) and (self.bgp is not None) == (new.bgppeer is not None):
+            self._announce()
+            return
+        if self.bgp is not None:
+            log("bgp: the BGP settings changed: withdrawing and restarting the speaker")
+            self.bgp.stop()
+            self.bgp = None
+        if new.bgppeer is not None:
+            try:
+                self.bgp = Speaker(new)
+            except LiveError as exc:
+                log(str(exc))
+                return
+            self.bgp.start()
+            self._announce()
 
     # -- health (the advisors' manager)
 
@@ -355,6 +387,7 @@ class Controller:
             return
         self.dispatcher = dispatcher
         self.health_changes += 1
+        self._announce()
         if errors:
             log("health change failed in " + one_line("; ".join(errors)))
 
@@ -439,6 +472,9 @@ class Controller:
                 executor.start(self.config, self.dispatcher)
             if self.manager is not None:
                 self.manager.start()
+            if self.bgp is not None:  # announced once the data plane forwards
+                self.bgp.start()
+                self._announce()
             log(
                 f"forwarding {len(self.config.clusters)} cluster(s) on {self.iface.name} ({self.iface.mac}) "
                 f"with {'the XDP program in the kernel and ' if self.xdp is not None else ''}"
@@ -459,6 +495,8 @@ class Controller:
                         self.reload()
                         continue
                 self.control.expire(now)
+                if self.bgp is not None:
+                    self.bgp.poll()
                 poller = select.poll()
                 poller.register(rpipe, select.POLLIN)
                 for fd, events in self.control.poll_set():
@@ -497,6 +535,9 @@ class Controller:
             os.close(wpipe)
 
     def _shutdown(self) -> None:
+        if self.bgp is not None:  # first: the router moves the flows while this data plane still forwards
+            took = self.bgp.stop()
+            log(f"bgp: routes withdrawn ({took:.3f} s), forwarded {self.bgp.drain:g} s more; stopping")
         if self.metrics_server is not None:  # metrics: stop serving before the control socket goes
             self.metrics_server.stop()
         if self.manager is not None:

@@ -61,6 +61,8 @@ ROUTER_CLIENT = "10.0.1.1"
 DISPATCHER = "10.0.2.1"
 ROUTER_LAN = "10.0.2.254"
 ROUTER_FAR = "10.0.3.254"
+ROUTER_LAN_MAC = "02:0e:0f:00:02:fe"
+ROUTER_FAR_MAC = "02:0e:0f:00:03:fe"
 VIP_NET = "10.0.9.0/24"
 PORT = 80
 
@@ -80,6 +82,13 @@ SERVERS = {
     "gre": ("10.0.9.3", "10.0.3.12", "02:0e:0f:00:03:0c"),
     "mac6": (VIP6, MAC_SERVER6, "02:0e:0f:00:02:0a"),
 }
+
+
+def _tail(path, size: int = 3000) -> str:
+    try:
+        return Path(path).read_text(errors="replace")[-size:]
+    except OSError:
+        return ""
 
 
 def _xdp_peer(ns: Namespace, ifname: str) -> Optional[str]:
@@ -294,7 +303,9 @@ class Topology:
         c.ethtool_offload("eth0", tx=False)
 
         # the dispatcher's segment: a bridge in the router namespace
-        r.ip("link", "add", "lan0", "type", "bridge")
+        # a bridge without its own address takes its lowest port's, and changes it when a port with a lower
+        # one joins: the servers' ARP caches would then point at a MAC nobody has any more
+        r.ip("link", "add", "lan0", "address", ROUTER_LAN_MAC, "type", "bridge")
         r.ip("link", "set", "lan0", "up")
         r.ip("addr", "add", f"{ROUTER_LAN}/24", "dev", "lan0")
         veth_pair(d, "eth0", r, "lan-d")
@@ -336,7 +347,7 @@ class Topology:
         if "mac" in self.methods:
             self._mac_server()
         if "ipip" in self.methods or "gre" in self.methods:
-            r.ip("link", "add", "far0", "type", "bridge")
+            r.ip("link", "add", "far0", "address", ROUTER_FAR_MAC, "type", "bridge")
             r.ip("link", "set", "far0", "up")
             r.ip("addr", "add", f"{ROUTER_FAR}/24", "dev", "far0")
             r.sysctl("net.ipv4.conf.far0.rp_filter", 0)
@@ -537,47 +548,50 @@ class Topology:
     def start_dispatcher(
         self, workers: int = 1, extra: List[str] = (), timeout: float = 20.0, env: Optional[dict] = None
     ) -> subprocess.Popen:
+        self.dispatcher = self._launch(self.ns["dispatcher"], self.config_path, self.control_path, self.log_path,
+                                       workers, extra, timeout, env)
+        return self.dispatcher
+
+    def _launch(self, d: Namespace, config_path, control_path: str, log_path, workers: int = 1,
+                extra: List[str] = (), timeout: float = 20.0, env: Optional[dict] = None) -> subprocess.Popen:
+        """``encapfwd run`` in namespace *d*; returns once its control socket answers."""
         from ..engines.live import query_control
 
-        d = self.ns["dispatcher"]
         argv = encapfwd_argv() + [
             "--config",
-            str(self.config_path),
+            str(config_path),
             "run",
             "--interface",
             "eth0",
             "--workers",
             str(workers),
             "--control",
-            self.control_path,
+            control_path,
             *(["--engine", self.engine] if self.engine and "--engine" not in extra else []),
             *extra,
         ]
-        log = open(self.log_path, "ab")
+        log = open(log_path, "ab")
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("ENCAPFWD_")}
         full_env.update(env or {})
-        self.dispatcher = d.popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=full_env
-        )
+        proc = d.popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=full_env)
         log.close()
         deadline = time.monotonic() + timeout
         while True:
-            if self.dispatcher.poll() is not None:
-                raise LabError(f"encapfwd run exited ({self.dispatcher.returncode}): {self.dispatcher_log()}")
+            if proc.poll() is not None:
+                raise LabError(f"encapfwd run exited ({proc.returncode}): {_tail(log_path)}")
             try:
-                query_control(self.control_path, "ping", timeout=1.0)
-                return self.dispatcher
+                query_control(control_path, "ping", timeout=1.0)
+                return proc
             except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                raise LabError(f"encapfwd run did not come up: {self.dispatcher_log()}")
+                proc.kill()
+                proc.wait(5)
+                raise LabError(f"encapfwd run did not come up: {_tail(log_path)}")
             time.sleep(0.05)
 
     def dispatcher_log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
+        return _tail(self.log_path)
 
     def stop_dispatcher(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
         proc = self.dispatcher
