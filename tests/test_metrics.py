@@ -53,11 +53,15 @@ DOCUMENTED = {
     "encapfwd_xdp_dropped": ("counter", set()),
     "encapfwd_reloads": ("counter", set()),
     "encapfwd_reload_failures": ("counter", set()),
-    "encapfwd_info": ("gauge", {"engine", "interface", "plan_digest"}),
+    "encapfwd_info": ("gauge", {"engine", "interface", "plan_digest", "selection_digest"}),
     "encapfwd_probe_latency_seconds": ("histogram", {"cluster", "port", "server", "advisor"}),
+    "encapfwd_bgp_session_up": ("gauge", {"peer"}),
+    "encapfwd_bgp_announced_routes": ("gauge", {"prefix"}),
+    "encapfwd_bgp_speaker_restarts": ("counter", set()),
 }
-#: only with advisors (the health manager's ``health`` in the report)
-OPTIONAL = {"encapfwd_probe_latency_seconds"}
+#: only with advisors (the health manager's ``health`` in the report), or BGP (``bgp``)
+OPTIONAL = {"encapfwd_probe_latency_seconds", "encapfwd_bgp_session_up", "encapfwd_bgp_announced_routes",
+            "encapfwd_bgp_speaker_restarts"}
 
 
 def families_of(text: str) -> dict:
@@ -149,7 +153,8 @@ def _report(health=None, connections=True):
         "drops": {"not-cluster": 2, "ttl-exceeded": 1},
         "flows": {"flows": 2},
         "engine": {"rx": 20, "tx": 10, "kernel_drops": 1, "tx_ring_full": 2, "engine": "xdp",
-                   "interface": "eth0", "plan_digest": "ab" * 32, "reloads": 3, "reload_errors": 1,
+                   "interface": "eth0", "plan_digest": "ab" * 32, "selection_digest": "cd" * 32,
+                   "reloads": 3, "reload_errors": 1,
                    "xdp_forwarded": 5, "xdp_passed": 4, "xdp_dropped": 6},
     }
     if connections:
@@ -183,7 +188,24 @@ def test_families_from_a_report():
     assert samples(fams, "encapfwd_reloads")[one] == 3
     assert samples(fams, "encapfwd_reload_failures")[one] == 1
     assert samples(fams, "encapfwd_info") == {
-        frozenset({"engine": "xdp", "interface": "eth0", "plan_digest": "ab" * 32}.items()): 1}
+        frozenset({"engine": "xdp", "interface": "eth0", "plan_digest": "ab" * 32,
+                   "selection_digest": "cd" * 32}.items()): 1}
+    assert "encapfwd_bgp_session_up" not in fams  # no BGP, no BGP families
+
+
+def test_bgp_from_the_report():
+    report = _report()
+    report["bgp"] = {"peer": "10.0.2.254", "session": "up", "announced": ["10.0.9.1/32", "fd00:9::1/128"],
+                     "restarts": 2}
+    fams = families_of(expose(metric_families(report)))
+    check_names_and_labels(fams)
+    assert samples(fams, "encapfwd_bgp_session_up") == {frozenset({("peer", "10.0.2.254")}): 1}
+    assert samples(fams, "encapfwd_bgp_announced_routes") == {
+        frozenset({("prefix", "10.0.9.1/32")}): 1, frozenset({("prefix", "fd00:9::1/128")}): 1}
+    assert samples(fams, "encapfwd_bgp_speaker_restarts")[frozenset()] == 2
+    report["bgp"]["session"] = "down"
+    fams = families_of(expose(metric_families(report)))
+    assert samples(fams, "encapfwd_bgp_session_up") == {frozenset({("peer", "10.0.2.254")}): 0}
 
 
 def test_no_connections_no_active_flows():

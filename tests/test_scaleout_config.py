@@ -52,6 +52,23 @@ def test_bgp_needs_a_router_id_and_next_hop(cli):
     assert "bgppeer " not in cli("executor", "report").stdout
 
 
+def test_ipv6_clusters_need_an_ipv6_next_hop(cli):
+    _enc(cli, "executor", "set", "nfa", "10.0.2.1", "bgppeer", "10.0.2.254", "bgpasn", "65001", "bgppeerasn",
+         "65000")
+    before = cli.config.read_bytes()
+    for args, message in (
+        (("cluster", "add", "fd00:9::1"), "cluster fd00:9::1 is IPv6 and is announced with an IPv6 next hop"),
+        (("executor", "set", "bgpnexthop6", "10.0.2.1"), "not an IPv6 address"),
+    ):
+        proc = cli(*args)
+        assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert cli.config.read_bytes() == before
+    _enc(cli, "executor", "set", "bgpnexthop6", "fd00:2::1")
+    _enc(cli, "cluster", "add", "fd00:9::1")
+    proc = cli("executor", "set", "bgpnexthop6", "none")
+    assert proc.returncode == 1 and "cluster fd00:9::1 is IPv6" in proc.stderr
+
+
 needs_exabgp = pytest.mark.skipif(exabgp_path() is None, reason="ExaBGP is not installed (pip install 'encapfwd[bgp]')")
 
 
@@ -62,7 +79,8 @@ def _executor(**kw):
 @needs_exabgp
 def test_exabgp_accepts_the_configuration_it_is_given(tmp_path):
     good = tmp_path / "good.conf"
-    good.write_text(exabgp_config(_executor(bgpholdtime=3, bgprouterid="10.0.2.9"), str(tmp_path / "s")))
+    good.write_text(exabgp_config(_executor(bgpholdtime=3, bgprouterid="10.0.2.9", bgpnexthop6="fd00:2::1"),
+                                  str(tmp_path / "s")))
     bad = tmp_path / "bad.conf"
     bad.write_text(good.read_text().replace("hold-time 3", "hold-time banana"))
     env = exabgp_env()
@@ -72,6 +90,7 @@ def test_exabgp_accepts_the_configuration_it_is_given(tmp_path):
     assert refused.returncode != 0  # the check can fail
     text = good.read_text()
     assert "router-id 10.0.2.9;" in text and "local-address 10.0.2.1;" in text and "peer-as 65000;" in text
+    assert "ipv6 unicast;" in text
 
 
 @needs_exabgp
@@ -93,6 +112,13 @@ def test_announced_clusters_follow_the_servers_that_are_up(tmp_path):
     assert speaker.routes_for(compile_plan(down, registry)) == {"10.0.9.1/32": "10.0.2.1"}
     nexthop = Speaker(attrs.evolve(config.executor, bgpnexthop="10.0.2.99"))
     assert set(nexthop.routes_for(plan).values()) == {"10.0.2.99"}
+    # an IPv6 cluster: a /128 with the IPv6 next hop
+    six = cfg.executor_set(config, ["bgpnexthop6", "fd00:2::1", "networks", "10.0.2.0/24,fd00:2::/64"], registry)
+    six = cfg.cluster_add(six, ["fd00:9::1"], registry)
+    six = cfg.port_add(six, "fd00:9::1@80", [], registry)
+    six = cfg.server_add(six, "fd00:9::1@80@fd00:2::a", ["mac", "02:00:00:00:00:0a"], registry)
+    routes = Speaker(six.executor).routes_for(compile_plan(six, registry))
+    assert routes["fd00:9::1/128"] == "fd00:2::1" and routes["10.0.9.1/32"] == "10.0.2.1"
 
 
 @needs_exabgp

@@ -27,6 +27,7 @@ if REASON:
 
 METHODS = ("mac", "ipip", "gre")
 VIPS = {m: topology.SERVERS[m][0] for m in METHODS}
+VIP6 = topology.SERVERS["mac6"][0]
 ALL = [scaleout.address_of(i) for i in (1, 2, 3)]
 PER_METHOD = 20
 TICK = 0.1
@@ -34,10 +35,12 @@ TICK = 0.1
 
 @pytest.fixture(scope="module")
 def lab():
-    with scaleout.ScaleOut(3, METHODS) as built:
+    with scaleout.ScaleOut(3, METHODS, ipv6=True) as built:
         built.start_all()
-        for vip in VIPS.values():
-            assert built.wait_nexthops(vip, ALL, 20) is not None, (vip, built.nexthops(vip), built.bird_protocols())
+        for vip in built.vip_list():
+            wanted = built.next_hops_of(vip)
+            assert built.wait_nexthops(vip, wanted, 20) is not None, (vip, built.nexthops(vip), built.bird_protocols())
+        assert VIP6 in built.vip_list()
         yield built
 
 
@@ -118,9 +121,10 @@ def test_losing_and_adding_a_dispatcher_resets_no_connection(lab):
               f"{', '.join(f'{t:.3f}' if t is not None else 'never' for t in gone.values())} s (hold {scaleout.HOLD} s); "
               f"{len(moved)} connections moved")
         assert all(t is not None for t in gone.values()), {v: lab.nexthops(v) for v in VIPS.values()}
+        assert lab.wait_nexthops(VIP6, lab.next_hops_of(VIP6, but=2), 1) is not None, lab.nexthops(VIP6)
         stalled = conns.flowing(1.5)
         assert stalled == [] and not conns.errors, (stalled, conns.errors)
-        for method in METHODS:  # new connections succeed
+        for method in METHODS + ("mac6",):  # new connections succeed
             answers = lab.curl(method, 3)
             assert all(a.startswith(f"server={method}") for a in answers), answers
 
@@ -129,6 +133,7 @@ def test_losing_and_adding_a_dispatcher_resets_no_connection(lab):
         back = {vip: lab.wait_nexthops(vip, ALL, 15) for vip in VIPS.values()}
         print(f"dispatcher 2 started again: announced after {', '.join(f'{t:.3f}' for t in back.values() if t)} s")
         assert all(t is not None for t in back.values())
+        assert lab.wait_nexthops(VIP6, lab.next_hops_of(VIP6), 5) is not None, lab.nexthops(VIP6)
         stalled = conns.flowing(1.5)
         assert stalled == [] and not conns.errors, (stalled, conns.errors)
         assert _packets(lab, 2) > 0, "dispatcher 2 carries flows again"

@@ -68,7 +68,8 @@ EXECUTOR_KEYWORDS = {
     "bgpasn": "this dispatcher's AS number",
     "bgppeerasn": "the peer's AS number",
     "bgprouterid": "this speaker's BGP router ID (default nfa)",
-    "bgpnexthop": "the next hop announced for the cluster addresses (default nfa)",
+    "bgpnexthop": "the next hop announced for the IPv4 cluster addresses (default nfa)",
+    "bgpnexthop6": "the next hop announced for the IPv6 cluster addresses (required when there are any)",
     "bgpholdtime": "BGP hold time in seconds, 3 or more (default 9; keepalives every third of it)",
 }
 PORT_KEYWORDS = {
@@ -1016,7 +1017,7 @@ def check(config: Config, registry=None) -> None:
         if server.grekey is not None and server.encaptype != "gre":
             raise ConfigError(f"server {name}: grekey is only valid with encaptype gre")
     _check_advisors(config)
-    _check_bgp(config.executor)
+    _check_bgp(config.executor, config.clusters)
     if registry is None:
         return
     algorithms = None
@@ -1100,7 +1101,7 @@ def _check_advisors(config: Config) -> None:
                 )
 
 
-def _check_bgp(ex) -> None:
+def _check_bgp(ex, clusters=()) -> None:
     """Announcing over BGP needs both AS numbers, a router ID and a next hop (the nfa by default)."""
     if ex.bgppeer is None:
         return
@@ -1114,6 +1115,13 @@ def _check_bgp(ex) -> None:
         if getattr(ex, key) is None and ex.nfa is None:
             raise ConfigError(f"bgppeer {ex.bgppeer} needs {key} or the executor's nfa ('encapfwd executor "
                               f"set nfa ADDRESS')")
+    if ex.bgpnexthop6 is None:
+        for cluster in clusters:
+            if cluster.address.version == 6:
+                raise ConfigError(
+                    f"bgppeer {ex.bgppeer}: cluster {cluster.address} is IPv6 and is announced with an IPv6 next "
+                    "hop: set executor bgpnexthop6 (this dispatcher's IPv6 address on the router's network)"
+                )
 
 
 def _check_advisor_types(config: Config, registry) -> None:

@@ -67,9 +67,20 @@ def parse_ipv4(value) -> ipaddress.IPv4Address:
     return addr
 
 
+def parse_ipv6(value) -> ipaddress.IPv6Address:
+    addr = parse_ip(value)
+    if addr.version != 6:
+        raise ConfigError(f"not an IPv6 address: {value!r}")
+    return addr
+
+
 def _unset(value) -> bool:
     """``none`` (or empty) on the command line clears an optional keyword."""
     return value is None or (isinstance(value, str) and value.strip().lower() in ("", "none"))
+
+
+def parse_optional_ipv6(value) -> Optional[ipaddress.IPv6Address]:
+    return None if _unset(value) else parse_ipv6(value)
 
 
 def parse_optional_ip(value) -> Optional[IPAddress]:
@@ -317,6 +328,7 @@ class Executor:
     bgppeerasn: Optional[int] = field(default=None, converter=_optional(_int_in(1, 2**32 - 1, "bgppeerasn")))
     bgprouterid: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
     bgpnexthop: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
+    bgpnexthop6: Optional[ipaddress.IPv6Address] = field(default=None, converter=parse_optional_ipv6)
     bgpholdtime: int = field(default=9, converter=_int_in(3, 65535, "bgpholdtime"))
 
     def attached(self, address) -> bool:

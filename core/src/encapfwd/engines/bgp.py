@@ -66,7 +66,8 @@ def exabgp_config(ex, relay_socket: str) -> str:
         f"    local-as {ex.bgpasn};\n"
         f"    peer-as {ex.bgppeerasn};\n"
         f"    hold-time {ex.bgpholdtime};\n"
-        "    api {\n"
+        + ("    family {\n        ipv4 unicast;\n        ipv6 unicast;\n    }\n" if ex.bgpnexthop6 else "")
+        + "    api {\n"
         "        processes [ encapfwd ];\n"
         "        receive { parsed; notification; }\n"
         "        neighbor-changes;\n"
@@ -119,6 +120,7 @@ class Speaker:
             )
         self.drain = float(os.environ.get(ENV_DRAIN, DEFAULT_DRAIN) or 0)
         self.nexthop = str(executor.bgpnexthop or executor.nfa)
+        self.nexthop6 = str(executor.bgpnexthop6) if executor.bgpnexthop6 else None
         self.dir: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
         self._listener: Optional[socket.socket] = None
@@ -238,8 +240,9 @@ class Speaker:
         live = {s.cluster for s in plan.servers if s.up and s.weight > 0}
         out = {}
         for cluster in plan.config.clusters:
-            if str(cluster.address) in live and cluster.address.version == 4:
-                out[prefix_of(cluster.address)] = self.nexthop
+            nexthop = self.nexthop if cluster.address.version == 4 else self.nexthop6
+            if str(cluster.address) in live and nexthop:
+                out[prefix_of(cluster.address)] = nexthop
         return out
 
     def _sync(self) -> None:  # with the lock
@@ -332,6 +335,7 @@ class Speaker:
             return {
                 "peer": str(self.ex.bgppeer), "asn": self.ex.bgpasn, "peer_asn": self.ex.bgppeerasn,
                 "router_id": str(self.ex.bgprouterid or self.ex.nfa), "next_hop": self.nexthop,
+                "next_hop6": self.nexthop6,
                 "hold_time": self.ex.bgpholdtime, "session": self.session,
                 "speaker_pid": self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
                 "announced": sorted(self.announced), "wanted": sorted(self.wanted), "restarts": self.restarts,
@@ -341,7 +345,8 @@ class Speaker:
 
 def bgp_settings(ex) -> tuple:
     """The executor keywords a running speaker depends on (a change restarts it)."""
-    return (ex.bgppeer, ex.bgpasn, ex.bgppeerasn, ex.bgprouterid, ex.bgpnexthop, ex.bgpholdtime, ex.nfa)
+    return (ex.bgppeer, ex.bgpasn, ex.bgppeerasn, ex.bgprouterid, ex.bgpnexthop, ex.bgpnexthop6, ex.bgpholdtime,
+            ex.nfa)
 
 
 __all__: List[str] = ["Speaker", "bgp_settings", "exabgp_config", "exabgp_env", "exabgp_path"]

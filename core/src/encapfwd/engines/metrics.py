@@ -296,10 +296,23 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
             engine.get("reload_errors"))
 
     info = GaugeMetricFamily("encapfwd_info", "Always 1: the engine, interface and plan of this dispatcher.",
-                             labels=["engine", "interface", "plan_digest"])
+                             labels=["engine", "interface", "plan_digest", "selection_digest"])
     info.add_metric([str(engine.get("engine") or ""), str(engine.get("interface") or ""),
-                     str(engine.get("plan_digest") or "")], 1.0)
+                     str(engine.get("plan_digest") or ""), str(engine.get("selection_digest") or "")], 1.0)
     families.append(info)
+
+    bgp = report.get("bgp")
+    if isinstance(bgp, dict):  # scale-out (docs/scale-out.md)
+        session = GaugeMetricFamily("encapfwd_bgp_session_up", "1 while the BGP session with the peer is up.",
+                                    labels=["peer"])
+        session.add_metric([str(bgp.get("peer", ""))], 1.0 if bgp.get("session") == "up" else 0.0)
+        announced = GaugeMetricFamily("encapfwd_bgp_announced_routes",
+                                      "Cluster addresses this dispatcher announces (1 each).", labels=["prefix"])
+        for prefix in bgp.get("announced") or ():
+            announced.add_metric([str(prefix)], 1.0)
+        families += [session, announced]
+        counter("encapfwd_bgp_speaker_restarts_total", "Times ExaBGP was started again after it died.",
+                bgp.get("restarts"))
 
     if health is not None:
         latency = HistogramMetricFamily("encapfwd_probe_latency_seconds",

@@ -32,7 +32,10 @@ from .topology import (
     DISPATCHER,
     PORT,
     ROUTER_LAN,
+    DISPATCHER6,
+    ROUTER_LAN6,
     SERVERS,
+    VIP6_NET,
     VIP_NET,
     LabError,
     Topology,
@@ -53,9 +56,26 @@ def address_of(index: int) -> str:
     return f"10.0.2.{index}"
 
 
-def bird_config(count: int, log_path: str, hold: int = HOLD) -> str:
-    """BIRD 2 for the router: one passive eBGP session per dispatcher, the cluster /32s imported, and the
-    kernel protocol merging equal routes into one multipath (ECMP) route."""
+def address6_of(index: int) -> str:
+    """Dispatcher *index*'s IPv6 address on lan0: fd00:2::1, fd00:2::2 …"""
+    return f"fd00:2::{index}"
+
+
+def bird_config(count: int, log_path: str, hold: int = HOLD, ipv6: bool = False) -> str:
+    """BIRD 2 for the router: one passive eBGP session per dispatcher, the cluster /32s (and /128s over the
+    same IPv4 session) imported, and the kernel protocols merging equal routes into one multipath (ECMP)
+    route."""
+    kernel6 = f"""
+protocol kernel {{
+    ipv6 {{ import none; export where source = RTS_BGP; }};
+    merge paths on limit 16;
+}}
+""" if ipv6 else ""
+    channel6 = f"""    ipv6 {{
+        import where net ~ [ {VIP6_NET}{{128,128}} ];
+        export none;
+    }};
+""" if ipv6 else ""
     sessions = "".join(
         f"protocol bgp d{i} from dispatchers {{ neighbor {address_of(i)} as {DISPATCHER_ASN}; }}\n"
         for i in range(1, count + 1)
@@ -71,7 +91,7 @@ protocol kernel {{
     ipv4 {{ import none; export where source = RTS_BGP; }};
     merge paths on limit 16;
 }}
-
+{kernel6}
 template bgp dispatchers {{
     local {ROUTER_LAN} as {ROUTER_ASN};
     direct;
@@ -85,13 +105,56 @@ template bgp dispatchers {{
         import where net ~ [ {VIP_NET}{{32,32}} ];
         export none;
     }};
-}}
+{channel6}}}
 
 {sessions}"""
 
 
-def bird_unavailable() -> Optional[str]:
-    if shutil.which("bird") is None and not Path("/usr/sbin/bird").exists():
+def frr_config(count: int, log_path: str, hold: int = HOLD, ipv6: bool = False) -> str:
+    """FRR's bgpd for the router: the same sessions, filters and ECMP as :func:`bird_config`."""
+    neighbours = "".join(f" neighbor {address_of(i)} peer-group DISPATCHERS\n" for i in range(1, count + 1))
+    six = (
+        " address-family ipv6 unicast\n"
+        "  neighbor DISPATCHERS activate\n"
+        "  neighbor DISPATCHERS prefix-list VIPS6 in\n"
+        "  maximum-paths 16\n"
+        " exit-address-family\n"
+    ) if ipv6 else ""
+    return f"""\
+frr defaults datacenter
+hostname router
+log file {log_path}
+!
+ip prefix-list VIPS seq 5 permit {VIP_NET} ge 32 le 32
+ipv6 prefix-list VIPS6 seq 5 permit {VIP6_NET} ge 128 le 128
+!
+router bgp {ROUTER_ASN}
+ bgp router-id {ROUTER_LAN}
+ no bgp ebgp-requires-policy
+ no bgp graceful-restart
+ neighbor DISPATCHERS peer-group
+ neighbor DISPATCHERS remote-as {DISPATCHER_ASN}
+ neighbor DISPATCHERS passive
+ neighbor DISPATCHERS timers 1 {hold}
+ neighbor DISPATCHERS timers connect 1
+{neighbours} !
+ address-family ipv4 unicast
+  neighbor DISPATCHERS prefix-list VIPS in
+  maximum-paths 16
+ exit-address-family
+{six}!
+"""
+
+
+ROUTERS = ("bird", "frr")
+FRR_DIR = Path("/usr/lib/frr")
+
+
+def router_unavailable(router: str = "bird") -> Optional[str]:
+    if router == "frr":
+        if not (FRR_DIR / "bgpd").exists():
+            return "FRR is not installed (Debian package frr; ./dev installs it)"
+    elif shutil.which("bird") is None and not Path("/usr/sbin/bird").exists():
         return "BIRD is not installed (Debian package bird2; ./dev installs it)"
     from ..engines.bgp import exabgp_path
 
@@ -100,8 +163,12 @@ def bird_unavailable() -> Optional[str]:
     return None
 
 
-def scaleout_unavailable(methods=("mac", "ipip", "gre")) -> Optional[str]:
-    return unavailable_reason(methods) or bird_unavailable()
+def bird_unavailable() -> Optional[str]:
+    return router_unavailable("bird")
+
+
+def scaleout_unavailable(methods=("mac", "ipip", "gre"), router: str = "bird") -> Optional[str]:
+    return unavailable_reason(methods) or router_unavailable(router)
 
 
 class Member:
@@ -120,10 +187,14 @@ class Member:
 class ScaleOut(Topology):
     """:class:`Topology` with *dispatchers* dispatchers behind a BIRD router (see the module's text)."""
 
-    def __init__(self, dispatchers: int = 3, methods=("mac", "ipip", "gre"), **kwargs):
+    def __init__(self, dispatchers: int = 3, methods=("mac", "ipip", "gre"), router: str = "bird", **kwargs):
         if not 1 <= dispatchers <= MAX_DISPATCHERS:
             raise LabError(f"--dispatchers must be between 1 and {MAX_DISPATCHERS}")
+        if router not in ROUTERS:
+            raise LabError(f"the router runs one of {', '.join(ROUTERS)}, not {router!r}")
         super().__init__(methods, **kwargs)
+        self.router = router
+        self.router_procs: List[subprocess.Popen] = []
         self.count = dispatchers
         self.members: Dict[int, Member] = {}
         self.bird: Optional[subprocess.Popen] = None
@@ -132,17 +203,21 @@ class ScaleOut(Topology):
     # -- build
 
     def build(self) -> "ScaleOut":
-        reason = bird_unavailable()
+        reason = router_unavailable(self.router)
         if reason:
             raise LabUnavailable(reason)
         super().build()
         r = self.ns["router"]
         r.ip("route", "del", VIP_NET, "via", DISPATCHER)  # BGP decides from now on
         r.sysctl("net.ipv4.fib_multipath_hash_policy", 1)  # ECMP on the L4 hash (addresses and ports)
-        self.cli("executor", "set", "bgppeer", ROUTER_LAN, "bgpasn", str(DISPATCHER_ASN), "bgppeerasn",
-                 str(ROUTER_ASN), "bgpholdtime", str(HOLD))
-        self.config_commands.append(["executor", "set", "bgppeer", ROUTER_LAN, "bgpasn", str(DISPATCHER_ASN),
-                                     "bgppeerasn", str(ROUTER_ASN), "bgpholdtime", str(HOLD)])
+        bgp = ["executor", "set", "bgppeer", ROUTER_LAN, "bgpasn", str(DISPATCHER_ASN), "bgppeerasn",
+               str(ROUTER_ASN), "bgpholdtime", str(HOLD)]
+        if self.ipv6:
+            r.ip("-6", "route", "del", VIP6_NET, "via", DISPATCHER6)
+            r.sysctl("net.ipv6.fib_multipath_hash_policy", 1)
+            bgp += ["bgpnexthop6", DISPATCHER6]
+        self.cli(*bgp)
+        self.config_commands.append(bgp)
         self.members[1] = Member(1, self.ns["dispatcher"], self.config_path, self.control_path, self.log_path)
         for i in range(2, self.count + 1):
             d = self.ns[f"dispatcher{i}"] = Namespace(f"disp{i}").create()
@@ -154,6 +229,10 @@ class ScaleOut(Topology):
             d.ip("addr", "add", f"{address_of(i)}/24", "dev", "eth0")
             d.ip("route", "add", "default", "via", ROUTER_LAN)
             d.ip("route", "add", "blackhole", VIP_NET)
+            if self.ipv6:
+                d.ip("-6", "addr", "add", f"{address6_of(i)}/64", "dev", "eth0", "nodad")
+                d.ip("-6", "route", "add", "default", "via", ROUTER_LAN6)
+                d.ip("-6", "route", "add", "blackhole", VIP6_NET)
             d.ethtool_offload("eth0", tx=False, gro=False)
             for key in ("all", "default", "eth0"):
                 d.sysctl(f"net.ipv4.conf.{key}.rp_filter", 0)
@@ -161,13 +240,55 @@ class ScaleOut(Topology):
             shutil.copyfile(self.config_path, config)
             self.members[i] = Member(i, d, config, str(self.workdir / f"control{i}.sock"),
                                      self.workdir / f"dispatcher{i}.log")
-            self.cli_on(i, "executor", "set", "nfa", address_of(i))
-        (self.workdir / "bird.conf").write_text(bird_config(self.count, str(self.workdir / "bird.log")))
+            self.cli_on(i, "executor", "set", "nfa", address_of(i),
+                        *(["bgpnexthop6", address6_of(i)] if self.ipv6 else []))
+        if self.router == "frr":
+            frr = self.workdir / "frr"
+            frr.mkdir()
+            self.workdir.chmod(0o711)  # FRR's daemons run as the frr user
+            shutil.chown(frr, "frr", "frr")
+            conf = frr / "bgpd.conf"
+            conf.write_text(frr_config(self.count, str(frr / "bgpd.log"), ipv6=self.ipv6))
+            shutil.chown(conf, "frr", "frr")
+        else:
+            (self.workdir / "bird.conf").write_text(
+                bird_config(self.count, str(self.workdir / "bird.log"), ipv6=self.ipv6))
         self.start_router()
         return self
 
+    def _frr_argv(self, daemon: str, conf: str) -> List[str]:
+        frr = self.workdir / "frr"
+        return [str(FRR_DIR / daemon), "-N", self.ns["router"].name, "-u", "frr", "-g", "frr", "-f", conf,
+                "-i", str(frr / f"{daemon}.pid"), "-z", str(frr / "zserv.api"), "--vty_socket", str(frr),
+                "-A", "127.0.0.1"]
+
+    def _start_frr(self) -> None:
+        """zebra (installs the routes in the kernel) and bgpd, in the router namespace, with their files in the
+        lab's folder; ``-N`` keeps them apart from any other FRR."""
+        r, frr = self.ns["router"], self.workdir / "frr"
+        zebra = r.popen(self._frr_argv("zebra", "/dev/null"), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.router_procs.append(zebra)
+        self.procs.append(zebra)
+        deadline = time.monotonic() + 10
+        while not (frr / "zserv.api").exists():
+            if zebra.poll() is not None or time.monotonic() > deadline:
+                raise LabError("FRR's zebra did not start")
+            time.sleep(0.05)
+        bgpd = r.popen(self._frr_argv("bgpd", str(frr / "bgpd.conf")), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.STDOUT)
+        self.router_procs.append(bgpd)
+        self.procs.append(bgpd)
+        while not (frr / "bgpd.pid").exists():
+            if bgpd.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"FRR's bgpd did not start: {_tail(frr / 'bgpd.log')}")
+            time.sleep(0.05)
+
     def start_router(self) -> None:
-        """BIRD in the router namespace, in the foreground (the lab's child), its own socket and pid file."""
+        """The routing daemon in the router namespace, in the foreground (the lab's children), with its own
+        sockets and pid files."""
+        if self.router == "frr":
+            self._start_frr()
+            return
         Path(self.bird_socket).unlink(missing_ok=True)
         self.bird = self.ns["router"].popen(
             ["bird", "-f", "-c", str(self.workdir / "bird.conf"), "-s", self.bird_socket,
@@ -180,9 +301,15 @@ class ScaleOut(Topology):
             time.sleep(0.05)
 
     def stop_router(self, sig: int = signal.SIGTERM) -> None:
-        if self.bird is not None and self.bird.poll() is None:
-            self.bird.send_signal(sig)
-            self.bird.wait(10)
+        procs = list(reversed(self.router_procs)) if self.router == "frr" else [self.bird]
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(sig)
+                proc.wait(10)
+        self.router_procs.clear()
+        if self.router == "frr":
+            for leftover in ("bgpd.pid", "zebra.pid", "zserv.api"):
+                (self.workdir / "frr" / leftover).unlink(missing_ok=True)
 
     # -- configuration of every member
 
@@ -241,7 +368,8 @@ class ScaleOut(Topology):
 
     def nexthops(self, vip: str) -> List[str]:
         """The router's next hops for *vip* (its kernel FIB, as BIRD installed it), sorted."""
-        out = self.ns["router"].ip("-j", "route", "show", vip, check=False).stdout or "[]"
+        family = ["-6"] if ":" in vip else []
+        out = self.ns["router"].ip(*family, "-j", "route", "show", vip, check=False).stdout or "[]"
         hops = []
         for route in json.loads(out):
             if "nexthops" in route:
@@ -258,6 +386,10 @@ class ScaleOut(Topology):
         return routes[0].get("gateway") if routes else None
 
     def bird_protocols(self) -> str:
+        """The routing daemon's sessions (for messages)."""
+        if self.router == "frr":
+            return self.ns["router"].run(["vtysh", "--vty_socket", str(self.workdir / "frr"), "-c",
+                                          "show bgp summary"], check=False).stdout
         return self.ns["router"].run(["birdc", "-s", self.bird_socket, "show", "protocols"], check=False).stdout
 
     def wait_nexthops(self, vip: str, wanted: List[str], timeout: float) -> Optional[float]:
@@ -271,8 +403,13 @@ class ScaleOut(Topology):
                 return None
             time.sleep(0.01)
 
+    def next_hops_of(self, vip: str, but: Optional[int] = None) -> List[str]:
+        """The next hops the router should hold for *vip* with every dispatcher but *but* announcing."""
+        of = address6_of if ":" in vip else address_of
+        return sorted(of(i) for i in self.members if i != but)
+
     def vip_list(self) -> List[str]:
-        return [SERVERS[m][0] for m in self.methods]
+        return [SERVERS[m][0] for m in self.methods + (["mac6"] if self.ipv6 else [])]
 
     # -- teardown
 
@@ -282,7 +419,10 @@ class ScaleOut(Topology):
                 self.kill(index, signal.SIGTERM)
             except Exception:  # noqa: BLE001 - tear down the rest anyway
                 pass
+        router = self.ns.get("router")
         super().close()
+        if self.router == "frr" and router is not None:  # FRR's -N makes /var/run/frr/NAME even so
+            shutil.rmtree(Path("/var/run/frr") / router.name, ignore_errors=True)
 
 
 __all__ = ["ScaleOut", "address_of", "bird_config", "scaleout_unavailable"]
@@ -316,7 +456,7 @@ def run_scaleout_lab(dispatchers: int, methods=("mac", "ipip", "gre"), requests:
 
 
 def _show(dispatchers, methods, requests, kill, echo, result) -> None:
-    with ScaleOut(dispatchers, methods, echo=echo) as lab:
+    with ScaleOut(dispatchers, methods, echo=echo, ipv6="mac" in methods) as lab:
         echo(__doc__.split("::", 1)[1].split("Each dispatcher", 1)[0].rstrip().replace(
             "dispatcher 3 10.0.2.3", f"dispatcher {dispatchers} 10.0.2.{dispatchers}"))
         echo("")
@@ -327,7 +467,7 @@ def _show(dispatchers, methods, requests, kill, echo, result) -> None:
         lab.start_all()
         everyone = [address_of(i) for i in lab.members]
         for vip in lab.vip_list():
-            lab.wait_nexthops(vip, everyone, 20)
+            lab.wait_nexthops(vip, lab.next_hops_of(vip), 20)
         echo("\nThe router's routes (its kernel FIB, from BIRD):")
         for line in _routes_text(lab):
             echo(line)
@@ -357,8 +497,8 @@ def _show(dispatchers, methods, requests, kill, echo, result) -> None:
             echo(f"\nSIGKILL of dispatcher {kill} …")
             t0 = time.monotonic()
             lab.kill(kill)
-            rest = [a for a in everyone if a != address_of(kill)]
-            gone = max((lab.wait_nexthops(vip, rest, HOLD + 2) or float("inf")) for vip in lab.vip_list())
+            gone = max((lab.wait_nexthops(vip, lab.next_hops_of(vip, but=kill), HOLD + 2) or float("inf"))
+                       for vip in lab.vip_list())
             echo(f"  its routes left the router after {gone:.3f} s (hold time {HOLD} s):")
             for line in _routes_text(lab):
                 echo(line)
