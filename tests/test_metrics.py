@@ -430,7 +430,8 @@ def test_info_names_the_engine(lab):
     labels = dict(labels)
     assert value == 1
     assert labels == {"engine": report["engine"]["engine"], "interface": "eth0",
-                      "plan_digest": report["engine"]["plan_digest"]}
+                      "plan_digest": report["engine"]["plan_digest"],
+                      "selection_digest": report["engine"]["selection_digest"]}
     assert labels["engine"] in ("xdp", "afpacket")
     if lab.engine == "afpacket":
         assert labels["engine"] == "afpacket"

@@ -126,7 +126,7 @@ def test_losing_and_adding_a_dispatcher_resets_no_connection(lab):
         assert stalled == [] and not conns.errors, (stalled, conns.errors)
         for method in METHODS + ("mac6",):  # new connections succeed
             answers = lab.curl(method, 3)
-            assert all(a.startswith(f"server={method}") for a in answers), answers
+            assert all(a.startswith(f"server={method.rstrip('6')}") for a in answers), answers
 
         # start it again: announced again, takes flows again, still no reset
         lab.start(2)

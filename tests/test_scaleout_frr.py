@@ -20,13 +20,15 @@ if REASON:
     pytest.skip(f"the FRR scale-out test needs: {REASON}", allow_module_level=True)
 
 VIP = topology.SERVERS["mac"][0]
+VIP6 = topology.SERVERS["mac6"][0]
 
 
 def test_frr_spreads_flows_and_drops_a_killed_dispatcher_without_resets():
-    with scaleout.ScaleOut(3, ("mac",), router="frr") as lab:
+    with scaleout.ScaleOut(3, ("mac",), router="frr", ipv6=True) as lab:
         lab.start_all()
         everyone = lab.next_hops_of(VIP)
         assert lab.wait_nexthops(VIP, everyone, 20) is not None, (lab.nexthops(VIP), lab.bird_protocols())
+        assert lab.wait_nexthops(VIP6, lab.next_hops_of(VIP6), 5) is not None, lab.nexthops(VIP6)
         conns = []
         for _ in range(24):
             sock = lab.connect("mac", timeout=5.0)
@@ -40,6 +42,8 @@ def test_frr_spreads_flows_and_drops_a_killed_dispatcher_without_resets():
         gone = lab.wait_nexthops(VIP, lab.next_hops_of(VIP, but=2), scaleout.HOLD + 1)
         print(f"FRR: SIGKILL of dispatcher 2: its route left after {gone:.3f} s")
         assert gone is not None, lab.nexthops(VIP)
+        assert lab.wait_nexthops(VIP6, lab.next_hops_of(VIP6, but=2), 2) is not None, lab.nexthops(VIP6)
+        assert all(a.startswith("server=mac") for a in lab.curl("mac6", 2))
         for sock, _ in conns:  # every connection, those dispatcher 2 carried included
             assert lab.http_get(sock).startswith("server=mac")
         assert all(a.startswith("server=mac") for a in lab.curl("mac", 3))

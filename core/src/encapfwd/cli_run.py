@@ -160,7 +160,9 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass
                    "spreads flows by ECMP; shows which dispatcher carried which flows.")
 @click.option("--kill", "kill", type=click.IntRange(1, 9), default=None,
               help="With --dispatchers: SIGKILL this dispatcher and show the routes and connections after.")
-def lab_command(requests, methods, keep, as_json, failover, dispatchers, kill):
+@click.option("--router", type=click.Choice(["bird", "frr"]), default="bird", show_default=True,
+              help="With --dispatchers: the routing daemon on the router.")
+def lab_command(requests, methods, keep, as_json, failover, dispatchers, kill, router):
     """Build a namespace lab, send HTTP requests through 'encapfwd run', show counters, tear it down.
 
     \b
@@ -178,14 +180,15 @@ def lab_command(requests, methods, keep, as_json, failover, dispatchers, kill):
         raise EncapfwdError(f"--methods: unknown method(s) {', '.join(bad)} (mac, ipip, gre)")
     if failover and "mac" not in wanted:
         raise EncapfwdError("--failover needs the mac method (its extra servers are MAC-forwarded)")
-    if kill is not None and dispatchers is None:
-        raise EncapfwdError("--kill needs --dispatchers")
+    if (kill is not None or router != "bird") and dispatchers is None:
+        raise EncapfwdError("--kill and --router need --dispatchers")
     if dispatchers is not None:
         if failover or keep:
             raise EncapfwdError("--dispatchers does not combine with --failover or --keep")
         from .lab.scaleout import run_scaleout_lab
 
-        result = run_scaleout_lab(dispatchers, wanted, requests=requests, kill=kill, echo=click.echo)
+        result = run_scaleout_lab(dispatchers, wanted, requests=requests, kill=kill, echo=click.echo,
+                                  router=router)
         if as_json:
             click.echo(json.dumps(result, indent=2, default=str))
         sys.exit(0 if result.get("ok") else 1)

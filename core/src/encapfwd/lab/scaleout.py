@@ -436,39 +436,41 @@ def _routes_text(lab: ScaleOut) -> List[str]:
 
 
 def run_scaleout_lab(dispatchers: int, methods=("mac", "ipip", "gre"), requests: int = 6,
-                     kill: Optional[int] = None, echo=print) -> dict:
+                     kill: Optional[int] = None, echo=print, router: str = "bird") -> dict:
     """``encapfwd lab --dispatchers N [--kill K]``: the ECMP picture, which dispatcher carried which flows,
     one dispatcher killed on request with the router's routes before and after; torn down at the end."""
     started = time.monotonic()
     result: dict = {"ok": False, "dispatchers": dispatchers}
-    reason = scaleout_unavailable(methods)
+    reason = scaleout_unavailable(methods, router)
     if reason:
         raise LabUnavailable(f"encapfwd lab --dispatchers cannot run here: {reason}")
     if kill is not None and not 1 <= kill <= dispatchers:
         raise LabError(f"--kill must name one of the dispatchers 1-{dispatchers}")
-    echo(f"Building the scale-out lab: {dispatchers} dispatcher(s), a BIRD router, back-ends {', '.join(methods)} …")
+    echo(f"Building the scale-out lab: {dispatchers} dispatcher(s), a {router.upper()} router, back-ends "
+         f"{', '.join(methods)} …")
     try:
-        _show(dispatchers, methods, requests, kill, echo, result)
+        _show(dispatchers, methods, requests, kill, echo, result, router)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
         raise LabError(f"the scale-out lab failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
     echo(f"\nLab torn down ({time.monotonic() - started:.1f} s). Result: {'OK' if result['ok'] else 'FAILED'}.")
     return result
 
 
-def _show(dispatchers, methods, requests, kill, echo, result) -> None:
-    with ScaleOut(dispatchers, methods, echo=echo, ipv6="mac" in methods) as lab:
+def _show(dispatchers, methods, requests, kill, echo, result, router) -> None:
+    with ScaleOut(dispatchers, methods, echo=echo, ipv6="mac" in methods, router=router) as lab:
         echo(__doc__.split("::", 1)[1].split("Each dispatcher", 1)[0].rstrip().replace(
             "dispatcher 3 10.0.2.3", f"dispatcher {dispatchers} 10.0.2.{dispatchers}"))
         echo("")
         echo("Configuration (every dispatcher; each then sets its own nfa):")
         for command in lab.config_commands:
             echo("  encapfwd " + " ".join(command))
-        echo(f"Router: BIRD 2 with {lab.workdir / 'bird.conf'} (docs/scale-out.md shows it)")
+        conf = lab.workdir / ("frr/bgpd.conf" if router == "frr" else "bird.conf")
+        echo(f"Router: {'FRR' if router == 'frr' else 'BIRD 2'} with {conf} (docs/scale-out.md shows it)")
         lab.start_all()
         everyone = [address_of(i) for i in lab.members]
         for vip in lab.vip_list():
             lab.wait_nexthops(vip, lab.next_hops_of(vip), 20)
-        echo("\nThe router's routes (its kernel FIB, from BIRD):")
+        echo(f"\nThe router's routes (its kernel FIB, from {'FRR' if router == 'frr' else 'BIRD'}):")
         for line in _routes_text(lab):
             echo(line)
         result["routes_before"] = {vip: lab.nexthops(vip) for vip in lab.vip_list()}
