@@ -486,6 +486,18 @@ def shift_flows():
     return flow_list, syn, data
 
 
+def _shift(shift_flows, n, **change):
+    """Flows established on A under P1 (n servers); P2 (*change*: extra= or without= a server) given to A and
+    to a fresh B. (P1's picks, P2's picks, where A sends the flows' data, where B sends it)."""
+    flow_list, syn, data = shift_flows
+    a = _established(n, HOST_A, syn)
+    p1 = _table_pick(slots(n), flow_list)
+    p2 = _table_pick(slots(n, **change), flow_list)
+    a.reload(make_config(HOST_A, servers=simple_servers(n, **change)))
+    b = Dispatcher(make_config(HOST_B, servers=simple_servers(n, **change)), registry())
+    return p1, p2, _servers_of(a, data, 30.0), _servers_of(b, data, 30.0)
+
+
 def _table_pick(table, flow_list):
     return [table[zlib.crc32(flow_key(f)) % MAGLEV_SIZE] for f in flow_list]
 
@@ -497,15 +509,8 @@ def test_a_server_added_while_traffic_shifts(shift_flows, n):
     flow table) land where P2's table says: a different server for the flows P2 gives another server,
     about 1/(N+1) (the new server's share) plus Maglev's churn. Those connections would be reset.
     Measured (100,000 flows): 16.73 % moved, 16.61 % to the new server (N=5); 9.40 %, 9.06 % (N=10)."""
-    flow_list, syn, data = shift_flows
     new = "10.0.3.200"
-    a = _established(n, HOST_A, syn)
-    p1 = _table_pick(slots(n), flow_list)
-    p2 = _table_pick(slots(n, extra=new), flow_list)
-    a.reload(make_config(HOST_A, servers=simple_servers(n, extra=new)))
-    b = Dispatcher(make_config(HOST_B, servers=simple_servers(n, extra=new)), registry())
-    at_a = _servers_of(a, data, 30.0)
-    at_b = _servers_of(b, data, 30.0)
+    p1, p2, at_a, at_b = _shift(shift_flows, n, extra=new)
     assert at_a == p1  # every established flow stays on its server at A
     assert at_b == p2  # B places each as P2's table does
     moved = sum(x != y for x, y in zip(at_a, at_b))
@@ -522,16 +527,9 @@ def test_a_server_removed_while_traffic_shifts(shift_flows, n):
     place them again, on the same server); every other established flow stays at A and nearly all stay
     when shifted to B (all but Maglev's churn). Measured (100,000 flows, 10.0.3.12 removed): 19.98 %
     orphaned, 99.90 % of the others stay (N=5); 10.00 %, 99.75 % (N=10)."""
-    flow_list, syn, data = shift_flows
     gone = "10.0.3.12"
     gone_b = packed(gone)
-    a = _established(n, HOST_A, syn)
-    p1 = _table_pick(slots(n), flow_list)
-    p3 = _table_pick(slots(n, without=gone), flow_list)
-    a.reload(make_config(HOST_A, servers=simple_servers(n, without=gone)))
-    b = Dispatcher(make_config(HOST_B, servers=simple_servers(n, without=gone)), registry())
-    at_a = _servers_of(a, data, 30.0)
-    at_b = _servers_of(b, data, 30.0)
+    p1, p3, at_a, at_b = _shift(shift_flows, n, without=gone)
     assert at_b == p3
     orphans = [i for i, s in enumerate(p1) if s == gone_b]
     others = [i for i, s in enumerate(p1) if s != gone_b]

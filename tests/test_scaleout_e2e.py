@@ -10,7 +10,6 @@ because every dispatcher picks the same server for a flow (Maglev over the same 
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 

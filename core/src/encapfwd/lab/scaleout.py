@@ -41,6 +41,7 @@ from .topology import (
     Topology,
     _tail,
     _xdp_peer,
+    stop_process,
     unavailable_reason,
 )
 
@@ -65,11 +66,11 @@ def bird_config(count: int, log_path: str, hold: int = HOLD, ipv6: bool = False)
     """BIRD 2 for the router: one passive eBGP session per dispatcher, the cluster /32s (and /128s over the
     same IPv4 session) imported, and the kernel protocols merging equal routes into one multipath (ECMP)
     route."""
-    kernel6 = f"""
-protocol kernel {{
-    ipv6 {{ import none; export where source = RTS_BGP; }};
+    kernel6 = """
+protocol kernel {
+    ipv6 { import none; export where source = RTS_BGP; };
     merge paths on limit 16;
-}}
+}
 """ if ipv6 else ""
     channel6 = f"""    ipv6 {{
         import where net ~ [ {VIP6_NET}{{128,128}} ];
@@ -345,16 +346,7 @@ class ScaleOut(Topology):
         proc, member.proc = member.proc, None
         if index == 1:
             self.dispatcher = None
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
+        return stop_process(proc, sig, timeout)
 
     def report_of(self, index: int) -> dict:
         from ..engines.live import query_control
@@ -467,7 +459,6 @@ def _show(dispatchers, methods, requests, kill, echo, result, router) -> None:
         conf = lab.workdir / ("frr/bgpd.conf" if router == "frr" else "bird.conf")
         echo(f"Router: {'FRR' if router == 'frr' else 'BIRD 2'} with {conf} (docs/scale-out.md shows it)")
         lab.start_all()
-        everyone = [address_of(i) for i in lab.members]
         for vip in lab.vip_list():
             lab.wait_nexthops(vip, lab.next_hops_of(vip), 20)
         echo(f"\nThe router's routes (its kernel FIB, from {'FRR' if router == 'frr' else 'BIRD'}):")

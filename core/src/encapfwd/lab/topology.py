@@ -84,6 +84,20 @@ SERVERS = {
 }
 
 
+def stop_process(proc: Optional[subprocess.Popen], sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
+    """Send *sig* to *proc*, wait *timeout* seconds (then SIGKILL); its exit status (None without one)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 def _tail(path, size: int = 3000) -> str:
     try:
         return Path(path).read_text(errors="replace")[-size:]
@@ -594,18 +608,8 @@ class Topology:
         return _tail(self.log_path)
 
     def stop_dispatcher(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
-        proc = self.dispatcher
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        self.dispatcher = None
-        return proc.returncode
+        proc, self.dispatcher = self.dispatcher, None
+        return stop_process(proc, sig, timeout)
 
     def upstream(self, mode: str) -> None:
         """How the router reaches the VIPs: ``route`` (via the dispatcher's address, the default) or ``arp``
