@@ -64,6 +64,10 @@ def lab(request):
         yield built
 
 
+#: tests of what only the XDP engine does: the module's lab with that engine only
+XDP_ONLY = pytest.mark.parametrize("lab", ["xdp"], indirect=True)
+
+
 def _need(lab, method):
     if method not in lab.methods:
         pytest.skip(f"{method} back-end unavailable: {TUNNEL_REASON}")
@@ -459,9 +463,8 @@ def test_server_down_moves_new_flows(lab):
         _reload(lab)
 
 
+@XDP_ONLY
 def test_xdp_stop_leaves_no_program_and_no_pin(lab):
-    if lab.engine != "xdp":
-        pytest.skip("the XDP engine's clean-up")
     _ensure_running(lab)
     d = lab.ns["dispatcher"]
     assert "prog/xdp" in d.ip("-d", "link", "show", "eth0").stdout
@@ -476,9 +479,8 @@ def test_xdp_stop_leaves_no_program_and_no_pin(lab):
     lab.start_dispatcher()
 
 
+@XDP_ONLY
 def test_xdp_second_run_on_the_interface_refuses(lab):
-    if lab.engine != "xdp":
-        pytest.skip("the XDP engine's interface guard")
     _ensure_running(lab)
     argv = topology.encapfwd_argv() + ["--config", str(lab.config_path), "run", "--interface", "eth0",
                                        "--engine", "xdp", "--control", lab.control_path + ".2"]
@@ -490,11 +492,10 @@ def test_xdp_second_run_on_the_interface_refuses(lab):
     assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
 
 
+@XDP_ONLY
 def test_xdp_a_killed_dispatcher_keeps_forwarding_and_a_restart_takes_over(lab):
     """SIGKILL leaves no chance to detach: the program stays and keeps forwarding from its maps (the kernel
     holds it); the next run sees that its owner is gone and replaces it atomically."""
-    if lab.engine != "xdp":
-        pytest.skip("the XDP engine's crash behaviour")
     _ensure_running(lab)
     lab.stop_dispatcher(signal.SIGKILL)
     time.sleep(0.3)
