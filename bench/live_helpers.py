@@ -71,6 +71,16 @@ def commands():
             yield json.loads(line)
 
 
+def serve(handlers) -> None:
+    """Answer the commands on stdin with ``handlers[name](cmd)`` until ``quit``."""
+    for cmd in commands():
+        if cmd["cmd"] == "quit":
+            reply({"bye": True})
+            return
+        handler = handlers.get(cmd["cmd"])
+        reply(handler(cmd) if handler else {"error": f"unknown command {cmd['cmd']!r}"})
+
+
 def _checksum(data: bytes) -> int:
     total = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
@@ -239,17 +249,11 @@ def gen_main(argv) -> int:
     gen = Generator(ifname, dst_mac, count_mac, int(flows), src_ip, dst_ip, int(dport))
     try:
         reply({"ready": True, "frame": gen.frame.hex(), "pid": os.getpid()})
-        for cmd in commands():
-            if cmd["cmd"] == "run":
-                reply(gen.run(cmd.get("seconds", 0.0), cmd.get("rate", 0.0), cmd.get("until_stop", False),
-                              cmd.get("cpus", ()), cmd.get("pids", ()), cmd.get("burst", 32)))
-            elif cmd["cmd"] == "counts":
-                reply(dict(zip(("generated", "back", "other"), gen.read())))
-            elif cmd["cmd"] == "quit":
-                reply({"bye": True})
-                break
-            else:
-                reply({"error": f"unknown command {cmd['cmd']!r}"})
+        serve({
+            "run": lambda cmd: gen.run(cmd.get("seconds", 0.0), cmd.get("rate", 0.0), cmd.get("until_stop", False),
+                                       cmd.get("cpus", ()), cmd.get("pids", ()), cmd.get("burst", 32)),
+            "counts": lambda cmd: dict(zip(("generated", "back", "other"), gen.read())),
+        })
     finally:
         gen.close()
     return 0
@@ -274,23 +278,18 @@ def xdp_main(argv) -> int:
     try:
         dp.attach(socket.if_nametoindex(ifname), "native")
         reply({"ready": True, "prog_id": prog_id(dp.prog_fd), "pid": os.getpid()})
-        for cmd in commands():
-            if cmd["cmd"] == "reloads":
-                times = []
-                configs = cmd["configs"]
-                for i in range(cmd["count"]):
-                    t = time.perf_counter()
-                    dp.install(compile_plan(cfg.load(configs[i % len(configs)]), registry, sids))
-                    times.append((time.perf_counter() - t) * 1e3)
-                    time.sleep(cmd.get("interval", 0.0))
-                reply({"reloads": len(times), "install_ms": times})
-            elif cmd["cmd"] == "counters":
-                reply(dp.counters())
-            elif cmd["cmd"] == "quit":
-                reply({"bye": True})
-                break
-            else:
-                reply({"error": f"unknown command {cmd['cmd']!r}"})
+
+        def reloads(cmd):
+            times = []
+            configs = cmd["configs"]
+            for i in range(cmd["count"]):
+                t = time.perf_counter()
+                dp.install(compile_plan(cfg.load(configs[i % len(configs)]), registry, sids))
+                times.append((time.perf_counter() - t) * 1e3)
+                time.sleep(cmd.get("interval", 0.0))
+            return {"reloads": len(times), "install_ms": times}
+
+        serve({"reloads": reloads, "counters": lambda cmd: dp.counters()})
     finally:
         dp.close()
     return 0

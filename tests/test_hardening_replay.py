@@ -115,20 +115,25 @@ def _cut_pcap(kind):
     return blob + struct.pack("<IIII", 1, 0, 100, 100)[:7], len(blob), 7, 16
 
 
-@pytest.mark.parametrize("kind", ["record", "record-past-eof", "record-header"])
-def test_truncated_pcap_is_replayed_and_reported(tmp_path, whole, kind):
-    blob, offset, have, need = _cut_pcap(kind)
-    src = tmp_path / "cut.pcap"
-    src.write_bytes(blob)
-    out = tmp_path / "out.pcap"
-    proc = encapfwd("--config", str(CONFIG), "replay", str(src), str(out), "--json")
+def _replay_cut(src, data: bytes):
+    """Replay the truncated capture *data* (written to *src*): exit status 3 and ``truncated`` in the JSON
+    summary; the process and the summary."""
+    src.write_bytes(data)
+    proc = encapfwd("--config", str(CONFIG), "replay", str(src), str(src.with_name("out.pcap")), "--json")
     assert proc.returncode == EXIT_TRUNCATED, proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["truncated"] is True
+    return proc, summary
+
+
+@pytest.mark.parametrize("kind", ["record", "record-past-eof", "record-header"])
+def test_truncated_pcap_is_replayed_and_reported(tmp_path, whole, kind):
+    blob, offset, have, need = _cut_pcap(kind)
+    proc, summary = _replay_cut(tmp_path / "cut.pcap", blob)
     assert summary["frames_in"] == 273 and summary["forwarded"] + summary["dropped"] == 273
     cut = summary["truncation"]
     assert (cut["frame"], cut["offset"], cut["have"], cut["need"]) == (274, offset, have, need), cut
-    assert out.read_bytes() == whole[0]  # everything before the cut was forwarded and written
+    assert (tmp_path / "out.pcap").read_bytes() == whole[0]  # everything before the cut was forwarded and written
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("encapfwd: warning: ")
@@ -192,22 +197,17 @@ def test_truncated_pcapng_is_replayed_and_reported(tmp_path, sample_pcapng, whol
     else:  # the section header and half of the interface description block
         data, frames, offset = blob[:offsets[1] + 10], 0, offsets[1]
         words = ["interface description block", "before the first frame"]
-    src = tmp_path / "cut.pcapng"
-    src.write_bytes(data)
-    out = tmp_path / "out.pcap"
-    proc = encapfwd("--config", str(CONFIG), "replay", str(src), str(out), "--json")
-    assert proc.returncode == EXIT_TRUNCATED, proc.stderr
-    summary = json.loads(proc.stdout)
-    assert summary["truncated"] is True and summary["frames_in"] == frames
+    proc, summary = _replay_cut(tmp_path / "cut.pcapng", data)
+    assert summary["frames_in"] == frames
     assert summary["truncation"]["offset"] == offset
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"byte offset {offset}" in lines[0], proc.stderr
     for word in words:
         assert word in lines[0], (word, lines[0])
     if cut == "block-header":
-        assert out.read_bytes() == whole[0]
+        assert (tmp_path / "out.pcap").read_bytes() == whole[0]
     if TSHARK and cut != "block-header":
-        count, err = tshark_count(src)
+        count, err = tshark_count(tmp_path / "cut.pcapng")
         assert count == frames and "cut short" in err, (count, err)
 
 

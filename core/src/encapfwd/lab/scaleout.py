@@ -315,13 +315,7 @@ class ScaleOut(Topology):
     # -- configuration of every member
 
     def cli_on(self, index: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        member = self.members[index]
-        saved = self.config_path
-        self.config_path = member.config
-        try:
-            return self.cli(*args, check=check)
-        finally:
-            self.config_path = saved
+        return self.cli(*args, check=check, config=self.members[index].config)
 
     def cli_all(self, *args: str) -> None:
         """The same configuration command on every dispatcher (as an operator's tooling would)."""

@@ -373,8 +373,9 @@ class Topology:
         self._wait_servers()
         return self
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        argv = encapfwd_argv() + ["--config", str(self.config_path), *args]
+    def cli(self, *args: str, check: bool = True, config=None) -> subprocess.CompletedProcess:
+        """``encapfwd --config CONFIG ARGS`` (CONFIG: the lab's own file unless given)."""
+        argv = encapfwd_argv() + ["--config", str(config or self.config_path), *args]
         env = {k: v for k, v in os.environ.items() if k != "ENCAPFWD_CONFIG"}
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
         if check and proc.returncode != 0:
