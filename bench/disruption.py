@@ -92,10 +92,11 @@ def frame(flow, flags: int) -> bytes:
             + (~s & 0xFFFF).to_bytes(2, "big") + header[12:] + l4)
 
 
-def servers_of(dispatcher, frames, now):
-    """The server (outer destination) each frame goes to."""
+def servers_of(dispatcher, frames, now, host):
+    """The server (outer destination) each frame goes to, sent to *host*'s MAC (ECMP picked it)."""
     process = dispatcher.process
-    return [process(f, now)[0][30:34] for f in frames]
+    mac = bytes.fromhex(host["mac"].replace(":", ""))
+    return [process(mac + f[6:], now)[0][30:34] for f in frames]
 
 
 def measure(n: int, count: int, registry) -> dict:
@@ -121,13 +122,13 @@ def measure(n: int, count: int, registry) -> dict:
 
     def established():
         d = Dispatcher(config(HOST_A, addresses(n), maxflows), registry)
-        return d, servers_of(d, syn, 0.0)
+        return d, servers_of(d, syn, 0.0, HOST_A)
 
     # a server added
     a, old = established()
     a.reload(config(HOST_A, addresses(n, extra=NEW), maxflows))
     b = Dispatcher(config(HOST_B, addresses(n, extra=NEW), maxflows), registry)
-    at_a, at_b = servers_of(a, data, 30.0), servers_of(b, data, 30.0)
+    at_a, at_b = servers_of(a, data, 30.0, HOST_A), servers_of(b, data, 30.0, HOST_B)
     add_moved = sum(x != y for x, y in zip(old, at_b))
     add_new = at_b.count(new_b)
     expected = [p2[zlib.crc32(f[0] + f[1] + b"\x06" + f[2].to_bytes(2, "big") + b"\x00\x50") % MAGLEV_SIZE]
@@ -144,7 +145,7 @@ def measure(n: int, count: int, registry) -> dict:
     a, old = established()
     a.reload(config(HOST_A, addresses(n, without=gone), maxflows))
     b = Dispatcher(config(HOST_B, addresses(n, without=gone), maxflows), registry)
-    at_a, at_b = servers_of(a, data, 30.0), servers_of(b, data, 30.0)
+    at_a, at_b = servers_of(a, data, 30.0, HOST_A), servers_of(b, data, 30.0, HOST_B)
     orphans = [i for i, s in enumerate(old) if s == gone_b]
     others = [i for i, s in enumerate(old) if s != gone_b]
     remove = {
@@ -156,7 +157,7 @@ def measure(n: int, count: int, registry) -> dict:
 
     # restarted, no change
     b = Dispatcher(config(HOST_B, addresses(n), maxflows), registry)
-    restart_moved = sum(x != y for x, y in zip(old, servers_of(b, data, 30.0)))
+    restart_moved = sum(x != y for x, y in zip(old, servers_of(b, data, 30.0, HOST_B)))
 
     return {
         "servers": n, "flows": count, "slots": MAGLEV_SIZE,

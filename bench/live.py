@@ -1,24 +1,37 @@
 #!/usr/bin/env python3
 """Live forwarding speed per method: kernel IP forwarding vs encapfwd run's AF_PACKET and XDP engines.
 
-MAC, IPIP and GRE; the three cases on the same veth path, the same CPU placement and the same generator,
-which offers more than any of them forwards. Root, Linux, 2 CPUs, clang + libbpf-dev.
+MAC, IPIP and GRE; the three cases on the same veth path, the same CPU placement and the same generator.
+Root, Linux, 2 CPUs, clang + libbpf-dev; where the kernel refuses live frames also trafgen (Debian
+netsniff-ng) and gcc.
 
 Topology (one-armed, as a dispatcher is)::
 
     gen ns   g0 ──veth── f0   fwd ns
-    xdp_gen (bench/xdp_gen.bpf.c) run by           (a) kernel IP forwarding: ip_forward=1, VIP via 10.1.0.3
-      BPF_PROG_TEST_RUN + LIVE_FRAMES on g0:       (b) encapfwd run --engine afpacket --cpus 1
-      64-byte UDP frames → VIP:9, --flows ports,   (c) the XDP engine (encapfwd run --engine xdp when that
-      XDP_TX out of g0 into f0 (CPU 0)                 exists, else DataPlane.load(plan).attach(f0, native)
+    generator on CPU 0: 64-byte UDP frames         (a) kernel IP forwarding: ip_forward=1, VIP via 10.1.0.3
+      → VIP:9, --flows source ports, out of g0     (b) encapfwd run --engine afpacket --cpus 1
+      into f0 (live frames: XDP_TX of xdp_gen;     (c) the XDP engine (encapfwd run --engine xdp when that
+      trafgen: a TX ring, socket buffers)              exists, else DataPlane.load(plan).attach(f0, native)
     xdp_count on g0: counts the frames that come       in a helper process inside the fwd namespace)
       back to 10.1.0.3's MAC (NOBODY_MAC, owned     all three send the frame back out of f0 to NOBODY_MAC
       by nobody), drops everything                  (MAC forwarding, or IPIP / GRE to 10.1.0.3 on-link)
 
-Generator: bench/live_helpers.py in the gen namespace runs xdp_gen with BPF_PROG_TEST_RUN and
-BPF_F_TEST_XDP_LIVE_FRAMES in a thread: one test run per trial, stopped by a signal (a test run costs tens
-of milliseconds of setup and teardown on these VMs, so many short calls cannot make a rate); a paced run is
-paced by the program itself (token bucket: it sends only when behind the rate, else XDP_DROP).
+Generator (--generator auto | live-frames | trafgen; bench/live_helpers.py in the gen namespace):
+
+- live frames: xdp_gen (bench/xdp_gen.bpf.c) run with BPF_PROG_TEST_RUN and BPF_F_TEST_XDP_LIVE_FRAMES in
+  a thread: one test run per trial, stopped by a signal (a test run costs tens of milliseconds of setup and
+  teardown on these VMs, so many short calls cannot make a rate); a paced run is paced by the program
+  itself (token bucket: it sends only when behind the rate, else XDP_DROP). f0 receives XDP frames.
+- trafgen: where the kernel refuses live frames (some kernels answer EPERM even to root), trafgen sends the
+  --flows frames round robin from a 64 KiB TX ring, its packet sockets given a 64 MiB send buffer by
+  SO_SNDBUFFORCE (bench/trafgen_shim.c, LD_PRELOAD, compiled at bench time: inside a namespace trafgen
+  cannot raise net.core.wmem_*, and with 208 KiB waiting in f0's NAPI ring its flush dies with EAGAIN);
+  paced: ``trafgen -b RATEpps``. f0 receives socket buffers: before its native XDP program runs, the veth
+  copies each into a page of its own (and frees the skb), so the XDP engine gains much less over the
+  kernel than with XDP frames. trafgen offers ≈ 0.45–0.75 Mpps from CPU 0 here (its worker pins itself to
+  CPU 0, ``-P 1``), more than any case forwards from socket buffers; compare the ns per forwarded frame.
+- auto (the default): one live-frames test run of xdp_gen (paced to send nothing) decides; the kernel's
+  refusal (EPERM, EINVAL, EOPNOTSUPP) is printed and trafgen runs.
 
 Placement: the generator pinned to CPU 0; f0's receive work on CPU 1: f0 has GRO on (a veth has a NAPI
 ring only with GRO or an XDP program; writing ``threaded`` fails with EIO without one), NAPI threaded
@@ -27,9 +40,10 @@ kernel forwards in that thread, the XDP program runs in it, and ``encapfwd run -
 there too. g0's NAPI thread (the counting program) is pinned to CPU 0 at SCHED_FIFO 50: else, on a busy
 CPU 0, g0's 256-frame ring overflows and forwarded frames go uncounted. RPS is off on both ends.
 
-Figures per trial: forwarded = frames back at g0 / seconds; offered = frames generated / seconds (the
-generator is the limit when forwarded ≥ 95 % of offered); CPU1 ns/pkt = CPU 1's busy time (/proc/stat
-user + nice + system + irq + softirq, every task) / frames forwarded; threads ns/pkt = on-CPU time
+Figures per trial: forwarded = frames back at g0 / seconds; offered = frames generated / seconds (live
+frames: xdp_gen's runs; trafgen: g0's tx_packets + tx_dropped, i.e. taken by f0 or refused by its full
+ring; the generator is the limit when forwarded ≥ 95 % of offered); CPU1 ns/pkt = CPU 1's busy time
+(/proc/stat user + nice + system + irq + softirq, every task) / frames forwarded; threads ns/pkt = on-CPU time
 (schedstat) of f0's NAPI thread and the dispatcher's processes / frames forwarded (the same work without
 other jobs sharing CPU 1); for XDP also the program's own ns per packet (kernel.bpf_stats_enabled=1,
 run_time_ns / run_cnt, restored after, in a separate shorter trial so that the statistics' cost does not
@@ -40,14 +54,15 @@ Reload under load (XDP): paced at half the XDP median rate, f0's NAPI thread at 
 jobs cannot hold it off CPU 1 longer than f0's 256-frame ring lasts), a run during which the plan is
 replaced --reloads times (alternately with one more server: ``encapfwd run``'s control ``reload``, or
 DataPlane.install from a helper pinned to CPU 1), then a run as long without; lost = generated − back,
-split into f0's ring overflowing (the frame never reached the program), the program not sending it, and the
-way back.
+split into f0's ring overflowing (the frame never reached the program: f0's rx_dropped for XDP frames, g0's
+tx_dropped for socket buffers), the program not sending it, and the way back.
 
 Replaced by this version: the AF_PACKET TX-ring generator (≈ 0.6–0.7 Mpps, about what the kernel forwards),
 RPS placement, f0's tx_packets as the forwarded count, the "generator alone" row, the loss-free binary
 search, --worker-cost, --rx-on-generator-cpu and --workers (a second worker would share the generator's CPU).
 
-Run: ``sudo .venv/bin/python bench/live.py [--seconds 3] [--rounds 3] [--flows 256] [--json]``.
+Run: ``sudo .venv/bin/python bench/live.py [--seconds 3] [--rounds 3] [--flows 256] [--generator auto]
+[--json]``.
 """
 
 from __future__ import annotations
@@ -212,7 +227,9 @@ class Bench:
         self.fwd.ethtool_offload("f0", gro=True)
         self.f0_mac = self.fwd.mac("f0")
         self.generator = self.helper(self.gen, "gen", "g0", self.f0_mac, NOBODY_MAC, str(args.flows),
-                                     str(GEN_CPU), GEN_IP, VIP, str(UDP_PORT))
+                                     str(GEN_CPU), GEN_IP, VIP, str(UDP_PORT), args.generator)
+        self.generator_info = {k: self.generator.ready.get(k) for k in ("generator", "input", "live_frames",
+                                                                         "detail")}
         self.place()
 
     def helper(self, ns, *argv) -> Helper:
@@ -450,7 +467,9 @@ class Bench:
             for run in (loaded, steady):
                 f0 = run["f0"]
                 run["lost"] = run["generated"] - run["back"]
-                run["lost_f0_ring"] = f0.get("rx_dropped", 0)  # never reached the program: f0's ring full
+                # never reached the program: f0's ring full (XDP frames: f0's rx_dropped; socket buffers:
+                # the veth refuses them at g0's transmit, g0's tx_dropped)
+                run["lost_f0_ring"] = f0.get("rx_dropped", 0) + run.get("ring_full", 0)
                 run["lost_program"] = (f0.get("rx_queue_0_xdp_packets", 0) - f0.get("rx_queue_0_xdp_tx", 0)
                                        - f0.get("rx_queue_0_xdp_tx_errors", 0))
                 run["lost_return"] = f0.get("rx_queue_0_xdp_tx_errors", 0)
@@ -588,11 +607,13 @@ def print_tables(results: dict, methods, args) -> None:
     says = {r.get("engine_says") for m in methods for r in results["xdp"][m]} - {None, ""}
     if says:
         print("\nXDP engine: " + " | ".join(sorted(says)))
+    gen = results["generator"]
+    fed = f"{gen['input']} ({gen['generator'].replace('-', ' ')})"
     kernel = results["kernel"]
     k_med = spread(kernel, "fwd_pps")[1]
     for method in methods:
-        print(f"\n{method.upper()}: forwarded kpps (min / median / max of {args.rounds} rounds of "
-              f"{args.seconds:g} s), ns per forwarded packet on CPU {FWD_CPU} (median)")
+        print(f"\n{method.upper()}, input {fed}: forwarded kpps (min / median / max of {args.rounds} rounds "
+              f"of {args.seconds:g} s), offered kpps and ns per forwarded packet on CPU {FWD_CPU} (medians)")
         print(f"   {'case':<22} {'forwarded kpps':>21} {'× kernel':>8} {'offered kpps':>12} "
               f"{'CPU1 ns/pkt':>11} {'threads ns/pkt':>14} {'prog ns/pkt':>11}")
         rows = [("kernel IP forwarding", kernel), ("encapfwd afpacket", results["afpacket"][method]),
@@ -643,6 +664,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flows", type=int, default=256, help="distinct UDP source ports")
     parser.add_argument("--methods", default="mac,ipip,gre")
+    parser.add_argument("--generator", choices=("auto", "live-frames", "trafgen"), default="auto",
+                        help="live-frames: BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES (f0 receives XDP "
+                             "frames); trafgen: Debian netsniff-ng's trafgen (f0 receives socket buffers); "
+                             "auto: live frames where the kernel runs them, else trafgen")
     parser.add_argument("--stats-seconds", type=float, default=1.0,
                         help="length of the extra XDP trial with kernel.bpf_stats_enabled=1 (0: skip)")
     parser.add_argument("--reloads", type=int, default=20, help="plan changes in the reload check (0: skip)")
@@ -668,13 +693,10 @@ def main():
                         + ("(--xdp-direct)" if has_engine else "(encapfwd run has no --engine)"))
     print(f"Live forwarding, 64-byte UDP frames, {args.flows} flows, {args.seconds:g} s per trial, "
           f"{args.rounds} rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, "
-          f"load average {' '.join(load)}")
-    print(f"Generator: BPF_PROG_TEST_RUN live frames (bench/xdp_gen.bpf.c) on CPU {GEN_CPU}; f0's NAPI "
-          f"thread on CPU {FWD_CPU} (threaded, GRO on); encapfwd run --cpus {FWD_CPU}; XDP engine: "
-          f"{engine_note}.")
+          f"load average {' '.join(load)}", flush=True)
 
-    results = {"kernel": [], "afpacket": {m: [] for m in methods}, "xdp": {m: [] for m in methods},
-               "reload": {}}
+    results = {"generator": {}, "kernel": [], "afpacket": {m: [] for m in methods},
+               "xdp": {m: [] for m in methods}, "reload": {}}
     bench = None
 
     def on_signal(signum, frame):
@@ -688,8 +710,17 @@ def main():
             bench.close()
 
     atexit.register(cleanup)
+    from encapfwd.errors import EncapfwdError
+
     try:
         bench = Bench(args)
+        gen = results["generator"] = bench.generator_info
+        if gen["live_frames"] not in ("allowed", "not tried"):
+            print(f"Live frames: {gen['live_frames']}")
+        print(f"Generator: {gen['generator']} on CPU {GEN_CPU} ({gen['detail']}); input to the dispatcher: "
+              f"{gen['input']} ({gen['generator'].replace('-', ' ')}).")
+        print(f"f0's NAPI thread on CPU {FWD_CPU} (threaded, GRO on); encapfwd run --cpus {FWD_CPU}; XDP "
+              f"engine: {engine_note}.", flush=True)
         for r in range(args.rounds):
             results["kernel"].append(bench.kernel(args.seconds))
             for method in methods:
@@ -701,6 +732,9 @@ def main():
             for method in methods:
                 rate = spread(results["xdp"][method], "fwd_pps")[1] / 2
                 results["reload"][method] = bench.reload_check(method, rate, args.seconds, args.reloads)
+    except (RuntimeError, EncapfwdError) as exc:  # an expected condition: one line, no traceback
+        print(f"bench/live.py: {exc}", file=sys.stderr)
+        return 1
     finally:
         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)  # let the clean-up finish

@@ -4,10 +4,28 @@
 Both speak one JSON object per line: a command on stdin, one answer on stdout (the first line, once ready,
 is ``{"ready": true, …}``); an error is answered ``{"error": "…"}`` and ends the process.
 
-``gen IF DSTMAC COUNTMAC FLOWS CPU SRCIP DSTIP DPORT`` — the traffic generator, in the generator's
-namespace: loads bench/xdp_gen.bpf.c, attaches its counting program to IF (native XDP), pins itself to CPU
-and runs the generating program with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES on IF: 64-byte UDP
-frames SRCIP → DSTIP:DPORT to DSTMAC, FLOWS source ports; frames back to COUNTMAC count as forwarded.
+``gen IF DSTMAC COUNTMAC FLOWS CPU SRCIP DSTIP DPORT [GENERATOR]`` — the traffic generator, in the
+generator's namespace: loads bench/xdp_gen.bpf.c, attaches its counting program to IF (native XDP), pins
+itself to CPU and sends 64-byte UDP frames SRCIP → DSTIP:DPORT to DSTMAC, FLOWS source ports, out of IF;
+frames back to COUNTMAC count as forwarded. GENERATOR (default auto):
+
+- ``live-frames``: the generating program run with BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES on IF
+  (the frames reach the peer as XDP frames);
+- ``trafgen``: trafgen (Debian netsniff-ng) sending the FLOWS frames round robin from a PACKET_MMAP TX ring
+  on IF (the frames reach the peer as socket buffers). Inside a namespace trafgen cannot raise
+  net.core.wmem_*, and with its default 208 KiB send buffer the TX ring flush fails with EAGAIN once that
+  much waits in the peer's NAPI ring: bench/trafgen_shim.c, compiled here with gcc into a temporary folder
+  and LD_PRELOADed, gives its packet sockets 64 MiB with SO_SNDBUFFORCE; the ring is 64 KiB (``-S``).
+  trafgen pins its one worker (``-P 1``) to CPU 0 itself. It runs under ``timeout`` in a session of its
+  own and is stopped by SIGINT to that process group (its worker ignores a SIGINT sent to its parent);
+  generated = g0's tx_packets + tx_dropped (a veth counts the frames its peer took, and those the peer's
+  full ring refused, as the sender's), read in the window;
+- ``auto``: one live-frames test run of the generating program (paced to send nothing) decides; where the
+  kernel refuses the flag (EPERM, EINVAL, EOPNOTSUPP: the answer is in ``"live_frames"``), trafgen.
+
+The ready line says which ran: ``"generator"`` (``live-frames`` | ``trafgen``), ``"input"`` (what the
+dispatcher receives: ``XDP frames`` | ``socket buffers``), ``"live_frames"`` (``allowed``, the kernel's
+refusal, or ``not tried``) and ``"detail"``.
 
     {"cmd": "run", "seconds": 2}                        flat out for 2 s
     {"cmd": "run", "rate": 500000, "seconds": 2}        paced by the program itself (token bucket, "burst")
@@ -16,14 +34,21 @@ frames SRCIP → DSTIP:DPORT to DSTMAC, FLOWS source ports; frames back to COUNT
         "steal_ns": {"1": ns}, "task_ns": ns}
     (also: "cpus": [1] CPUs whose busy time to measure, "pids": [..] processes whose threads' CPU time to sum)
 
-A run is one live-frames test run in a thread, ended by SIGUSR1 to that thread (the kernel stops a test run
-between batches when a signal is pending): a test run's setup and teardown cost tens of milliseconds here,
-so short calls cannot make a rate. The window opens when the first frames are counted.
+With trafgen a paced run is ``trafgen -b RATEpps`` (``burst`` is ignored), the answer also has
+``"ring_full"`` (g0's tx_dropped: frames the peer's full ring refused) and ``"trafgen"`` (its exit status
+and the "packets outgoing" it printed, over its whole run, with g0's count over the same time as a
+cross-check); a timed run's counts are read at the end of the window, an ``until_stop`` run's after the
+stop and the drain (every frame it sent is then back or lost).
 
-``generated`` are the generating program's runs, ``back`` the frames that came back to IF with COUNTMAC as
-destination (forwarded by the dispatcher), ``other`` whatever else came back; ``busy_ns`` the busy time
-(user + nice + system + irq + softirq, /proc/stat) of each CPU named in ``"cpus"`` during the run,
-``task_ns`` the on-CPU time (/proc/PID/task/*/schedstat) of the threads of ``"pids"``.
+A live-frames run is one live-frames test run in a thread, ended by SIGUSR1 to that thread (the kernel
+stops a test run between batches when a signal is pending): a test run's setup and teardown cost tens of
+milliseconds here, so short calls cannot make a rate. The window opens when the first frames are counted.
+
+``generated`` are the generating program's runs (trafgen: g0's tx_packets + tx_dropped), ``back`` the
+frames that came back to IF with COUNTMAC as destination (forwarded by the dispatcher), ``other`` whatever
+else came back; ``busy_ns`` the busy time (user + nice + system + irq + softirq, /proc/stat) of each CPU
+named in ``"cpus"`` during the run, ``task_ns`` the on-CPU time (/proc/PID/task/*/schedstat) of the
+threads of ``"pids"``.
 
 ``xdp IF CONFIG CPU`` — encapfwd's XDP data plane without ``encapfwd run``, in the dispatcher's namespace:
 ``compile_plan(config, get_plugin_manager())``, ``DataPlane.load(plan)``, ``attach(IF, "native")``; this
@@ -40,10 +65,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,6 +81,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "core" / "src"))
 
 GEN_SOURCE = HERE / "xdp_gen.bpf.c"
+SHIM_SOURCE = HERE / "trafgen_shim.c"
+GENERATORS = ("auto", "live-frames", "trafgen")
+INPUT_KIND = {"live-frames": "XDP frames", "trafgen": "socket buffers"}
+#: the kernel's ways of refusing BPF_F_TEST_XDP_LIVE_FRAMES (any other failure of the probe is an error)
+LIVE_FRAMES_REFUSALS = (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP)
+TRAFGEN_SNDBUF = 64 << 20  # SO_SNDBUFFORCE for trafgen's packet sockets (the shim)
+TRAFGEN_RING = "64KiB"
 FRAME_LEN = 64
 BASE_PORT = 10000
 #: runs per live-frames call: the call is ended by a signal long before (each call costs tens of ms of setup
@@ -138,29 +174,169 @@ def _mac(text: str) -> bytes:
 # -------------------------------------------------------------------------------------------- generator
 
 
+def live_frames_refusal(prog_fd: int, frame: bytes, ifindex: int):
+    """One live-frames test run of *prog_fd* on *ifindex* (the caller makes the program send nothing):
+    None when the kernel runs it, else the kernel's refusal as one line. Any other failure is raised."""
+    from encapfwd.xdp import BPFError
+    from encapfwd.xdp.libbpf import live_frames
+
+    try:
+        live_frames(prog_fd, frame, 1, ifindex)
+    except BPFError as exc:
+        if exc.errno in LIVE_FRAMES_REFUSALS:
+            return f"BPF_F_TEST_XDP_LIVE_FRAMES refused by this kernel: {errno.errorcode[exc.errno]} ({exc})"
+        raise
+    return None
+
+
+class Trafgen:
+    """trafgen (Debian netsniff-ng) sending *frames* round robin out of *ifname* from CPU 0 (its worker pins
+    itself there: ``-P 1``), with bench/trafgen_shim.c preloaded (SO_SNDBUFFORCE) and a 64 KiB TX ring."""
+
+    def __init__(self, ifname: str, frames):
+        self.ifname = ifname
+        self.binary = shutil.which("trafgen")
+        if not self.binary:
+            raise RuntimeError("trafgen is not installed (Debian package netsniff-ng)")
+        self.timeout = shutil.which("timeout")
+        if not self.timeout:
+            raise RuntimeError("timeout is not installed (Debian package coreutils)")
+        self.dir = Path(tempfile.mkdtemp(prefix="efwtrafgen"))
+        self.proc = None
+        try:
+            self.shim = self.dir / "trafgen_shim.so"
+            cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+            if not cc:
+                raise RuntimeError("no C compiler for bench/trafgen_shim.c (Debian package gcc)")
+            built = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(self.shim), str(SHIM_SOURCE),
+                                    "-ldl"], check=False, capture_output=True, text=True, timeout=60)
+            if built.returncode != 0:
+                first = (built.stderr.strip().splitlines() or ["?"])[0]
+                raise RuntimeError(f"compiling bench/trafgen_shim.c with {cc} failed: {first}")
+            self.config = self.dir / "frames.cfg"
+            self.config.write_text("".join("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n"
+                                           for frame in frames))
+            self.log = self.dir / "trafgen.log"
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def start(self, rate: float, bound: float) -> None:
+        """Start sending (flat out, or ``-b RATEpps``); *bound*: seconds after which ``timeout`` stops it
+        whatever happens here."""
+        import ctypes
+
+        argv = [self.timeout, "-s", "INT", "-k", "3", f"{bound:.0f}", self.binary, "--dev", self.ifname,
+                "--conf", str(self.config), "--cpus", "1", "--ring-size", TRAFGEN_RING, "--no-sock-mem",
+                "--notouch-irq"]
+        if rate:
+            argv += ["--rate", f"{int(rate)}pps"]
+        env = dict(os.environ, LD_PRELOAD=str(self.shim), TRAFGEN_SHIM_SNDBUF=str(TRAFGEN_SNDBUF))
+
+        def pdeathsig():  # timeout (the group's leader) gets SIGTERM when this helper dies, and passes it on
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+        with open(self.log, "wb") as log:  # no other thread runs in this helper when trafgen is the generator
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env=env, start_new_session=True,
+                                         preexec_fn=pdeathsig)  # noqa: PLW1509
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> dict:
+        """SIGINT to trafgen's process group (its worker ignores one sent to its parent only), SIGKILL if it
+        lingers; returns its exit status and the "packets outgoing" it printed."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return {}
+        for sig, wait in ((signal.SIGINT, 5), (signal.SIGKILL, 5)):
+            if proc.poll() is not None:
+                break
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+        proc.wait()
+        text = self.log.read_text(errors="replace")
+        sent = re.findall(r"(\d+) packets outgoing", text)
+        return {"returncode": proc.returncode, "outgoing": int(sent[-1]) if sent else None}
+
+    def tail(self) -> str:
+        """trafgen's last meaningful output line (for an error message)."""
+        try:
+            lines = [ln.strip() for ln in self.log.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class Generator:
     def __init__(self, ifname: str, dst_mac: str, count_mac: str, flows: int, src_ip: str, dst_ip: str,
-                 dport: int):
+                 dport: int, kind: str = "auto"):
         from encapfwd.xdp.build import build
         from encapfwd.xdp.libbpf import BPFObject, xdp_attach
 
+        if kind not in GENERATORS:
+            raise ValueError(f"generator {kind!r}: one of {', '.join(GENERATORS)}")
         self.ifname = ifname
         self.ifindex = socket.if_nametoindex(ifname)
         src_mac = _mac(Path(f"/sys/class/net/{ifname}/address").read_text().strip())
+        self.trafgen = None
+        self.attached = False
         self.obj = BPFObject.open(build(str(GEN_SOURCE)))
         self.gen_fd = self.obj.program("xdp_gen")
         self.count_fd = self.obj.program("xdp_count")
         self.counts = self.obj.map("counts")
         self.frame = udp_frame(_mac(dst_mac), src_mac, src_ip, dst_ip, dport)
         self.flows, self.count_mac = max(1, flows), _mac(count_mac)
+        self.live_frames = "not tried"
+        try:
+            self._choose(kind, dst_mac, src_mac, src_ip, dst_ip, dport)
+            xdp_attach(self.ifindex, self.count_fd, "native")
+            self.attached = True
+        except BaseException:
+            self.close()
+            raise
+
+    def _choose(self, kind, dst_mac, src_mac, src_ip, dst_ip, dport) -> None:
+        """Live frames where the kernel runs them (or where asked), else trafgen (see the module's doc)."""
+        if kind in ("auto", "live-frames"):
+            self.configure(rate=1)  # the probe sends nothing: 1 frame/s, none due yet (XDP_DROP)
+            refused = live_frames_refusal(self.gen_fd, self.frame, self.ifindex)
+            self.live_frames = refused or "allowed"
+            if refused and kind == "live-frames":
+                raise RuntimeError(f"{refused}; --generator trafgen or auto sends with trafgen instead")
+            kind = "trafgen" if refused else "live-frames"
+        self.kind = kind
         self.configure()
-        self.attached = False
-        xdp_attach(self.ifindex, self.count_fd, "native")
-        self.attached = True
+        if kind == "trafgen":
+            frames = [udp_frame(_mac(dst_mac), src_mac, src_ip, dst_ip, dport, BASE_PORT + i)
+                      for i in range(min(self.flows, 65536 - BASE_PORT))]
+            self.trafgen = Trafgen(self.ifname, frames)
+            self.detail = (f"trafgen --cpus 1 --ring-size {TRAFGEN_RING}, packet sockets given "
+                           f"{TRAFGEN_SNDBUF >> 20} MiB by SO_SNDBUFFORCE (bench/trafgen_shim.c)")
+        else:
+            self.detail = "BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES of xdp_gen (bench/xdp_gen.bpf.c)"
+
+    def describe(self) -> dict:
+        return {"generator": self.kind, "input": INPUT_KIND[self.kind], "live_frames": self.live_frames,
+                "detail": self.detail}
 
     def close(self) -> None:
         from encapfwd.xdp.libbpf import xdp_detach
 
+        if self.trafgen is not None:
+            self.trafgen.close()
+            self.trafgen = None
         if self.attached:
             self.attached = False
             try:
@@ -175,6 +351,11 @@ class Generator:
         for key in range(4):
             out.append(sum(struct.unpack("=Q", v)[0] for v in self.counts.lookup_percpu(key)))
         return tuple(out)
+
+    def tx_counts(self) -> tuple:
+        """(tx_packets, tx_dropped) of the generator's interface."""
+        base = f"/sys/class/net/{self.ifname}/statistics/"
+        return tuple(int(Path(base + name).read_text()) for name in ("tx_packets", "tx_dropped"))
 
     def configure(self, rate: float = 0.0, burst: int = 32) -> None:
         """Pacing: *rate* frames/s from now on (0: flat out), catching up at most *burst* frames at once."""
@@ -197,10 +378,12 @@ class Generator:
                 self._error = str(exc)
 
     def run(self, seconds: float = 0.0, rate: float = 0.0, until_stop: bool = False, cpus=(), pids=(),
-            burst: int = 32, drain: float = 0.05) -> dict:
-        """Generate for *seconds* (or until a line arrives on stdin) at *rate* (0: flat out). A paced
-        generator that loses the CPU for a while sends at most *burst* frames to catch up: what it offered is
-        what it counted, never more than the rate."""
+            burst: int = 32, drain: float = 0.05, max_seconds: float = 600.0) -> dict:
+        """Generate for *seconds* (or until a line arrives on stdin, at most *max_seconds*) at *rate*
+        (0: flat out). A paced generator that loses the CPU for a while sends at most *burst* frames to catch
+        up: what it offered is what it counted, never more than the rate."""
+        if self.kind == "trafgen":
+            return self._run_trafgen(seconds, rate, until_stop, cpus, pids, drain, max_seconds)
         self.configure(rate, burst)
         self._stop, self._error = False, None
         first = self.read()
@@ -232,6 +415,46 @@ class Generator:
                 "busy_ns": {str(c): busy1[c][0] - busy0[c][0] for c in busy0},
                 "steal_ns": {str(c): busy1[c][1] - busy0[c][1] for c in busy0}, "task_ns": task1 - task0}
 
+    def _run_trafgen(self, seconds, rate, until_stop, cpus, pids, drain, max_seconds) -> dict:
+        """One trafgen run: the window opens when g0's counters move; generated = g0's tx_packets +
+        tx_dropped."""
+        tg = self.trafgen
+        start_tx = self.tx_counts()
+        bound = max_seconds if until_stop else seconds + 30
+        tg.start(rate, bound)
+        try:
+            deadline = time.monotonic() + 10
+            while self.tx_counts() == start_tx:
+                if not tg.running() or time.monotonic() > deadline:
+                    raise RuntimeError(f"trafgen sent nothing: {tg.tail() or 'no output'}")
+                time.sleep(0.0005)
+            c0, tx0 = self.read(), self.tx_counts()
+            busy0, task0 = cpu_busy_ns(cpus), task_ns(pids)
+            t0 = time.perf_counter()
+            if until_stop:
+                sys.stdin.readline()
+            else:
+                time.sleep(seconds)
+            t1 = time.perf_counter()
+            c1, tx1 = self.read(), self.tx_counts()
+            busy1, task1 = cpu_busy_ns(cpus), task_ns(pids)
+            died = not tg.running()
+        finally:
+            said = tg.stop()
+        if died:
+            raise RuntimeError(f"trafgen exited during the run (status {said.get('returncode')}): "
+                               f"{tg.tail() or 'no output'}")
+        time.sleep(drain)  # what is still in the veth rings comes back
+        end_tx = self.tx_counts()
+        if until_stop:  # every frame sent is back or lost by now
+            c1, tx1 = self.read(), end_tx
+        said["g0_tx"] = (end_tx[0] + end_tx[1]) - (start_tx[0] + start_tx[1])
+        return {"generated": (tx1[0] + tx1[1]) - (tx0[0] + tx0[1]), "back": c1[1] - c0[1],
+                "other": c1[2] - c0[2], "idle_runs": 0, "ring_full": tx1[1] - tx0[1], "seconds": t1 - t0,
+                "busy_ns": {str(c): busy1[c][0] - busy0[c][0] for c in busy0},
+                "steal_ns": {str(c): busy1[c][1] - busy0[c][1] for c in busy0}, "task_ns": task1 - task0,
+                "trafgen": said}
+
     def _stop_thread(self, thread) -> None:
         self._stop = True
         while thread.is_alive():
@@ -240,18 +463,20 @@ class Generator:
 
 
 def gen_main(argv) -> int:
-    ifname, dst_mac, count_mac, flows, cpu, src_ip, dst_ip, dport = argv
+    ifname, dst_mac, count_mac, flows, cpu, src_ip, dst_ip, dport, *rest = argv
     os.sched_setaffinity(0, {int(cpu)})
     try:
         os.setpriority(os.PRIO_PROCESS, 0, -20)
     except OSError:
         pass
-    gen = Generator(ifname, dst_mac, count_mac, int(flows), src_ip, dst_ip, int(dport))
+    gen = Generator(ifname, dst_mac, count_mac, int(flows), src_ip, dst_ip, int(dport),
+                    rest[0] if rest else "auto")
     try:
-        reply({"ready": True, "frame": gen.frame.hex(), "pid": os.getpid()})
+        reply({"ready": True, "frame": gen.frame.hex(), "pid": os.getpid(), **gen.describe()})
         serve({
             "run": lambda cmd: gen.run(cmd.get("seconds", 0.0), cmd.get("rate", 0.0), cmd.get("until_stop", False),
-                                       cmd.get("cpus", ()), cmd.get("pids", ()), cmd.get("burst", 32)),
+                                       cmd.get("cpus", ()), cmd.get("pids", ()), cmd.get("burst", 32),
+                                       max_seconds=cmd.get("max_seconds", 600.0)),
             "counts": lambda cmd: dict(zip(("generated", "back", "other"), gen.read())),
         })
     finally:

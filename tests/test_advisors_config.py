@@ -113,6 +113,16 @@ def test_defaults():
         5.0, 3.0, 2, 3, "address", ())
 
 
+def test_the_hold_time_is_stored(cli):
+    build(cli)
+    assert Advisor(name="connect", port=80).hold == 2.0
+    cli("advisor", "start", "connect", "80", "hold", "10", check=0)
+    assert advisors_in(cli) == [{"name": "connect", "port": 80, "hold": 10.0}]
+    cli("advisor", "set", "connect", "80", "hold", "0", check=0)  # 0: no damping
+    assert advisors_in(cli) == [{"name": "connect", "port": 80, "hold": 0.0}]
+    assert cfg.load(cli.config).advisor("connect", 80).hold == 0.0
+
+
 def test_via_forwarding_is_stored_for_ipv4_ports_with_an_nfa(cli):
     build(cli)
     cli("executor", "set", "nfa", "10.0.2.1", check=0)
@@ -200,6 +210,13 @@ ERRORS = [
     (("set", "http", "80", "interval", "0.5"), "timeout 3 s is longer than the interval 0.5 s"),
     (("set", "http", "80", "path", "/a b"), "spaces"),
     (("set", "http", "80", "send", "x"), "unknown advisor http keyword 'send'"),
+    # the Host header's port must be a port (the hostile-input probe)
+    (("start", "http", "53", "host", "www.example.org:99999"), "the port must be from 1 to 65535"),
+    (("start", "http", "53", "host", "www.example.org:0"), "the port must be from 1 to 65535"),
+    (("set", "http", "80", "host", "[fd00::1]:65536"), "the port must be from 1 to 65535"),
+    (("start", "connect", "80", "hold", "-1"), "hold must be a number of seconds"),
+    (("start", "connect", "80", "hold", "1e3"), "hold must be a number of seconds"),
+    (("start", "connect", "80", "hold", "86401"), "hold must be between 0 and 86400 seconds"),
 ]
 
 

@@ -238,3 +238,39 @@ def test_cli_module_does_not_import_scapy():
     code = "import sys, encapfwd.cli_replay, encapfwd.dispatcher, encapfwd.engines.replay; " \
            "sys.exit(1 if any(m.startswith('scapy') for m in sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
+
+
+def test_frames_for_another_mac_are_not_forwarded_unless_any_mac(tmp_path):
+    """Replay forwards what a live dispatcher would: frames of an Ethernet capture sent to another host's
+    MAC, and broadcast/multicast ones to a cluster address, are ``not-for-us``; ``--any-mac`` takes every
+    unicast frame of a capture taken elsewhere as sent to the dispatcher (broadcasts stay as they are)."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.layers.l2 import CookedLinux, Ether
+    from scapy.utils import wrpcap
+
+    me, other = "02:00:00:00:00:01", "02:00:00:00:00:77"  # the executor mac of examples/encapfwd.toml
+    pkt = IP(src="198.51.100.7", dst="10.0.9.9", ttl=20) / TCP(sport=4000, dport=80, flags="S")
+    frames = [Ether(src="02:00:00:00:00:aa", dst=dst) / pkt
+              for dst in (me, other, other, "ff:ff:ff:ff:ff:ff", "01:00:5e:00:00:05")]
+    path = tmp_path / "elsewhere.pcap"
+    wrpcap(str(path), frames)
+    proc = encapfwd("--config", str(CONFIG), "replay", str(path), str(tmp_path / "o.pcap"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["forwarded"] == 1 and summary["drops"] == {"not-for-us": 4}, summary
+    text = encapfwd("--config", str(CONFIG), "replay", str(path), str(tmp_path / "o.pcap"))
+    assert "4 frames were not sent to the dispatcher's MAC" in text.stdout and "--any-mac" in text.stdout
+    proc = encapfwd("--config", str(CONFIG), "replay", str(path), str(tmp_path / "a.pcap"), "--json", "--any-mac")
+    summary = json.loads(proc.stdout)
+    assert summary["forwarded"] == 3 and summary["drops"] == {"not-for-us": 2} and summary["any_mac"], summary
+    explain = encapfwd("--config", str(CONFIG), "explain", str(path), "--index", "1")
+    assert "=> dropped: not-for-us" in explain.stdout, explain.stdout[-500:]
+    explain = encapfwd("--config", str(CONFIG), "explain", str(path), "--index", "1", "--any-mac")
+    assert "=> forwarded to 10.0.9.9@80@" in explain.stdout, explain.stdout[-500:]
+    # a cooked capture says where a frame went: to this host (and outgoing) forwarded, the others not
+    cooked = tmp_path / "cooked.pcap"
+    wrpcap(str(cooked), [CookedLinux(pkttype=kind, lladdrtype=1, lladdrlen=6, src=b"\x02\x00\x00\x00\x00\xaa") / pkt
+                         for kind in (0, 1, 2, 3, 4)], linktype=113)
+    proc = encapfwd("--config", str(CONFIG), "replay", str(cooked), str(tmp_path / "c.pcap"), "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["forwarded"] == 2 and summary["drops"] == {"not-for-us": 3}, summary

@@ -50,12 +50,12 @@ def _xdp_reason():
     return None if ok else why
 
 
-@pytest.fixture(scope="module", params=["xdp", "afpacket"])
+@pytest.fixture(scope="module", params=["xdp", "tc", "afpacket"])
 def lab(request):
     """The whole module runs once with each engine: the XDP program (the AF_PACKET workers as its slow
-    path) and the AF_PACKET engine alone."""
+    path), the same program at tc ingress, and the AF_PACKET engine alone."""
     engine = request.param
-    if engine == "xdp" and _xdp_reason():
+    if engine in ("xdp", "tc") and _xdp_reason():
         pytest.skip(f"XDP engine: {_xdp_reason()}")
     methods = METHODS if TUNNEL_REASON is None else ("mac",)
     with topology.Topology(methods, ipv6=True, engine=engine) as built:
@@ -66,6 +66,8 @@ def lab(request):
 
 #: tests of what only the XDP engine does: the module's lab with that engine only
 XDP_ONLY = pytest.mark.parametrize("lab", ["xdp"], indirect=True)
+#: the same for the TC engine
+TC_ONLY = pytest.mark.parametrize("lab", ["tc"], indirect=True)
 
 
 def _need(lab, method):
@@ -466,14 +468,18 @@ def test_server_down_moves_new_flows(lab):
 @XDP_ONLY
 def test_xdp_stop_leaves_no_program_and_no_pin(lab):
     _ensure_running(lab)
+    import re
+
     d = lab.ns["dispatcher"]
-    assert "prog/xdp" in d.ip("-d", "link", "show", "eth0").stdout
+    attached = re.search(r"prog/xdp id (\d+)", d.ip("-d", "link", "show", "eth0").stdout)
+    assert attached
     assert lab.stop_dispatcher(signal.SIGTERM) == 0
     assert "XDP:" in lab.dispatcher_log() and "forwarded in the kernel" in lab.dispatcher_log()
     shown = d.ip("-d", "link", "show", "eth0").stdout
     assert "prog/xdp" not in shown and "xdp" not in shown.split("\n")[0], shown
-    progs = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True).stdout
-    assert "encapfwd_xdp" not in progs
+    # this dispatcher's program is unloaded (others on this machine may run their own encapfwd_xdp)
+    gone = subprocess.run(["bpftool", "prog", "show", "id", attached.group(1)], capture_output=True, text=True)
+    assert gone.returncode != 0, gone.stdout
     pinned = os.listdir("/sys/fs/bpf") if os.path.isdir("/sys/fs/bpf") else []
     assert not [p for p in pinned if "encapfwd" in p]
     lab.start_dispatcher()
@@ -508,3 +514,83 @@ def test_xdp_a_killed_dispatcher_keeps_forwarding_and_a_restart_takes_over(lab):
     assert "taking over the XDP program left by encapfwd run" in lab.dispatcher_log()
     assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
     assert lab.report()["engine"]["engine"] == "xdp"
+
+
+def _tc_programs(lab):
+    """The names of the programs at tc ingress of the dispatcher's eth0: tcx links and clsact filters."""
+    script = ("import json, socket\n"
+              "from encapfwd.xdp.libbpf import prog_by_id\n"
+              "from encapfwd.xdp import tc\n"
+              "i = socket.if_nametoindex('eth0')\n"
+              "names = tc.clsact_programs(i)\n"
+              "for prog, _ in (tc.tcx_query(i) if tc.tcx_available(i) else []):\n"
+              "    name, maps = prog_by_id(prog)\n"
+              "    [m.close() for m in maps]\n"
+              "    names.append(name)\n"
+              "print(json.dumps(names))\n")
+    import json
+
+    return json.loads(lab.ns["dispatcher"].run([sys.executable, "-c", script]).stdout)
+
+
+@TC_ONLY
+def test_tc_stop_detaches_and_a_second_run_refuses(lab):
+    """The TC program runs at tc ingress while encapfwd runs (tcx on this kernel), a second ``encapfwd run``
+    on the interface refuses in one line, and a clean stop detaches it."""
+    import re
+
+    _ensure_running(lab)
+    assert _tc_programs(lab) == ["encapfwd_tc"]
+    argv = topology.encapfwd_argv() + ["--config", str(lab.config_path), "run", "--interface", "eth0",
+                                       "--engine", "tc", "--control", lab.control_path + ".2"]
+    proc = lab.ns["dispatcher"].run(argv, check=False, timeout=30)
+    assert proc.returncode != 0
+    errors = [line for line in (proc.stderr or "").splitlines() if "error" in line]
+    assert len(errors) == 1 and "already has encapfwd's TC program" in errors[0], proc.stderr
+    assert lab.dispatcher.poll() is None and _tc_programs(lab) == ["encapfwd_tc"]
+    assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
+    assert lab.stop_dispatcher(signal.SIGTERM) == 0
+    assert re.search(r"TC: [1-9]\d* forwarded in the kernel", lab.dispatcher_log()), lab.dispatcher_log()
+    assert _tc_programs(lab) == []
+    lab.start_dispatcher()
+
+
+@TC_ONLY
+def test_tc_after_a_kill(lab):
+    """SIGKILL: a tcx link belongs to the process, so the kernel detaches the program with it (nothing is
+    left, a restart just attaches). A clsact filter (kernels before 6.6; forced here with
+    ENCAPFWD_TC_ATTACH=clsact) stays and keeps forwarding; the next run sees its owner is gone and replaces it
+    in one step."""
+    from encapfwd.engines.tc_executor import ENV_TC_ATTACH
+
+    _ensure_running(lab)
+    lab.stop_dispatcher(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _tc_programs(lab):  # the workers (holding no link) follow their parent
+        assert time.monotonic() < deadline, _tc_programs(lab)
+        time.sleep(0.1)
+    clsact = {ENV_TC_ATTACH: "clsact"}
+    try:
+        if os.path.exists(lab.control_path):
+            os.unlink(lab.control_path)
+        lab.start_dispatcher(env=clsact)
+        assert lab.report()["engine"]["xdp_mode"] == "clsact"
+        assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
+        lab.stop_dispatcher(signal.SIGKILL)
+        time.sleep(0.3)
+        assert _tc_programs(lab) == ["encapfwd_tc"]
+        answers = lab.curl("mac", 3)
+        assert all(a.startswith("server=mac ") for a in answers), answers
+        if os.path.exists(lab.control_path):
+            os.unlink(lab.control_path)
+        lab.start_dispatcher(env=clsact)
+        assert "took over from the TC program left by encapfwd run" in lab.dispatcher_log()
+        assert _tc_programs(lab) == ["encapfwd_tc"]
+        assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
+        assert lab.stop_dispatcher(signal.SIGTERM) == 0
+        assert _tc_programs(lab) == []
+    finally:
+        if lab.dispatcher is not None:
+            lab.stop_dispatcher(signal.SIGTERM)
+        lab.start_dispatcher()
+    assert lab.report()["engine"]["engine"] == "tc" and lab.report()["engine"]["xdp_mode"] == "tcx"

@@ -49,6 +49,7 @@ DOCUMENTED = {
     "encapfwd_engine_tx_frames": ("counter", set()),
     "encapfwd_engine_ring_drops": ("counter", set()),
     "encapfwd_xdp_forwarded": ("counter", set()),
+    "encapfwd_xdp_tx_lost": ("counter", set()),
     "encapfwd_xdp_passed": ("counter", set()),
     "encapfwd_xdp_dropped": ("counter", set()),
     "encapfwd_reloads": ("counter", set()),
@@ -155,7 +156,7 @@ def _report(health=None, connections=True):
         "engine": {"rx": 20, "tx": 10, "kernel_drops": 1, "tx_ring_full": 2, "engine": "xdp",
                    "interface": "eth0", "plan_digest": "ab" * 32, "selection_digest": "cd" * 32,
                    "reloads": 3, "reload_errors": 1,
-                   "xdp_forwarded": 5, "xdp_passed": 4, "xdp_dropped": 6},
+                   "xdp_forwarded": 5, "xdp_passed": 4, "xdp_dropped": 6, "xdp_tx_lost": 8},
     }
     if connections:
         report["flows"]["connections"] = {"10.0.9.1@80@10.0.2.10": 2}
@@ -183,6 +184,7 @@ def test_families_from_a_report():
     assert samples(fams, "encapfwd_engine_tx_frames")[one] == 10
     assert samples(fams, "encapfwd_engine_ring_drops")[one] == 3
     assert samples(fams, "encapfwd_xdp_forwarded")[one] == 5
+    assert samples(fams, "encapfwd_xdp_tx_lost")[one] == 8
     assert samples(fams, "encapfwd_xdp_passed")[one] == 4
     assert samples(fams, "encapfwd_xdp_dropped")[one] == 6
     assert samples(fams, "encapfwd_reloads")[one] == 3
@@ -409,7 +411,7 @@ def test_scrape_equals_server_report(lab):
     assert samples(fams, "encapfwd_reload_failures")[one] == engine["reload_errors"]
     for family, key in (("encapfwd_engine_rx_frames", "rx"), ("encapfwd_engine_tx_frames", "tx"),
                         ("encapfwd_xdp_forwarded", "xdp_forwarded"), ("encapfwd_xdp_passed", "xdp_passed"),
-                        ("encapfwd_xdp_dropped", "xdp_dropped")):
+                        ("encapfwd_xdp_dropped", "xdp_dropped"), ("encapfwd_xdp_tx_lost", "xdp_tx_lost")):
         value = samples(fams, family)[one]
         assert before["engine"].get(key, 0) <= value <= engine.get(key, 0), (family, value)
     ring = samples(fams, "encapfwd_engine_ring_drops")[one]

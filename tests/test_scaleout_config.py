@@ -28,7 +28,33 @@ ERRORS = [
     (("executor", "set", "bgpasn", "4294967296"), "bgpasn must be between 1 and 4294967295"),
     (("executor", "set", "bgpholdtime", "2"), "bgpholdtime must be between 3 and 65535"),
     (("executor", "set", "bgprouterid", "fd00::1"), "IPv4"),
+    # values that parse but are not valid in BGP (the hostile-input probe)
+    (("executor", "set", "bgprouterid", "0.0.0.0"), "not a valid BGP identifier: it must not be 0 (RFC 6286)"),
+    (("executor", "set", "bgpnexthop", "0.0.0.0"), "bgpnexthop 0.0.0.0 is the unspecified address"),
+    (("executor", "set", "bgpnexthop", "224.0.0.5"), "bgpnexthop 224.0.0.5 is a multicast address"),
+    (("executor", "set", "bgpnexthop6", "::1"), "bgpnexthop6 ::1 is a loopback address"),
+    (("executor", "set", "bgppeer", "255.255.255.255", "bgpasn", "1", "bgppeerasn", "2"),
+     "bgppeer 255.255.255.255 is the broadcast address"),
+    (("executor", "set", "bgppeer", "127.0.0.1", "bgpasn", "1", "bgppeerasn", "2"),
+     "bgppeer 127.0.0.1 is a loopback address"),
+    (("executor", "set", "bgppeer", "0.0.0.0", "bgpasn", "1", "bgppeerasn", "2"),
+     "bgppeer 0.0.0.0 is the unspecified address"),
+    (("executor", "set", "bgpasn", "23456"), "bgpasn 23456 is AS_TRANS, reserved by RFC 6793"),
+    (("executor", "set", "bgppeerasn", "23456"), "bgppeerasn 23456 is AS_TRANS"),
+    (("executor", "set", "bgpasn", "65535"), "bgpasn 65535 is reserved by RFC 7300"),
+    (("executor", "set", "bgpasn", "4294967295"), "bgpasn 4294967295 is reserved by RFC 7300"),
 ]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[executor]\nbgprouterid = "0.0.0.0"\n', "not a valid BGP identifier"),
+    ('[executor]\nbgpasn = 23456\n', "AS_TRANS"),
+    ('[executor]\nbgppeer = "127.0.0.1"\n', "loopback"),
+])
+def test_bad_bgp_values_in_the_file_are_one_line_errors(cli, text, message):
+    cli.config.write_text(text)
+    proc = cli("executor", "report")
+    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
 @pytest.mark.parametrize("args,message", ERRORS, ids=[m[:30] for _, m in ERRORS])

@@ -135,6 +135,11 @@ def frame(flow, flags: int = _ACK, payload: bytes = b"", ident: int = 0) -> byte
     return ROUTER_MAC + CLIENT_MAC + b"\x08\x00" + header[:10] + checksum + header[12:] + l4
 
 
+def to_host(host, f: bytes) -> bytes:
+    """*f* as the router sends it to the dispatcher ECMP chose: addressed to that dispatcher's own MAC."""
+    return bytes.fromhex(host["mac"].replace(":", "")) + f[6:]
+
+
 def flow_key(flow) -> bytes:
     """The dispatchers' flow key (what crc32 hashes): src + dst + proto + sport + dport."""
     src, dst, proto, sport, dport = flow
@@ -175,13 +180,14 @@ class Servers:
         return self.by_mac[out[:6]]
 
 
-def run_python(dispatcher, frames, servers, n, now, keep=()):
-    """Every frame through *dispatcher*: ``(server per flow, flows seen at two servers, kept outputs)``."""
+def run_python(dispatcher, frames, servers, n, now, keep=(), host=HOST_A):
+    """Every frame through *dispatcher* (on *host*): ``(server per flow, flows seen at two servers, kept
+    outputs)``."""
     got = [None] * n
     split, kept = [], {}
     process = dispatcher.process
     for i, f in frames:
-        out = process(f, now)
+        out = process(to_host(host, f), now)
         assert len(out) == 1, (i, dispatcher.drops)
         s = servers(out[0])
         if got[i] is None:
@@ -216,14 +222,14 @@ def group():
     a = Dispatcher(plan_a, reg)
     b = Dispatcher(plan_b0, reg, sids=sids_b)
     for _, f in history_frames:
-        assert len(b.process(f, 5.0)) == 1
+        assert len(b.process(to_host(HOST_B, f), 5.0)) == 1
     b.reload(plan_b)
     assert b.plan is plan_b
     flows_b = b.report()["flows"]["flows"]
     assert flows_b == HISTORY, flows_b  # B's table is full of other flows (none expired at t=60 s)
     servers = Servers(config_a)
-    got_a, split_a, out_a = run_python(a, frames, servers, FLOWS, 10_000.0, sample)
-    got_b, split_b, out_b = run_python(b, frames, servers, FLOWS, 60.0, sample)
+    got_a, split_a, out_a = run_python(a, frames, servers, FLOWS, 10_000.0, sample, host=HOST_A)
+    got_b, split_b, out_b = run_python(b, frames, servers, FLOWS, 60.0, sample, host=HOST_B)
     return {
         "registry": reg, "plan_a": plan_a, "plan_b0": plan_b0, "plan_b": plan_b, "servers": servers,
         "flows": flow_list, "frames": frames, "history": history_frames, "a": got_a, "b": got_b,
@@ -339,10 +345,10 @@ def test_only_table_ports_are_consistent_across_dispatchers():
 
     a, b = dispatcher(HOST_A), dispatcher(HOST_B)
     assert a.plan.selection == b.plan.selection and a.plan.ports[0].table is None
-    b.process(frame(flows(1, seed=8, first_octet=198, ports=[(VIP1, 80, 6)])[0], _SYN))
+    b.process(to_host(HOST_B, frame(flows(1, seed=8, first_octet=198, ports=[(VIP1, 80, 6)])[0], _SYN)))
     test = [frame(f, _SYN) for f in flows(300, seed=9, first_octet=100, ports=[(VIP1, 80, 6)])]
-    at_a = [a.process(f)[0][30:34] for f in test]
-    at_b = [b.process(f)[0][30:34] for f in test]
+    at_a = [a.process(to_host(HOST_A, f))[0][30:34] for f in test]
+    at_b = [b.process(to_host(HOST_B, f))[0][30:34] for f in test]
     assert sum(x != y for x, y in zip(at_a, at_b)) == len(test)  # round robin, one step apart: every flow
 
 
@@ -359,12 +365,12 @@ def _xdp_or_skip():
         pytest.skip(why)
 
 
-def run_xdp(dp, frames, servers, n):
+def run_xdp(dp, frames, servers, n, host):
     got = [None] * n
     split, other = [], []
     test_run = dp.test_run
     for i, f in frames:
-        verdict, out = test_run(f)
+        verdict, out = test_run(to_host(host, f))
         if verdict != XDP_TX:
             other.append((i, verdict))
             continue
@@ -388,11 +394,11 @@ def test_every_flow_reaches_the_same_server_through_either_xdp_program(group):
         dp_b = DataPlane.load(group["plan_b0"])
         try:
             for _, f in group["history"]:
-                assert dp_b.test_run(f)[0] == XDP_TX
+                assert dp_b.test_run(to_host(HOST_B, f))[0] == XDP_TX
             dp_b.install(group["plan_b"])
             assert dp_b.plan.selection == dp_a.plan.selection
-            got_a, split_a, other_a = run_xdp(dp_a, group["frames"], servers, FLOWS)
-            got_b, split_b, other_b = run_xdp(dp_b, group["frames"], servers, FLOWS)
+            got_a, split_a, other_a = run_xdp(dp_a, group["frames"], servers, FLOWS, HOST_A)
+            got_b, split_b, other_b = run_xdp(dp_b, group["frames"], servers, FLOWS, HOST_B)
         finally:
             dp_b.close()
     finally:
@@ -466,14 +472,14 @@ def _established(n, host, frames, now=0.0):
     """A dispatcher of the N-server group that has seen every flow's SYN."""
     d = Dispatcher(make_config(host, servers=simple_servers(n)), registry())
     for f in frames:
-        assert len(d.process(f, now)) == 1
+        assert len(d.process(to_host(host, f), now)) == 1
     return d
 
 
-def _servers_of(dispatcher, frames, now):
+def _servers_of(dispatcher, frames, now, host):
     out = []
     for f in frames:
-        (o,) = dispatcher.process(f, now)
+        (o,) = dispatcher.process(to_host(host, f), now)
         out.append(o[30:34])
     return out
 
@@ -495,7 +501,7 @@ def _shift(shift_flows, n, **change):
     p2 = _table_pick(slots(n, **change), flow_list)
     a.reload(make_config(HOST_A, servers=simple_servers(n, **change)))
     b = Dispatcher(make_config(HOST_B, servers=simple_servers(n, **change)), registry())
-    return p1, p2, _servers_of(a, data, 30.0), _servers_of(b, data, 30.0)
+    return p1, p2, _servers_of(a, data, 30.0, HOST_A), _servers_of(b, data, 30.0, HOST_B)
 
 
 def _table_pick(table, flow_list):
@@ -546,7 +552,7 @@ def test_a_restarted_dispatcher_moves_no_flow(shift_flows):
     flow_list, syn, data = shift_flows
     a = _established(5, HOST_A, syn)
     b = Dispatcher(make_config(HOST_B, servers=simple_servers(5)), registry())
-    assert _servers_of(a, data, 30.0) == _servers_of(b, data, 30.0)
+    assert _servers_of(a, data, 30.0, HOST_A) == _servers_of(b, data, 30.0, HOST_B)
 
 
 def test_xdp_keeps_established_flows_across_a_plan_and_a_fresh_program_does_not():
@@ -568,14 +574,14 @@ def test_xdp_keeps_established_flows_across_a_plan_and_a_fresh_program_does_not(
     data = [frame(f, _ACK | _PSH, b"data") for f in flow_list]
     dp_a = DataPlane.load(p1)
     try:
-        before = [dp_a.test_run(f) for f in syn]
+        before = [dp_a.test_run(to_host(HOST_A, f)) for f in syn]
         assert all(v == XDP_TX for v, _ in before)
         dp_a.install(p2)
-        at_a = [dp_a.test_run(f) for f in data]
+        at_a = [dp_a.test_run(to_host(HOST_A, f)) for f in data]
     finally:
         dp_a.close()
     with DataPlane.load(p2_b) as dp_b:
-        at_b = [dp_b.test_run(f) for f in data]
+        at_b = [dp_b.test_run(to_host(HOST_B, f)) for f in data]
     assert all(v == XDP_TX for v, _ in at_a + at_b)
     old = [o[30:34] for _, o in before]
     assert [o[30:34] for _, o in at_a] == old

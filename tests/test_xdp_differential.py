@@ -3,9 +3,22 @@
 Every frame goes through the loaded program with BPF_PROG_TEST_RUN and through the Python reference
 (``Dispatcher.process``): the verdict class must agree (forwarded, or dropped with the same reason), a
 forwarded frame must be the same bytes, and a frame the program hands up (XDP_PASS) must be one the slow
-path is for (TTL expiry, too big, fragments, options, ICMP, not ours). The outer identification of a
+path is for (TTL expiry, too big, fragments, options, ICMP, not ours), or one not sent to the dispatcher's
+MAC, which neither executor forwards (``not-for-us``). BPF_PROG_TEST_RUN frames carry no packet type, so
+the destination MAC in the frame is all either executor can go by, as on a live interface. The outer identification of a
 DF-clear encapsulated frame is each executor's own counter (the Template contract): exactly that field and
 the header checksum are masked, and the program's checksum is then verified on its own.
+
+The TC build of the same program (``encapfwd_tc.bpf.c``: frames as socket buffers, encapsulation with
+bpf_skb_adjust_room, out with bpf_redirect) runs every test too (``lab`` is parametrized by kernel executor),
+with nothing more masked: its verdicts are mapped TC_ACT_REDIRECT -> forwarded, TC_ACT_SHOT -> dropped,
+TC_ACT_OK -> handed up. One TC-specific difference, which is the test harness's and not the program's: the
+kernel's BPF_PROG_TEST_RUN refuses (EINVAL) a socket buffer whose IPv4 frame is shorter than Ethernet + 20
+bytes or IPv6 one shorter than Ethernet + 40 (it reads the fixed header's addresses before the program runs);
+those frames (about 1.4 % of the truncated ones) are counted as ``refused``, must be exactly the ones
+``encapfwd.xdp.tc.test_run_refuses`` names, and must not be forwarded by Python either. No skb checksum
+field shows in the output: the program writes the bytes itself (the outer header checksum included), as the
+XDP program does.
 """
 
 from __future__ import annotations
@@ -22,6 +35,9 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="BPF needs root (CAP_B
 
 FRAMES_PER_METHOD = int(os.environ.get("ENCAPFWD_DIFF_FRAMES", "100000"))
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
+REFUSED = -1  # a frame BPF_PROG_TEST_RUN refuses as a socket buffer (TC only; see the module's docstring)
+#: the TC program's verdicts as the XDP program's (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT)
+TC_AS_XDP = {0: XDP_PASS, 2: XDP_DROP, 7: XDP_TX}
 #: pass reasons that are wrong for a frame the reference forwards as one plain frame
 NEVER_FOR_FORWARDED = {"not-ours", "malformed", "new-flow", "no-template", "error", "ttl", "too-big"}
 
@@ -32,13 +48,36 @@ def _available():
     return available()
 
 
-@pytest.fixture(scope="module")
-def lab():
+class AsXDP:
+    """The TC data plane with the XDP program's verdicts (every other attribute is the TC one's)."""
+
+    def __init__(self, dp):
+        self.dp = dp
+
+    def test_run(self, frame):
+        from encapfwd.xdp import BPFError
+        from encapfwd.xdp.tc import test_run_refuses
+
+        try:
+            verdict, out = self.dp.test_run(frame)
+        except BPFError:
+            assert test_run_refuses(frame), f"the test run refused {frame.hex()}"
+            return REFUSED, b""
+        assert not test_run_refuses(frame), f"the test run took {frame.hex()}"
+        return TC_AS_XDP.get(verdict, 100 + verdict), out
+
+    def __getattr__(self, name):
+        return getattr(self.dp, name)
+
+
+@pytest.fixture(scope="module", params=["xdp", "tc"])
+def lab(request):
     ok, why = _available()
     if not ok:
         pytest.skip(why)
     from encapfwd.plan import SidMap, compile_plan
     from encapfwd.xdp.dataplane import DataPlane
+    from encapfwd.xdp.tc import TCDataPlane
 
     cpu = min(os.sched_getaffinity(0))
     saved = os.sched_getaffinity(0)
@@ -46,9 +85,9 @@ def lab():
     registry = X.registry_with_gue()
     sids = SidMap()
     plan = compile_plan(X.make_config(), registry, sids)
-    dp = DataPlane.load(plan)
+    dp = (DataPlane if request.param == "xdp" else TCDataPlane).load(plan)
     try:
-        yield registry, plan, sids, dp, cpu
+        yield registry, plan, sids, dp if request.param == "xdp" else AsXDP(dp), cpu
     finally:
         dp.close()
         os.sched_setaffinity(0, saved)
@@ -69,13 +108,25 @@ def _masked_equal(out: bytes, ref: bytes) -> bool:
 def compare(dp, dispatcher, cpu, frames, now=0.0):
     """Run *frames* through both executors; returns (mismatch descriptions, verdict counts)."""
     bad = []
-    counts = {"tx": 0, "drop": 0, "pass": 0}
+    counts = {"tx": 0, "drop": 0, "pass": 0, "other-host": 0, "group": 0, "not-for-us": 0, "refused": 0}
+    own = bytes.fromhex(dp.plan.config.executor.mac.replace(":", ""))
     masked = any(s.template is not None and "ident" in s.template.fields for s in dp.plan.servers)
     for i, frame in enumerate(frames):
         verdict, out = dp.test_run(frame)
         before = dict(dispatcher.drops)
         replies = dispatcher.replies
         py = dispatcher.process(frame, now)
+        if verdict == REFUSED:
+            counts["refused"] += 1
+            if py:
+                bad.append((i, "python forwarded a frame too short for an IP header", frame.hex()))
+            continue
+        if len(frame) >= 14 and frame[:6] != own:
+            counts["group" if frame[0] & 1 else "other-host"] += 1
+            if verdict == XDP_TX or py:
+                bad.append((i, f"a frame for {frame[:6].hex(':')} was forwarded: xdp {verdict}, python {len(py)}",
+                            frame.hex()))
+                continue
         if verdict == XDP_TX:
             counts["tx"] += 1
             if len(py) != 1 or dispatcher.replies != replies:
@@ -100,7 +151,13 @@ def compare(dp, dispatcher, cpu, frames, now=0.0):
             counts["pass"] += 1
             reason = dp.last_reason(cpu)
             grew = {k for k, v in dispatcher.drops.items() if v != before.get(k, 0)}
-            if len(py) == 1 and not grew and dispatcher.replies == replies and reason in NEVER_FOR_FORWARDED:
+            if reason == "not-for-us" or "not-for-us" in grew:
+                counts["not-for-us"] += 1
+                if reason != "not-for-us" and len(frame) >= 14 and not frame[0] & 1:
+                    bad.append((i, f"python: not-for-us, xdp passed up ({reason})", frame.hex()))
+                elif reason == "not-for-us" and (py or grew != {"not-for-us"}):
+                    bad.append((i, f"xdp: not-for-us, python: {grew or 'forwarded'}", frame.hex()))
+            elif len(py) == 1 and not grew and dispatcher.replies == replies and reason in NEVER_FOR_FORWARDED:
                 bad.append((i, f"xdp passed up ({reason}) a frame python forwards", frame.hex()))
             elif reason == "ttl" and "ttl-exceeded" not in grew:
                 bad.append((i, f"xdp: ttl, python: {grew or 'forwarded'}", frame.hex()))
@@ -122,6 +179,9 @@ def test_xdp_agrees_with_python_byte_for_byte(lab, method):
     # the program must really do the work: most plain frames are forwarded in the kernel
     assert counts["tx"] > FRAMES_PER_METHOD * 0.3, counts
     assert counts["drop"] > 0 and counts["pass"] > 0, counts
+    # frames for other hosts, broadcast and multicast ones were among them, and none was forwarded
+    assert min(counts["other-host"], counts["group"]) > FRAMES_PER_METHOD * 0.02, counts
+    assert counts["not-for-us"] > FRAMES_PER_METHOD * 0.04, counts
 
 
 def test_a_template_one_byte_off_is_caught(lab):
@@ -197,7 +257,8 @@ def test_a_reload_keeps_flows_and_moves_only_the_downed_servers(lab):
         dp.install(plan)
 
 
-def test_the_slow_path_places_new_flows_of_a_table_less_port_in_the_kernel():
+@pytest.mark.parametrize("kind", ["xdp", "tc"])
+def test_the_slow_path_places_new_flows_of_a_table_less_port_in_the_kernel(kind):
     """A WRR port has no table in the kernel: a flow's first packet goes up, the Python selector places it
     and writes it into the kernel's flow table, and the flow's next packets are forwarded by the program
     to the same server."""
@@ -206,6 +267,7 @@ def test_the_slow_path_places_new_flows_of_a_table_less_port_in_the_kernel():
         pytest.skip(why)
     from encapfwd import config as cfg
     from encapfwd.xdp.executor import XDPExecutor
+    from encapfwd.xdp.tc import TCExecutor
 
     vip = X.METHODS["ipip"][0]
     config = cfg.port_set(X.make_config(("ipip",)), f"{vip}@80", ["selectionalgorithm", "wrr"])
@@ -215,12 +277,48 @@ def test_the_slow_path_places_new_flows_of_a_table_less_port_in_the_kernel():
         f = X.ipv4_frame(rng, vip)
         if f[23] == 6 and not f[47] & 0x07 and f[22] > 1 and len(f) < 1400:  # TCP, no SYN/FIN/RST, TTL > 1
             flows.append(f)
-    with XDPExecutor(config, X.registry_with_gue()) as ex:
+    with (XDPExecutor if kind == "xdp" else TCExecutor)(config, X.registry_with_gue()) as ex:
         first = [ex.process(f) for f in flows]
-        assert ex.engines == {"xdp": 0, "python": len(flows)}, ex.engines
+        assert ex.engines == {kind: 0, "python": len(flows)}, ex.engines
         again = [ex.process(f) for f in flows]
-        assert ex.engines == {"xdp": len(flows), "python": len(flows)}, ex.engines
+        assert ex.engines == {kind: len(flows), "python": len(flows)}, ex.engines
         servers = {out[0][30:34] for out in first}
         assert len(servers) == X.SERVERS_PER_PORT  # WRR spread the 40 flows over the five servers
         for a, b in zip(first, again):
             assert len(a) == len(b) == 1 and a[0][30:34] == b[0][30:34]  # the same server, now in the kernel
+
+
+def test_the_dispatchers_mac_comes_with_the_plan(lab):
+    """The MAC the program forwards frames for is the plan's (executor ``mac``): a plan with another MAC,
+    installed like any reload, moves it in the kernel and in the Python dispatcher alike; a frame for the
+    old MAC is then another host's (``not-for-us``), handed up untouched, and is not forwarded by Python
+    either."""
+    import attrs
+
+    from encapfwd.dispatcher import Dispatcher
+    from encapfwd.plan import compile_plan
+
+    registry, plan, sids, dp, cpu = lab
+    rng = random.Random(5)
+    plain = []
+    while len(plain) < 200:
+        f = X.ipv4_frame(rng, X.METHODS["mac"][0])
+        if dp.test_run(f)[0] == XDP_TX:
+            plain.append(f)
+    new_mac = "02:00:00:00:00:77"
+    config = plan.config
+    moved = compile_plan(attrs.evolve(config, executor=attrs.evolve(config.executor, mac=new_mac)), registry, sids)
+    dp.install(moved)
+    try:
+        dispatcher = Dispatcher(moved, registry, sids=sids)
+        for f in plain:
+            verdict, out = dp.test_run(f)
+            assert verdict == XDP_PASS and dp.last_reason(cpu) == "not-for-us" and out == f
+            assert dispatcher.process(f) == []
+        assert dispatcher.drops == {"not-for-us": len(plain)}
+        readdressed = [bytes.fromhex(new_mac.replace(":", "")) + f[6:] for f in plain]
+        bad, counts = compare(dp, dispatcher, cpu, readdressed)
+        assert not bad and counts["tx"] == len(plain), (bad[:3], counts)
+    finally:
+        dp.install(plan)
+    assert all(dp.test_run(f)[0] == XDP_TX for f in plain)

@@ -53,19 +53,21 @@ def _normalised(frame):
     return bytes(pkt)
 
 
-def test_replay_engine_xdp_matches_python(tmp_path, bpf):
+@pytest.mark.parametrize("engine", ["xdp", "tc"])
+def test_replay_engine_xdp_matches_python(tmp_path, bpf, engine):
+    """Also ``--engine tc``: the TC build of the same program, each frame a socket buffer."""
     from scapy.utils import rdpcap
 
     py, py_out = _replay(tmp_path, "python")
-    xdp, xdp_out = _replay(tmp_path, "xdp")
+    xdp, xdp_out = _replay(tmp_path, engine)
     assert py.returncode == 0, py.stderr
     assert xdp.returncode == 0, xdp.stderr
     a, b = json.loads(py.stdout), json.loads(xdp.stdout)
     for key in ("frames_in", "frames_out", "forwarded", "dropped", "icmp_sent", "drops", "servers"):
         assert a[key] == b[key], key
     assert a["engines"] == {"xdp": 0, "python": a["frames_in"]}
-    assert b["engines"]["xdp"] + b["engines"]["python"] == b["frames_in"]
-    assert b["engines"]["xdp"] > b["frames_in"] * 0.8, b["engines"]  # the kernel did most of the work
+    assert b["engines"][engine] + b["engines"]["python"] == b["frames_in"]
+    assert b["engines"][engine] > b["frames_in"] * 0.8, b["engines"]  # the kernel did most of the work
     frames_a = [bytes(p) for p in rdpcap(str(py_out))]
     frames_b = [bytes(p) for p in rdpcap(str(xdp_out))]
     assert len(frames_a) == len(frames_b) == a["frames_out"]
@@ -94,3 +96,31 @@ def test_replay_engine_xdp_without_bpf_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--engine xdp" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+def test_replay_engine_xdp_agrees_on_frames_for_other_macs(tmp_path, bpf):
+    """The sample with every third frame sent to another host's MAC and every fifth to a broadcast or
+    multicast one: both engines forward the same frames and drop the same ones (``not-for-us``), and with
+    ``--any-mac`` both forward the other host's frames again."""
+    from encapfwd.engines.replay import PcapWriter, read_frames
+
+    path = tmp_path / "mixed.pcap"
+    with PcapWriter(path) as writer:
+        for i, (ts, frame) in enumerate(read_frames(SAMPLE)):
+            if len(frame) >= 14 and i % 3 == 1:
+                frame = bytes.fromhex("020000000077") + frame[6:]
+            elif len(frame) >= 14 and i % 5 == 2:
+                frame = (b"\xff" * 6 if i % 2 else bytes.fromhex("01005e000001")) + frame[6:]
+            writer.write(ts, frame)
+    for extra in ((), ("--any-mac",)):
+        runs = {}
+        for engine in ("python", "xdp"):
+            proc = subprocess.run([ENCAPFWD, "--config", str(CONFIG), "replay", str(path),
+                                   str(tmp_path / f"{engine}.pcap"), "--json", "--engine", engine, *extra],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            runs[engine] = json.loads(proc.stdout)
+        a, b = runs["python"], runs["xdp"]
+        for key in ("frames_in", "frames_out", "forwarded", "dropped", "icmp_sent", "drops", "servers"):
+            assert a[key] == b[key], (extra, key, a[key], b[key])
+        assert a["drops"].get("not-for-us", 0) >= (10 if extra else 80), a["drops"]

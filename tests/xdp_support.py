@@ -21,6 +21,12 @@ GUE_SRC = ROOT / "docs" / "examples" / "encapfwd-gue" / "src"
 CLIENT_MAC = bytes.fromhex("020000000001")
 DISPATCHER_MAC = "02:00:00:00:00:02"
 DISPATCHER_MAC_B = bytes.fromhex("020000000002")
+#: destinations of frames not sent to the dispatcher: other hosts (one differs from the dispatcher's MAC in
+#: its last bit only), broadcast, IPv4 and IPv6 multicast
+OTHER_MACS = (bytes.fromhex("020000000003"), bytes.fromhex("0200000000fe"), bytes.fromhex("f20000000002"),
+              bytes.fromhex("000000000000"))
+GROUP_MACS = (b"\xff" * 6, bytes.fromhex("01005e000001"), bytes.fromhex("333300000001"),
+              bytes.fromhex("030000000002"))
 
 #: method -> (cluster address, server words); every cluster serves TCP 80, UDP 53 and a UDP wildcard port
 METHODS = {
@@ -172,17 +178,24 @@ KINDS4 = ("plain",) * 12 + ("padding", "options", "fragment", "ttl", "bad-checks
 KINDS6 = ("plain",) * 8 + ("ttl", "ext-header", "truncated", "not-port", "not-cluster", "too-big")
 
 
+def readdressed(frame: bytes, rng: random.Random) -> bytes:
+    """*frame* sent to another host's MAC, or to a broadcast or multicast one."""
+    return rng.choice(OTHER_MACS + GROUP_MACS) + frame[6:]
+
+
 def frames(method: str, count: int, seed: int = 1):
     """*count* frames for *method*'s cluster (about half plain, the rest every special case), and a few
-    non-IP ones (ARP, VLAN-tagged)."""
+    non-IP ones (ARP, VLAN-tagged); about one in 11 of all of them sent to another host's MAC, a broadcast or
+    a multicast one (a bridge flooding unknown unicast, link-layer broadcasts)."""
     rng = random.Random(f"{seed}-{method}")
+    other = random.Random(f"{seed}-{method}-mac")  # its own: the frames themselves stay those of rng
     vip = METHODS[method][0]
     six = ":" in vip
     for i in range(count):
         if i % 97 == 0:
-            yield DISPATCHER_MAC_B + CLIENT_MAC + rng.choice((b"\x08\x06", b"\x81\x00")) + rng.randbytes(46)
-            continue
-        if six:
-            yield ipv6_frame(rng, vip, kind=rng.choice(KINDS6))
+            frame = DISPATCHER_MAC_B + CLIENT_MAC + rng.choice((b"\x08\x06", b"\x81\x00")) + rng.randbytes(46)
+        elif six:
+            frame = ipv6_frame(rng, vip, kind=rng.choice(KINDS6))
         else:
-            yield ipv4_frame(rng, vip, kind=rng.choice(KINDS4))
+            frame = ipv4_frame(rng, vip, kind=rng.choice(KINDS4))
+        yield readdressed(frame, other) if other.random() < 1 / 11 else frame

@@ -79,6 +79,9 @@ def check_host(host: str) -> str:
     """A ``Host`` header: a name or an address, ``[IPv6]``, optionally ``:port``."""
     if not isinstance(host, str) or not _HOST.match(host):
         raise ConfigError(f"http: invalid host {_shown(host)} (a name or address, optionally with :port)")
+    port = host.rsplit("]", 1)[-1].partition(":")[2] if host.startswith("[") else host.partition(":")[2]
+    if port and not 1 <= int(port) <= 65535:
+        raise ConfigError(f"http: invalid host {_shown(host)}: the port must be from 1 to 65535")
     return host
 
 

@@ -23,6 +23,7 @@ LAZY_COMMANDS = {
     "backend-setup": ("encapfwd.cli_setup:backend_setup_command", "Print the commands a back-end server needs."),
     "run": ("encapfwd.cli_run:run_command", "Forward live traffic (Linux, root)."),
     "lab": ("encapfwd.cli_run:lab_command", "Build a namespace lab, send requests, tear it down (root)."),
+    "top": ("encapfwd.cli_top:top_command", "A live view of the running dispatcher (ipvsadm -L -n --rate)."),
 }
 
 
@@ -337,6 +338,10 @@ def server_report(ctx, target, as_json, control, counters_file):
          "-" if r["packets"] is None else str(r["packets"]), "-" if r["bytes"] is None else str(r["bytes"]))
         for r in rows
     ]
+    if live is not None and any(r["status"] == "down" and r["configured"] != "down" for r in rows):
+        header += ("REASON",)  # why the running plan leaves a server out that the file has up
+        table = [header] + [row + (r["reason"] if r["status"] == "down" and r["configured"] != "down" else "",)
+                            for row, r in zip(table[1:], rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -349,6 +354,14 @@ def server_report(ctx, target, as_json, control, counters_file):
                    f"{flows.get('evictions', 0)} evicted")
     for reason, count in sorted((live.get("drops") or {}).items()):
         click.echo(f"dropped {reason}: {count}")
+    engine = live.get("engine") or {}
+    if engine.get("engine") == "xdp":  # frames the driver lost are never counted as forwarded
+        lost = engine.get("xdp_tx_lost") or 0
+        grown = sorted((engine.get("xdp_tx_lost_counters") or {}).items())
+        counters = ", ".join(f"{k} +{v}" for k, v in grown)
+        click.echo(f"XDP ({engine.get('xdp_mode') or '?'}): {engine.get('xdp_forwarded', 0)} forwarded in "
+                   f"the kernel, {lost} lost by the driver{f' ({counters})' if lost and counters else ''}, "
+                   f"{engine.get('xdp_not_for_us', 0)} not for this dispatcher's MAC")
 
 
 # --------------------------------------------------------------------------------------- advisor
@@ -365,13 +378,13 @@ def advisor():
 @click.argument("words", nargs=-1)
 @click.pass_context
 def advisor_start(ctx, name, port, words):
-    """Start NAME PORT [interval S] [timeout S] [rise N] [fall N] [via address|forwarding] [KEY VALUE …].
+    """Start NAME PORT [interval S] [timeout S] [rise N] [fall N] [via address|forwarding] [hold S] [KEY VALUE …].
 
     \b
     connect                      TCP handshake
     http   path P status 200-299 host H
     udp    send hex:…|TEXT expect hex:…|TEXT
-    Defaults: interval 5, timeout 3, rise 2, fall 3, via address.
+    Defaults: interval 5, timeout 3, rise 2, fall 3, via address, hold 2.
     """
     edit_config(ctx, lambda c, r: cfg.advisor_start(c, name, port, words, r), f"advisor {name} {port} started")
 
@@ -467,8 +480,8 @@ def advisor_rows(config, health) -> list:
                 "since": mine.get("since") if isinstance(mine.get("since"), (int, float)) else None,
             })
         rows.append({"name": adv.name, "port": adv.port, "interval": adv.interval, "timeout": adv.timeout,
-                     "rise": adv.rise, "fall": adv.fall, "via": adv.via, "options": dict(adv.options),
-                     "servers": servers})
+                     "rise": adv.rise, "fall": adv.fall, "via": adv.via, "hold": adv.hold,
+                     "options": dict(adv.options), "servers": servers})
     return rows
 
 
@@ -496,7 +509,9 @@ def main(argv=None) -> int:
         click.echo(f"encapfwd: error: {exc.format_message()} (see '{command} --help')", err=True)
         return exc.exit_code
     except EncapfwdError as exc:
-        click.echo(f"encapfwd: error: {exc}", err=True)
+        from .engines.sdnotify import journal_priorities  # systemd: stderr is the journal -> <3> (error)
+
+        click.echo(f"{'<3>' if journal_priorities() else ''}encapfwd: error: {exc}", err=True)
         return 1
     except KeyboardInterrupt:
         click.echo("encapfwd: interrupted", err=True)

@@ -55,6 +55,14 @@ def _dispatcher(ctx, engine: str = "python"):
         if not ok:
             raise EncapfwdError(f"--engine xdp: {why}")
         return XDPExecutor(config, registry)
+    if engine == "tc":
+        from .xdp import libbpf
+        from .xdp.tc import TCExecutor
+
+        ok, why = libbpf.available()
+        if not ok:
+            raise EncapfwdError(f"--engine tc: {why}")
+        return TCExecutor(config, registry)
     return Dispatcher(config, registry)
 
 
@@ -71,6 +79,9 @@ def _print_summary(summary: dict) -> None:
     if engines.get("xdp"):
         click.echo(f"engines: {engines['xdp']} frames decided by the XDP program, {engines['python']} handed up "
                    "to the Python dispatcher")
+    if engines.get("tc"):
+        click.echo(f"engines: {engines['tc']} frames decided by the TC program, {engines['python']} handed up "
+                   "to the Python dispatcher")
     servers = summary["servers"]
     if servers:
         width = max(len("server"), *(len(name) for name in servers))
@@ -85,6 +96,16 @@ def _print_summary(summary: dict) -> None:
         click.echo(f"{'drop reason':<{width}}  {'frames':>10}")
         for reason, count in drops.items():
             click.echo(f"{reason:<{width}}  {count:>10}")
+    if drops.get("not-for-us") and not summary.get("any_mac"):
+        click.echo("")
+        click.echo(f"{drops['not-for-us']} frames were not sent to the dispatcher's MAC (executor mac); a "
+                   "live dispatcher would not forward them either. For a capture taken elsewhere, --any-mac "
+                   "takes every unicast frame as sent to it")
+
+
+_ANY_MAC_HELP = ("Take every unicast frame as sent to the dispatcher's MAC (for a capture taken where frames "
+                 "were addressed to another host); by default, as live, only frames sent to the executor mac "
+                 "are forwarded.")
 
 
 @click.command("replay")
@@ -93,11 +114,13 @@ def _print_summary(summary: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar on stderr (default: for large inputs on a terminal).")
-@click.option("--engine", type=click.Choice(["python", "xdp"]), default="python", show_default=True,
+@click.option("--engine", type=click.Choice(["python", "xdp", "tc"]), default="python", show_default=True,
               help="python: the Python dispatcher; xdp: the XDP program on each frame (BPF_PROG_TEST_RUN, "
-                   "root), with the Python dispatcher for the frames it hands up.")
+                   "root), with the Python dispatcher for the frames it hands up; tc: the same with the TC "
+                   "program (the frame as a socket buffer).")
+@click.option("--any-mac", is_flag=True, help=_ANY_MAC_HELP)
 @click.pass_context
-def replay_command(ctx, infile, outfile, as_json, progress, engine):
+def replay_command(ctx, infile, outfile, as_json, progress, engine, any_mac):
     """Forward every frame of the capture IN (pcap or pcapng) through the dispatcher; write OUT (pcap).
 
     Prints how many packets went to each server and how many frames were dropped, per reason, and with
@@ -116,9 +139,9 @@ def replay_command(ctx, infile, outfile, as_json, progress, engine):
     try:
         if progress:
             with click.progressbar(length=size, label="replaying", file=sys.stderr) as bar:
-                summary = replay(dispatcher, infile, outfile, progress=bar.update)
+                summary = replay(dispatcher, infile, outfile, progress=bar.update, any_mac=any_mac)
         else:
-            summary = replay(dispatcher, infile, outfile)
+            summary = replay(dispatcher, infile, outfile, any_mac=any_mac)
     finally:
         close = getattr(dispatcher, "close", None)
         if close is not None:
@@ -174,17 +197,21 @@ def _dissect(frame: bytes) -> str:
 @click.argument("infile", metavar="IN", type=click.Path(dir_okay=False))
 @click.option("--index", "-n", default=0, show_default=True, type=click.IntRange(min=0),
               help="Which frame of IN (0 = the first); earlier frames are forwarded first so flows match.")
+@click.option("--any-mac", is_flag=True, help=_ANY_MAC_HELP)
 @click.pass_context
-def explain_command(ctx, infile, index):
+def explain_command(ctx, infile, index, any_mac):
     """Show one frame of IN before and after the dispatcher, dissected by scapy."""
-    from .engines.replay import CaptureReader
+    from .engines.replay import CaptureReader, local_mac, readdress
 
     _check_input(infile)
     dispatcher = _dispatcher(ctx)
     target = None
     count = 0
-    with CaptureReader(infile) as reader:
+    local = local_mac(dispatcher)
+    with CaptureReader(infile, local) as reader:
         for ts, frame in reader:
+            if any_mac:
+                frame = readdress(frame, local)
             if count == index:
                 target = (ts, frame)
                 break

@@ -71,19 +71,23 @@ def _cpus(text):
 )
 @click.option(
     "--engine",
-    type=click.Choice(["auto", "xdp", "afpacket"]),
+    type=click.Choice(["auto", "xdp", "tc", "afpacket"]),
     default="auto",
     show_default=True,
-    help="xdp: the XDP program forwards in the kernel, the AF_PACKET workers are its slow path; afpacket: "
-    "the workers forward everything; auto: xdp when BPF and the interface allow it (the first line says "
-    "which and why).",
+    help="xdp: the XDP program forwards in the kernel, the AF_PACKET workers are its slow path; tc: the same "
+    "program at tc ingress (tcx, else clsact), for frames that arrive as socket buffers (veth, containers); "
+    "afpacket: the workers forward everything; auto: native XDP where the driver runs it and the frames it "
+    "sends arrive, tc on a veth whose peer runs no XDP program and on other virtual interfaces, afpacket "
+    "where BPF is unavailable (the first line says which engine, and why).",
 )
 @click.option(
     "--xdp-mode",
-    type=click.Choice(["native", "generic"]),
-    default="native",
+    type=click.Choice(["auto", "native", "generic"]),
+    default="auto",
     show_default=True,
-    help="native: in the driver (fast); generic: after the kernel built an skb, for drivers without XDP.",
+    help="native: in the driver (fast); generic: after the kernel built an skb (every driver); auto: native "
+    "only where the frames the program sends arrive (a NIC whose driver runs XDP, a veth whose peer runs an "
+    "XDP program), else generic.",
 )
 @click.option(
     "--metrics",

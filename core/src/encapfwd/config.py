@@ -85,6 +85,7 @@ ADVISOR_KEYWORDS = {
     "fall": "failed probes in a row that mark a server down (default 3)",
     "via": "address (default: probe the server's address) or forwarding (the cluster address, through "
            "the server's forwarding method; IPv4)",
+    "hold": "least seconds between two state changes of one server (flap damping; default 2, 0 = none)",
 }
 SERVER_KEYWORDS = {
     "weight": "0-100 (default 1); 0 quiesces: no new flows, existing ones continue",
@@ -1411,7 +1412,7 @@ def _advisor_words(words: Sequence[str], name: str, kind) -> Tuple[Dict[str, str
 
 def advisor_start(config: Config, name, port, words: Sequence[str] = (), registry=None) -> Config:
     """``advisor start NAME PORT [interval S] [timeout S] [rise N] [fall N] [via address|forwarding]
-    [KEY VALUE …]``: a new advisor on *port* (every cluster's servers of that port are probed)."""
+    [hold S] [KEY VALUE …]``: a new advisor on *port* (every cluster's servers of that port are probed)."""
     name, port = _advisor_key(name, port)
     kind = _advisor_kind(name, registry)
     if config.advisor(name, port) is not None:

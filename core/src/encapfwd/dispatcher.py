@@ -35,6 +35,7 @@ FRAG_HELD_PER_DATAGRAM = 64
 FRAG_HELD_MAX = 4096  # fragments in all (about 6 MB of 1500-byte frames)
 
 DROP_REASONS = (
+    "not-for-us",
     "truncated",
     "not-ip",
     "vlan-tagged",
@@ -63,9 +64,9 @@ _TTL_PROTO_CK = struct.Struct("!BBH").pack
 #: P' from the first 8 bytes of the IPv4 header, the new TTL, the protocol and the new header checksum.
 _P4_HEAD = struct.Struct("!8sBBH").pack
 _PORTS = struct.Struct("!HH").unpack_from
-#: From offset 12 of a frame: ethertype (an int), version/IHL, total length, flags/offset (two bytes), TTL,
-#: protocol, header checksum, source, destination.
-_HDR = struct.Struct("!HBxHxxBBBBH4s4s").unpack_from
+#: From the start of a frame: destination MAC, then (from offset 12) ethertype (an int), version/IHL, total
+#: length, flags/offset (two bytes), TTL, protocol, header checksum, source, destination.
+_HDR = struct.Struct("!6s6xHBxHxxBBBBH4s4s").unpack_from
 _BYTE = tuple(bytes((i,)) for i in range(256))
 #: ICMP informational types (echo, timestamp, information, address mask): errors about them are allowed.
 _ICMP4_INFO = frozenset((0, 8, 13, 14, 15, 16, 17, 18))
@@ -180,6 +181,8 @@ class Dispatcher:
         self._counters = counters
         self._slots = slots_by_name
         self._src_mac = pk.mac_bytes(ex.mac)
+        #: frames are forwarded only when sent to this MAC (the executor's; the interface's in live mode)
+        self._own_mac = self._src_mac if ex.mac else None
         self._mtu = ex.mtu
         # fragment table entries refer to slots of the old configuration: forget them
         self._frags = {}
@@ -198,13 +201,23 @@ class Dispatcher:
                 frame = bytes(frame)
             n = len(frame)
             if n < 34:
+                if n >= 14 and not frame[0] & 1 and self._own_mac not in (None, frame[:6]):
+                    return self._drop("not-for-us")
                 if n >= 14 and frame[12:14] not in (_ET4, _ET6):
                     return self._drop_ethertype(frame)
                 return self._drop("truncated")
-            et, vihl, tot, ffh, ffl, ttl, proto, ck, src, dst = _HDR(frame, 12)
+            dmac, et, vihl, tot, ffh, ffl, ttl, proto, ck, src, dst = _HDR(frame, 0)
+            # the destination MAC first, as the kernel does: another host's unicast address is not for us
+            # (a bridge flooding unknown unicast); a broadcast/multicast one is never forwarded (below)
+            group = False
+            if dmac != self._own_mac:
+                if dmac[0] & 1:
+                    group = True
+                elif self._own_mac is not None:
+                    return self._drop("not-for-us")
             if et != 0x0800:
                 if et == 0x86DD:
-                    return self._process6(frame, now)
+                    return self._process6(frame, now, group)
                 return self._drop_ethertype(frame)
             # ---- IPv4 fast path
             if vihl == 0x45:
@@ -223,6 +236,8 @@ class Dispatcher:
             ports = self._v4.get(dst)
             if ports is None:
                 return self._drop("not-cluster")
+            if group:  # a unicast packet received as a link-layer broadcast/multicast (RFC 1812 5.3.4)
+                return self._drop("not-for-us")
             if int.from_bytes(frame[14:14 + ihl], "big") % 0xFFFF:
                 return self._drop("bad-checksum")
             if ffh & 0x3F or ffl:  # MF or fragment offset: a fragment
@@ -465,7 +480,7 @@ class Dispatcher:
 
     # ---- IPv6 (MAC forwarding only; hop limit decremented, no header checksum)
 
-    def _process6(self, frame, now) -> list:
+    def _process6(self, frame, now, group: bool = False) -> list:
         n = len(frame)
         if n < 54:
             return self._drop("truncated")
@@ -480,6 +495,8 @@ class Dispatcher:
         ports = self._v6.get(frame[38:54])
         if ports is None:
             return self._drop("not-cluster")
+        if group:
+            return self._drop("not-for-us")
         nxt = frame[20]
         if nxt == 6 or nxt == 17:
             off, frag = 40, None

@@ -178,9 +178,9 @@ class ProbeResult:
     latency: float = field(default=0.0, converter=float)
 
 
-#: Keys every advisor has (``advisor start NAME PORT interval … timeout … rise … fall … via …``); an
-#: advisor's own keys must not use these names.
-ADVISOR_FIELDS = ("interval", "timeout", "rise", "fall", "via")
+#: Keys every advisor has (``advisor start NAME PORT interval … timeout … rise … fall … via … hold …``);
+#: an advisor's own keys must not use these names.
+ADVISOR_FIELDS = ("interval", "timeout", "rise", "fall", "via", "hold")
 
 _ADVISOR_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _ADVISOR_KEY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")

@@ -301,6 +301,40 @@ class Cluster:
         return None
 
 
+#: AS numbers that are not an AS: AS_TRANS (RFC 6793) and the last ones of each range (RFC 7300)
+RESERVED_ASNS = {23456: "AS_TRANS, reserved by RFC 6793", 65535: "reserved by RFC 7300",
+                 4294967295: "reserved by RFC 7300"}
+
+
+def _asn(what: str):
+    def convert(value) -> int:
+        number = parse_int(value, 1, 2**32 - 1, what)
+        if number in RESERVED_ASNS:
+            raise ConfigError(f"{what} {number} is {RESERVED_ASNS[number]}: not an AS number a speaker may use")
+        return number
+
+    return convert
+
+
+def _unicast(what: str):
+    """A BGP peer or next hop: a unicast address a router can reach (not unspecified, broadcast,
+    multicast, loopback or link-local)."""
+
+    def check(instance, attribute, address) -> None:
+        if address is None:
+            return
+        problem = vip_problem(address)
+        if problem:
+            raise ConfigError(f"{what} {address} is {problem}: expected a unicast address the router reaches")
+
+    return check
+
+
+def _check_router_id(instance, attribute, address) -> None:
+    if address is not None and int(address) == 0:
+        raise ConfigError(f"bgprouterid {address} is not a valid BGP identifier: it must not be 0 (RFC 6286)")
+
+
 @frozen
 class Executor:
     """The dispatcher itself (IBM: ``executor``)."""
@@ -323,12 +357,15 @@ class Executor:
     maxflows: int = field(default=1_000_000, converter=_int_in(1, 2**31 - 1, "maxflows"))
     # scale-out (docs/scale-out.md): the BGP peer (router) the cluster addresses are announced to, the
     # ASNs, this speaker's router ID (default nfa), the next hop announced (default nfa) and the hold time
-    bgppeer: Optional[IPAddress] = field(default=None, converter=parse_optional_ip)
-    bgpasn: Optional[int] = field(default=None, converter=_optional(_int_in(1, 2**32 - 1, "bgpasn")))
-    bgppeerasn: Optional[int] = field(default=None, converter=_optional(_int_in(1, 2**32 - 1, "bgppeerasn")))
-    bgprouterid: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
-    bgpnexthop: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4)
-    bgpnexthop6: Optional[ipaddress.IPv6Address] = field(default=None, converter=parse_optional_ipv6)
+    bgppeer: Optional[IPAddress] = field(default=None, converter=parse_optional_ip, validator=_unicast("bgppeer"))
+    bgpasn: Optional[int] = field(default=None, converter=_optional(_asn("bgpasn")))
+    bgppeerasn: Optional[int] = field(default=None, converter=_optional(_asn("bgppeerasn")))
+    bgprouterid: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4,
+                                                         validator=_check_router_id)
+    bgpnexthop: Optional[ipaddress.IPv4Address] = field(default=None, converter=parse_optional_ipv4,
+                                                        validator=_unicast("bgpnexthop"))
+    bgpnexthop6: Optional[ipaddress.IPv6Address] = field(default=None, converter=parse_optional_ipv6,
+                                                         validator=_unicast("bgpnexthop6"))
     bgpholdtime: int = field(default=9, converter=_int_in(3, 65535, "bgpholdtime"))
 
     def attached(self, address) -> bool:
@@ -339,6 +376,8 @@ class Executor:
 #: Shortest and longest advisor interval and timeout (seconds).
 ADVISOR_MIN_SECONDS = 0.001
 ADVISOR_MAX_SECONDS = 86400.0
+#: Default least time between two state changes of one server (flap damping; docs/advisors.md).
+ADVISOR_DEFAULT_HOLD = 2.0
 #: Longest value of an advisor option (characters).
 ADVISOR_MAX_OPTION = 1024
 
@@ -350,6 +389,10 @@ def _seconds(what: str):
         return parse_seconds(value, ADVISOR_MIN_SECONDS, ADVISOR_MAX_SECONDS, what)
 
     return convert
+
+
+def _hold(value) -> float:
+    return parse_seconds(value, 0.0, ADVISOR_MAX_SECONDS, "hold")
 
 
 def advisor_option_key(key) -> str:
@@ -400,6 +443,7 @@ class Advisor:
     cluster's port *port*, every *interval* seconds, each probe bounded by *timeout*; a server is marked
     down after *fall* failed probes in a row and up after *rise* good ones. *via* ``address`` probes the
     server's own address, ``forwarding`` the cluster address carried by the server's forwarding method.
+    Two state changes of one server are at least *hold* seconds apart (flap damping; 0: none).
     *options* are the advisor's own keys (``path``, ``status`` …) as sorted pairs.
 
     Rules across fields and objects (timeout ≤ interval, the port has servers, the advisor is installed and
@@ -413,6 +457,7 @@ class Advisor:
     rise: int = field(default=2, converter=_int_in(1, 1000, "rise"))
     fall: int = field(default=3, converter=_int_in(1, 1000, "fall"))
     via: str = field(default="address", converter=_one_of(ADVISOR_VIAS, "via"))
+    hold: float = field(default=ADVISOR_DEFAULT_HOLD, converter=_hold)
     options: Tuple[Tuple[str, str], ...] = field(default=(), converter=_options)
 
     @property

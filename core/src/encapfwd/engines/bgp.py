@@ -14,6 +14,11 @@ What a router sees when:
   and the router drops the routes at once. If the whole machine dies, the router's hold timer does it
   (``bgpholdtime``, 3 s at the least).
 - ExaBGP dies alone: the controller starts it again (1 s, 2 s … 30 s apart) and announces again.
+
+Logging: state changes only — the session coming up, an established session going down, each route
+announced or withdrawn. While the peer cannot be reached (refused, no route), ExaBGP retries about twice a
+second: the first failed attempt is one line, then one line a minute with how many failed
+(:data:`ATTEMPTS_SUMMARY`), never a line per attempt.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ ACK_TIMEOUT = 3.0
 PR_SET_PDEATHSIG = 1
 #: seconds ExaBGP may run without its relay connected (at start, or after the relay died) before it is ended
 RELAY_GRACE = 10.0
+#: seconds between two lines summing up failed session attempts while the session is not up
+ATTEMPTS_SUMMARY = 60.0
 
 
 def exabgp_path() -> Optional[str]:
@@ -133,6 +140,9 @@ class Speaker:
         self.wanted: Dict[str, str] = {}  # prefix -> next hop
         self.announced: Dict[str, str] = {}  # what this speaker's session was told
         self.session = "idle"
+        self.failed_attempts = 0  # attempts that ended before the session was up (cumulative)
+        self._attempts_logged = 0  # failed_attempts when the last line about them was written
+        self._attempts_since = 0.0  # when that line was written
         self.restarts = 0
         self._next_start = 0.0
         self._backoff = 1.0
@@ -324,11 +334,35 @@ class Speaker:
         words = line.split()
         # neighbour changes (text encoder): "neighbor 10.0.2.254 up|down|connected …"
         if len(words) >= 3 and words[0] == "neighbor" and words[2] in ("up", "down", "connected"):
-            if words[2] != self.session:
-                log(f"bgp: session with {words[1]} {words[2]}")
-            self.session = words[2]
-            if words[2] == "up":
-                self._backoff = 1.0
+            self._session_event(words[1], words[2])
+
+    def _session_event(self, peer: str, state: str) -> None:  # with the lock
+        """Log the session's state changes, not every attempt (see the module's text)."""
+        was, self.session = self.session, state
+        now = time.monotonic()
+        if state == "up":
+            self._backoff = 1.0
+            if was != "up":
+                failed = self.failed_attempts - self._attempts_logged
+                log(f"bgp: session with {peer} up" + (f" (after {failed} more failed attempts)" if failed else ""))
+            self.failed_attempts = self._attempts_logged = 0
+            return
+        if was == "up":  # the established session went: a state change
+            log(f"bgp: session with {peer} {state}")
+            self._attempts_since = now
+            return
+        if state != "down":  # "connected" while not up: part of an attempt
+            return
+        self.failed_attempts += 1
+        if self.failed_attempts == 1:
+            log(f"bgp: session with {peer} not up (attempt failed); ExaBGP keeps trying "
+                f"(failed attempts are summed up every {ATTEMPTS_SUMMARY:g} s)")
+            self._attempts_logged, self._attempts_since = 1, now
+        elif now - self._attempts_since >= ATTEMPTS_SUMMARY:
+            failed = self.failed_attempts - self._attempts_logged
+            log(f"bgp: session with {peer} still not up: {failed} failed attempts in the last "
+                f"{now - self._attempts_since:.0f} s")
+            self._attempts_logged, self._attempts_since = self.failed_attempts, now
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -339,7 +373,7 @@ class Speaker:
                 "hold_time": self.ex.bgpholdtime, "session": self.session,
                 "speaker_pid": self.proc.pid if self.proc is not None and self.proc.poll() is None else None,
                 "announced": sorted(self.announced), "wanted": sorted(self.wanted), "restarts": self.restarts,
-                "errors": self.errors,
+                "errors": self.errors, "failed_attempts": self.failed_attempts,
             }
 
 

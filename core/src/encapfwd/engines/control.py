@@ -13,8 +13,15 @@ Standard library only (no engine, no pyroute2, no scapy): ``encapfwd server repo
 - **Serving** (:class:`ControlServer`): non-blocking, driven by the controller's own poll loop — each client
   is a small state (bytes read so far, the answer still to write, a deadline). A request is at most
   :data:`MAX_REQUEST` bytes and must be complete within :data:`REQUEST_TIMEOUT` seconds of the connection
-  (in total, not per byte); at most :data:`MAX_CLIENTS` are served at once. A slow or hostile client
-  therefore never delays reloads, worker restarts or other clients; it is cut off at its deadline.
+  (in total, not per byte); at most :data:`MAX_CLIENTS` are served at once, and more get an explicit
+  ``{"error": "busy: …"}`` (the listen backlog, :data:`LISTEN_BACKLOG`, holds a burst of 8 × that many
+  connections until the loop takes them, so a client sees "busy", never ``EAGAIN``). Connections from the
+  dispatcher's own process (its metrics server, which has a cap of its own) are not counted against the
+  cap. A slow or hostile client therefore never delays reloads, worker restarts or other clients; it is cut
+  off at its deadline.
+- **Answers that take time** (a ``reload`` waiting for neighbour resolution): the handler returns a
+  :class:`Deferred`; the client waits (the loop goes on serving others) until the owner resolves it, at
+  most :data:`DEFERRED_TIMEOUT` seconds.
 - **Protocol:** one JSON line ``{"command": "report"}`` (or ``ping``, ``reload``; a bare word works too);
   the answer is one JSON object, then the server closes the connection.
 """
@@ -42,10 +49,49 @@ MAX_REQUEST = 64 * 1024
 REQUEST_TIMEOUT = 2.0
 #: clients served at the same time; more are answered "busy" and closed
 MAX_CLIENTS = 32
+#: connections the kernel queues before the loop accepts them: a burst of this many gets an answer
+#: (served, or "busy"), not EAGAIN on connect
+LISTEN_BACKLOG = 8 * MAX_CLIENTS
+#: longest wait for an answer that comes later (a reload waiting for neighbour resolution)
+DEFERRED_TIMEOUT = 30.0
+#: the answer to a client beyond MAX_CLIENTS
+BUSY = "busy: too many control connections; try again"
 
 
 class ControlError(EncapfwdError):
     """The control socket cannot be set up (one line)."""
+
+
+class ControlBusy(ValueError):
+    """The dispatcher answered "busy" (too many control connections), or its listen queue was full."""
+
+
+class NoAnswer(TimeoutError):
+    """A dispatcher is there (its socket accepts connections) but gave no answer in time."""
+
+
+class Deferred:
+    """An answer the control handler gives later: return one from the handler, then :meth:`resolve` it
+    (from the owner's loop) with the answer."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.answer: Optional[dict] = None
+        self._callbacks: List[Callable[[dict], None]] = []
+
+    def add(self, callback: Callable[[dict], None]) -> None:
+        if self.done:
+            callback(self.answer)
+        else:
+            self._callbacks.append(callback)
+
+    def resolve(self, answer: dict) -> None:
+        if self.done:
+            return
+        self.done, self.answer = True, answer
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(answer)
 
 
 # --------------------------------------------------------------------------------------------- where
@@ -78,29 +124,53 @@ def query_control(path: Optional[str] = None, command: str = "report", timeout: 
     """Ask a running ``encapfwd run`` for *command* (``report``, ``ping``, ``reload``) over its control
     socket (*path*, default :func:`default_control_path`); *timeout* bounds the whole exchange.
 
-    Raises OSError when nothing listens at *path* (or only root may open it) or it does not answer in
-    time, ValueError on a bad answer or an error reply.
+    Raises OSError when nothing listens at *path* (FileNotFoundError, ConnectionRefusedError), only root
+    may open it (PermissionError) or it does not answer in time (:class:`NoAnswer`, a TimeoutError);
+    ValueError on a bad answer or an error reply — :class:`ControlBusy` when the dispatcher is busy (it
+    answered "busy", or its listen queue stayed full for the whole *timeout*).
     """
     path = path or default_control_path()
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(json.dumps({"command": command}).encode() + b"\n")
+    while True:  # a full listen queue (EAGAIN) is a busy dispatcher: try again until the deadline
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
         try:
+            sock.connect(path)
+            break
+        except (BlockingIOError, InterruptedError) as exc:
+            sock.close()
+            if exc.errno not in (errno.EAGAIN, errno.EINTR) or time.monotonic() >= deadline:
+                raise ControlBusy(f"{BUSY} (the listen queue of {path} stayed full for {timeout:g} s)") from None
+            time.sleep(0.01)
+        except BaseException:
+            sock.close()
+            raise
+    with sock:
+        try:
+            sock.sendall(json.dumps({"command": command}).encode() + b"\n")
             sock.shutdown(socket.SHUT_WR)
-        except OSError:  # the server may have answered and closed already
+        except (BrokenPipeError, ConnectionResetError):  # it answered (e.g. "busy") and closed already
             pass
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise
         chunks = []
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(errno.ETIMEDOUT, f"no answer on {path} within {timeout} s")
+                raise NoAnswer(errno.ETIMEDOUT, f"no answer on {path} within {timeout:g} s")
             sock.settimeout(remaining)
-            chunk = sock.recv(65536)
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                raise NoAnswer(errno.ETIMEDOUT, f"no answer on {path} within {timeout:g} s") from None
+            except ConnectionResetError:  # closed with some of our request unread: what came is the answer
+                chunk = b""
             if not chunk:
                 break
             chunks.append(chunk)
+    if not chunks:
+        raise NoAnswer(errno.ECONNRESET, f"{path} closed the connection without an answer")
     try:
         answer = json.loads(b"".join(chunks).decode() or "null")
     except (ValueError, RecursionError) as exc:
@@ -108,6 +178,8 @@ def query_control(path: Optional[str] = None, command: str = "report", timeout: 
     if not isinstance(answer, dict):
         raise ValueError("the control socket gave no JSON object")
     if "error" in answer and len(answer) == 1:
+        if str(answer["error"]).startswith("busy"):
+            raise ControlBusy(answer["error"])
         raise ValueError(answer["error"])
     return answer
 
@@ -200,7 +272,7 @@ def parse_request(data: bytes) -> Tuple[Optional[str], Optional[str]]:
 
 
 class _Client:
-    __slots__ = ("sock", "fd", "data", "out", "deadline")
+    __slots__ = ("sock", "fd", "data", "out", "deadline", "waiting")
 
     def __init__(self, sock: socket.socket, deadline: float):
         self.sock = sock
@@ -208,6 +280,7 @@ class _Client:
         self.data = b""
         self.out: Optional[bytes] = None  # the answer still to write; None while reading
         self.deadline = deadline
+        self.waiting = False  # the handler's answer comes later (a Deferred)
 
 
 class ControlServer:
@@ -229,8 +302,12 @@ class ControlServer:
         max_clients: int = MAX_CLIENTS,
         log: Optional[Callable[[str], None]] = None,
         clock: Callable[[], float] = time.monotonic,
+        own_process_uncapped: bool = False,
     ):
         self.path = path
+        #: connections from this very process (the dispatcher's metrics server, capped on its side) are
+        #: never refused as busy
+        self.own_process_uncapped = own_process_uncapped
         self.handler = handler
         self.max_request = max_request
         self.timeout = timeout
@@ -263,7 +340,7 @@ class ControlServer:
             bound = True
             os.chmod(path, 0o600)
             st = os.stat(path)
-            listener.listen(16)
+            listener.listen(LISTEN_BACKLOG)
         except OSError as exc:
             listener.close()
             if bound:
@@ -308,7 +385,8 @@ class ControlServer:
         if self.listener is not None:
             out.append((self.listener.fileno(), select.POLLIN))
         for client in self.clients.values():
-            out.append((client.fd, select.POLLIN if client.out is None else select.POLLOUT))
+            if not client.waiting:
+                out.append((client.fd, select.POLLIN if client.out is None else select.POLLOUT))
         return out
 
     def timeout_ms(self, now: Optional[float] = None, longest: int = 1000) -> int:
@@ -324,6 +402,11 @@ class ControlServer:
         now = self.clock() if now is None else now
         for client in list(self.clients.values()):
             if now >= client.deadline:
+                if client.waiting:
+                    self.stats["timeouts"] += 1
+                    self._try_send(client.sock, {"error": f"no answer within {DEFERRED_TIMEOUT:g} s"})
+                    self._drop(client)
+                    continue
                 if client.out is None:
                     # what arrived while the owner was busy (a reload, a report) still counts as in time
                     self._read(client)
@@ -342,6 +425,8 @@ class ControlServer:
         client = self.clients.get(fd)
         if client is None:
             return False
+        if client.waiting:
+            return True
         if client.out is None:
             self._read(client)
         else:
@@ -360,16 +445,17 @@ class ControlServer:
                 self.log(f"control socket: accept failed: {exc.strerror or exc}")
                 return
             conn.setblocking(False)
-            if len(self.clients) >= self.max_clients:
-                self.stats["refused"] += 1
-                self._try_send(conn, {"error": "busy: too many control connections; try again"})
-                conn.close()
-                continue
             try:
                 creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                _pid, uid, _gid = struct.unpack("3i", creds)
+                pid, uid, _gid = struct.unpack("3i", creds)
             except OSError:
                 conn.close()
+                continue
+            # our own process (the metrics server: capped on its side) is never refused as busy
+            if len(self.clients) >= self.max_clients and not (self.own_process_uncapped and pid == os.getpid()):
+                self.stats["refused"] += 1
+                self._try_send(conn, {"error": BUSY})
+                self._close_drained(conn)
                 continue
             if uid not in (0, os.geteuid()):
                 self.stats["refused"] += 1
@@ -415,7 +501,18 @@ class ControlServer:
         except Exception as exc:  # noqa: BLE001 - a request never stops the dispatcher
             self.log(f"control request {command[:40]!r} failed: {type(exc).__name__}: {exc}")
             answer = {"error": f"{type(exc).__name__}: {exc}"}
+        if isinstance(answer, Deferred):
+            client.waiting = True
+            client.deadline = self.clock() + DEFERRED_TIMEOUT
+            answer.add(lambda result, client=client: self._later(client, result))
+            return
         self._answer(client, answer)
+
+    def _later(self, client: _Client, answer: dict) -> None:
+        """A deferred answer is ready: write it, if the client is still there."""
+        if self.clients.get(client.fd) is client and client.waiting:
+            client.waiting = False
+            self._answer(client, answer)
 
     def _answer(self, client: _Client, answer: dict) -> None:
         try:
@@ -445,6 +542,21 @@ class ControlServer:
         except OSError:
             pass
 
+    @staticmethod
+    def _close_drained(sock: socket.socket) -> None:
+        """Close after discarding what the peer sent already (bounded, non-blocking): closing with unread
+        data would turn the answer just sent into ECONNRESET at the peer."""
+        try:
+            for _ in range(4):
+                if not sock.recv(65536):
+                    break
+        except OSError:
+            pass
+        try:
+            sock.close()
+        except OSError:
+            pass
+
     def _drop(self, client: _Client, drain: bool = True) -> None:
         self.clients.pop(client.fd, None)
         if drain:
@@ -463,11 +575,17 @@ class ControlServer:
 
 
 __all__ = [
+    "BUSY",
     "CONTROL_DIR",
+    "ControlBusy",
     "ControlError",
     "ControlServer",
+    "DEFERRED_TIMEOUT",
+    "Deferred",
     "ENV_CONTROL",
+    "LISTEN_BACKLOG",
     "MAX_CLIENTS",
+    "NoAnswer",
     "MAX_REQUEST",
     "REQUEST_TIMEOUT",
     "claim_path",

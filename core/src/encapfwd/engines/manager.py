@@ -6,7 +6,10 @@ every (advisor, cluster, port, server) target is probed every ``interval`` secon
 probe, and never the forwarding (which happens in the kernel and in the worker processes).
 
 Hysteresis (haproxy's): a server is marked down after ``fall`` failed probes in a row and up again after
-``rise`` good ones; until its first change it counts as up. A change wakes the controller (a byte on a
+``rise`` good ones; until its first change it counts as up. Flap damping: two state changes of one target
+are at least ``hold`` seconds apart (the advisor's ``hold``, default 2 s); a verdict that comes sooner is
+held (the report shows it as ``held``) and applied when the hold time is over, if the probes since still
+call for it. A change wakes the controller (a byte on a
 pipe its poll loop watches), which compiles a new plan with the down servers taken out of selection (as
 ``server down`` would, without touching the file) and hands it to every executor: Maglev keeps the other
 servers' slots and the flow tables keep their flows. Health is runtime state only.
@@ -46,6 +49,9 @@ class Target:
     options: dict = field(factory=dict)
     via: str = "address"
     vip: str = ""  # the cluster address (probed by via forwarding)
+    hold: float = 0.0  # least seconds between two state changes
+    last_change: Optional[float] = None  # monotonic time of the last change (None: none yet)
+    held: Optional[str] = None  # the state the probes call for while the hold time is not over
     state: str = "unknown"  # unknown (counts as up), up, down
     good: int = 0  # consecutive good probes
     bad: int = 0  # consecutive failed probes
@@ -59,27 +65,51 @@ class Target:
     def key(self) -> Tuple[str, str, int]:
         return (self.name, self.advisor, self.port)
 
-    def record(self, ok: bool, detail: str, latency: float) -> bool:
+    def record(self, ok: bool, detail: str, latency: float, now: Optional[float] = None) -> bool:
         """Count one probe result; True when the server's state changed."""
         self.probes += 1
         self.last = {"ok": ok, "detail": detail, "latency": round(latency, 6), "at": time.time()}
         self.latencies = (self.latencies + [latency])[-LATENCIES_KEPT:]
         if ok:
             self.good, self.bad = self.good + 1, 0
-            if self.state != "up" and (self.state == "unknown" or self.good >= self.rise):
-                return self._change("up")
         else:
             self.bad, self.good = self.bad + 1, 0
-            if self.state != "down" and self.bad >= self.fall:
-                return self._change("down")
-        return False
+        return self.settle(time.monotonic() if now is None else now)
 
-    def _change(self, state: str) -> bool:
+    def wanted(self) -> Optional[str]:
+        """The state the probes in a row call for, when it is not the current one."""
+        if self.good and self.state != "up" and (self.state == "unknown" or self.good >= self.rise):
+            return "up"
+        if self.bad and self.state != "down" and self.bad >= self.fall:
+            return "down"
+        return None
+
+    def held_until(self) -> Optional[float]:
+        """When a held verdict may be applied (monotonic), or None."""
+        if self.held is None or self.last_change is None:
+            return None
+        return self.last_change + self.hold
+
+    def settle(self, now: float) -> bool:
+        """Apply the state the probes call for unless the hold time since the last change is not over
+        (then it is held); True when the state changed."""
+        want = self.wanted()
+        if want is None:
+            self.held = None
+            return False
+        if self.last_change is not None and now - self.last_change < self.hold:
+            self.held = want
+            return False
+        self.held = None
+        return self._change(want, now)
+
+    def _change(self, state: str, now: Optional[float] = None) -> bool:
         counts = self.state != "unknown"  # the first verdict is not a change of health
         self.state = state
         self.since = time.time()
         if counts or state == "down":
             self.changes += 1
+            self.last_change = time.monotonic() if now is None else now
             return True
         return False
 
@@ -101,7 +131,7 @@ def targets_of(config, registry) -> List[Target]:
                     name=server_key(cluster.address, port.number, server.address), advisor=adv.name,
                     port=adv.port, address=str(server.address), interval=adv.interval, timeout=adv.timeout,
                     rise=adv.rise, fall=adv.fall, options=dict(adv.options), via=adv.via,
-                    vip=str(cluster.address),
+                    vip=str(cluster.address), hold=float(getattr(adv, "hold", 0.0)),
                 ))
     return out
 
@@ -150,15 +180,21 @@ class HealthManager:
                     target.state, target.good, target.bad = old.state, old.good, old.bad
                     target.changes, target.since, target.last = old.changes, old.since, old.last
                     target.latencies, target.probes = old.latencies, old.probes
+                    target.last_change, target.held = old.last_change, old.held
             self._targets = fresh
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._sync_tasks)
 
-    def down(self) -> Dict[str, str]:
-        """``{cluster@port@server: reason}`` for every server an advisor holds down."""
+    def down(self, config=None) -> Dict[str, str]:
+        """``{cluster@port@server: reason}`` for every server an advisor holds down. With *config*: only
+        the verdicts of advisors *config* still has, on servers it still has (a stopped advisor's verdicts,
+        or those of a server or port that went, count no more — on the very reload that removes them)."""
+        keys = None if config is None else {t.key for t in targets_of(config, self.registry)}
         out = {}
         with self._lock:
             for t in self._targets.values():
+                if keys is not None and t.key not in keys:
+                    continue
                 if t.state == "down":
                     out.setdefault(t.name, f"{t.advisor} {t.port}: {t.last['detail'] if t.last else 'down'}")
         return out
@@ -171,7 +207,7 @@ class HealthManager:
                 row = out.setdefault(t.name, {"state": "up", "advisors": {}})
                 row["advisors"][f"{t.advisor} {t.port}"] = {
                     "state": t.state, "last": t.last, "changes": t.changes, "since": round(t.since, 3),
-                    "latencies": list(t.latencies), "probes": t.probes,
+                    "latencies": list(t.latencies), "probes": t.probes, "held": t.held, "hold": t.hold,
                 }
                 if t.state == "down":
                     row["state"] = "down"
@@ -235,25 +271,38 @@ class HealthManager:
 
     async def _probe_forever(self, key) -> None:
         types = self.registry.advisors()
+        next_probe = time.monotonic()
         while not self._stopping:
             with self._lock:
                 target = self._targets.get(key)
             if target is None:
                 return
-            started = time.monotonic()
-            ok, detail, latency = await _probe(types.get(target.advisor), target, self.forwarding)
-            with self._lock:
-                current = self._targets.get(key)
-                changed = current is not None and current.record(ok, detail, latency)
-                if changed:
-                    log(f"advisor {current.advisor} {current.port}: server {current.name} is {current.state} "
-                        f"({detail})")
+            if time.monotonic() >= next_probe:
+                started = time.monotonic()
+                ok, detail, latency = await _probe(types.get(target.advisor), target, self.forwarding)
+                next_probe = started + target.interval
+                with self._lock:
+                    current = self._targets.get(key)
+                    changed = current is not None and current.record(ok, detail, latency)
+            else:  # a held verdict whose hold time is over
+                with self._lock:
+                    current = self._targets.get(key)
+                    changed = current is not None and current.settle(time.monotonic())
             if changed:
+                detail = (current.last or {}).get("detail", "")
+                log(f"advisor {current.advisor} {current.port}: server {current.name} is {current.state} "
+                    f"({detail})")
                 try:
                     os.write(self._wfd, b"!")
                 except (BlockingIOError, OSError):
                     pass
-            await asyncio.sleep(max(0.0, target.interval - (time.monotonic() - started)))
+            wake = next_probe
+            with self._lock:
+                current = self._targets.get(key)
+                until = current.held_until() if current is not None else None
+            if until is not None:
+                wake = min(wake, until)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
 
 
 async def _probe(kind, target: Target, forwarding=None) -> Tuple[bool, str, float]:

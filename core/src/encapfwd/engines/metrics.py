@@ -10,8 +10,14 @@ fresh report computed in the main loop, between two other pieces of its work —
 no lock shared with it. A scrape therefore equals a ``server report`` taken at the same moment. Each scrape
 counts as one request in the report's ``engine.control_requests``. When the controller does not answer within
 :data:`SCRAPE_TIMEOUT` seconds (or at all) the scrape fails with HTTP 503 and one line; counters are never
-made up. The only thing read directly from the controller in the HTTP thread is ``controller.dispatcher.plan``
-(an immutable object replaced by one assignment on reload) for servers that are ``down`` in the configuration.
+made up. Health comes from the same report: every server's ``state`` there is the installed plan's (``down``
+in the configuration, held down by an advisor, or unresolved MAC, with its ``reason``), so the metrics, the
+report and the forwarding agree by construction; nothing else is read from the controller.
+
+The HTTP server (:mod:`.httpd`) has hard bounds: one thread and non-blocking sockets, at most
+:data:`~.httpd.MAX_CONNECTIONS` connections served at once (more are answered ``503`` at once), a listen backlog
+of :data:`~.httpd.BACKLOG`, and a total deadline per connection (the request within
+:data:`~.httpd.REQUEST_TIMEOUT` seconds, the whole exchange within :data:`~.httpd.DEADLINE`).
 
 Nothing here imports ``prometheus_client`` (or anything but the standard library) at import time:
 ``live.py`` imports this module whether ``--metrics`` is given or not.
@@ -22,7 +28,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import socketserver
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -30,8 +35,8 @@ from .common import LiveError, log, one_line
 
 #: seconds a scrape waits for the controller's report (a reload or a stuck worker can delay it)
 SCRAPE_TIMEOUT = 5.0
-#: seconds an HTTP client may take to send its request
-HTTP_TIMEOUT = 10.0
+#: seconds an HTTP client may take to send its whole request (a total, not per byte: engines/httpd.py)
+HTTP_TIMEOUT = 5.0
 #: default host of ``--metrics :PORT``
 DEFAULT_HOST = "127.0.0.1"
 #: upper bounds (seconds) of the probe latency histogram built from lists of recent latencies
@@ -259,8 +264,11 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
         labels = [*_labels_of(name, row), str(row.get("method", ""))]
         packets.add_metric(labels, _num(row.get("packets")))
         nbytes.add_metric(labels, _num(row.get("bytes")))
-        state = ((health or {}).get(name) or {}).get("state") if health is not None else None
-        healthy = configured_up.get(name, True) and state != "down"
+        if row.get("state") in ("up", "down"):  # the installed plan's own view (engines/live.py)
+            healthy = row["state"] == "up"
+        else:
+            state = ((health or {}).get(name) or {}).get("state") if health is not None else None
+            healthy = configured_up.get(name, True) and state != "down"
         up.add_metric(labels, 1.0 if healthy else 0.0)
         if connections is not None:
             active.add_metric(labels, _num(connections.get(name, 0)))
@@ -286,6 +294,9 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
             "(TX ring full).", _num(engine.get("kernel_drops")) + _num(engine.get("tx_ring_full")))
     counter("encapfwd_xdp_forwarded_total", "Packets the XDP program forwarded in the kernel.",
             engine.get("xdp_forwarded"))
+    counter("encapfwd_xdp_tx_lost_total",
+            "Frames the interface's driver could not send (the XDP program's XDP_TX frames among them), "
+            "never counted as forwarded.", engine.get("xdp_tx_lost"))
     counter("encapfwd_xdp_passed_total",
             "Cluster frames the XDP program handed up to the slow path (AF_PACKET workers).",
             engine.get("xdp_passed"))
@@ -375,58 +386,31 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_in_child)
 
 
-def _make_server(host: str, port: int, app):
-    """A threading WSGI server bound to (host, port); :class:`MetricsError` with one line otherwise."""
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+def _make_server(host: str, port: int, handler):
+    """A :class:`~.httpd.BoundedHTTPServer` bound to (host, port); :class:`MetricsError` with one line
+    otherwise."""
+    from .httpd import BoundedHTTPServer
 
     try:
         infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (OSError, UnicodeError) as exc:
         raise MetricsError(f"--metrics {host}:{port}: cannot resolve {host}: {one_line(exc)}") from None
     family, _, _, _, sockaddr = infos[0]
-
-    class Handler(WSGIRequestHandler):
-        timeout = HTTP_TIMEOUT
-
-        def log_message(self, *args) -> None:  # no access log in the dispatcher's log
-            pass
-
-    class Server(socketserver.ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-        address_family = family
-
-        def server_bind(self) -> None:
-            # HTTPServer.server_bind would call socket.getfqdn (a DNS query that can hang)
-            socketserver.TCPServer.server_bind(self)
-            self.server_name, self.server_port = host, port
-            self.setup_environ()
-
-        def process_request(self, request, client_address) -> None:
-            self.connections.add(request)
-            super().process_request(request, client_address)
-
-        def shutdown_request(self, request) -> None:
-            self.connections.discard(request)
-            super().shutdown_request(request)
-
-        def handle_error(self, request, client_address) -> None:
-            pass  # a client that went away: nothing to say (never a traceback in the log)
-
-    Server.connections = set()
     try:
-        server = Server(sockaddr[:2] if family == socket.AF_INET else sockaddr, Handler)
+        return BoundedHTTPServer(sockaddr[:2] if family == socket.AF_INET else sockaddr, family, handler,
+                                 request_timeout=HTTP_TIMEOUT)
     except OSError as exc:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise MetricsError(f"--metrics {where}: cannot listen: {exc.strerror or exc}") from None
-    server.set_app(app)
-    return server
 
 
 class MetricsServer:
-    """The HTTP endpoint (``GET /metrics``; any path answers the same) in a daemon thread."""
+    """The HTTP endpoint (``GET /metrics``; any path but the status page's ``/`` and ``/status.json`` answers
+    the same) in a daemon thread."""
 
     def __init__(self, host: str, port: int, collector: ReportCollector):
-        from prometheus_client import CollectorRegistry, make_wsgi_app
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import choose_encoder
 
         self.host, self.port = host, port
         self.collector = collector
@@ -434,25 +418,30 @@ class MetricsServer:
         self.registry.register(collector)
         self.failures = 0
         self._failing = False
-        app = make_wsgi_app(self.registry)
+        from .status_page import StatusPage  # the status page: "/" and "/status.json" (engines/status_page.py)
 
-        def guarded(environ, start_response):
+        self.status = StatusPage(collector.fetch)
+
+        def handler(method: str, path: str, headers: Dict[str, str]):
+            routed = self.status.route(path)
+            if routed is not None:
+                return routed
+            encoder, content_type = choose_encoder(headers.get("accept", ""))
             try:
-                body = app(environ, start_response)
+                body = encoder(self.registry)
             except Exception as exc:  # noqa: BLE001 - a failed scrape never stops the dispatcher
                 self.failures += 1
                 line = one_line(f"scrape failed: {type(exc).__name__}: {exc}")
                 if not self._failing:  # one line when scrapes start failing, one when they work again
                     self._failing = True
                     log(f"metrics: {line}")
-                start_response("503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
-                return [line.encode() + b"\n"]
+                return 503, [("Retry-After", "1")], line.encode() + b"\n"
             if self._failing:
                 self._failing = False
                 log("metrics: scrapes work again")
-            return body
+            return 200, [("Content-Type", content_type)], body
 
-        self.httpd = _make_server(host, port, guarded)
+        self.httpd = _make_server(host, port, handler)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                        name="encapfwd-metrics", daemon=True)
@@ -466,19 +455,16 @@ class MetricsServer:
 
     def stop(self) -> None:
         _RUNNING.discard(self)
+        self.status.stop()
         if self.thread.is_alive():
             self.httpd.shutdown()
             self.thread.join(2)
         self.httpd.server_close()
 
     def forget(self) -> None:
-        """In a forked worker: close the listening socket and open connections, nothing else (the thread
-        does not exist there)."""
-        for sock in [self.httpd.socket, *list(self.httpd.connections)]:
-            try:
-                sock.close()
-            except OSError:
-                pass
+        """In a forked worker: close the listening socket and open connections, nothing else (the threads
+        do not exist there)."""
+        self.httpd.forget()
 
 
 def start_metrics(address: Optional[str], controller) -> Optional[MetricsServer]:
@@ -495,11 +481,8 @@ def start_metrics(address: Optional[str], controller) -> Optional[MetricsServer]
     def fetch() -> dict:
         return query_control(control_path, "report", timeout=SCRAPE_TIMEOUT)
 
-    def configured_up() -> Dict[str, bool]:
-        plan = controller.dispatcher.plan  # immutable; replaced by one assignment on reload
-        return {s.name: bool(s.up) for s in plan.servers}
-
-    server = MetricsServer(host, port, ReportCollector(fetch, configured_up))
+    # health from the report alone (each server's state is the installed plan's): one source of truth
+    server = MetricsServer(host, port, ReportCollector(fetch))
     log(f"metrics on {server.url}")
     return server
 

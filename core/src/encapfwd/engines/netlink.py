@@ -67,6 +67,22 @@ def current_neighbour(ipr, address, ifindex: int) -> Optional[str]:
     return found
 
 
+def neighbour_table(ipr, ifindex: int) -> Dict[str, str]:
+    """``{address: MAC}`` of every valid entry of the kernel's neighbour table on *ifindex* (IPv4 and IPv6),
+    in one dump: never waits for the network."""
+    out: Dict[str, str] = {}
+    for msg in ipr.get_neighbours(ifindex=ifindex):
+        dst = msg.get_attr("NDA_DST")
+        lladdr = msg.get_attr("NDA_LLADDR")
+        if dst and lladdr and msg["state"] & NUD_VALID:
+            try:
+                key = str(ipaddress.ip_address(str(dst).split("%")[0]))
+            except ValueError:
+                continue
+            out[key] = lladdr.lower()
+    return out
+
+
 def ask_neighbour(ipr, address, ifindex: int) -> None:
     """Ask the kernel to resolve *address* (NTF_USE, as ``ip neigh replace ADDR dev IF use``); failures
     are ignored (the caller asks again later)."""

@@ -6,19 +6,19 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import attrs
 
 from ..errors import EncapfwdError
-from ..model import Config
-from .common import LiveError, log, one_line
+from ..model import Config, server_key
+from .common import LiveError, log, one_line, summarize
 from .netlink import (
     Interface,
     has_unicast_route,
     interface_info,
     local_addresses,
-    neighbour_mac,
+    neighbour_table,
     open_ipr,
     route_gateway,
 )
@@ -58,29 +58,35 @@ def check_platform() -> None:
         )
 
 
-def prepare(
-    config: Config,
-    registry,
-    interface: Optional[str] = None,
-    *,
-    resolve_timeout: float = 3.0,
-    warn=log,
-    resolved: Optional[dict] = None,
-) -> Tuple[Config, Interface]:
-    """Fill in what live mode takes from the kernel and check what would make forwarding wrong.
+@attrs.define
+class Staged:
+    """A configuration prepared for live mode except for the MACs the neighbour table gives (see
+    :func:`stage`, then :func:`complete` with those MACs)."""
+
+    #: the executor filled in (interface, MAC, networks, nfa, MTU, gateway); servers as in the file
+    config: Config
+    iface: Interface
+    #: every address whose MAC comes from the neighbour table: servers on an attached network that are not
+    #: down and have no pinned MAC, and the gateway when off-link servers need it and gatewaymac is unset
+    needed: Tuple[str, ...]
+    #: the gateway whose MAC is needed (None: pinned or not needed)
+    gateway: Optional[str]
+    #: the neighbour table's valid entries for *needed* when staged (one dump)
+    known: Dict[str, str]
+
+
+def stage(config: Config, registry, interface: Optional[str] = None, *, warn=log) -> Staged:
+    """Everything :func:`prepare` does except waiting for neighbour resolution: netlink questions only
+    (the interface, local addresses, a route, one dump of the neighbour table), nothing that waits for the
+    network. Raises :class:`LiveError` (one line) for what would make forwarding wrong:
 
     - the interface (``--interface`` or ``executor interface``) must exist; its MAC is the source of every
       frame sent; its networks are the attached networks when ``executor networks`` is empty; its first
       IPv4 address is the ``nfa`` when none is set; the MTU is capped at the interface's;
     - a cluster address configured locally is an error (the kernel would answer it instead of a server);
-    - every server's forwarding method must have an installed plugin;
-    - the MAC of every server on an attached network (unless pinned with ``mac``) and of the gateway
-      (unless pinned with ``gatewaymac``) comes from the neighbour table, resolved when missing. The gateway,
-      when not configured, is the kernel's next hop towards the first off-link server. A server whose MAC
-      cannot be resolved is marked down (with a warning) rather than sent to a wrong address.
-
-    *resolved*, when given, receives ``{address: mac or None}`` for every MAC taken from the neighbour table
-    (not the pinned ones), so that the controller can notice when one changes.
+    - every server's forwarding method must have an installed plugin (``config.check``);
+    - the gateway, when not configured and some server is off-link, is the kernel's next hop towards the
+      first off-link server.
     """
     from ..config import check
 
@@ -115,56 +121,98 @@ def prepare(
             changes["mtu"] = iface.mtu
         ex = attrs.evolve(ex, **changes)
 
-        macs: Dict = {}
+        needed: Dict[str, None] = {}
         offlink = []
-        clusters = []
         for cluster in config.clusters:
-            ports = []
             for port in cluster.ports:
-                servers = []
                 for server in port.servers:
                     if not ex.attached(server.address):
                         offlink.append(server.address)
                     elif server.mac is None and not server.down:
-                        if server.address not in macs:
-                            macs[server.address] = neighbour_mac(
-                                ipr, server.address, iface.index, resolve_timeout
-                            )
-                        mac = macs[server.address]
-                        if resolved is not None:
-                            resolved[server.address] = mac
-                        if mac is None:
-                            warn(
-                                f"server {cluster.address}@{port.number}@{server.address}: "
-                                "no answer to ARP/ND "
-                                f"on {iface.name}; marked down until the next reload (SIGHUP)"
-                            )
-                            server = attrs.evolve(server, down=True)
-                        else:
-                            server = attrs.evolve(server, mac=mac)
-                    servers.append(server)
-                ports.append(attrs.evolve(port, servers=tuple(servers)))
-            clusters.append(attrs.evolve(cluster, ports=tuple(ports)))
-
+                        needed[str(server.address)] = None
+        gateway = None
         if offlink:
-            gateway = ex.gateway
-            if gateway is None:
+            if ex.gateway is None:
                 found = route_gateway(ipr, offlink[0])
                 if found is None:
                     raise LiveError(
                         f"server {offlink[0]} is not on an attached network and there is no gateway: "
                         f"'executor set gateway ADDR' (or a route to it)"
                     )
-                gateway = ipaddress.ip_address(found)
-                ex = attrs.evolve(ex, gateway=gateway)
+                ex = attrs.evolve(ex, gateway=ipaddress.ip_address(found))
             if ex.gatewaymac is None:
-                mac = neighbour_mac(ipr, gateway, iface.index, resolve_timeout)
-                if mac is None:
-                    raise LiveError(f"gateway {gateway} does not answer ARP on {iface.name}")
-                ex = attrs.evolve(ex, gatewaymac=mac)
-                if resolved is not None:
-                    resolved[gateway] = mac
-    return attrs.evolve(config, executor=ex, clusters=tuple(clusters)), iface
+                gateway = str(ex.gateway)
+                needed[gateway] = None
+        table = neighbour_table(ipr, iface.index) if needed else {}
+    known = {a: table[a] for a in needed if a in table}
+    return Staged(attrs.evolve(config, executor=ex), iface, tuple(needed), gateway, known)
+
+
+def complete(staged: Staged, macs: Mapping[str, Optional[str]], *, warn=log) -> Tuple[Config, Dict[str, str]]:
+    """*staged*'s configuration with the MACs of *macs* (``{address: MAC or None}``): ``(config,
+    {server name: reason})``. A server whose MAC is unknown is marked down in the returned configuration
+    (never sent to a wrong address) and named with its reason; one warning line lists them. An unknown
+    gateway MAC raises :class:`LiveError`."""
+    ex = staged.config.executor
+    if staged.gateway is not None:
+        mac = macs.get(staged.gateway)
+        if mac is None:
+            raise LiveError(f"gateway {staged.gateway} does not answer ARP on {staged.iface.name}")
+        ex = attrs.evolve(ex, gatewaymac=mac)
+    reasons: Dict[str, str] = {}
+    unresolved = []
+    clusters = []
+    for cluster in staged.config.clusters:
+        ports = []
+        for port in cluster.ports:
+            servers = []
+            for server in port.servers:
+                if ex.attached(server.address) and server.mac is None and not server.down:
+                    mac = macs.get(str(server.address))
+                    if mac is None:
+                        name = server_key(cluster.address, port.number, server.address)
+                        reasons[name] = f"no answer to ARP/ND on {staged.iface.name}"
+                        unresolved.append(str(server.address))
+                        server = attrs.evolve(server, down=True)
+                    else:
+                        server = attrs.evolve(server, mac=mac)
+                servers.append(server)
+            ports.append(attrs.evolve(port, servers=tuple(servers)))
+        clusters.append(attrs.evolve(cluster, ports=tuple(ports)))
+    if unresolved:
+        unique = list(dict.fromkeys(unresolved))
+        warn(f"{len(unique)} server address(es) do not answer ARP/ND on {staged.iface.name}: {summarize(unique)}; "
+             "left out of the plan until they answer (asked again in the background)")
+    return attrs.evolve(staged.config, executor=ex, clusters=tuple(clusters)), reasons
+
+
+def prepare(
+    config: Config,
+    registry,
+    interface: Optional[str] = None,
+    *,
+    resolve_timeout: float = 2.0,
+    warn=log,
+    resolved: Optional[dict] = None,
+) -> Tuple[Config, Interface]:
+    """:func:`stage`, every missing MAC asked at once and waited for with one total bound
+    (*resolve_timeout*), then :func:`complete`. *resolved*, when given, receives ``{address: mac or None}``
+    for every MAC taken from the neighbour table (not the pinned ones)."""
+    staged = stage(config, registry, interface, warn=warn)
+    macs: Dict[str, Optional[str]] = dict(staged.known)
+    missing = [a for a in staged.needed if a not in macs]
+    if missing:
+        from .neighbours import NeighbourResolver
+
+        resolver = NeighbourResolver(staged.iface.index, refresh=0)
+        try:
+            macs.update(resolver.resolve(missing, resolve_timeout))
+        finally:
+            resolver.stop()
+    if resolved is not None:
+        resolved.update({a: macs.get(a) for a in staged.needed})
+    config, _reasons = complete(staged, macs, warn=warn)
+    return config, staged.iface
 
 
 def cluster_addresses(config: Config) -> List:

@@ -42,33 +42,47 @@ class CaptureError(EncapfwdError):
 # Other link types are given an Ethernet header so the dispatcher sees what a live interface delivers:
 # raw IP (101, 228, 229, and 12 as some systems write DLT_RAW), Linux cooked captures (113 SLL, 276 SLL2, as
 # ``tcpdump -i any`` writes them: the sender's link-layer address becomes the source MAC). The destination
-# MAC of a synthesised header is all zeros.
+# MAC of a synthesised header is the dispatcher's own (*local*: the frame is taken as sent to it), except
+# where a cooked capture says the frame went elsewhere: broadcast and multicast packet types get such an
+# address, a frame seen for another host (PACKET_OTHERHOST) the all-zero one. Without *local* (None), every
+# synthesised destination is all zeros.
 _ZERO_MAC = b"\x00" * 6
+_BROADCAST_MAC = b"\xff" * 6
+#: cooked-capture packet type (PACKET_HOST 0, BROADCAST 1, MULTICAST 2, OTHERHOST 3, OUTGOING 4) → the
+#: destination MAC to give the frame (None: the dispatcher's own)
+_SLL_DESTINATION = {1: _BROADCAST_MAC, 2: b"\x01\x00\x5e\x00\x00\x01", 3: _ZERO_MAC}
 
 
-def _raw_ip(data: bytes) -> bytes:
+def _sll_destination(pkttype: int, local: Optional[bytes]) -> bytes:
+    if local is None:
+        return _ZERO_MAC
+    return _SLL_DESTINATION.get(pkttype) or local
+
+
+def _raw_ip(data: bytes, local: Optional[bytes] = None) -> bytes:
+    dst = local or _ZERO_MAC
     if data and data[0] >> 4 == 6:
-        return _ZERO_MAC * 2 + b"\x86\xdd" + data
-    return _ZERO_MAC * 2 + b"\x08\x00" + data
+        return dst + _ZERO_MAC + b"\x86\xdd" + data
+    return dst + _ZERO_MAC + b"\x08\x00" + data
 
 
-def _sll(data: bytes) -> bytes:
+def _sll(data: bytes, local: Optional[bytes] = None) -> bytes:
     # packet type (2), ARPHRD (2), address length (2), address (8), protocol (2)
     if len(data) < 16:
         return b""
     alen = min((data[4] << 8) | data[5], 6)
     src = (data[6:6 + alen] + _ZERO_MAC)[:6]
-    return _ZERO_MAC + src + data[14:16] + data[16:]
+    return _sll_destination((data[0] << 8) | data[1], local) + src + data[14:16] + data[16:]
 
 
-def _sll2(data: bytes) -> bytes:
+def _sll2(data: bytes, local: Optional[bytes] = None) -> bytes:
     # protocol (2), reserved (2), interface index (4), ARPHRD (2), packet type (1), address length (1),
     # address (8)
     if len(data) < 20:
         return b""
     alen = min(data[11], 6)
     src = (data[12:12 + alen] + _ZERO_MAC)[:6]
-    return _ZERO_MAC + src + data[0:2] + data[20:]
+    return _sll_destination(data[10], local) + src + data[0:2] + data[20:]
 
 
 CONVERTERS = {
@@ -82,13 +96,16 @@ CONVERTERS = {
 }
 
 
-def _converter(path: str, linktype: int):
+def _converter(path: str, linktype: int, local: Optional[bytes] = None):
     try:
-        return CONVERTERS[linktype]
+        convert = CONVERTERS[linktype]
     except KeyError:
         raise CaptureError(
             f"{path}: link type {linktype} is not supported (Ethernet, raw IP and Linux cooked captures are)"
         ) from None
+    if convert is None or local is None:
+        return convert
+    return lambda data: convert(data, local)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -176,8 +193,10 @@ class CaptureReader:
     and :attr:`truncation` then says where the file was cut short (``None`` for a whole file).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, local_mac: Optional[bytes] = None):
         self.path = os.fspath(path)
+        #: the dispatcher's MAC: the destination of the Ethernet header given to raw IP and cooked frames
+        self.local_mac = local_mac
         self.truncation: Optional[Truncation] = None
         try:
             self._handle = open(self.path, "rb", buffering=1 << 20)
@@ -200,7 +219,7 @@ class CaptureReader:
                 raise CaptureError(f"{path}: the pcap file header is cut short ({len(header)} of 24 bytes)")
             endian, resolution = _PCAP_MAGIC[header[:4]]
             linktype = struct.unpack(endian + "I", header[20:24])[0] & 0x0FFFFFFF
-            return self._read_pcap(endian, resolution, _converter(path, linktype))
+            return self._read_pcap(endian, resolution, _converter(path, linktype, self.local_mac))
         if header[:4] == _PCAPNG_SHB:
             if len(header) < 12:
                 raise CaptureError(f"{path}: the pcapng section header block is cut short "
@@ -319,7 +338,8 @@ class CaptureReader:
                         raise _corrupt(path, _block_name(1), start,
                                        f"block length {length}, at least 20 needed")
                     linktype = unpack_from(endian + "H", body, 0)[0]
-                    interfaces.append((_converter(path, linktype), _tsresol(body[8:size], endian)))
+                    interfaces.append((_converter(path, linktype, self.local_mac),
+                                       _tsresol(body[8:size], endian)))
                 elif btype == 3:  # simple packet
                     if size < 4:
                         raise _corrupt(path, _block_name(3), start,
@@ -408,8 +428,31 @@ class PcapWriter:
 # ------------------------------------------------------------------------------------------------ replay
 
 
-def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], None]] = None) -> dict:
+def local_mac(dispatcher) -> Optional[bytes]:
+    """The MAC *dispatcher* forwards frames for (its plan's executor ``mac``), or None when it has none."""
+    plan = getattr(dispatcher, "plan", None)
+    mac = plan.config.executor.mac if plan is not None else None
+    if not mac:
+        return None
+    from ..packet import mac_bytes
+
+    return mac_bytes(mac)
+
+
+def readdress(frame: bytes, local: Optional[bytes]) -> bytes:
+    """*frame* sent to *local* instead of its unicast destination (``--any-mac``: a capture taken where the
+    frames were addressed to another host); broadcast, multicast and short frames stay as they are."""
+    if local is None or len(frame) < 14 or frame[0] & 1:
+        return frame
+    return local + frame[6:]
+
+
+def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], None]] = None,
+           any_mac: bool = False) -> dict:
     """Forward every frame of *in_path* through *dispatcher*, write what it sends to *out_path*.
+
+    Only frames sent to the dispatcher's MAC are forwarded, as live (raw IP and cooked frames are given
+    it); with *any_mac* every unicast frame is taken as sent to it.
 
     :param progress: called now and then with the number of input bytes consumed since the last call.
     :returns: a JSON-able summary: frame counts, time, and the dispatcher's report (servers, drops);
@@ -422,8 +465,9 @@ def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], Non
     started = time.perf_counter()
     process = dispatcher.process
     last = 0.0
+    local = local_mac(dispatcher)
     # The capture is opened first: an input that is not a capture is refused before OUT is created.
-    with CaptureReader(in_path) as reader, PcapWriter(out_path) as writer:
+    with CaptureReader(in_path, local) as reader, PcapWriter(out_path) as writer:
         write = writer.write
         pending = 0
         for ts, frame in reader:
@@ -431,6 +475,8 @@ def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], Non
             size = len(frame) + 16
             bytes_in += size
             last = ts
+            if any_mac:
+                frame = readdress(frame, local)
             for out in process(frame, ts):
                 write(ts, out)
             if progress is not None:
@@ -462,10 +508,12 @@ def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], Non
         "truncation": None if truncation is None else truncation.as_dict(os.fspath(in_path)),
         "servers": report.get("servers", {}),
         "drops": report.get("drops", {}),
+        "any_mac": bool(any_mac),
         "flows": report.get("flows", {}),
         "engines": report.get("engines") or {"xdp": 0, "python": frames_in},
     }
     return summary
 
 
-__all__ = ["CaptureError", "CaptureReader", "PcapWriter", "Truncation", "read_frames", "replay"]
+__all__ = ["CaptureError", "CaptureReader", "PcapWriter", "Truncation", "local_mac", "read_frames",
+           "readdress", "replay"]

@@ -16,7 +16,7 @@
                                far0 (bridge, TAPs)
                      ┌────────────────┴─────────────────┐
              IPIP server 10.0.3.11              GRE server 10.0.3.12
-             (user-mode-linux, tunl0,          (user-mode-linux, gre0,
+             (guest kernel, tunl0,             (guest kernel, gre0,
               VIP 10.0.9.2)                     VIP 10.0.9.3)
 
 - Upstream (the router) reaches the VIPs by a route via the dispatcher's address (``ip route add
@@ -28,7 +28,8 @@
   arrive on an unexpected interface (the router).
 - Every back-end is configured with the project's own generated Linux script
   (``encapfwd backend-setup C@P@S --os linux``), run verbatim in its kernel; IPIP and GRE back-ends are
-  user-mode-linux kernels unless the host kernel has ipip/ip_gre (then plain namespaces).
+  guest kernels (user-mode-linux, or QEMU where it cannot boot: :mod:`encapfwd.lab.kernels`) unless the host
+  kernel has ipip/ip_gre (then plain namespaces).
 - Replies go from the servers through the router to the client directly: the dispatcher's interface sees
   only client→VIP packets (:class:`Sniffer` shows it).
 
@@ -151,11 +152,13 @@ def unavailable_reason(methods=("mac", "ipip", "gre")) -> Optional[str]:
     except ImportError:
         return "the live engine needs pyroute2 (pip install 'encapfwd[live]')"
     if any(m in methods for m in ("ipip", "gre")) and not host_has_tunnels():
-        from .uml import unavailable_reason as uml_reason
+        from . import kernels
 
-        reason = uml_reason()
-        if reason:
-            return f"IPIP/GRE back-ends need ipip/ip_gre in this kernel or user-mode-linux: {reason}"
+        # decided by a real boot (once per process): a binary that is present may still not boot here
+        try:
+            kernels.select()
+        except LabUnavailable as exc:
+            return f"IPIP/GRE back-ends need ipip/ip_gre in this kernel or a real kernel to boot: {exc}"
     return None
 
 
@@ -307,6 +310,16 @@ class Topology:
         c = self.ns["client"] = Namespace("client").create()
         r = self.ns["router"] = Namespace("router").create()
         d = self.ns["dispatcher"] = Namespace("disp").create()
+        tunnels = [m for m in ("ipip", "gre") if m in self.methods]
+        booted = None
+        if tunnels:
+            # the far segment first: guest kernels boot (seconds under QEMU) while the rest is set up
+            r.ip("link", "add", "far0", "address", ROUTER_FAR_MAC, "type", "bridge")
+            r.ip("link", "set", "far0", "up")
+            r.ip("addr", "add", f"{ROUTER_FAR}/24", "dev", "far0")
+            r.sysctl("net.ipv4.conf.far0.rp_filter", 0)
+            if self.use_uml:
+                booted = self._boot_guests(tunnels)
 
         # client <-> router
         veth_pair(c, "eth0", r, "cli0")
@@ -360,16 +373,10 @@ class Topology:
         self._write_config()
         if "mac" in self.methods:
             self._mac_server()
-        if "ipip" in self.methods or "gre" in self.methods:
-            r.ip("link", "add", "far0", "address", ROUTER_FAR_MAC, "type", "bridge")
-            r.ip("link", "set", "far0", "up")
-            r.ip("addr", "add", f"{ROUTER_FAR}/24", "dev", "far0")
-            r.sysctl("net.ipv4.conf.far0.rp_filter", 0)
-            tunnels = [m for m in ("ipip", "gre") if m in self.methods]
-            if self.use_uml and len(tunnels) > 1:
-                self._boot_guests(tunnels)
-            for method in tunnels:
-                self._tunnel_server(method)
+        if booted is not None:
+            booted()
+        for method in tunnels:
+            self._tunnel_server(method)
         self._wait_servers()
         return self
 
@@ -479,18 +486,20 @@ class Topology:
         return server
 
     def _guest(self, method: str):
-        from .uml import UML
+        from . import kernels
 
         r = self.ns["router"]
         _vip, address, mac = SERVERS[method]
         tap = r.tap(f"tap-{method}")
         r.ip("link", "set", tap, "master", "far0")
-        guest = UML(r, tap, mac=mac, address=f"{address}/24", gateway=ROUTER_FAR, hostname=f"{method}-server")
+        guest = kernels.guest(r, tap, mac=mac, address=f"{address}/24", gateway=ROUTER_FAR,
+                              hostname=f"{method}-server")
         self.guests[method] = guest
         return guest
 
-    def _boot_guests(self, methods) -> None:
-        """Boot the user-mode-linux back-ends side by side (each takes 1.5-3 s)."""
+    def _boot_guests(self, methods) -> Callable[[], None]:
+        """Start booting the guest back-ends side by side (user-mode-linux: 1.5-3 s each; QEMU+TCG: 6-10 s);
+        returns the call that waits for them and raises the first failure."""
         guests = [self._guest(m) for m in methods]
         errors = []
 
@@ -500,13 +509,19 @@ class Topology:
             except BaseException as exc:  # noqa: BLE001 - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=boot, args=(g,)) for g in guests]
+        threads = [threading.Thread(target=boot, args=(g,), daemon=True) for g in guests]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+
+        def wait() -> None:
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+            for guest in guests:
+                self.echo(f"  {guest.label} back-end booted in {guest.boot_seconds:.1f} s")
+
+        return wait
 
     def _tunnel_server(self, method: str) -> None:
         r = self.ns["router"]
@@ -521,7 +536,7 @@ class Topology:
             result = guest.run(script)
             if not result.ok:
                 raise LabError(
-                    f"the generated {method} back-end script failed in user-mode-linux: {result.output}"
+                    f"the generated {method} back-end script failed in {guest.label}: {result.output}"
                 )
             guest.run(httpd)
         else:
@@ -717,6 +732,12 @@ class Topology:
 
     # ---------------------------------------------------------------------------------------- picture
 
+    def kernel_label(self) -> str:
+        """What the IPIP/GRE back-ends run on: ``UML 6.1.176``, ``QEMU+TCG 6.1.0-57-amd64`` or ``namespace``."""
+        if not self.use_uml:
+            return "namespace"
+        return _kernels_label()
+
     def picture(self) -> str:
         def box(title, lines, width):
             out = [title.ljust(width + 2), "┌" + "─" * width + "┐"]
@@ -746,7 +767,7 @@ class Topology:
             link1 = "──" if i == 2 else "  "
             link2 = "──" if i == 3 else "  "
             rows.append(f"  {a}{link1}{b}{link2}{c}".rstrip())
-        kind = "user-mode-linux" if self.use_uml else "namespace"
+        kind = self.kernel_label() if self.use_uml else "namespace"
         if "mac" in self.methods:
             vip, address, _ = SERVERS["mac"]
             rows.append(f"  on lan0 (the dispatcher's segment): MAC server ns {address}, VIP {vip} on lo")
@@ -806,6 +827,15 @@ def _failover(lab: "Topology", servers: Dict[str, "LabServer"], echo, requests: 
             "ok": down is not None and up is not None and ok_down == requests}
 
 
+def _kernels_label() -> str:
+    from . import kernels
+
+    try:
+        return kernels.select().label
+    except LabUnavailable:
+        return "no guest kernel"
+
+
 def run_lab(
     methods=("mac", "ipip", "gre"), requests: int = 5, keep: bool = False, echo: Callable[[str], None] = print,
     failover: bool = False,
@@ -816,7 +846,7 @@ def run_lab(
     methods = list(methods)
     reason = unavailable_reason(methods)
     if reason and "mac" in methods and set(methods) & {"ipip", "gre"} and not unavailable_reason(["mac"]):
-        # no ipip/ip_gre in this kernel and no user-mode-linux: show what can be shown
+        # no ipip/ip_gre in this kernel and no guest kernel boots: show what can be shown
         echo(f"note: {reason}; showing MAC forwarding only")
         methods = ["mac"]
         result["skipped"] = reason
@@ -825,10 +855,11 @@ def run_lab(
         raise LabUnavailable(f"encapfwd lab cannot run here: {reason}")
     echo(
         "Building the lab (namespaces"
-        + (", user-mode-linux back-ends" if set(methods) & {"ipip", "gre"} and not host_has_tunnels() else "")
+        + (f", {_kernels_label()} back-ends" if set(methods) & {"ipip", "gre"} and not host_has_tunnels() else "")
         + ") …"
     )
     with Topology(methods, echo=echo, ipv6="mac" in methods) as lab:
+        result["kernel"] = lab.kernel_label() if set(methods) & {"ipip", "gre"} else None
         echo(lab.picture())
         echo("")
         echo("Dispatcher configuration (documented CLI):")

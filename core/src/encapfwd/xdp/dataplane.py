@@ -71,14 +71,21 @@ def pass_object_path():
 class DataPlane:
     """One loaded instance of the program and its maps."""
 
+    #: the program's C function (a subclass runs another build of the same source: encapfwd.xdp.tc)
+    PROGRAM = PROGRAM
+
+    @staticmethod
+    def object_path():
+        return object_path()
+
     def __init__(self, obj: BPFObject, ring_cap: int, flows: int):
         self.obj = obj
         self.ring_cap = ring_cap
         self.flow_capacity = flows
-        self.prog_fd = obj.program(PROGRAM)
+        self.prog_fd = obj.program(self.PROGRAM)
         self.maps = {name: obj.map(name) for name in (
-            "control", "vips", "port_index", "ports", "servers", "ring", "flows", "stats", "drops", "passes",
-            "last_reason")}
+            "control", "host", "vips", "port_index", "ports", "servers", "ring", "flows", "stats", "drops",
+            "passes", "last_reason")}
         self.gen = 0
         self.plan = None
         self._keys: Dict[int, Dict[str, set]] = {0: {}, 1: {}}
@@ -91,7 +98,7 @@ class DataPlane:
         ring_ports = max(ring_ports or 0, MIN_RING_PORTS, 2 * table_ports)
         ring_cap = ring_ports * 65537
         flows = max(1024, min(plan.config.executor.maxflows, MAX_KERNEL_FLOWS))
-        obj = BPFObject.open(object_path(), max_entries={"ring": 2 * ring_cap, "flows": flows})
+        obj = BPFObject.open(cls.object_path(), max_entries={"ring": 2 * ring_cap, "flows": flows})
         try:
             dp = cls(obj, ring_cap, flows)
             dp.install(plan, first=True)
@@ -112,7 +119,7 @@ class DataPlane:
             for key in stale.get(name, set()) - keys:
                 self.maps[name].delete(key)
             written[name] = keys
-        for name in ("vips", "port_index", "ports", "servers"):
+        for name in ("host", "vips", "port_index", "ports", "servers"):
             rows = entries[name]
             if rows:
                 self.maps[name].update_batch(b"".join(k for k, _ in rows), b"".join(v for _, v in rows),

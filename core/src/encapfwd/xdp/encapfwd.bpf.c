@@ -7,7 +7,9 @@
  * without eBPF of its own. What the program does not finish itself goes up with XDP_PASS to the Python
  * dispatcher (the slow path), which answers exactly as the reference does: fragments, IP options, ICMP,
  * TTL expiry, frames too big for the MTU, first packets of ports whose selection is not a table, and all
- * traffic that is not for a cluster address. The Python side (encapfwd/xdp/maps.py) mirrors every layout.
+ * traffic that is not for a cluster address. Frames not sent to this dispatcher's MAC (another host's, or a
+ * broadcast/multicast one for a cluster address) are never forwarded: they go up untouched (not-for-us), the
+ * kernel treats them as without the program. The Python side (encapfwd/xdp/maps.py) mirrors every layout.
  *
  * Reloads: every plan map holds two generations; the controller fills the idle one, then flips
  * control[0].gen in one word, so no packet sees a half-written plan. Flows carry stable server ids.
@@ -21,6 +23,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "crc32_table.h"
+#include "encapfwd_ctx.h"
 
 #ifndef MAX_SERVERS
 #define MAX_SERVERS 16384 /* server ids (sid) per generation */
@@ -47,12 +50,21 @@ enum { D_TRUNCATED, D_BAD_CHECKSUM, D_NOT_PORT, D_NO_SERVER, D_MAX };
 /* why a frame went up (encapfwd.xdp.maps.PASSES) */
 enum {
     P_NOT_OURS, P_MALFORMED, P_OPTIONS, P_FRAGMENT, P_NOT_TCP_UDP, P_TTL, P_NEW_FLOW, P_TOO_BIG,
-    P_NO_TEMPLATE, P_EXT_HEADER, P_ERROR, P_MAX
+    P_NO_TEMPLATE, P_EXT_HEADER, P_ERROR, P_NOT_FOR_US, P_MAX
 };
 
 struct control {
     __u32 gen;
     __u32 owner; /* pid of the controller that installed the plan (a restart replaces a dead one's program) */
+};
+
+/* This dispatcher's own MAC, per generation (the plan's executor mac): only frames sent to it are
+ * forwarded; a frame for another host's MAC (a bridge flooding unknown unicast) goes up untouched, as the
+ * kernel would have it without the program (it drops PACKET_OTHERHOST), counted as not-for-us. */
+struct host_entry {
+    __u8 mac[6];
+    __u8 check; /* 0: the plan has no MAC, every unicast destination is taken */
+    __u8 pad;
 };
 
 struct vip_key { /* a cluster address (no port: "is this ours") */
@@ -113,6 +125,13 @@ struct {
     __type(key, __u32);
     __type(value, struct control);
 } control SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 2); /* generation -> this dispatcher's MAC */
+    __type(key, __u32);
+    __type(value, struct host_entry);
+} host SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -208,7 +227,7 @@ static __always_inline int drop(__u32 reason)
     if (c)
         *c += 1;
     note(reason);
-    return XDP_DROP;
+    return V_DROP;
 }
 
 static __always_inline int pass(__u32 reason)
@@ -217,7 +236,7 @@ static __always_inline int pass(__u32 reason)
     if (c)
         *c += 1;
     note(0x100 | reason);
-    return XDP_PASS;
+    return V_PASS;
 }
 
 static __always_inline __u32 crc_byte(__u32 c, __u8 b)
@@ -280,21 +299,21 @@ static __always_inline __s64 select_server(struct flow_key *fk, struct port_entr
 }
 
 /* Put the template in front of P' (which starts at offset 14 and is `plen` bytes long) and send it. */
-static __always_inline int emit(struct xdp_md *ctx, struct server_entry *s, __u32 sid, __u32 plen, __u8 tos,
+static __always_inline int emit(CTX *ctx, struct server_entry *s, __u32 sid, __u32 plen, __u8 tos,
                                 __u8 df, __u32 entropy)
 {
     __u32 hlen = s->hdr_len;
     if (hlen > MAX_HDR || (hlen & 3))
         return pass(P_ERROR);
     if (hlen) {
-        if (bpf_xdp_adjust_head(ctx, -(int)hlen))
+        if (GROW_HEAD(ctx, hlen))
             return pass(P_ERROR);
     }
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
-        return XDP_ABORTED;
+        return V_ABORTED;
     __builtin_memcpy(eth->h_dest, s->dst, 6);
     __builtin_memcpy(eth->h_source, s->src, 6);
     if (hlen) {
@@ -306,13 +325,13 @@ static __always_inline int emit(struct xdp_md *ctx, struct server_entry *s, __u3
             if (i * 4 >= hlen)
                 break;
             if ((void *)(to + i + 1) > end)
-                return XDP_ABORTED;
+                return V_ABORTED;
             to[i] = from[i];
         }
         if (s->fields & F_IPV4) {
             __u8 *ip = (void *)(eth + 1);
             if ((void *)(ip + 20) > end)
-                return XDP_ABORTED;
+                return V_ABORTED;
             __u32 total = hlen + plen;
             ip[2] = total >> 8;
             ip[3] = total & 0xff;
@@ -337,7 +356,7 @@ static __always_inline int emit(struct xdp_md *ctx, struct server_entry *s, __u3
             }
             if (s->fields & (F_UDP | F_ENTROPY)) {
                 if ((void *)(ip + 28) > end)
-                    return XDP_ABORTED;
+                    return V_ABORTED;
                 if (s->fields & F_UDP) {
                     __u32 ulen = hlen - 20 + plen;
                     ip[24] = ulen >> 8;
@@ -368,7 +387,7 @@ static __always_inline int emit(struct xdp_md *ctx, struct server_entry *s, __u3
         c->packets += 1;
         c->bytes += plen;
     }
-    return XDP_TX;
+    return SEND(ctx);
 }
 
 static __always_inline struct server_entry *server_of(__u32 gen, __u32 sid)
@@ -430,7 +449,10 @@ static __always_inline int ipv4_checksum_ok(const __u8 *ip)
     return sum % 0xFFFF == 0;
 }
 
-static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
+/* *group*: the frame came to a link-layer broadcast or multicast address. A router never forwards a unicast
+ * packet received so (RFC 1812 5.3.4; Linux's ip_forward drops pkt_type != PACKET_HOST): such a frame for a
+ * cluster address goes up untouched as not-for-us; anything else takes its usual way. */
+static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
 {
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
@@ -459,6 +481,8 @@ static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
         __builtin_memcpy(vk.addr, ip + 16, 4);
         if (!bpf_map_lookup_elem(&vips, &vk))
             return pass(P_NOT_OURS);
+        if (group)
+            return pass(P_NOT_FOR_US);
         if (!ipv4_checksum_ok(ip))
             return drop(D_BAD_CHECKSUM);
         if ((ip[6] & 0x3F) || ip[7])
@@ -474,6 +498,8 @@ static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
         }
         return drop(D_NOT_PORT);
     }
+    if (group)
+        return pass(P_NOT_FOR_US);
     if (!ipv4_checksum_ok(ip))
         return drop(D_BAD_CHECKSUM);
     if ((void *)(l4 + 4) > end)
@@ -509,13 +535,13 @@ static __always_inline int v4(struct xdp_md *ctx, __u32 gen)
         entropy = c ^ 0xFFFFFFFF;
     }
     if (n > 14 + tot) {
-        if (bpf_xdp_adjust_tail(ctx, (int)(14 + tot) - (int)n))
+        if (TRIM(ctx, 14 + tot, n))
             return pass(P_ERROR);
     }
     return emit(ctx, s, sid, tot, tos, df, entropy);
 }
 
-static __always_inline int v6(struct xdp_md *ctx, __u32 gen)
+static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
 {
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
@@ -532,6 +558,8 @@ static __always_inline int v6(struct xdp_md *ctx, __u32 gen)
     __builtin_memcpy(vk.addr, ip + 24, 16);
     if (!bpf_map_lookup_elem(&vips, &vk))
         return pass(P_NOT_OURS);
+    if (group)
+        return pass(P_NOT_FOR_US);
     __u8 proto = ip[6];
     __u8 *l4 = ip + 40;
     if (proto == IPPROTO_TCP) {
@@ -566,14 +594,13 @@ static __always_inline int v6(struct xdp_md *ctx, __u32 gen)
         return pass(P_TOO_BIG);
     ip[7] -= 1;
     if (n > 54 + plen) {
-        if (bpf_xdp_adjust_tail(ctx, (int)(54 + plen) - (int)n))
+        if (TRIM(ctx, 54 + plen, n))
             return pass(P_ERROR);
     }
     return emit(ctx, s, sid, 40 + plen, 0, 0, 0);
 }
 
-SEC("xdp")
-int encapfwd_xdp(struct xdp_md *ctx)
+static __always_inline int frame(CTX *ctx)
 {
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
@@ -583,13 +610,35 @@ int encapfwd_xdp(struct xdp_md *ctx)
     __u32 zero = 0;
     struct control *ctl = bpf_map_lookup_elem(&control, &zero);
     if (!ctl)
-        return XDP_PASS;
+        return V_PASS;
     __u32 gen = ctl->gen & 1;
+    /* the destination MAC first, as the kernel does (eth_type_trans): another host's unicast address goes
+     * up untouched (the kernel drops it, a bridge or macvlan above this interface may want it) */
+    __u32 group = eth->h_dest[0] & 1;
+    struct host_entry *h = bpf_map_lookup_elem(&host, &gen);
+    if (!group && h && h->check) {
+        const __u8 *d = eth->h_dest;
+        if ((d[0] ^ h->mac[0]) | (d[1] ^ h->mac[1]) | (d[2] ^ h->mac[2]) | (d[3] ^ h->mac[3]) |
+            (d[4] ^ h->mac[4]) | (d[5] ^ h->mac[5]))
+            return pass(P_NOT_FOR_US);
+    }
     if (eth->h_proto == bpf_htons(ETH_P_IP))
-        return v4(ctx, gen);
+        return v4(ctx, gen, group);
     if (eth->h_proto == bpf_htons(ETH_P_IPV6))
-        return v6(ctx, gen);
+        return v6(ctx, gen, group);
     return pass(P_NOT_OURS);
+}
+
+SEC(ENTRY_SEC)
+int ENTRY_NAME(CTX *ctx)
+{
+#ifdef ENCAPFWD_TC
+    /* the program reads the frame's bytes directly: a socket buffer whose bytes are not all in its linear
+     * part (paged, GSO) is made linear first; one that cannot be goes up untouched */
+    if ((long)ctx->data_end - (long)ctx->data < (long)ctx->len && bpf_skb_pull_data(ctx, ctx->len))
+        return pass(P_ERROR);
+#endif
+    return frame(ctx);
 }
 
 char LICENSE[] SEC("license") = "GPL";

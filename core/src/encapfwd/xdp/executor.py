@@ -19,18 +19,23 @@ from .dataplane import XDP_DROP, XDP_PASS, XDP_TX, DataPlane
 class XDPExecutor:
     """The kernel program first, the Python dispatcher for what it passes up; counters of both."""
 
+    #: which kernel program (a subclass runs the TC build: encapfwd.xdp.tc.TCExecutor) and its verdicts
+    KIND = "xdp"
+    DATAPLANE = DataPlane
+    FORWARD, DROP, PASS = XDP_TX, XDP_DROP, XDP_PASS
+
     def __init__(self, config, registry, sids=None):
         self.registry = registry
         self.sids = sids or SidMap()
         plan = compile_plan(config, registry, self.sids)
-        self.dataplane = DataPlane.load(plan)
+        self.dataplane = self.DATAPLANE.load(plan)
         try:
             self.slow = Dispatcher(plan, registry, sids=self.sids, flow_sink=self._write_flow)
         except BaseException:
             self.dataplane.close()
             raise
         #: frames decided by each engine
-        self.engines: Dict[str, int] = {"xdp": 0, "python": 0}
+        self.engines: Dict[str, int] = {self.KIND: 0, "python": 0}
         self.aborted = 0
 
     def _write_flow(self, key: bytes, sid: int) -> None:
@@ -53,19 +58,22 @@ class XDPExecutor:
         self.slow.reload(plan)
 
     def process(self, frame: bytes, now: float = 0.0) -> List[bytes]:
-        verdict, out = self.dataplane.test_run(bytes(frame))
-        if verdict == XDP_TX:
-            self.engines["xdp"] += 1
+        verdict, out = self._run(bytes(frame))
+        if verdict == self.FORWARD:
+            self.engines[self.KIND] += 1
             return [out]
-        if verdict == XDP_DROP:
-            self.engines["xdp"] += 1
+        if verdict == self.DROP:
+            self.engines[self.KIND] += 1
             return []
-        if verdict != XDP_PASS:
+        if verdict != self.PASS:
             self.aborted += 1
-            self.engines["xdp"] += 1
+            self.engines[self.KIND] += 1
             return []
         self.engines["python"] += 1
         return self.slow.process(frame, now)
+
+    def _run(self, frame: bytes):
+        return self.dataplane.test_run(frame)
 
     def flush(self) -> None:
         self.slow.flush()
@@ -83,7 +91,7 @@ class XDPExecutor:
         report["drops"] = dict(sorted(self.drops.items()))
         report["dropped"] = sum(report["drops"].values())
         report["engines"] = dict(self.engines)
-        report["xdp"] = {"passed": kernel["passed"], "aborted": self.aborted, "digest": self.plan.digest}
+        report[self.KIND] = {"passed": kernel["passed"], "aborted": self.aborted, "digest": self.plan.digest}
         return report
 
     def close(self) -> None:

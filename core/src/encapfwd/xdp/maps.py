@@ -26,9 +26,11 @@ FIELD_BITS = {"ipv4": 0x01, "tos": 0x02, "df": 0x04, "ident": 0x08, "udp": 0x10,
 DROPS = ("truncated", "bad-checksum", "not-port", "no-server")
 #: why a frame went up to the slow path, in the order of the program's enum
 PASSES = ("not-ours", "malformed", "ip-options", "fragment", "not-tcp-udp", "ttl", "new-flow", "too-big",
-          "no-template", "ext-header", "error")
+          "no-template", "ext-header", "error", "not-for-us")
 
 CONTROL = struct.Struct("<II")
+#: ``struct host_entry``: this dispatcher's MAC and whether to check it (one per generation)
+HOST_ENTRY = struct.Struct("<6sBx")
 VIP_KEY = struct.Struct("<16sBB2x")
 PORT_KEY = struct.Struct("<16s2sBB")
 PORT_ENTRY = struct.Struct("<IIII")
@@ -60,6 +62,13 @@ def server_value(server) -> bytes:
                              server.mtu, 1 if server.up else 0, 1 if xdp else 0, header)
 
 
+def host_value(plan) -> bytes:
+    """The ``struct host_entry`` of *plan*: its executor ``mac`` (the interface's in live mode), checked
+    against every frame's destination; no MAC in the plan: nothing to check."""
+    mac = plan.config.executor.mac
+    return HOST_ENTRY.pack(mac_bytes(mac), 1) if mac else HOST_ENTRY.pack(bytes(6), 0)
+
+
 def table_ports(plan) -> List:
     """The plan's ports whose selection is a table (they take ring slots)."""
     return [p for p in plan.ports if p.table is not None]
@@ -84,7 +93,8 @@ def plan_entries(plan, gen: int, ring_cap: int) -> Dict[str, list]:
             f"the plan needs {need} selection-table slots, the loaded XDP program holds {ring_cap}: restart "
             "encapfwd run to grow it"
         )
-    out: Dict[str, list] = {"vips": [], "port_index": [], "ports": [], "servers": [], "ring": []}
+    out: Dict[str, list] = {"vips": [], "port_index": [], "ports": [], "servers": [], "ring": [],
+                            "host": [(U32.pack(gen), host_value(plan))]}
     seen_vips = set()
     base = gen * ring_cap
     for i, port in enumerate(plan.ports):
@@ -120,5 +130,5 @@ def kernel_flow_key(key: bytes) -> bytes:
     return flow_key(key[:n], key[n:2 * n], key[2 * n], key[2 * n + 1:])
 
 
-__all__ = ["DROPS", "FIELD_BITS", "MAX_PORTS", "MAX_SERVERS", "PASSES", "flow_key", "kernel_flow_key", "plan_entries",
-           "server_value"]
+__all__ = ["DROPS", "FIELD_BITS", "MAX_PORTS", "MAX_SERVERS", "PASSES", "flow_key", "host_value",
+           "kernel_flow_key", "plan_entries", "server_value"]

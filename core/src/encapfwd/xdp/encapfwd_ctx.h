@@ -1,0 +1,48 @@
+/* SPDX-License-Identifier: GPL-2.0-only */
+/*
+ * The context-specific parts of encapfwd's kernel data plane, so one C program (encapfwd.bpf.c) runs as
+ * either executor of the plan:
+ *
+ * - XDP (the default): frames as XDP buffers, at the driver (native) or after the skb is built (generic);
+ *   forwarded with XDP_TX, handed up with XDP_PASS.
+ * - TC (built with -DENCAPFWD_TC, encapfwd_tc.bpf.c): frames as socket buffers at tc ingress (tcx or a
+ *   clsact qdisc's cls_bpf); encapsulation with bpf_skb_adjust_room at the MAC layer, out with
+ *   bpf_redirect to the same interface's egress (TC_ACT_REDIRECT), handed up with TC_ACT_OK. Where frames
+ *   arrive as socket buffers (veth, containers) this saves the skb -> XDP buffer copy native XDP does on a
+ *   veth, and generic XDP's extra work.
+ *
+ * Everything else (parsing, the MAC check, lookups, flow table, Maglev, templates, counters) is shared.
+ */
+#ifndef ENCAPFWD_CTX_H
+#define ENCAPFWD_CTX_H
+
+#ifdef ENCAPFWD_TC
+#include <linux/pkt_cls.h>
+
+#define CTX struct __sk_buff
+#define V_PASS TC_ACT_OK
+#define V_DROP TC_ACT_SHOT
+#define V_ABORTED TC_ACT_SHOT
+/* *hlen* bytes of room between the Ethernet header and the IP header (the template goes there) */
+#define GROW_HEAD(ctx, hlen) bpf_skb_adjust_room((ctx), (__s32)(hlen), BPF_ADJ_ROOM_MAC, 0)
+/* cut the frame (n bytes) to *len* bytes: Ethernet padding */
+#define TRIM(ctx, len, n) bpf_skb_change_tail((ctx), (len), 0)
+/* out of the interface the frame came in by */
+#define SEND(ctx) bpf_redirect((ctx)->ifindex, 0)
+#define ENTRY_SEC "tc"
+#define ENTRY_NAME encapfwd_tc
+
+#else /* XDP */
+
+#define CTX struct xdp_md
+#define V_PASS XDP_PASS
+#define V_DROP XDP_DROP
+#define V_ABORTED XDP_ABORTED
+#define GROW_HEAD(ctx, hlen) bpf_xdp_adjust_head((ctx), -(int)(hlen))
+#define TRIM(ctx, len, n) bpf_xdp_adjust_tail((ctx), (int)(len) - (int)(n))
+#define SEND(ctx) XDP_TX
+#define ENTRY_SEC "xdp"
+#define ENTRY_NAME encapfwd_xdp
+
+#endif
+#endif
