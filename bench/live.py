@@ -401,11 +401,11 @@ class Bench:
         if proc in self.procs:
             self.procs.remove(proc)
 
-    def afpacket(self, method: str, seconds):
+    def afpacket(self, method: str, seconds, engine: str = "afpacket"):
         from encapfwd.engines.live import query_control
 
         control = str(self.workdir / "control.sock")
-        proc = self.start_run("afpacket", self.write_config(method), control)
+        proc = self.start_run(engine, self.write_config(method), control)
         try:
             self.place()
             result = self.trial(seconds, pids=run_pids(proc, control))
@@ -618,6 +618,8 @@ def print_tables(results: dict, methods, args) -> None:
               f"{'CPU1 ns/pkt':>11} {'threads ns/pkt':>14} {'prog ns/pkt':>11}")
         rows = [("kernel IP forwarding", kernel), ("encapfwd afpacket", results["afpacket"][method]),
                 ("encapfwd xdp", results["xdp"][method])]
+        if results.get("tc", {}).get(method):
+            rows.append(("encapfwd tc", results["tc"][method]))
         for name, data in rows:
             lo, med, hi = spread(data, "fwd_pps")
             offered = spread(data, "offered_pps")[1]
@@ -676,6 +678,8 @@ def main():
     parser.add_argument("--xdp-direct", action="store_true",
                         help="load the XDP data plane from a helper (DataPlane.load + attach) even when "
                              "encapfwd run has --engine")
+    parser.add_argument("--engines", default="afpacket,xdp",
+                        help="add tc for the TC engine (encapfwd run --engine tc) beside afpacket and xdp")
     parser.add_argument("--json", action="store_true", help="also print every trial as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -696,7 +700,8 @@ def main():
           f"load average {' '.join(load)}", flush=True)
 
     results = {"generator": {}, "kernel": [], "afpacket": {m: [] for m in methods},
-               "xdp": {m: [] for m in methods}, "reload": {}}
+               "xdp": {m: [] for m in methods}, "tc": {m: [] for m in methods}, "reload": {}}
+    with_tc = "tc" in args.engines.split(",")
     bench = None
 
     def on_signal(signum, frame):
@@ -727,6 +732,8 @@ def main():
                 results["afpacket"][method].append(bench.afpacket(method, args.seconds))
                 results["xdp"][method].append(bench.xdp(method, args.seconds, min(args.stats_seconds,
                                                                                    args.seconds)))
+                if with_tc:  # the TC engine (encapfwd run --engine tc): the same program at tc ingress
+                    results["tc"][method].append(bench.afpacket(method, args.seconds, engine="tc"))
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         if args.reloads:
             for method in methods:

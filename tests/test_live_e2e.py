@@ -50,18 +50,31 @@ def _xdp_reason():
     return None if ok else why
 
 
+@pytest.fixture(scope="module")
+def topology_once():
+    """One topology for the whole module: its guest kernels boot once (seconds each under QEMU), and every
+    engine below runs on it in turn."""
+    methods = METHODS if TUNNEL_REASON is None else ("mac",)
+    with topology.Topology(methods, ipv6=True) as built:
+        yield built
+
+
 @pytest.fixture(scope="module", params=["xdp", "tc", "afpacket"])
-def lab(request):
+def lab(request, topology_once):
     """The whole module runs once with each engine: the XDP program (the AF_PACKET workers as its slow
-    path), the same program at tc ingress, and the AF_PACKET engine alone."""
+    path), the same program at tc ingress, and the AF_PACKET engine alone. Each test leaves the lab as it
+    found it; between engines the dispatcher is stopped (which detaches its program) and started again."""
     engine = request.param
     if engine in ("xdp", "tc") and _xdp_reason():
         pytest.skip(f"XDP engine: {_xdp_reason()}")
-    methods = METHODS if TUNNEL_REASON is None else ("mac",)
-    with topology.Topology(methods, ipv6=True, engine=engine) as built:
-        built.start_dispatcher()
-        assert built.report()["engine"]["engine"] == engine
-        yield built
+    built = topology_once
+    if built.dispatcher is not None:
+        built.stop_dispatcher()
+    built.engine = engine
+    built.start_dispatcher()
+    assert built.report()["engine"]["engine"] == engine
+    yield built
+    built.stop_dispatcher()
 
 
 #: tests of what only the XDP engine does: the module's lab with that engine only
@@ -494,6 +507,11 @@ def test_xdp_second_run_on_the_interface_refuses(lab):
     assert proc.returncode != 0
     errors = [line for line in (proc.stderr or "").splitlines() if "error" in line]
     assert len(errors) == 1 and "already has an XDP program" in errors[0], proc.stderr
+    # nor beside it with the TC engine (both would forward)
+    tc = lab.ns["dispatcher"].run(argv[:-4] + ["--engine", "tc", "--control", lab.control_path + ".3"],
+                                  check=False, timeout=30)
+    errors = [line for line in (tc.stderr or "").splitlines() if "error" in line]
+    assert tc.returncode != 0 and len(errors) == 1 and "already has an XDP program" in errors[0], tc.stderr
     assert lab.dispatcher.poll() is None
     assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
 
@@ -547,6 +565,11 @@ def test_tc_stop_detaches_and_a_second_run_refuses(lab):
     assert proc.returncode != 0
     errors = [line for line in (proc.stderr or "").splitlines() if "error" in line]
     assert len(errors) == 1 and "already has encapfwd's TC program" in errors[0], proc.stderr
+    # nor beside it with the XDP engine (both would forward)
+    xdp = lab.ns["dispatcher"].run(argv[:-4] + ["--engine", "xdp", "--control", lab.control_path + ".3"],
+                                   check=False, timeout=30)
+    errors = [line for line in (xdp.stderr or "").splitlines() if "error" in line]
+    assert xdp.returncode != 0 and len(errors) == 1 and "already has encapfwd's TC program" in errors[0], xdp.stderr
     assert lab.dispatcher.poll() is None and _tc_programs(lab) == ["encapfwd_tc"]
     assert all(a.startswith("server=mac ") for a in lab.curl("mac", 3))
     assert lab.stop_dispatcher(signal.SIGTERM) == 0

@@ -61,14 +61,14 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
-def udp_frame(dst_mac: bytes, sport: int, marker: bytes) -> bytes:
+def udp_frame(dst_mac: bytes, sport: int, marker: bytes, ttl: int = 64) -> bytes:
     """client → VIP:80 UDP, Ethernet destination *dst_mac*; *marker* in the payload says which batch."""
     payload = marker.ljust(16, b".")
     src, dst = socket.inet_aton(CLIENT), socket.inet_aton(VIP)
     udp = struct.pack("!HHHH", sport, PORT, 8 + len(payload), 0) + payload
     ck = _csum(src + dst + struct.pack("!BBH", 0, 17, len(udp)) + udp + (b"\0" if len(udp) % 2 else b""))
     udp = udp[:6] + struct.pack("!H", ck or 0xFFFF) + udp[8:]
-    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, 64, 17, 0, src, dst)
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0x4000, ttl, 17, 0, src, dst)
     header = header[:10] + struct.pack("!H", _csum(header)) + header[12:]
     return dst_mac + _mac(CLIENT_MAC) + b"\x08\x00" + header + udp
 
@@ -184,12 +184,12 @@ class Lab:
         return lines + ["FAIL"] * (count - len(lines))
 
     def flood(self, batches):
-        """Send each ``(destination MAC, marker, count)`` batch from the client's interface; count at the
-        server what the dispatcher forwarded (frames from its MAC to the VIP), by marker."""
+        """Send each ``(destination MAC, marker, count[, TTL])`` batch from the client's interface; count at
+        the server what the dispatcher forwarded (frames from its MAC to the VIP), by marker."""
         s, c = self.ns["srv"], self.ns["cli"]
         rx = netns.packet_socket(s, "eth0", timeout=0.2)
         rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-        got = {marker: 0 for _, marker, _ in batches}
+        got = {marker: 0 for _, marker, *_ in batches}
         stop = threading.Event()
         own = _mac(DISPATCHER_MAC)
 
@@ -209,9 +209,9 @@ class Lab:
         thread.start()
         tx = netns.packet_socket(c, "eth0")
         try:
-            for dst, marker, count in batches:
+            for dst, marker, count, *ttl in batches:
                 for i in range(count):
-                    tx.send(udp_frame(_mac(dst), 20000 + i, marker))
+                    tx.send(udp_frame(_mac(dst), 20000 + i, marker, *ttl))
                     if i % 50 == 49:
                         time.sleep(0.005)  # the server's socket keeps up
             time.sleep(1.0)
@@ -265,6 +265,7 @@ def test_frames_for_another_mac_are_never_forwarded(lab, engine):
         lab.stop()
     assert got[b"foreign"] == 0 and got[b"broadcast"] == 0 and got[b"multicast"] == 0, (got, lab.log())
     assert got[b"ours"] >= 95, (got, lab.log())  # the lab works: what is sent to the dispatcher arrives
+    assert got[b"ours"] <= 100, (got, lab.log())  # once: no engine forwards a frame twice
     engine_report = report["engine"]
     if engine_report["engine"] in ("xdp", "tc"):
         # the program handed them up untouched, counted apart from the cluster frames it hands up
@@ -312,6 +313,7 @@ def test_default_engine_on_a_veth_without_peer_program_is_tc_and_forwards(lab):
         answers = lab.curl(10)
         report = lab.report()["engine"]
         attached = _tc_programs(lab)
+        text = lab.cli("server", "report", "--control", lab.control).stdout
     finally:
         lab.stop()
     first = _first_line(lab.log())
@@ -323,6 +325,7 @@ def test_default_engine_on_a_veth_without_peer_program_is_tc_and_forwards(lab):
     assert report["engine"] == "tc" and report["xdp_mode"] == how, report
     assert report["xdp_forwarded"] >= 40, report
     assert re.search(r"TC: \d+ forwarded in the kernel", lab.log()), lab.log()
+    assert re.search(rf"^TC \({how}\): [1-9]\d* forwarded in the kernel, \d+ handed up", text, re.MULTILINE), text
     assert _tc_programs(lab) == []
 
 
@@ -386,3 +389,23 @@ def test_native_xdp_asked_for_on_such_a_veth_warns_and_counts_the_lost_frames(la
     stopped = re.search(r"XDP: (\d+) forwarded in the kernel, (\d+) lost by the driver \(([^)]*)\)", log)
     assert stopped and int(stopped.group(1)) == 0 and int(stopped.group(2)) >= 200, log
     assert "rx_queue_0_xdp_tx_errors" in stopped.group(3)
+
+
+def test_tc_hands_the_slow_path_only_what_it_does_not_forward(lab):
+    """A packet socket sees every frame before tc ingress runs: the TC program marks the frames it hands up
+    to the slow path and re-injects them, and the workers take only those. 100 frames the program forwards
+    arrive once (not again through the workers), 50 with TTL 1 are the slow path's (time exceeded): the
+    workers receive exactly those 50, and forward none of them."""
+    if _xdp_reason():
+        pytest.skip(f"XDP: {_xdp_reason()}")
+    lab.peer_program(False)
+    lab.start("--engine", "tc")
+    try:
+        got = lab.flood([(DISPATCHER_MAC, b"ours", 100), (DISPATCHER_MAC, b"ttl1", 50, 1)])
+        report = lab.report()["engine"]
+    finally:
+        lab.stop()
+    assert got == {b"ours": 100, b"ttl1": 0}, (got, lab.log())
+    assert report["engine"] == "tc" and report["xdp_forwarded"] == 100, report
+    assert report["xdp_passed_by_reason"].get("ttl") == 50, report
+    assert report["rx"] == 50, report  # the workers saw the 50 handed up, none of the 100 forwarded

@@ -12,7 +12,8 @@ the header checksum are masked, and the program's checksum is then verified on i
 The TC build of the same program (``encapfwd_tc.bpf.c``: frames as socket buffers, encapsulation with
 bpf_skb_adjust_room, out with bpf_redirect) runs every test too (``lab`` is parametrized by kernel executor),
 with nothing more masked: its verdicts are mapped TC_ACT_REDIRECT -> forwarded, TC_ACT_SHOT -> dropped,
-TC_ACT_OK -> handed up. One TC-specific difference, which is the test harness's and not the program's: the
+TC_ACT_OK (not the slow path's) or a redirect to the interface's own ingress with the slow-path mark (the
+slow path's) -> handed up. One TC-specific difference, which is the test harness's and not the program's: the
 kernel's BPF_PROG_TEST_RUN refuses (EINVAL) a socket buffer whose IPv4 frame is shorter than Ethernet + 20
 bytes or IPv6 one shorter than Ethernet + 40 (it reads the fixed header's addresses before the program runs);
 those frames (about 1.4 % of the truncated ones) are counted as ``refused``, must be exactly the ones
@@ -49,21 +50,30 @@ def _available():
 
 
 class AsXDP:
-    """The TC data plane with the XDP program's verdicts (every other attribute is the TC one's)."""
+    """The TC data plane with the XDP program's verdicts (every other attribute is the TC one's). A frame
+    for the slow path leaves the TC program as a redirect to the interface's own ingress with the slow-path
+    mark (the workers' packet sockets take only those); one that is not the slow path's (not a cluster
+    address, another host's MAC) as TC_ACT_OK, unmarked: both are checked here, then called XDP_PASS."""
 
-    def __init__(self, dp):
-        self.dp = dp
+    def __init__(self, dp, cpu):
+        self.dp, self.cpu = dp, cpu
 
     def test_run(self, frame):
         from encapfwd.xdp import BPFError
-        from encapfwd.xdp.tc import test_run_refuses
+        from encapfwd.xdp.tc import SLOW_MARK, TC_ACT_OK, TC_ACT_REDIRECT, skb_test_run, test_run_refuses
 
         try:
-            verdict, out = self.dp.test_run(frame)
+            verdict, out, mark = skb_test_run(self.dp.prog_fd, frame)
         except BPFError:
             assert test_run_refuses(frame), f"the test run refused {frame.hex()}"
             return REFUSED, b""
         assert not test_run_refuses(frame), f"the test run took {frame.hex()}"
+        if verdict == TC_ACT_REDIRECT and mark == SLOW_MARK:
+            assert out == frame and self.dp.last_reason(self.cpu) not in ("not-ours", "not-for-us")
+            return XDP_PASS, out
+        assert mark == 0, mark
+        if verdict == TC_ACT_OK:
+            assert out == frame and self.dp.last_reason(self.cpu) in ("not-ours", "not-for-us"), frame.hex()
         return TC_AS_XDP.get(verdict, 100 + verdict), out
 
     def __getattr__(self, name):
@@ -87,7 +97,7 @@ def lab(request):
     plan = compile_plan(X.make_config(), registry, sids)
     dp = (DataPlane if request.param == "xdp" else TCDataPlane).load(plan)
     try:
-        yield registry, plan, sids, dp if request.param == "xdp" else AsXDP(dp), cpu
+        yield registry, plan, sids, dp if request.param == "xdp" else AsXDP(dp, cpu), cpu
     finally:
         dp.close()
         os.sched_setaffinity(0, saved)

@@ -23,7 +23,7 @@ LAZY_COMMANDS = {
     "backend-setup": ("encapfwd.cli_setup:backend_setup_command", "Print the commands a back-end server needs."),
     "run": ("encapfwd.cli_run:run_command", "Forward live traffic (Linux, root)."),
     "lab": ("encapfwd.cli_run:lab_command", "Build a namespace lab, send requests, tear it down (root)."),
-    "top": ("encapfwd.cli_top:top_command", "A live view of the running dispatcher (ipvsadm -L -n --rate)."),
+    "top": ("encapfwd.cli_top:top_command", "A live view of the running dispatcher (like ipvsadm -Ln --rate)."),
 }
 
 
@@ -362,6 +362,15 @@ def server_report(ctx, target, as_json, control, counters_file):
         click.echo(f"XDP ({engine.get('xdp_mode') or '?'}): {engine.get('xdp_forwarded', 0)} forwarded in "
                    f"the kernel, {lost} lost by the driver{f' ({counters})' if lost and counters else ''}, "
                    f"{engine.get('xdp_not_for_us', 0)} not for this dispatcher's MAC")
+    elif engine.get("engine") == "tc":
+        click.echo(f"TC ({engine.get('xdp_mode') or '?'}): {engine.get('xdp_forwarded', 0)} forwarded in the "
+                   f"kernel, {engine.get('xdp_passed', 0)} handed up, "
+                   f"{engine.get('xdp_not_for_us', 0)} not for this dispatcher's MAC")
+    sync = live.get("sync")
+    if isinstance(sync, dict):  # flow synchronisation (engines/flowsync.py)
+        from .engines.flowsync import report_line
+
+        click.echo(report_line(sync))
 
 
 # --------------------------------------------------------------------------------------- advisor

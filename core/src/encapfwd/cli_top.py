@@ -3,7 +3,8 @@
 
 Per server: health (the installed plan's), weight, packets and bits per second, active flows, the health
 detail; per port: servers up, packets and bits per second, flows; the drop reasons with their rates (the
-dispatcher counts drops per reason, not per port); the engine, XDP mode, plan and the last reload.
+dispatcher counts drops per reason, not per port); the engine, XDP mode, plan and the last reload (a line
+``last reload FAILED …: ERROR`` while the last reload failed and the previous plan runs).
 
 On a terminal it is a curses screen: keys ``n`` name, ``p`` pps, ``b`` bps, ``f`` flows, ``h`` health (down
 first), ``w`` weight sort the servers, ``r`` reverses, ``q`` quits. Otherwise (a pipe, a file, or ``--once``
@@ -113,11 +114,15 @@ def render(prev: Optional[dict], cur: dict, dt: float, sort: str = "name", rever
     engine = cur.get("engine") or {}
     mode = f" ({engine['xdp_mode']})" if engine.get("xdp_mode") else ""
     lines = [
-        f"encapfwd top — {engine.get('engine', '?')}{mode} on {engine.get('interface', '?')}, pid "
-        f"{engine.get('pid', '?')}, up {_num(engine.get('uptime')):.0f} s, plan {str(engine.get('plan_digest', ''))[:12]}, "
-        f"reloads {engine.get('reloads', 0)} (failed {engine.get('reload_errors', 0)})"
-        + (f", last error: {engine['last_reload_error']}" if engine.get("last_reload_error") else ""),
+        (f"encapfwd top — {engine.get('engine', '?')}{mode} on {engine.get('interface', '?')}, pid "
+         f"{engine.get('pid', '?')}, up {_num(engine.get('uptime')):.0f} s, plan {str(engine.get('plan_digest', ''))[:12]}, "
+         f"reloads {engine.get('reloads', 0)} (failed {engine.get('reload_errors', 0)})"),
     ]
+    if engine.get("last_reload_error"):  # until a reload applies again: the running plan is the previous one
+        last = engine.get("last_reload") or {}
+        at = (time.strftime(" at %H:%M:%S", time.localtime(last["at"]))
+              if last.get("ok") is False and isinstance(last.get("at"), (int, float)) else "")
+        lines.append(f"last reload FAILED{at}, the previous plan runs: {engine['last_reload_error']}")
     bgp = cur.get("bgp")
     if isinstance(bgp, dict):
         lines.append(f"bgp: session {bgp.get('session')} with {bgp.get('peer')}, announced "

@@ -71,6 +71,9 @@ EXECUTOR_KEYWORDS = {
     "bgpnexthop": "the next hop announced for the IPv4 cluster addresses (default nfa)",
     "bgpnexthop6": "the next hop announced for the IPv6 cluster addresses (required when there are any)",
     "bgpholdtime": "BGP hold time in seconds, 3 or more (default 9; keepalives every third of it)",
+    "syncpeers": "comma-separated addresses of the other dispatchers flows are synchronised with (none: off)",
+    "syncport": "UDP port of flow synchronisation, here and on the peers (default 7900)",
+    "synckey": "file of the group's HMAC-SHA256 key for flow synchronisation (mode 0600)",
 }
 PORT_KEYWORDS = {
     "porttype": "tcp, udp or both (default both)",
@@ -1019,6 +1022,7 @@ def check(config: Config, registry=None) -> None:
             raise ConfigError(f"server {name}: grekey is only valid with encaptype gre")
     _check_advisors(config)
     _check_bgp(config.executor, config.clusters)
+    _check_sync(config.executor)
     if registry is None:
         return
     algorithms = None
@@ -1100,6 +1104,13 @@ def _check_advisors(config: Config) -> None:
                     f"{label}: via forwarding needs the executor's nfa, the address the probes are sent from "
                     "('encapfwd executor set nfa ADDRESS')"
                 )
+
+
+def _check_sync(ex) -> None:
+    """Flow synchronisation needs its key file (docs/scale-out.md)."""
+    if ex.syncpeers and ex.synckey is None:
+        raise ConfigError("syncpeers needs synckey, the file of the group's key ('encapfwd executor set synckey "
+                          "/etc/encapfwd/sync.key'; mode 0600)")
 
 
 def _check_bgp(ex, clusters=()) -> None:
@@ -1240,6 +1251,10 @@ def executor_set(config: Config, words: Sequence[str], registry=None) -> Config:
         raise ConfigError("executor set needs at least one keyword and value")
     config = attrs.evolve(config, executor=attrs.evolve(config.executor, **values))
     check(config, registry)
+    if values.get("synckey") is not None:  # the key file as it is now (read again by encapfwd run)
+        from .engines.flowsync import read_key
+
+        read_key(config.executor.synckey)
     return config
 
 

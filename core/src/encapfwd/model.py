@@ -335,6 +335,36 @@ def _check_router_id(instance, attribute, address) -> None:
         raise ConfigError(f"bgprouterid {address} is not a valid BGP identifier: it must not be 0 (RFC 6286)")
 
 
+def parse_syncpeers(value) -> Tuple:
+    """``syncpeers``: comma-separated unicast addresses of the other dispatchers (``none``: no sync)."""
+    if _unset(value):
+        return ()
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    peers = []
+    for item in value:
+        address = parse_ip(item.strip() if isinstance(item, str) else item)
+        problem = vip_problem(address)
+        if problem:
+            raise ConfigError(f"syncpeers {address} is {problem}: expected the unicast address of a dispatcher")
+        if address in peers:
+            raise ConfigError(f"syncpeers {address} is listed twice")
+        peers.append(address)
+    if len(peers) > 64:
+        raise ConfigError(f"syncpeers: at most 64 peers, got {len(peers)}")
+    return tuple(peers)
+
+
+def parse_synckey(value) -> Optional[str]:
+    """``synckey``: the absolute path of the file holding the group's HMAC key (``none``: unset)."""
+    if _unset(value):
+        return None
+    text = str(value).strip()
+    if not text.startswith("/") or not text.isprintable() or len(text) > 4096:
+        raise ConfigError(f"synckey {text!r}: expected the absolute path of the key file")
+    return text
+
+
 @frozen
 class Executor:
     """The dispatcher itself (IBM: ``executor``)."""
@@ -367,6 +397,11 @@ class Executor:
     bgpnexthop6: Optional[ipaddress.IPv6Address] = field(default=None, converter=parse_optional_ipv6,
                                                          validator=_unicast("bgpnexthop6"))
     bgpholdtime: int = field(default=9, converter=_int_in(3, 65535, "bgpholdtime"))
+    # flow synchronisation between the dispatchers of a group (docs/scale-out.md): the peers' addresses,
+    # the UDP port (ours and theirs) and the file of the shared HMAC key (mode 0600)
+    syncpeers: Tuple = field(default=(), converter=lambda v: parse_syncpeers(v))
+    syncport: int = field(default=7900, converter=_int_in(1, 65535, "syncport"))
+    synckey: Optional[str] = field(default=None, converter=lambda v: parse_synckey(v))
 
     def attached(self, address) -> bool:
         address = parse_ip(address)

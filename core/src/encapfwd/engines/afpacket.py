@@ -69,6 +69,7 @@ _JA = 0x05
 _RET_K = 0x06
 SKF_AD_OFF = -0x1000
 SKF_AD_PKTTYPE = 4
+SKF_AD_MARK = 20
 
 
 def _insn(code: int, jt: int, jf: int, k: int) -> Tuple[int, int, int, int]:
@@ -76,7 +77,7 @@ def _insn(code: int, jt: int, jf: int, k: int) -> Tuple[int, int, int, int]:
 
 
 def cluster_filter(
-    addresses: Iterable, snaplen: int = 0xFFFF, *, arp: bool = False
+    addresses: Iterable, snaplen: int = 0xFFFF, *, arp: bool = False, mark=None
 ) -> List[Tuple[int, int, int, int]]:
     """A classic BPF program accepting only frames addressed to this host (``PACKET_HOST``) whose
     Ethernet type is IPv4 or IPv6 and whose destination address is one of *addresses*; with *arp*, also
@@ -85,6 +86,10 @@ def cluster_filter(
     Each address costs two instructions for IPv4 (four with *arp*) and eight for IPv6 (the kernel allows
     4,096 in all, so about 2,000 IPv4 cluster addresses). VLAN-tagged frames that the NIC did not untag are
     not accepted.
+
+    With *mark* (the TC engine), an IPv4 or IPv6 frame is taken only when it carries that ``skb->mark``: the
+    TC program marks the frames it hands up to the slow path (a packet socket sees every frame before tc
+    ingress runs, so without it the workers would forward again what the program forwarded).
     """
     v4 = []
     v6 = []
@@ -116,6 +121,10 @@ def cluster_filter(
     emit(_LD_B_ABS, SKF_AD_OFF + SKF_AD_PKTTYPE)
     emit(_JEQ_K, PACKET_HOST, jt="+1", jf=None)
     emit(_RET_K, 0)
+    if mark is not None:
+        emit(_LD_W_ABS, SKF_AD_OFF + SKF_AD_MARK)
+        emit(_JEQ_K, mark, jt="+1", jf=None)
+        emit(_RET_K, 0)
     emit(_LD_H_ABS, 12)
     emit(_JEQ_K, 0x0800, jt=None, jf="+1")
     emit(_JA, "v4")

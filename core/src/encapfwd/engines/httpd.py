@@ -170,15 +170,7 @@ class BoundedHTTPServer:
         self._jobs.put(None)
         for conn in list(self.connections.values()):
             self._close(conn)
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        try:
-            self.socket.close()
-        except OSError:
-            pass
+        self._close_own()
 
     def forget(self) -> None:
         """In a forked child: close our descriptors, nothing else (the threads do not exist there)."""
@@ -187,6 +179,10 @@ class BoundedHTTPServer:
                 conn.sock.close()
             except OSError:
                 pass
+        self._close_own()
+
+    def _close_own(self) -> None:
+        """The wake pipe and the listening socket."""
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)

@@ -77,6 +77,7 @@ from .supervisor import WorkerPool
 from .metrics import start_metrics  # metrics (--metrics)
 from .sdnotify import QUIET, Lifecycle  # systemd (Type=notify)
 from .bgp import Speaker, bgp_settings
+from .flowsync import flowsync_for  # flow synchronisation (executor syncpeers)
 from .manager import HealthManager, targets_of, with_health
 from .tc_executor import TCProgram, choose_engine as choose
 from .xdp_executor import KernelFlows, XDPProgram
@@ -195,6 +196,7 @@ class Controller:
         self.health_changes = 0
         #: the BGP speaker (docs/scale-out.md); None without an executor bgppeer
         self.bgp = Speaker(self.config.executor) if self.config.executor.bgppeer is not None else None
+        self.flowsync = None  # flow synchronisation with the peers (engines/flowsync.py), set in run()
         #: why each server the running plan leaves out is out ({name: reason}); the advisors' verdicts in it
         self.down_reasons: Dict[str, str] = {}
         self.applied_health: Dict[str, str] = {}
@@ -264,6 +266,8 @@ class Controller:
     def _in_child(self) -> None:
         """In a freshly forked worker: drop the controller's descriptors (control socket, other channels)."""
         self.control.forget()
+        if self.flowsync is not None:
+            self.flowsync.close_in_child()
         self.resolver.close_in_child()
         for executor in self.executors:
             executor.close_in_child()
@@ -330,6 +334,8 @@ class Controller:
                     row["weight"] = weights.get(name)  # the installed plan's (encapfwd top, status page)
         if self.bgp is not None:
             out["bgp"] = self.bgp.snapshot()
+        if self.flowsync is not None:
+            out["sync"] = self.flowsync.snapshot()
         if self.manager is not None:
             if getattr(self.config, "advisors", ()):
                 out["health"] = self._health_report()
@@ -587,6 +593,11 @@ class Controller:
                 f"executor interface is now {wanted}, but the interface cannot change at run time: still "
                 f"forwarding on {self.iface.name}; restart encapfwd run to move to {wanted}"
             )
+        old = getattr(getattr(self, "config", None), "executor", None)
+        if old is not None and (old.syncpeers, old.syncport, old.synckey) != (
+                config.executor.syncpeers, config.executor.syncport, config.executor.synckey):
+            lines.append("executor syncpeers/syncport/synckey changed: flow synchronisation keeps its settings "
+                         "until encapfwd run is restarted")
         return lines
 
     def _within_tx_ring(self, config):
@@ -644,12 +655,15 @@ class Controller:
                 executor.start(self.config, self.dispatcher)
             if self.manager is not None:
                 self.manager.start()
+            self.flowsync = flowsync_for(self)  # None without executor syncpeers
+            if self.flowsync is not None:  # a dump of the peers' live flows before BGP announces
+                self.flowsync.catch_up()
             if self.bgp is not None:  # announced once the data plane forwards
                 self.bgp.start()
                 self._announce()
             log(
                 f"forwarding {len(self.config.clusters)} cluster(s) on {self.iface.name} ({self.iface.mac}) "
-                f"with {'the XDP program in the kernel and ' if self.xdp is not None else ''}"
+                f"with {f'the {self.engine.upper()} program in the kernel and ' if self.xdp is not None else ''}"
                 f"{self.nworkers} worker(s){' as its slow path' if self.xdp is not None else ''}"
                 f"{'; answering ARP for the cluster addresses' if self.answer_arp else ''}; "
                 f"control socket {self.control_path}"
@@ -673,6 +687,8 @@ class Controller:
                 flush_log()
                 if self.bgp is not None:
                     self.bgp.poll()
+                if self.flowsync is not None:
+                    self.flowsync.poll(now)
                 self.sd.poll()
                 poller = select.poll()
                 poller.register(rpipe, select.POLLIN)
@@ -684,7 +700,12 @@ class Controller:
                         poller.register(fd, select.POLLIN)
                 if self.manager is not None:
                     poller.register(self.manager.fileno(), select.POLLIN)
+                if self.flowsync is not None:
+                    for fd in self.flowsync.fds():
+                        poller.register(fd, select.POLLIN)
                 timeout = self.control.timeout_ms(now, 1000)
+                if self.flowsync is not None:
+                    timeout = min(timeout, self.flowsync.timeout_ms(now))
                 if self._rebuild_wanted:
                     timeout = min(timeout, max(1, math.ceil((next_plan - now) * 1000)))
                 if self._pending is not None:
@@ -699,6 +720,8 @@ class Controller:
                         self._on_neighbours()
                     elif self.manager is not None and fd == self.manager.fileno():
                         self.apply_health()
+                    elif self.flowsync is not None and self.flowsync.owns(fd):
+                        self.flowsync.on_readable(fd)
                     elif self.control.handle(fd, event):
                         pass
                     elif not self._stop:
@@ -726,6 +749,8 @@ class Controller:
         if self.manager is not None:
             self.manager.stop()
         self.resolver.stop()
+        if self.flowsync is not None:
+            self.flowsync.close()
         if self._reload_waiters:
             self.last_reload_error = self.last_reload_error or "stopping before the reload finished"
             self._answer_reload()  # written at once; the control socket closes next

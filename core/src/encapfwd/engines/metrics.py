@@ -292,15 +292,17 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
     counter("encapfwd_engine_ring_drops_total",
             "Frames lost at the AF_PACKET rings: dropped by the kernel (RX ring full) plus not sent "
             "(TX ring full).", _num(engine.get("kernel_drops")) + _num(engine.get("tx_ring_full")))
-    counter("encapfwd_xdp_forwarded_total", "Packets the XDP program forwarded in the kernel.",
+    counter("encapfwd_xdp_forwarded_total",
+            "Packets the kernel program (XDP, or the same program at tc ingress) forwarded in the kernel.",
             engine.get("xdp_forwarded"))
     counter("encapfwd_xdp_tx_lost_total",
             "Frames the interface's driver could not send (the XDP program's XDP_TX frames among them), "
             "never counted as forwarded.", engine.get("xdp_tx_lost"))
     counter("encapfwd_xdp_passed_total",
-            "Cluster frames the XDP program handed up to the slow path (AF_PACKET workers).",
+            "Cluster frames the kernel program (XDP or TC) handed up to the slow path (AF_PACKET workers).",
             engine.get("xdp_passed"))
-    counter("encapfwd_xdp_dropped_total", "Packets the XDP program dropped.", engine.get("xdp_dropped"))
+    counter("encapfwd_xdp_dropped_total", "Packets the kernel program (XDP or TC) dropped.",
+            engine.get("xdp_dropped"))
     counter("encapfwd_reloads_total", "Configurations reloaded (SIGHUP, control reload, neighbour change).",
             engine.get("reloads"))
     counter("encapfwd_reload_failures_total", "Reloads that failed (the running configuration stayed).",
@@ -324,6 +326,10 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
         families += [session, announced]
         counter("encapfwd_bgp_speaker_restarts_total", "Times ExaBGP was started again after it died.",
                 bgp.get("restarts"))
+    if isinstance(report.get("sync"), dict):  # flow synchronisation (engines/flowsync.py)
+        from .flowsync import metric_families as sync_families
+
+        families += sync_families(report["sync"])
 
     if health is not None:
         latency = HistogramMetricFamily("encapfwd_probe_latency_seconds",

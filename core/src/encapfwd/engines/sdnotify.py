@@ -17,7 +17,9 @@ The sequence the controller sends (engines/live.py; docs/operations.md):
 - SIGHUP or a control ``reload``: ``RELOADING=1`` + ``MONOTONIC_USEC=…`` (systemd ≥ 253 wants it), then
   ``READY=1`` + ``STATUS=…`` when the reload finished — applied, or failed with the old plan kept, then the
   status says ``reload failed, running the previous plan: ERROR``;
-- SIGTERM/SIGINT: ``STOPPING=1`` + ``STATUS=stopping …``.
+- SIGTERM/SIGINT: ``STOPPING=1`` + ``STATUS=stopping …``;
+- with ``WatchdogSec=`` (``$WATCHDOG_USEC``): ``WATCHDOG=1`` from the controller's loop every quarter of the
+  period, so systemd restarts a controller whose loop is stuck.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Optional
 
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_JOURNAL = "JOURNAL_STREAM"
+ENV_WATCHDOG, ENV_WATCHDOG_PID = "WATCHDOG_USEC", "WATCHDOG_PID"
 #: seconds after start at most before READY=1 when the BGP session neither came up nor failed yet
 BGP_READY_BOUND = 30.0
 #: characters of a STATUS= text at most
@@ -46,6 +49,12 @@ class Notifier:
             self.address = "\0" + address[1:] if address.startswith("@") else address
         self.sent = []  # messages sent (for the report and tests)
         self._sock: Optional[socket.socket] = None
+        #: WatchdogSec= of the unit (seconds; None without): WATCHDOG=1 at least twice per period
+        self.watchdog: Optional[float] = None
+        usec = os.environ.pop(ENV_WATCHDOG, None) if take_from_env else None
+        pid = os.environ.pop(ENV_WATCHDOG_PID, None) if take_from_env else None
+        if usec and usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog = int(usec) / 1e6
 
     @property
     def enabled(self) -> bool:
@@ -153,6 +162,7 @@ class Lifecycle:
         self.since = clock()
         self._status = ""
         self.last_reload: Optional[dict] = None
+        self._petted = -1e18  # when WATCHDOG=1 was sent last
         if self.notifier.enabled:
             self._send_status(f"starting: {getattr(controller, 'engine', '?')} engine")
 
@@ -161,7 +171,7 @@ class Lifecycle:
         self.notifier.status(text)
 
     def describe(self, error: Optional[str] = None) -> str:
-        """``xdp (generic); 3/4 servers up; plan 0123abcd4567[; bgp up, 2 routes announced]``."""
+        """``xdp (generic); 3/4 servers up; plan 0123abcd4567[; bgp session up, 2 route(s) announced]``."""
         c = self.controller
         parts = []
         xdp = getattr(c, "xdp", None)
@@ -175,7 +185,9 @@ class Lifecycle:
             pass
         bgp = getattr(c, "bgp", None)
         if bgp is not None:
-            parts.append(f"bgp {bgp.session}, {len(bgp.announced)} routes announced")
+            routes = len(bgp.announced)
+            parts.append(f"bgp session {bgp.session}, {routes} route(s) "
+                         + ("announced" if bgp.session == "up" else "to announce"))
         text = "; ".join(parts)
         if error:
             text = f"reload failed, running the previous plan: {error}; {text}"
@@ -197,6 +209,10 @@ class Lifecycle:
         self.poll()
 
     def poll(self) -> None:
+        period = self.notifier.watchdog
+        if period and self.notifier.enabled and self.clock() - self._petted >= period / 4:
+            self._petted = self.clock()  # the loop runs (it wakes at least once a second)
+            self.notifier.notify("WATCHDOG=1")
         if not self.notifier.enabled:
             if self.state == "waiting-bgp" and self._bgp_settled():
                 self.state = "ready"

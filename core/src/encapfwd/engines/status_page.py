@@ -4,7 +4,8 @@ here changes the dispatcher.
 
 Data: the controller's report over its control socket (the same ``fetch`` the metrics use), plus a short
 history of every server's counters kept here — sampled every :data:`SAMPLE_EVERY` seconds by a daemon thread
-and at every ``/status.json`` request (at most one sample per :data:`MIN_GAP` seconds), for
+and at every ``/status.json`` request (each request a fresh report; at most one sample per :data:`MIN_GAP`
+seconds in the history), for
 :data:`HISTORY_SECONDS` seconds — from which the per-server packets and bits per second are computed. The
 page asks for ``/status.json`` every :data:`REFRESH` seconds and draws each server's rate as an inline SVG.
 """
@@ -60,11 +61,14 @@ class StatusPage:
         self._stop.set()
 
     def sample(self, force: bool = True) -> Optional[dict]:
-        """A fresh report (with *force*, or when the last sample is older than :data:`MIN_GAP`), added to the
-        history; the last report otherwise. None when the controller does not answer."""
+        """A fresh report, added to the history unless the last sample is younger than :data:`MIN_GAP`. With
+        *force* (a ``/status.json`` request) always fetched, so the page never shows a state older than its
+        request; without (the background thread) not fetched at all when a request sampled lately. None when
+        the controller does not answer."""
         now = self.clock()
         with self._lock:
-            if self.samples and now - self.samples[-1][0] < (MIN_GAP if force else self.sample_every / 2):
+            recent = bool(self.samples) and now - self.samples[-1][0] < (MIN_GAP if force else self.sample_every / 2)
+            if recent and not force:
                 return self.last_report
         try:
             report = self.fetch()
@@ -75,7 +79,8 @@ class StatusPage:
         counters = {name: (_num(row.get("packets")), _num(row.get("bytes")))
                     for name, row in (report.get("servers") or {}).items() if isinstance(row, dict)}
         with self._lock:
-            self.samples.append((now, counters))
+            if not recent:
+                self.samples.append((now, counters))
             while self.samples and now - self.samples[0][0] > HISTORY_SECONDS:
                 self.samples.popleft()
             self.last_report, self.last_error = report, None

@@ -55,6 +55,7 @@ class TCProgram(XDPProgram):
                     f"{self.iface.name} already has encapfwd's TC program: encapfwd run (pid {pid}) is "
                     "forwarding on it; stop that one first"
                 )
+        refuse_beside_xdp(self.iface)
         try:
             dataplane = tc.TCDataPlane.load(plan)
         except EncapfwdError as exc:
@@ -78,11 +79,54 @@ class TCProgram(XDPProgram):
         self.mode = dataplane.attach_method
         self.dataplane, self.plan = dataplane, plan
         self.flows.dataplane = dataplane
+        # the workers (forked after this) take cluster frames only with the program's slow-path mark
+        from . import worker
+
+        worker.SLOW_PATH_MARK = tc.SLOW_MARK
+
+    def stop(self):
+        from . import worker
+
+        try:
+            return super().stop()
+        finally:
+            worker.SLOW_PATH_MARK = None
 
     def watch(self, now=None) -> None:
         """Nothing to watch: frames the program redirects go through the interface's ordinary transmit path
         (its ``tx_dropped`` counts what it could not send)."""
 
+
+
+def running_tc_owner(iface) -> Optional[int]:
+    """The pid of a running ``encapfwd run`` whose TC program is on *iface* (None: none)."""
+    from ..errors import EncapfwdError
+    from ..xdp import tc
+
+    try:
+        owners = tc.attached_owners(iface.index) if tc.tcx_available(iface.index) else []
+        owners += tc.clsact_owners(iface.index)
+    except EncapfwdError:
+        return None
+    for _kind, pid, _prog, _link in owners:
+        if pid and _alive(pid):
+            return pid
+    return None
+
+
+def refuse_beside_xdp(iface) -> None:
+    """LiveError when a running ``encapfwd run`` has its XDP program on *iface* (two dispatchers on one
+    interface would both forward)."""
+    from ..errors import EncapfwdError
+    from ..xdp.dataplane import attached_owner
+
+    try:
+        owner = attached_owner(iface.index)
+    except EncapfwdError:
+        return
+    if owner is not None and owner[0] == "encapfwd" and owner[1] and _alive(owner[1]):
+        raise LiveError(f"{iface.name} already has an XDP program: encapfwd run (pid {owner[1]}) is forwarding "
+                        "on it; stop that one first")
 
 
 def attach_method(ifindex: int = 1) -> str:
@@ -114,10 +158,11 @@ def choose_engine(engine: str, ifname: Optional[str], mode: str = "auto"):
         return Choice("tc", "asked for with --engine tc", attach_method())
     choice = choose(engine, ifname, mode)
     if engine == "auto" and mode == "auto" and choice.engine == "xdp" and choice.mode == "generic":
-        words = choice.reason[len("auto: "):] if choice.reason.startswith("auto: ") else choice.reason
+        words = choice.reason.removeprefix("auto: ")
         return Choice("tc", f"auto: {words}; frames arrive there as socket buffers: the TC program runs at tc "
                             "ingress (generic XDP would cost more)", attach_method(), link=choice.link)
     return choice
 
 
-__all__ = ["ENV_TC_ATTACH", "TCProgram", "TC_ATTACH", "attach_method", "choose_engine"]
+__all__ = ["ENV_TC_ATTACH", "TC_ATTACH", "TCProgram", "attach_method", "choose_engine", "refuse_beside_xdp",
+           "running_tc_owner"]

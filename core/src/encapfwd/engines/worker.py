@@ -40,6 +40,11 @@ EXPIRE_INTERVAL = 1.0
 _L2_ROOM = 14 + 4
 
 
+#: set by the TC engine before workers start (they are forked: they inherit it): the skb mark of the frames
+#: its program hands up to the slow path (encapfwd.xdp.tc.SLOW_MARK); the socket filter takes only those
+SLOW_PATH_MARK = None
+
+
 def tx_frame_size(mtu: int) -> int:
     """The TX ring slot size for an interface MTU (a power of two ≥ 2048 holding the header and a frame)."""
     frame = 2048
@@ -135,7 +140,7 @@ class Worker:
             raise
 
     def _program(self, config):
-        return cluster_filter(cluster_addresses(config), arp=self.answer_arp)
+        return cluster_filter(cluster_addresses(config), arp=self.answer_arp, mark=SLOW_PATH_MARK)
 
     def announce(self) -> None:
         """Gratuitous ARP for every IPv4 cluster address (with --answer-arp), so neighbours learn our MAC."""

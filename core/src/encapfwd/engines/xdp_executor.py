@@ -144,6 +144,12 @@ class XDPProgram:
         from ..errors import EncapfwdError
         from ..xdp.dataplane import DataPlane, attached_owner
 
+        from .tc_executor import running_tc_owner
+
+        tc_owner = running_tc_owner(self.iface)
+        if tc_owner:
+            raise LiveError(f"{self.iface.name} already has encapfwd's TC program: encapfwd run (pid {tc_owner}) "
+                            "is forwarding on it; stop that one first")
         replace = False
         owner = attached_owner(self.iface.index)
         if owner is not None:

@@ -241,7 +241,8 @@ class Guest:
         """Power the guest off, then make sure every host process of it is gone; remove the work folder."""
         proc = self.proc
         if proc is not None:
-            if proc.poll() is None and self.workdir:
+            # only a runner that is up can read the halt file (a guest that never booted is killed at once)
+            if proc.poll() is None and self.workdir and os.path.exists(os.path.join(self.workdir, "ready")):
                 try:
                     open(os.path.join(self.workdir, "halt"), "w").close()
                     proc.wait(timeout)

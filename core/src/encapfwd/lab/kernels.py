@@ -20,6 +20,7 @@ When none boots, :class:`~encapfwd.lab.netns.LabUnavailable` says why each faile
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from typing import List, Optional, Tuple
@@ -78,8 +79,13 @@ def make(kind: str, ns: Optional[Namespace], tap: Optional[str], **kwargs) -> Gu
     return QEMU(ns, tap, accel=kind.split("-", 1)[1], **kwargs)
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Za-z0-9]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def _telling_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    """The line of a console that says most about a failed boot (a panic, an error), without terminal codes."""
+    text = _ESCAPES.sub("", text)
+    lines = [line.strip() for line in text.splitlines() if len(line.strip()) > 3]
     for words in (("panic",), ("failed", "error")):
         interesting = [line for line in lines if any(word in line.lower() for word in words)]
         if interesting:

@@ -188,7 +188,10 @@ class Member:
 class ScaleOut(Topology):
     """:class:`Topology` with *dispatchers* dispatchers behind a BIRD router (see the module's text)."""
 
-    def __init__(self, dispatchers: int = 3, methods=("mac", "ipip", "gre"), router: str = "bird", **kwargs):
+    def __init__(self, dispatchers: int = 3, methods=("mac", "ipip", "gre"), router: str = "bird",
+                 sync: bool = False, **kwargs):
+        #: flow synchronisation between the dispatchers (executor syncpeers/synckey; docs/scale-out.md)
+        self.sync = sync
         if not 1 <= dispatchers <= MAX_DISPATCHERS:
             raise LabError(f"--dispatchers must be between 1 and {MAX_DISPATCHERS}")
         if router not in ROUTERS:
@@ -243,6 +246,8 @@ class ScaleOut(Topology):
                                      self.workdir / f"dispatcher{i}.log")
             self.cli_on(i, "executor", "set", "nfa", address_of(i),
                         *(["bgpnexthop6", address6_of(i)] if self.ipv6 else []))
+        if self.sync:
+            self.enable_sync()
         if self.router == "frr":
             frr = self.workdir / "frr"
             frr.mkdir()
@@ -256,6 +261,19 @@ class ScaleOut(Topology):
                 bird_config(self.count, str(self.workdir / "bird.log"), ipv6=self.ipv6))
         self.start_router()
         return self
+
+    def enable_sync(self) -> None:
+        """Flow synchronisation: one key file (mode 0600) for the group, each dispatcher's peers = the others."""
+        import os
+
+        key = self.workdir / "sync.key"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(os.urandom(32).hex() + "\n")
+        for i in self.members:
+            peers = ",".join(address_of(j) for j in self.members if j != i)
+            if peers:
+                self.cli_on(i, "executor", "set", "syncpeers", peers, "synckey", str(key))
 
     def _frr_argv(self, daemon: str, conf: str) -> List[str]:
         frr = self.workdir / "frr"

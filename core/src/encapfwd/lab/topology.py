@@ -357,6 +357,9 @@ class Topology:
         r.ethtool_offload("cli0", tx=False)
         r.ethtool_offload("lan-d", tx=False)
         if self.ipv6:
+            # a link flap must not cost the dispatcher its IPv6 address (the kernel flushes it by default):
+            # without it, it cannot resolve its IPv6 servers' MACs any more
+            d.sysctl("net.ipv6.conf.eth0.keep_addr_on_down", 1)
             for ns, dev, address in (
                 (c, "eth0", f"{CLIENT6}/64"),
                 (r, "cli0", f"{ROUTER_CLIENT6}/64"),

@@ -42,15 +42,23 @@ def object_path():
 def attached_owner(ifindex: int):
     """Who runs the XDP program on *ifindex*: None (no program), ``("other", name)`` (not ours), or
     ``("encapfwd", pid)`` — the controller that installed its plan (its pid is in the control map)."""
-    from .libbpf import prog_by_id, xdp_query
+    from .libbpf import xdp_query
 
     current = xdp_query(ifindex)
     if not current:
         return None
-    name, maps = prog_by_id(current)
+    return program_owner(current, PROGRAM)
+
+
+def program_owner(prog_id: int, program: str):
+    """``("encapfwd", pid)`` when the loaded program *prog_id* is our *program* (the pid of the controller
+    that installed its plan, from its control map; 0 before any), else ``("other", words)``."""
+    from .libbpf import prog_by_id
+
+    name, maps = prog_by_id(prog_id)
     try:
-        if name != PROGRAM[:15]:
-            return ("other", f"{name or 'unnamed'} (id {current})")
+        if name != program[:15]:  # the kernel keeps 15 characters of a program's name
+            return ("other", f"{name or 'unnamed'} (id {prog_id})")
         for m in maps:
             if m.name == "control":
                 raw = m.lookup(0)

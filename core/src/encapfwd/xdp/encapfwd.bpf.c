@@ -236,7 +236,8 @@ static __always_inline int pass(__u32 reason)
     if (c)
         *c += 1;
     note(0x100 | reason);
-    return V_PASS;
+    /* the host's own traffic and frames for another MAC take their usual way; the rest is the slow path's */
+    return reason == P_NOT_OURS || reason == P_NOT_FOR_US ? V_PASS : V_UP;
 }
 
 static __always_inline __u32 crc_byte(__u32 c, __u8 b)
@@ -633,12 +634,22 @@ SEC(ENTRY_SEC)
 int ENTRY_NAME(CTX *ctx)
 {
 #ifdef ENCAPFWD_TC
+    if (ctx->mark == SLOW_MARK) /* handed up by this program (below): for the workers and the stack */
+        return TC_ACT_OK;
+    int verdict;
     /* the program reads the frame's bytes directly: a socket buffer whose bytes are not all in its linear
-     * part (paged, GSO) is made linear first; one that cannot be goes up untouched */
+     * part (paged, GSO) is made linear first; one that cannot be goes up */
     if ((long)ctx->data_end - (long)ctx->data < (long)ctx->len && bpf_skb_pull_data(ctx, ctx->len))
-        return pass(P_ERROR);
-#endif
+        verdict = pass(P_ERROR);
+    else
+        verdict = frame(ctx);
+    if (verdict != V_UP)
+        return verdict;
+    ctx->mark = SLOW_MARK;
+    return bpf_redirect(ctx->ifindex, BPF_F_INGRESS);
+#else
     return frame(ctx);
+#endif
 }
 
 char LICENSE[] SEC("license") = "GPL";

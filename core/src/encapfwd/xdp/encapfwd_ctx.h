@@ -31,6 +31,14 @@
 #define SEND(ctx) bpf_redirect((ctx)->ifindex, 0)
 #define ENTRY_SEC "tc"
 #define ENTRY_NAME encapfwd_tc
+/* Up to the slow path (the AF_PACKET workers). Packet sockets bound to every protocol (ETH_P_ALL) see a
+ * frame before tc ingress runs, so TC_ACT_OK alone would let the workers forward every frame the program
+ * forwards as well. The program therefore marks a frame it hands up to the slow path and redirects it to
+ * the interface's own ingress (the backlog): the workers' socket filter takes cluster frames only with
+ * this mark, and the program lets a marked frame through at once (TC_ACT_OK). Frames that are not the
+ * slow path's (not a cluster address, not sent to this dispatcher) go up untouched, unmarked. */
+#define SLOW_MARK 0xEF510000u
+#define V_UP 0x7E /* internal: pass() -> the entry point marks and re-injects */
 
 #else /* XDP */
 
@@ -41,6 +49,7 @@
 #define GROW_HEAD(ctx, hlen) bpf_xdp_adjust_head((ctx), -(int)(hlen))
 #define TRIM(ctx, len, n) bpf_xdp_adjust_tail((ctx), (int)(len) - (int)(n))
 #define SEND(ctx) XDP_TX
+#define V_UP XDP_PASS
 #define ENTRY_SEC "xdp"
 #define ENTRY_NAME encapfwd_xdp
 

@@ -32,6 +32,11 @@ from .libbpf import possible_cpus
 SOURCE = "encapfwd_tc.bpf.c"
 PROGRAM = "encapfwd_tc"
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+#: the mark of a frame the program hands up to the slow path (encapfwd_ctx.h SLOW_MARK): it redirects such
+#: a frame to the interface's own ingress, and the workers' socket filter takes cluster frames only with it
+SLOW_MARK = 0xEF510000
+#: sizeof(struct __sk_buff) (Linux 5.16+); its mark is at offset 8
+SKB_CTX_SIZE = 192
 
 # linux/bpf.h (6.6+: the Debian headers predate tcx)
 BPF_PROG_QUERY, BPF_LINK_CREATE, BPF_LINK_GET_FD_BY_ID, BPF_LINK_DETACH = 16, 28, 30, 34
@@ -58,6 +63,26 @@ def _bpf(cmd: int, attr: bytes) -> Tuple[int, int, bytes]:
 def _fail(op: str, err: int) -> BPFError:
     reason = "Operation not supported by the kernel" if err in (524, errnos.EOPNOTSUPP) else os.strerror(err)
     return BPFError(f"{op}: {reason}", errno=err)
+
+
+def skb_test_run(prog_fd: int, frame: bytes) -> Tuple[int, bytes, int]:
+    """BPF_PROG_TEST_RUN of a socket-buffer program on *frame*: ``(retval, output frame, skb mark)``."""
+    from .libbpf import _buffer, _check, _lib, _opts, _TestRunOpts
+
+    size_out = len(frame) + 4096
+    data_in, data_out = _buffer(frame), ctypes.create_string_buffer(size_out)
+    ctx_out = ctypes.create_string_buffer(SKB_CTX_SIZE)
+    opts = _opts(_TestRunOpts)
+    opts.data_in, opts.data_size_in = ctypes.cast(data_in, ctypes.c_void_p), len(frame)
+    opts.data_out, opts.data_size_out = ctypes.cast(data_out, ctypes.c_void_p), size_out
+    opts.ctx_out, opts.ctx_size_out = ctypes.cast(ctx_out, ctypes.c_void_p), SKB_CTX_SIZE
+    opts.repeat = 1
+    _check(_lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "test run of the TC program")
+    mark = int.from_bytes(ctx_out.raw[8:12], "little")
+    return opts.retval, data_out.raw[:opts.data_size_out], mark
+
+
+skb_test_run.__test__ = False  # not a pytest test
 
 
 def tcx_query(ifindex: int) -> List[Tuple[int, int]]:
@@ -124,21 +149,9 @@ def _ifname(ifindex: int) -> str:
 
 def _owner_of(prog_id_: int):
     """``("encapfwd", pid)`` for our TC program (pid from its control map), else ``("other", words)``."""
-    from .libbpf import prog_by_id
+    from .dataplane import program_owner
 
-    name, maps = prog_by_id(prog_id_)
-    try:
-        if name != PROGRAM[:15]:
-            return ("other", f"{name or 'unnamed'} (id {prog_id_})")
-        for m in maps:
-            if m.name == "control":
-                raw = m.lookup(0)
-                if raw is not None:
-                    return ("encapfwd", M.CONTROL.unpack(raw)[1])
-        return ("encapfwd", 0)
-    finally:
-        for m in maps:
-            m.close()
+    return program_owner(prog_id_, PROGRAM)
 
 
 def attached_owners(ifindex: int) -> List[Tuple[str, object, int, int]]:
@@ -168,12 +181,13 @@ class TCDataPlane(DataPlane):
         self.attach_method: Optional[str] = None
 
     def test_run(self, frame: bytes):
-        """``(verdict, output bytes)``: the program on *frame* as a socket buffer (BPF_PROG_TEST_RUN);
-        TC_ACT_REDIRECT with the frame as it would leave."""
-        from .libbpf import test_run
-
-        result = test_run(self.prog_fd, frame)
-        return result.retval, result.data
+        """``(verdict, output bytes)``: the program on *frame* as a socket buffer (BPF_PROG_TEST_RUN):
+        TC_ACT_REDIRECT with the frame as it would leave; TC_ACT_OK for a frame handed up, untouched or to
+        the slow path (which the program marks and redirects to the interface's ingress); TC_ACT_SHOT."""
+        retval, out, mark = skb_test_run(self.prog_fd, frame)
+        if retval == TC_ACT_REDIRECT and mark == SLOW_MARK:
+            return TC_ACT_OK, out
+        return retval, out
 
     def attach(self, ifindex: int, mode: str = "tcx", replace: bool = False) -> None:
         """tcx ingress where the kernel has it (*mode* ``tcx`` or ``auto``), else (or *mode* ``clsact``) a
@@ -243,7 +257,7 @@ def _clsact_filters(ifindex: int) -> List[Tuple[str, int]]:
     try:
         name = socket.if_indextoname(ifindex)
         proc = subprocess.run(["tc", "-j", "filter", "show", "dev", name, "ingress"], capture_output=True,
-                              text=True, timeout=10)
+                              text=True, timeout=10, check=False)
         rows = json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
     except (OSError, ValueError, subprocess.SubprocessError):
         return []
@@ -316,5 +330,18 @@ class TCExecutor(_executor_base()):
         return self.dataplane.test_run(frame)
 
 
-__all__ = ["PROGRAM", "TCDataPlane", "TCExecutor", "TC_ACT_OK", "TC_ACT_REDIRECT", "TC_ACT_SHOT", "attached_owners",
-           "object_path", "tcx_attach", "test_run_refuses", "tcx_available", "tcx_detach_link", "tcx_query"]
+__all__ = [
+    "PROGRAM",
+    "TC_ACT_OK",
+    "TC_ACT_REDIRECT",
+    "TC_ACT_SHOT",
+    "TCDataPlane",
+    "TCExecutor",
+    "attached_owners",
+    "object_path",
+    "tcx_attach",
+    "tcx_available",
+    "tcx_detach_link",
+    "tcx_query",
+    "test_run_refuses",
+]
