@@ -127,7 +127,7 @@ def test_third_party_gue_plugin_is_listed_and_forwards(venvs, tmp_path):
         done = subprocess.run([str(bindir / "encapfwd"), "--config", str(config), *args], capture_output=True,
                               text=True, env=clean_env(), timeout=60)
         assert done.returncode == 0, done.stderr
-    script = f"""
+    script = """
 import sys
 from scapy.all import Ether, IP, TCP, UDP, raw, wrpcap, rdpcap
 wrpcap(sys.argv[2], [Ether(src="02:00:00:00:00:aa", dst="02:00:00:00:00:01")/IP(src="192.0.2.7", dst="10.0.9.9", ttl=50)/TCP(sport=40000, dport=80, flags="S")])

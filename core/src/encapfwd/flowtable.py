@@ -43,6 +43,10 @@ RST_TIMEOUT = 2
 #: Stale entries removed from the LRU end each time a new entry is inserted.
 SWEEP = 2
 
+#: flow synchronisation (engines/flowsync_workers.py): a refreshed flow is noted again when its deadline
+#: crosses a boundary of 2**REFRESH_SHIFT seconds (offset per flow by its client port): ~32 s while active
+REFRESH_SHIFT = 5
+
 # counters (indices into FlowTable.ctr)
 CREATED, EVICTED, EXPIRED, MOVED, CLOSED, AFFINITIES = range(6)
 _COUNTER_NAMES = ("created", "evictions", "expired", "moved", "closed")
@@ -65,6 +69,9 @@ class FlowTable:
         self.names: List[tuple] = []
         self._sids: Dict[tuple, int] = {}
         self.ctr = [0] * 6
+        #: ``note(key)`` (flow synchronisation, None otherwise): told every new flow, and a refreshed one
+        #: about every 2**REFRESH_SHIFT seconds; never affinity records nor closing flows
+        self.note = None
 
     # -- server ids ------------------------------------------------------------------------------
     def sid(self, cluster, port: int, address) -> int:
@@ -136,15 +143,11 @@ class FlowTable:
                 ctr[EXPIRED] += 1
                 sweep -= 1
         entries[key] = value
-        if value & COUNTED:
-            sid = value & SID_MASK
-            self.counts[sid] += 1
-            slot = self.slots.get(sid)
-            if slot is not None:
-                slot[0][slot[1]] += 1
-        elif value & AFFINITY:
-            ctr[AFFINITIES] += 1
+        self._count(value)
         ctr[CREATED] += 1
+        note = self.note
+        if note is not None and not value & (AFFINITY | CLOSING):
+            note(key)
 
     def replace(self, key: bytes, old: int, new: int) -> None:
         """Refresh an entry in place: new value, moved to the most-recently-used end."""
@@ -152,6 +155,42 @@ class FlowTable:
             self.release(old & ~AFFINITY)
         self.entries[key] = new
         self.entries.move_to_end(key)
+        note = self.note
+        if note is not None and not new & (AFFINITY | CLOSING):
+            offset = key[-3]  # the client port's low byte: refreshes spread over the period
+            if ((new >> SHIFT) + offset) >> REFRESH_SHIFT != ((old >> SHIFT) + offset) >> REFRESH_SHIFT:
+                note(key)
+
+    def adopt(self, key: bytes, value: int, now: float) -> None:
+        """Insert or overwrite an entry learnt elsewhere (a peer's flow: flow synchronisation): at the
+        most-recently-used end, within ``maxflows``, neither counted as created nor noted."""
+        if not self.maxflows:
+            return
+        entries = self.entries
+        old = entries.get(key)
+        if old is None:
+            note, self.note = self.note, None
+            try:
+                self.insert(key, value, now)
+            finally:
+                self.note = note
+            self.ctr[CREATED] -= 1
+            return
+        self.release(old)
+        entries[key] = value
+        entries.move_to_end(key)
+        self._count(value)
+
+    def _count(self, value: int) -> None:
+        """Account a new entry: its server's active connections, or one more affinity record."""
+        if value & COUNTED:
+            sid = value & SID_MASK
+            self.counts[sid] += 1
+            slot = self.slots.get(sid)
+            if slot is not None:
+                slot[0][slot[1]] += 1
+        elif value & AFFINITY:
+            self.ctr[AFFINITIES] += 1
 
     def resize(self, maxflows: int) -> None:
         self.maxflows = maxflows

@@ -4,7 +4,9 @@ Each dispatcher's flow table is local. When ECMP moves an established flow to an
 configuration change, that dispatcher would place it with the new table, possibly on another server, and
 the connection would be reset. With ``executor syncpeers``, every dispatcher publishes the flows it places
 — ``(flow key, server name, age)`` — to its peers, which insert them into their own kernel flow table, so
-that a shifted flow keeps its server.
+that a shifted flow keeps its server. With the AF_PACKET engine the table swept and filled is the workers'
+Python flow tables instead (:mod:`.flowsync_workers`: a table with ``named = True`` gives and takes named
+entries).
 
 Transport: UDP unicast to each configured peer (``syncpeers``, port ``syncport``). One datagram is at most
 :data:`MAX_DATAGRAM` bytes::
@@ -471,7 +473,8 @@ class FlowSync:
         spent = table.last_sweep_seconds
         self.sweep_interval = max(SWEEP_INTERVAL, spent / SWEEP_SHARE)
         self.next_sweep = now + self.sweep_interval
-        entries = self._to_entries(rows, time.monotonic_ns())
+        # a named table (the AF_PACKET workers': flowsync_workers.py) gives entries, the kernel's rows
+        entries = rows if getattr(table, "named", False) else self._to_entries(rows, time.monotonic_ns())
         self.publish(entries)
         return len(entries)
 
@@ -559,7 +562,14 @@ class FlowSync:
             except OSError:
                 break
             self.handle(data, address)
+        self._flush_table()
         return True
+
+    def _flush_table(self) -> None:
+        """A table that applies asynchronously (the AF_PACKET workers') gets what this round applied."""
+        flush = getattr(self.table_of(), "flush", None)
+        if flush is not None:
+            flush()
 
     def handle(self, data: bytes, address) -> None:
         got = self.receiver.accept(data, address)
@@ -588,11 +598,12 @@ class FlowSync:
         peer.dump_asked = now
         table = self.table_of()
         rows = table.snapshot() if table is not None else []
+        named = getattr(table, "named", False)  # entries (key, name, age) rather than kernel rows
         if len(rows) > QUEUE_MAX:  # bounded memory: the most recently seen flows first
-            rows.sort(key=lambda row: row[2], reverse=True)
+            rows.sort(key=lambda row: row[2], reverse=not named)
             del rows[QUEUE_MAX:]
             self.stats["dump_truncated"] = self.stats.get("dump_truncated", 0) + 1
-        peer.dump = collections.deque(self._to_entries(rows, time.monotonic_ns()))
+        peer.dump = collections.deque(rows if named else self._to_entries(rows, time.monotonic_ns()))
 
     def apply(self, entries: List[Entry]) -> None:
         """Insert a peer's flows into the kernel flow table, by server name, unless ours is fresher."""
@@ -605,6 +616,7 @@ class FlowSync:
         rows = []
         pack = _KKEY.pack
         by_name = index.by_name
+        named = getattr(table, "named", False)  # the AF_PACKET workers' tables take the entries by name
         for key, name, age in entries:
             found = by_name.get(name)
             if found is None:
@@ -613,6 +625,9 @@ class FlowSync:
             sid, up = found
             if not up:
                 self.stats["server_down"] += 1
+                continue
+            if named:
+                rows.append((key, name, age))
                 continue
             n = (len(key) - 5) // 2
             rows.append((pack(key[:n], key[n:2 * n], key[2 * n + 1:2 * n + 3], key[2 * n + 3:2 * n + 5],
@@ -630,6 +645,7 @@ class FlowSync:
             if now >= self.next_sweep:
                 self.sweep(now)
             self.flush(now)
+            self._flush_table()
         except Exception as exc:  # noqa: BLE001 - synchronisation never stops forwarding
             self.stats["apply_errors"] += 1
             log(f"sync: {type(exc).__name__}: {exc}")
@@ -680,7 +696,9 @@ class FlowSync:
     # -- the report
     def snapshot(self) -> dict:
         table = self.table_of()
+        workers = {"workers": table.report()} if hasattr(table, "report") else {}
         return {
+            **workers,
             "peers": [{"address": p.text, "sent_entries": p.sent, "sent_datagrams": p.datagrams,
                        "send_errors": p.send_errors, "skipped_at_rate": p.skipped, "lag_ms": self.receiver.lag_ms.get(p.text)}
                       for p in self.peers],
@@ -701,8 +719,9 @@ __all__ = ["Batcher", "DUMP", "DUMP_END", "DUMP_REQ", "Entry", "FLOWS", "FlowSyn
 
 
 def flowsync_for(controller) -> Optional[FlowSync]:
-    """The controller's :class:`FlowSync` (None without ``executor syncpeers``); one line when the engine has
-    no kernel flow table to sweep and fill (the AF_PACKET engine: not synchronised in this version)."""
+    """The controller's :class:`FlowSync` (None without ``executor syncpeers``): on the kernel flow table
+    with the XDP and TC engines, on the workers' Python flow tables with the AF_PACKET engine
+    (:mod:`.flowsync_workers`)."""
     executor = controller.config.executor
     if not executor.syncpeers:
         return None
@@ -713,11 +732,21 @@ def flowsync_for(controller) -> Optional[FlowSync]:
         key = read_key(executor.synckey)
     except ConfigError as exc:
         raise LiveError(str(exc)) from None
-    sync = FlowSync(executor, lambda: controller.dispatcher.plan, TableOf(controller.kernel_flows), key=key)
+    workers = None
+    if controller.engine in ("xdp", "tc"):
+        table_of = TableOf(controller.kernel_flows)
+    else:
+        from .flowsync_workers import WorkerFlows
+
+        workers = WorkerFlows(controller.pool)
+
+        def table_of():
+            return workers
+    sync = FlowSync(executor, lambda: controller.dispatcher.plan, table_of, key=key)
+    if workers is not None:
+        workers.stats = sync.stats
     log(f"sync: flows synchronised with {', '.join(p.text for p in sync.peers)} on UDP port {sync.port} "
-        "(HMAC-SHA256)" + ("" if controller.engine in ("xdp", "tc") else
-                           "; warning: the afpacket engine has no kernel flow table: this version publishes "
-                           "and applies flows only with the xdp and tc engines"))
+        f"(HMAC-SHA256), {'the kernel flow table' if workers is None else 'the workers flow tables'}")
     return sync
 
 

@@ -57,6 +57,9 @@ class WorkerPool:
         self.restarts = 0
         self.config = None
         self.dispatcher = None
+        #: ``on_message(number, kind, payload)``: told the workers' messages that answer no pending request
+        #: (flow synchronisation's asynchronous answers: engines/flowsync_workers.py); None: ignored
+        self.on_message = None
 
     # -- the executor interface
 
@@ -83,8 +86,13 @@ class WorkerPool:
             if not select.select([channel], [], [], 0)[0]:
                 return True  # nothing there (a stale event)
             try:
-                recv_msg(channel)
-                return True  # an unsolicited message (late reply); ignore
+                self._unsolicited(number, recv_msg(channel))
+                # every message waiting (bounded): answers are read as fast as the requests go out
+                for _ in range(64):
+                    if not select.select([channel], [], [], 0)[0]:
+                        break
+                    self._unsolicited(number, recv_msg(channel))
+                return True  # an unsolicited message (an asynchronous answer, or a late reply)
             except (EOFError, OSError):
                 pass
             channel.close()
@@ -211,8 +219,20 @@ class WorkerPool:
                     if kind == reply_kind:
                         answers[number] = payload
                         break
+                    self._unsolicited(number, (kind, payload))
             except (EOFError, OSError, socket.timeout):
                 pass
             finally:
                 channel.settimeout(None)
         return answers
+
+    ask_all = _ask_all
+
+    def _unsolicited(self, number: int, message) -> None:
+        if self.on_message is None:
+            return
+        try:
+            kind, payload = message
+            self.on_message(number, kind, payload)
+        except Exception as exc:  # noqa: BLE001 - never stops the controller
+            log(f"worker {number}: message not handled: {type(exc).__name__}: {exc}")

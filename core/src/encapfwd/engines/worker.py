@@ -103,6 +103,8 @@ class Worker:
         self.qdisc_bypass = qdisc_bypass
         self._last_error: Optional[int] = None
         self._own_mac = bytes.fromhex(iface.mac.replace(":", ""))
+        #: flow synchronisation (engines/flowsync_workers.py): made on the first sync message
+        self.sync = None
         self.stats = {
             "socket_errors": 0,
             "arp_replies": 0,
@@ -163,7 +165,10 @@ class Worker:
             dispatched = self.dispatcher.report()
         except Exception as exc:  # noqa: BLE001 - a report must never stop forwarding
             dispatched = {"error": f"{type(exc).__name__}: {exc}"}
-        return {"dispatcher": dispatched, "engine": dict(self.stats, number=self.number)}
+        engine = dict(self.stats, number=self.number)
+        if self.sync is not None:
+            engine["sync"] = dict(self.sync.stats)
+        return {"dispatcher": dispatched, "engine": engine}
 
     def _kernel_stats(self) -> None:
         try:
@@ -193,6 +198,12 @@ class Worker:
                 send_msg(self.channel, ("reloaded", f"{type(exc).__name__}: {exc}"))
         elif kind == "stop":
             self.stop = True
+        elif kind.startswith("sync-"):  # flow synchronisation with the AF_PACKET engine
+            if self.sync is None:
+                from .flowsync_workers import WorkerJournal
+
+                self.sync = WorkerJournal(self.dispatcher)
+            self.sync.handle(self.channel, message)
 
     def _poll_channel(self, poller_timeout: int = 0) -> None:
         while True:
