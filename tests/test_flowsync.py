@@ -20,6 +20,7 @@ import time
 import types
 
 import pytest
+from test_scaleout_consistency import _xdp_or_skip
 
 from encapfwd.engines import flowsync as FS
 from encapfwd.errors import ConfigError
@@ -210,17 +211,7 @@ def test_sync_keywords_are_checked_in_one_line_and_leave_the_file_unchanged(cli,
 
 # -- with the kernel ----------------------------------------------------------------------------------------
 
-def _xdp_or_skip():
-    if os.geteuid() != 0:
-        pytest.skip("BPF needs root (CAP_BPF and CAP_NET_ADMIN)")
-    from encapfwd.xdp.libbpf import available
-
-    ok, why = available()
-    if not ok:
-        pytest.skip(why)
-
-
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -232,6 +223,27 @@ def _sync(dp_or_table, plan_of, me, peer, port):
     table = KernelTable(dp_or_table.maps["flows"]) if hasattr(dp_or_table, "maps") else dp_or_table
     executor = types.SimpleNamespace(syncpeers=(ipaddress.ip_address(peer),), syncport=port, synckey=None)
     return FS.FlowSync(executor, plan_of, lambda: table, key=KEY, bind=me), table
+
+
+def catch_up_served_by(starting, peer, timeout=5.0):
+    """*starting*'s catch-up at start while *peer* runs its loop (answers the dump request) in a thread."""
+    import threading
+
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            peer.on_readable()
+            peer.flush(time.monotonic())
+            time.sleep(0.002)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        return starting.catch_up(timeout=timeout)
+    finally:
+        stop.set()
+        server.join()
 
 
 def _pump(a, b, until, timeout=5.0):
@@ -269,7 +281,7 @@ def test_a_shifted_flow_keeps_its_server_after_a_server_was_added(synced):
     assert ids(p2) != ids(p2_b) and p2.selection == p2_b.selection
     syn = [C.frame(f, C._SYN) for f in flow_list]
     data = [C.frame(f, C._ACK | C._PSH, b"data") for f in flow_list]
-    port = _free_port()
+    port = free_port()
     with DataPlane.load(p1) as dp_a, DataPlane.load(p2_b) as dp_b:
         plans = {"a": p1}
         sa, ta = _sync(dp_a, lambda: plans["a"], "127.0.0.1", "127.0.0.2", port)
@@ -308,7 +320,7 @@ def test_a_fresher_local_entry_wins_and_a_dump_answers_the_catch_up():
     reg = C.registry()
     plan = compile_plan(C.make_config(C.HOST_A, servers=C.simple_servers(3)), reg)
     flow_list = C.flows(300, seed=12, first_octet=100, ports=[(C.VIP1, 80, 6)])
-    port = _free_port()
+    port = free_port()
     with DataPlane.load(plan) as dp_a, DataPlane.load(plan) as dp_b:
         sa, ta = _sync(dp_a, lambda: plan, "127.0.0.1", "127.0.0.2", port)
         sb, tb = _sync(dp_b, lambda: plan, "127.0.0.2", "127.0.0.1", port)
@@ -326,23 +338,7 @@ def test_a_fresher_local_entry_wins_and_a_dump_answers_the_catch_up():
             assert tb.get(key0) == (other, mark_of(fresh), fresh)
             assert tb.insert(key0, other, now) == "kept-local"
             # B starts: asks A for a dump before it would announce
-            import threading
-
-            stop = threading.Event()
-
-            def serve():
-                while not stop.is_set():
-                    sa.on_readable()
-                    sa.flush(time.monotonic())
-                    time.sleep(0.002)
-
-            server = threading.Thread(target=serve)
-            server.start()
-            try:
-                state = sb.catch_up(timeout=5.0)
-            finally:
-                stop.set()
-                server.join()
+            state = catch_up_served_by(sb, sa)
             assert state["state"] == "done" and state["flows"] == 300 and state["peers"] == ["127.0.0.1"]
             assert sb.stats["applied"] == 299 and sb.stats["kept_local"] == 1
             assert tb.get(key0)[0] == other
@@ -359,7 +355,7 @@ def test_the_report_section_and_its_metrics():
     pytest.importorskip("prometheus_client")
     from encapfwd.engines.metrics import metric_families
 
-    executor = types.SimpleNamespace(syncpeers=(ipaddress.ip_address("127.0.0.2"),), syncport=_free_port(),
+    executor = types.SimpleNamespace(syncpeers=(ipaddress.ip_address("127.0.0.2"),), syncport=free_port(),
                                      synckey=None)
     sync = FS.FlowSync(executor, lambda: None, lambda: None, key=KEY, bind="127.0.0.1")
     try:
@@ -384,7 +380,7 @@ def test_bounds_a_full_queue_a_peer_at_its_rate_and_a_catch_up_nobody_answers(mo
     datagrams and each peer at most its token bucket; a catch-up without any answer ends at its bound."""
     monkeypatch.setattr(FS, "QUEUE_MAX", 1000)
     monkeypatch.setattr(FS, "RATE", 10)
-    port = _free_port()
+    port = free_port()
     executor = types.SimpleNamespace(syncpeers=(ipaddress.ip_address("127.0.0.2"),), syncport=port, synckey=None)
     sync = FS.FlowSync(executor, lambda: None, lambda: None, key=KEY, bind="127.0.0.1")
     try:

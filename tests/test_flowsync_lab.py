@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 
 import pytest
@@ -33,45 +32,8 @@ COUNT = 60
 TICK = 0.1
 
 
-class Connections:
-    def __init__(self, lab, count: int):
-        self.lab = lab
-        self.conns = []
-        for _ in range(count):
-            sock = lab.connect("mac", timeout=3.0)
-            self.conns.append((sock, sock.getsockname()[1]))
-        self.ok = [0] * count
-        self.errors = {}
-        self.answers = [set() for _ in range(count)]
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(count)]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i):
-        sock, _ = self.conns[i]
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                self.answers[i].add(self.lab.http_get(sock).split()[0])
-                self.ok[i] += 1
-            except Exception as exc:  # noqa: BLE001 - what we count
-                self.errors.setdefault(i, f"{type(exc).__name__}: {exc}")
-                return
-            self.stop.wait(max(0.0, TICK - (time.monotonic() - started)))
-
-    def alive(self, seconds: float) -> list:
-        """Indices of the connections that completed a request within *seconds*."""
-        before = list(self.ok)
-        time.sleep(seconds)
-        return [i for i, (a, b) in enumerate(zip(before, self.ok)) if b > a and i not in self.errors]
-
-    def close(self):
-        self.stop.set()
-        for t in self.threads:
-            t.join(3)
-        for sock, _ in self.conns:
-            sock.close()
+def Connections(lab, count: int):
+    return topology.LongLived(lab, ("mac",), count, timeout=3.0, tick=TICK)
 
 
 def _forwarded(lab) -> dict:

@@ -13,12 +13,12 @@ import ipaddress
 import pickle
 import socket
 import struct
-import threading
 import time
 import types
 
 import pytest
 import test_scaleout_consistency as C
+from test_flowsync import catch_up_served_by, free_port
 from encapfwd.dispatcher import Dispatcher
 from encapfwd.engines import flowsync as FS
 from encapfwd.engines.flowsync_workers import WorkerFlows, WorkerJournal
@@ -166,12 +166,6 @@ class _Pool:
         return self._answers
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync(pool, me, peers, port):
     flows = WorkerFlows(pool)
     executor = types.SimpleNamespace(syncpeers=tuple(ipaddress.ip_address(p) for p in peers), syncport=port,
@@ -205,7 +199,7 @@ def test_workers_tables_synchronised_over_udp_and_a_catch_up_from_them(monkeypat
     now = time.monotonic()
     pool_a = _Pool([_dispatcher(), _dispatcher()])
     pool_b = _Pool([_dispatcher(extra=NEW, host=C.HOST_B, reverse=True) for _ in range(2)])
-    port = _free_port()
+    port = free_port()
     sa, _ = _sync(pool_a, "127.0.0.1", ["127.0.0.2", "127.0.0.3"], port)
     sb, _ = _sync(pool_b, "127.0.0.2", ["127.0.0.1"], port)
     try:
@@ -224,21 +218,7 @@ def test_workers_tables_synchronised_over_udp_and_a_catch_up_from_them(monkeypat
         # C starts with an empty table and asks its peers (A) before it would announce
         pool_c = _Pool([_dispatcher(extra=NEW, reverse=True)])
         sc, _ = _sync(pool_c, "127.0.0.3", ["127.0.0.1"], port)
-        stop = threading.Event()
-
-        def serve():
-            while not stop.is_set():
-                sa.on_readable()
-                sa.flush(time.monotonic())
-                time.sleep(0.002)
-
-        server = threading.Thread(target=serve)
-        server.start()
-        try:
-            state = sc.catch_up(timeout=5.0)
-        finally:
-            stop.set()
-            server.join()
+        state = catch_up_served_by(sc, sa)
         try:
             assert state["state"] == "done" and state["flows"] == count, state
             assert sc.stats["applied"] == count

@@ -10,7 +10,6 @@ because every dispatcher picks the same server for a flow (Maglev over the same 
 from __future__ import annotations
 
 import signal
-import threading
 import time
 
 import pytest
@@ -43,52 +42,9 @@ def lab():
         yield built
 
 
-class Connections:
+def Connections(lab, per_method: int = PER_METHOD, timeout: float = 5.0):
     """Long-lived connections from the client, each sending one request every 100 ms in its own thread."""
-
-    def __init__(self, lab, per_method: int = PER_METHOD, timeout: float = 5.0):
-        self.lab = lab
-        self.conns = []  # (method, sock, sport)
-        for method in METHODS:
-            for _ in range(per_method):
-                sock = lab.connect(method, timeout=timeout)
-                self.conns.append((method, sock, sock.getsockname()[1]))
-        self.ok = [0] * len(self.conns)
-        self.errors = {}  # index -> first error
-        self.answers = [set() for _ in self.conns]
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(self.conns))]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, i):
-        method, sock, _ = self.conns[i]
-        while not self.stop.is_set():
-            started = time.monotonic()
-            try:
-                self.answers[i].add(self.lab.http_get(sock).split()[0])
-                self.ok[i] += 1
-            except Exception as exc:  # noqa: BLE001 - what we count
-                self.errors.setdefault(i, f"{method} {type(exc).__name__}: {exc}")
-                return
-            self.stop.wait(max(0.0, TICK - (time.monotonic() - started)))
-
-    def counts(self):
-        return list(self.ok)
-
-    def flowing(self, seconds: float) -> list:
-        """Indices of connections that did not complete a request within *seconds* (should be none)."""
-        before = self.counts()
-        time.sleep(seconds)
-        after = self.counts()
-        return [i for i, (a, b) in enumerate(zip(before, after)) if b <= a]
-
-    def close(self):
-        self.stop.set()
-        for t in self.threads:
-            t.join(5)
-        for _, sock, _ in self.conns:
-            sock.close()
+    return topology.LongLived(lab, METHODS, per_method, timeout=timeout, tick=TICK)
 
 
 def _carriers(lab, conns):

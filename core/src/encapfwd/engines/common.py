@@ -145,6 +145,41 @@ def flush_log(force: bool = False) -> None:
         _emit(_limiter.due(force))
 
 
+class WakePipe:
+    """A thread's way to wake the controller's poll loop: :meth:`wake` from the thread (never blocks, never
+    raises), :meth:`fileno` in the loop's poll set, :meth:`drain` once it is readable, :meth:`close` at the end
+    (or in a forked child)."""
+
+    def __init__(self):
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+
+    def fileno(self) -> int:
+        return self._rfd
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wfd, b"!")
+        except OSError:  # full: the loop is woken already; closed: stopping
+            pass
+
+    def drain(self) -> None:
+        try:
+            while os.read(self._rfd, 512):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self._rfd, self._wfd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._rfd = self._wfd = -1
+
+
 def one_line(text: str, limit: int = 500) -> str:
     """*text* on one line (whitespace runs collapsed), at most *limit* characters."""
     text = " ".join(str(text).split())

@@ -20,7 +20,6 @@ Several advisors on one port: a server is down when any of them says so.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -28,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 from attrs import define, field
 
 from ..model import server_key
-from .common import LiveError, log
+from .common import LiveError, WakePipe, log
 
 #: probe latencies kept per target for the report (and the metrics histogram)
 LATENCIES_KEPT = 32
@@ -148,9 +147,7 @@ class HealthManager:
         self.forwarding = forwarding
         self._lock = threading.Lock()
         self._targets: Dict[tuple, Target] = {}
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        os.set_blocking(self._wfd, False)
+        self._pipe = WakePipe()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._tasks: Dict[tuple, asyncio.Task] = {}
@@ -161,14 +158,10 @@ class HealthManager:
 
     def fileno(self) -> int:
         """Readable when a server's health changed (the controller then calls :meth:`drain`)."""
-        return self._rfd
+        return self._pipe.fileno()
 
     def drain(self) -> None:
-        try:
-            while os.read(self._rfd, 512):
-                pass
-        except BlockingIOError:
-            pass
+        self._pipe.drain()
 
     def update(self, config) -> None:
         """Take a new configuration: keep the state of targets that stay, start new ones, stop old ones."""
@@ -234,11 +227,7 @@ class HealthManager:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(5)
-        for fd in (self._rfd, self._wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._pipe.close()
 
     # -- the manager's thread
 
@@ -292,10 +281,7 @@ class HealthManager:
                 detail = (current.last or {}).get("detail", "")
                 log(f"advisor {current.advisor} {current.port}: server {current.name} is {current.state} "
                     f"({detail})")
-                try:
-                    os.write(self._wfd, b"!")
-                except (BlockingIOError, OSError):
-                    pass
+                self._pipe.wake()
             wake = next_probe
             with self._lock:
                 current = self._targets.get(key)

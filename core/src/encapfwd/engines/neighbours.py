@@ -23,11 +23,11 @@ network.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
+from .common import WakePipe
 from .netlink import ask_neighbour, neighbour_table, open_ipr
 
 #: seconds a start or a reload waits, in total, for the MACs it needs (all resolved concurrently)
@@ -71,9 +71,7 @@ class NeighbourResolver:
         self._stopping = False
         self.errors = 0
         self.last_error: Optional[str] = None
-        self._rfd, self._wfd = os.pipe()
-        os.set_blocking(self._rfd, False)
-        os.set_blocking(self._wfd, False)
+        self._pipe = WakePipe()
         self._thread = threading.Thread(target=self._run, name="encapfwd-neighbours", daemon=True)
         self._thread.start()
 
@@ -81,14 +79,10 @@ class NeighbourResolver:
 
     def fileno(self) -> int:
         """Readable when a ticket is done or a watched MAC changed."""
-        return self._rfd
+        return self._pipe.fileno()
 
     def drain(self) -> None:
-        try:
-            while os.read(self._rfd, 512):
-                pass
-        except (BlockingIOError, OSError):
-            pass
+        self._pipe.drain()
 
     def request(self, addresses: Iterable[str], bound: float = RESOLVE_BOUND) -> Ticket:
         ticket = Ticket(addresses, self.clock() + max(0.0, bound))
@@ -147,12 +141,7 @@ class NeighbourResolver:
         self.close_in_child()
 
     def close_in_child(self) -> None:
-        for fd in (self._rfd, self._wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self._rfd = self._wfd = -1
+        self._pipe.close()
 
     # -- the thread
 
@@ -166,10 +155,7 @@ class NeighbourResolver:
             self._tickets.remove(ticket)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wfd, b"!")
-        except OSError:
-            pass
+        self._pipe.wake()
 
     def _run(self) -> None:
         ipr = None

@@ -166,6 +166,61 @@ class LabError(EncapfwdError):
     pass
 
 
+class LongLived:
+    """Long-lived connections from the client to the VIPs of *methods* (*per_method* each), each sending one
+    keep-alive request every *tick* seconds in a thread of its own: what the scale-out labs count when
+    dispatchers die, come back or change their configuration."""
+
+    def __init__(self, lab: "Topology", methods, per_method: int, timeout: float = 5.0, tick: float = 0.1):
+        self.lab = lab
+        self.tick = tick
+        self.conns = []  # (method, sock, client port)
+        for method in methods:
+            for _ in range(per_method):
+                sock = lab.connect(method, timeout=timeout)
+                self.conns.append((method, sock, sock.getsockname()[1]))
+        self.ok = [0] * len(self.conns)
+        self.errors: Dict[int, str] = {}  # index -> first error
+        self.answers = [set() for _ in self.conns]
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(len(self.conns))]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        method, sock, _ = self.conns[i]
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self.answers[i].add(self.lab.http_get(sock).split()[0])
+                self.ok[i] += 1
+            except Exception as exc:  # noqa: BLE001 - what the labs count
+                self.errors.setdefault(i, f"{method} {type(exc).__name__}: {exc}")
+                return
+            self.stop.wait(max(0.0, self.tick - (time.monotonic() - started)))
+
+    def counts(self) -> List[int]:
+        return list(self.ok)
+
+    def flowing(self, seconds: float) -> List[int]:
+        """Indices of the connections that completed no request within *seconds*."""
+        before = self.counts()
+        time.sleep(seconds)
+        return [i for i, (a, b) in enumerate(zip(before, self.counts())) if b <= a]
+
+    def alive(self, seconds: float) -> List[int]:
+        """Indices of the connections that completed a request within *seconds* and never failed."""
+        stalled = set(self.flowing(seconds))
+        return [i for i in range(len(self.conns)) if i not in stalled and i not in self.errors]
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        for _, sock, _ in self.conns:
+            sock.close()
+
+
 class Sniffer:
     """Records IPv4 and IPv6 frames on an interface in a namespace (an AF_PACKET socket read in a thread)."""
 
@@ -952,4 +1007,4 @@ def run_lab(
     return result
 
 
-__all__ = ["SERVERS", "LabServer", "Sniffer", "Topology", "host_has_tunnels", "run_lab", "unavailable_reason"]
+__all__ = ["SERVERS", "LabServer", "LongLived", "Sniffer", "Topology", "host_has_tunnels", "run_lab", "unavailable_reason"]
