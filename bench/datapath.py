@@ -6,7 +6,7 @@
 Every method is a template (``encapfwd_build_template``): mac, ipip, gre (with a key) and the GUE example
 (docs/examples/encapfwd-gue: UDP, flow entropy). For each method and frame size (64 and 1400 bytes) it
 prints the template (header bytes, fields) and Mpps for (a) the template's Python transform alone
-(``encapfwd.encap.template_transform``, as ``resolve`` gives it), (b) the whole ``Dispatcher.process``
+(``encapfwd.datapath.templates.template_transform``, as ``resolve`` gives it), (b) the whole ``Dispatcher.process``
 (classify, select, TTL, transform), (c) a naive scapy implementation of the same encapsulation, and the
 ratio (a)/(c) — TCP frames with DF set, then the same with DF clear (tunnels then take a fresh IP
 identification per packet); then replay throughput end to end (pcap in -> pcap out). Single-threaded: the
@@ -23,9 +23,9 @@ import time
 import zlib
 from pathlib import Path
 
-from encapfwd.dispatcher import Dispatcher
-from encapfwd.encap import resolve
-from encapfwd.engines.replay import PcapWriter, replay
+from encapfwd.datapath.dispatcher import Dispatcher
+from encapfwd.datapath.templates import resolve
+from encapfwd.replay.capture import PcapWriter, replay
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plan import compile_plan
 from encapfwd.plugins import get_plugin_manager

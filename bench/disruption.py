@@ -32,11 +32,11 @@ import sys
 import time
 import zlib
 
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plan import compile_plan
 from encapfwd.plugins import get_plugin_manager
-from encapfwd.selection import MAGLEV_SIZE
+from encapfwd.selection.scheduler import MAGLEV_SIZE
 
 VIP = "10.0.9.1"
 NEW = "10.0.3.200"

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import encapfwd_mac
-    from encapfwd.dispatcher import Dispatcher
+    from encapfwd.datapath.dispatcher import Dispatcher
     from encapfwd.model import Cluster, Config, Executor, Port, Server
     from encapfwd.plugins import get_plugin_manager
 

@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from encapfwd.engines import flowsync as FS  # noqa: E402
+from encapfwd.flowsync import service as FS  # noqa: E402
 
 KEY = os.urandom(32)
 
@@ -89,7 +89,7 @@ def codec(flows: int) -> dict:
 def two_dispatchers(flows: int) -> dict:
 
     import test_scaleout_consistency as C
-    from encapfwd.engines.flowsweep import KernelTable
+    from encapfwd.flowsync.sweep import KernelTable
     from encapfwd.plan import SidMap, compile_plan
     from encapfwd.xdp import maps as M
     from encapfwd.xdp.dataplane import DataPlane
@@ -232,7 +232,7 @@ def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cp
     import mmap
 
     import test_scaleout_consistency as C
-    from encapfwd.engines.flowsweep import mark_of
+    from encapfwd.flowsync.sweep import mark_of
     from encapfwd.plan import SidMap, compile_plan
     from encapfwd.xdp import maps as M
     from encapfwd.xdp.dataplane import DataPlane
@@ -281,7 +281,7 @@ def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cp
         ex = types.SimpleNamespace(syncpeers=(ipaddress.ip_address("127.0.0.1"),), syncport=port, synckey=None)
         _loop(FS.FlowSync(ex, lambda: plan_b, lambda: tb, key=KEY, bind="127.0.0.2"), shared, 1)
 
-    from encapfwd.engines.flowsweep import KernelTable
+    from encapfwd.flowsync.sweep import KernelTable
 
     conditions = ["off", "live peer", "peer not reading", "no listener"]
     trials = {c: [] for c in conditions}

@@ -16,7 +16,7 @@ import struct
 import sys
 import time
 
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.plugins import get_plugin_manager
 from encapfwd.testing import fuzz_config, seed_frames
 

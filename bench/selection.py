@@ -46,7 +46,7 @@ def _keys(n, seed=1):
 
 
 def bench_build(repeat: int) -> dict:
-    from encapfwd.maglev import DEFAULT_SIZE, build_table, permutation
+    from encapfwd.selection.maglev import DEFAULT_SIZE, build_table, permutation
 
     servers = [ipaddress.ip_address(0x0A000000 + i) for i in range(1000)]
     permutation(b"warm-up")
@@ -83,7 +83,7 @@ def _loop_overhead(keys, repeat):
 
 def measure(n_keys: int = 200_000, repeat: int = 5) -> dict:
     """Per-packet pick cost in ns (the empty loop's cost subtracted; it is printed too)."""
-    from encapfwd.selection import Scheduler
+    from encapfwd.selection.scheduler import Scheduler
 
     reg = _registry()
     keys = _keys(n_keys)
@@ -165,7 +165,7 @@ def rss_mib() -> float:
 
 def flood_child(n: int, maxflows: int) -> dict:
     """Push *n* distinct SYN keys through one Scheduler; report table size and peak RSS."""
-    from encapfwd.selection import Scheduler
+    from encapfwd.selection.scheduler import Scheduler
 
     rss_start = peak_rss_mib()
     s = Scheduler(_registry(), maxflows)

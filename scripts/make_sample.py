@@ -229,7 +229,7 @@ def build_frames(seed: int = 2003):
 
 def write(out_dir: str) -> None:
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "core", "src"))
-    from encapfwd.engines.replay import PcapWriter
+    from encapfwd.replay.capture import PcapWriter
 
     os.makedirs(out_dir, exist_ok=True)
     with PcapWriter(os.path.join(out_dir, "sample.pcap")) as writer:

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from encapfwd import advisors
-from encapfwd.advisors import probe_connect, probe_http, probe_udp
+from encapfwd.health import probes as advisors
+from encapfwd.health.probes import probe_connect, probe_http, probe_udp
 from encapfwd.errors import ConfigError
 from encapfwd.hookspecs import ProbeResult
 
@@ -477,7 +477,7 @@ def test_via_forwarding_segments_are_what_scapy_decodes():
     from scapy.layers.inet import IP, TCP
     from scapy.layers.l2 import Ether
 
-    from encapfwd.engines.through import RST, SYN, parse_answer, syn_segment
+    from encapfwd.health.forwarding_probe import RST, SYN, parse_answer, syn_segment
 
     src, dst = socket.inet_aton("10.0.2.1"), socket.inet_aton("10.0.9.1")
     for flags, name in ((SYN, "S"), (RST, "R")):

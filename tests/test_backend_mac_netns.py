@@ -104,7 +104,7 @@ class Lab:
 
         v6 = ":" in vip
         try:
-            from encapfwd.dispatcher import Dispatcher
+            from encapfwd.datapath.dispatcher import Dispatcher
         except ImportError:
             from encapfwd.hookspecs import Egress
 

@@ -131,7 +131,7 @@ class Lab:
         from scapy.layers.l2 import Ether
 
         try:
-            from encapfwd.dispatcher import Dispatcher
+            from encapfwd.datapath.dispatcher import Dispatcher
         except ImportError:
             Dispatcher = None
         if Dispatcher is None:

@@ -7,7 +7,7 @@ dispatcher's output is never compared with something our own code computed.
 import json
 
 import pytest
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.errors import ConfigError, PluginError
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager

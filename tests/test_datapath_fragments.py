@@ -7,7 +7,7 @@ recomputes every checksum of the ICMP errors.
 import random
 
 import pytest
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
 
@@ -236,7 +236,7 @@ def test_tiny_first_fragment_without_ports_is_dropped(registry):
 
 
 def test_held_fragments_are_bounded(registry):
-    from encapfwd.dispatcher import FRAG_HELD_DATAGRAMS
+    from encapfwd.datapath.dispatcher import FRAG_HELD_DATAGRAMS
 
     d = Dispatcher(config(many_servers()), registry)
     n = FRAG_HELD_DATAGRAMS + 500

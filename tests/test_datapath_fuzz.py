@@ -8,7 +8,7 @@ every frame sent starts with an Ethernet header carrying IPv4 or IPv6 whose IPv4
 import struct
 
 import pytest
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.plugins import get_plugin_manager
 from encapfwd.testing import fuzz_config, seed_frames
 from hypothesis import HealthCheck, given, settings

@@ -3,7 +3,7 @@
 import struct
 
 import pytest
-from encapfwd import packet as pk
+from encapfwd.datapath import packet as pk
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

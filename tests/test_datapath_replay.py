@@ -131,7 +131,7 @@ def test_pcapng_input_gives_the_same_output(tmp_path, replayed):
 
 
 def test_garbage_frames_are_counted_not_raised(tmp_path):
-    from encapfwd.engines.replay import read_frames
+    from encapfwd.replay.capture import read_frames
     from scapy.layers.l2 import Ether
     from scapy.packet import Raw
     from scapy.utils import wrpcap
@@ -210,7 +210,7 @@ def test_unsupported_link_type_is_refused(tmp_path):
 
 def test_progress_bar_goes_to_stderr(tmp_path):
     from click.testing import CliRunner
-    from encapfwd.cli_replay import replay_command
+    from encapfwd.cli.replay import replay_command
 
     runner = CliRunner()
     result = runner.invoke(replay_command, [str(SAMPLE), str(tmp_path / "o.pcap"), "--progress", "--json"],
@@ -225,7 +225,7 @@ def test_explain_shows_before_and_after():
     assert proc.returncode == 0, proc.stderr
     assert "=> forwarded to 10.0.9.9@80@" in proc.stdout
     assert proc.stdout.count("###[ Ethernet ]###") == 2 and "###[ TCP ]###" in proc.stdout
-    from encapfwd.engines.replay import read_frames
+    from encapfwd.replay.capture import read_frames
 
     index = next(i for i, (_, f) in enumerate(read_frames(SAMPLE)) if f[12:14] == b"\x08\x06")
     arp = encapfwd("--config", str(CONFIG), "explain", str(SAMPLE), "--index", str(index))
@@ -235,7 +235,7 @@ def test_explain_shows_before_and_after():
 
 
 def test_cli_module_does_not_import_scapy():
-    code = "import sys, encapfwd.cli_replay, encapfwd.dispatcher, encapfwd.engines.replay; " \
+    code = "import sys, encapfwd.cli.replay, encapfwd.datapath.dispatcher, encapfwd.replay.capture; " \
            "sys.exit(1 if any(m.startswith('scapy') for m in sys.modules) else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False, timeout=60).returncode == 0
 

@@ -22,7 +22,7 @@ import types
 import pytest
 from test_scaleout_consistency import _xdp_or_skip
 
-from encapfwd.engines import flowsync as FS
+from encapfwd.flowsync import service as FS
 from encapfwd.errors import ConfigError
 
 KEY = b"k" * 32
@@ -218,7 +218,7 @@ def free_port() -> int:
 
 
 def _sync(dp_or_table, plan_of, me, peer, port):
-    from encapfwd.engines.flowsweep import KernelTable
+    from encapfwd.flowsync.sweep import KernelTable
 
     table = KernelTable(dp_or_table.maps["flows"]) if hasattr(dp_or_table, "maps") else dp_or_table
     executor = types.SimpleNamespace(syncpeers=(ipaddress.ip_address(peer),), syncport=port, synckey=None)
@@ -313,7 +313,7 @@ def test_a_shifted_flow_keeps_its_server_after_a_server_was_added(synced):
 def test_a_fresher_local_entry_wins_and_a_dump_answers_the_catch_up():
     _xdp_or_skip()
     import test_scaleout_consistency as C
-    from encapfwd.engines.flowsweep import mark_of
+    from encapfwd.flowsync.sweep import mark_of
     from encapfwd.plan import compile_plan
     from encapfwd.xdp.dataplane import DataPlane
 
@@ -353,7 +353,7 @@ def test_a_fresher_local_entry_wins_and_a_dump_answers_the_catch_up():
 def test_the_report_section_and_its_metrics():
     """The ``sync`` section of ``server report`` and the Prometheus families made from it."""
     pytest.importorskip("prometheus_client")
-    from encapfwd.engines.metrics import metric_families
+    from encapfwd.runtime.metrics import metric_families
 
     executor = types.SimpleNamespace(syncpeers=(ipaddress.ip_address("127.0.0.2"),), syncport=free_port(),
                                      synckey=None)
@@ -402,7 +402,7 @@ def test_bounds_a_full_queue_a_peer_at_its_rate_and_a_catch_up_nobody_answers(mo
 
 def test_changed_sync_settings_need_a_restart(tmp_path):
     from encapfwd import config as cfg
-    from encapfwd.engines import live
+    from encapfwd.runtime import controller as live
 
     key = tmp_path / "sync.key"
     controller = live.Controller.__new__(live.Controller)

@@ -19,9 +19,9 @@ import types
 import pytest
 import test_scaleout_consistency as C
 from test_flowsync import catch_up_served_by, free_port
-from encapfwd.dispatcher import Dispatcher
-from encapfwd.engines import flowsync as FS
-from encapfwd.engines.flowsync_workers import WorkerFlows, WorkerJournal
+from encapfwd.datapath.dispatcher import Dispatcher
+from encapfwd.flowsync import service as FS
+from encapfwd.flowsync.workers import WorkerFlows, WorkerJournal
 
 KEY = b"k" * 32
 N = 5
@@ -191,7 +191,7 @@ def test_workers_tables_synchronised_over_udp_and_a_catch_up_from_them(monkeypat
     """A (two workers, N servers) ↔ B (two workers, N + 1 servers, other order) over UDP: every flow A's
     workers place reaches both of B's workers by name and keeps its server there (in answers of at most
     TAKE_MAX entries); C, starting, catches up from A's workers' tables."""
-    from encapfwd.engines import flowsync_workers
+    from encapfwd.flowsync import workers as flowsync_workers
 
     monkeypatch.setattr(flowsync_workers, "TAKE_MAX", 100)
     count = 600
@@ -231,8 +231,8 @@ def test_workers_tables_synchronised_over_udp_and_a_catch_up_from_them(monkeypat
 
 
 def test_the_pool_hands_unsolicited_answers_to_on_message():
-    from encapfwd.engines.messaging import send_msg
-    from encapfwd.engines.supervisor import WorkerPool
+    from encapfwd.runtime.afpacket.messaging import send_msg
+    from encapfwd.runtime.afpacket.pool import WorkerPool
 
     ours, theirs = socket.socketpair()
     pool = WorkerPool.__new__(WorkerPool)
@@ -254,8 +254,8 @@ def test_the_pool_hands_unsolicited_answers_to_on_message():
 def test_a_worker_answers_the_sync_messages_with_its_dispatchers_table():
     """Worker.handle: the journal is made on the first sync message; take, apply and dump are answered on
     the channel; the worker's report shows its counters."""
-    from encapfwd.engines import worker as worker_mod
-    from encapfwd.engines.messaging import recv_msg
+    from encapfwd.runtime.afpacket import worker as worker_mod
+    from encapfwd.runtime.afpacket.messaging import recv_msg
 
     ours, theirs = socket.socketpair()
     d = _dispatcher()

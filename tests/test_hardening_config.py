@@ -570,7 +570,7 @@ def test_every_command_checks_the_result():
 
 
 def test_dead_constant_is_gone_and_server_key_lives_in_model():
-    from encapfwd import report
+    from encapfwd.cli import server_report as report
 
     assert not hasattr(model, "ENCAPTYPES_BUILTIN")
     assert report.server_key is model.server_key

@@ -43,7 +43,7 @@ if REASON:
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from encapfwd import config as cfg  # noqa: E402
-from encapfwd.engines.control import query_control  # noqa: E402
+from encapfwd.control import query_control  # noqa: E402
 
 VIP = topology.SERVERS["mac"][0]
 MAC = f"{VIP}@80@10.0.2.10"
@@ -468,7 +468,7 @@ print(json.dumps({"statuses": statuses, "overflows": overflows() - before}))
 
 
 def test_the_metrics_server_bounds_slow_and_many_clients(lab):
-    from encapfwd.engines import httpd
+    from encapfwd.runtime import httpd
 
     _ensure_running(lab)
     out = _in_dispatcher_ns(lab, SLOW_AND_09 % METRICS)
@@ -505,7 +505,7 @@ while True:
 def test_a_flapping_server_is_damped(lab):
     """Interval 0.001 s, rise 1, fall 1, a server answering every other probe: without damping ~100 state
     changes in 12 s, each a new plan; with the hold time and the coalescing window, a handful."""
-    from encapfwd.engines.live import PLAN_WINDOW
+    from encapfwd.runtime.controller import PLAN_WINDOW
     from encapfwd.model import ADVISOR_DEFAULT_HOLD
 
     _ensure_running(lab)
@@ -546,7 +546,7 @@ def test_a_flapping_server_is_damped(lab):
 def test_a_refused_bgp_peer_is_no_log_flood(lab):
     """The router refuses BGP (nothing listens on its port 179): ExaBGP retries all the time, the log
     says so once (then once a minute), and every line is whole."""
-    from encapfwd.engines.bgp import exabgp_path
+    from encapfwd.bgp.speaker import exabgp_path
 
     if exabgp_path() is None:
         pytest.skip("ExaBGP is not installed (pip install 'encapfwd[bgp]')")

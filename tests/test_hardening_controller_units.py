@@ -23,15 +23,19 @@ import time
 
 import pytest
 
-from encapfwd.engines import bgp, common, control, httpd
-from encapfwd.engines.manager import HealthManager, Target
-from encapfwd.engines.neighbours import NeighbourResolver
+from encapfwd.bgp import speaker as bgp
+
+from encapfwd.runtime import common, httpd
+
+from encapfwd import control
+from encapfwd.health.manager import HealthManager, Target
+from encapfwd.runtime.neighbours import NeighbourResolver
 
 # ---------------------------------------------------------------------------------------------- logs
 
 INTERLEAVE = r"""
 import sys, threading
-from encapfwd.engines.common import log
+from encapfwd.runtime.common import log
 def writer(n):
     for i in range(400):
         log(f"thread {n} line {i} " + "x" * 200, limit=False)
@@ -59,7 +63,7 @@ def test_identical_lines_are_collapsed_with_a_count():
 
 
 COLLAPSE = r"""
-from encapfwd.engines.common import log, flush_log
+from encapfwd.runtime.common import log, flush_log
 for i in range(100):
     log("the same event")
 log("another event")
@@ -289,7 +293,7 @@ def test_an_answer_that_comes_later_keeps_the_loop_serving(tmp_path):
 
 def test_the_cli_fails_when_a_dispatcher_is_there_but_does_not_answer(tmp_path, cli):
     from encapfwd.errors import EncapfwdError
-    from encapfwd.report import live_counters
+    from encapfwd.cli.server_report import live_counters
 
     assert live_counters(str(tmp_path / "nothing.sock")) is None  # no dispatcher: not an error
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -437,7 +441,7 @@ def test_an_answer_not_ready_by_the_deadline_is_503():
 def test_health_in_the_metrics_is_the_report_s_own_state():
     pytest.importorskip("prometheus_client")
     from prometheus_client.core import GaugeMetricFamily  # noqa: F401
-    from encapfwd.engines.metrics import metric_families
+    from encapfwd.runtime.metrics import metric_families
 
     report = {"servers": {
         "10.0.9.1@80@10.0.2.10": {"method": "mac", "packets": 1, "bytes": 2, "state": "down",
@@ -511,8 +515,8 @@ def test_an_unresolved_server_comes_back_when_it_answers():
 
 
 def test_unresolved_servers_are_left_out_with_their_reason(capsys):
-    from encapfwd.engines.netlink import Interface
-    from encapfwd.engines.prepare import Staged, complete
+    from encapfwd.runtime.netlink import Interface
+    from encapfwd.runtime.prepare import Staged, complete
 
     config = _config(advisors=False, servers=[f"10.0.2.{i}" for i in range(10, 30)])
     import attrs
@@ -531,7 +535,7 @@ def test_unresolved_servers_are_left_out_with_their_reason(capsys):
 
 
 def test_the_report_module_still_imports_only_the_control_client():
-    code = ("import sys, encapfwd.report as r; r.live_counters('/nonexistent/x.sock'); "
+    code = ("import sys, encapfwd.cli.server_report as r; r.live_counters('/nonexistent/x.sock'); "
             "print(sorted(m for m in sys.modules if m.startswith(('pyroute2', 'scapy', 'prometheus'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(
         os.environ, ENCAPFWD_CONTROL=""))

@@ -26,7 +26,7 @@ REASON = topology.unavailable_reason(("mac",))
 if REASON:
     pytest.skip(f"live hardening tests need: {REASON}", allow_module_level=True)
 
-from encapfwd.engines.control import query_control  # noqa: E402
+from encapfwd.control import query_control  # noqa: E402
 from encapfwd.lab.netns import Namespace, veth_pair  # noqa: E402
 
 

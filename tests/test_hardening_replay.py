@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encapfwd.engines.replay import CaptureError, CaptureReader, PcapWriter, read_frames
+from encapfwd.replay.capture import CaptureError, CaptureReader, PcapWriter, read_frames
 from encapfwd.errors import EncapfwdError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,8 +161,8 @@ def test_truncated_pcap_text_summary_and_tshark_agree(tmp_path):
 def test_truncated_exit_status_in_process_with_progress_bar(tmp_path):
     from click.testing import CliRunner
 
-    from encapfwd.cli_replay import EXIT_TRUNCATED as exit_truncated
-    from encapfwd.cli_replay import replay_command
+    from encapfwd.cli.replay import EXIT_TRUNCATED as exit_truncated
+    from encapfwd.cli.replay import replay_command
 
     assert exit_truncated == EXIT_TRUNCATED
     src = tmp_path / "cut.pcap"

@@ -14,7 +14,9 @@ import threading
 import time
 
 import pytest
-from encapfwd.engines import afpacket, control, live
+from encapfwd.runtime.afpacket import rings as afpacket
+from encapfwd import control
+from encapfwd.runtime import controller as live
 
 
 def _run_bpf(program, frame: bytes, pkttype: int = 0) -> int:
@@ -114,7 +116,7 @@ def test_query_control_without_dispatcher_is_oserror(tmp_path):
 
 def test_run_module_imports_no_scapy_or_pyroute2():
     code = (
-        "import sys, encapfwd.cli_run, encapfwd.engines.live, encapfwd.lab.topology; "
+        "import sys, encapfwd.cli.run, encapfwd.runtime.controller, encapfwd.lab.topology; "
         "print('scapy' in sys.modules, 'pyroute2' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -135,11 +137,11 @@ def test_report_module_imports_only_the_control_client():
     code = (
         "import sys\nfrom encapfwd import report\n"
         "report.live_counters('/nonexistent/encapfwd.sock')\n"
-        "print(sorted(m for m in ('encapfwd.engines.live', 'encapfwd.dispatcher', 'pyroute2', 'scapy',"
-        " 'encapfwd.engines.control') if m in sys.modules))"
+        "print(sorted(m for m in ('encapfwd.runtime.controller', 'encapfwd.datapath.dispatcher', 'pyroute2', 'scapy',"
+        " 'encapfwd.control') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['encapfwd.engines.control']"
+    assert out.strip() == "['encapfwd.control']"
     assert live.query_control is control.query_control  # still importable from the engine
 
 
@@ -409,7 +411,7 @@ def test_a_changed_interface_is_reported_as_needing_a_restart(tmp_path):
 
 def test_mtu_beyond_the_tx_ring_is_capped_on_reload(capsys):
     from encapfwd import config as cfg
-    from encapfwd.engines import worker
+    from encapfwd.runtime.afpacket import worker
 
     controller = _bare_controller("x")
     controller.max_mtu = worker.tx_mtu_limit(1500)
@@ -455,9 +457,9 @@ def test_tx_ring_fills_its_own_slots():
 
 def test_workers_expire_flows_about_once_a_second():
     from encapfwd import config as cfg
-    from encapfwd.dispatcher import Dispatcher
-    from encapfwd.engines import worker as worker_mod
-    from encapfwd.engines.messaging import send_msg
+    from encapfwd.datapath.dispatcher import Dispatcher
+    from encapfwd.runtime.afpacket import worker as worker_mod
+    from encapfwd.runtime.afpacket.messaging import send_msg
     from encapfwd.plugins import get_plugin_manager
 
     config = cfg.loads(
@@ -470,7 +472,7 @@ def test_workers_expire_flows_about_once_a_second():
     frame[0:6] = bytes.fromhex("020000000001")
     frame[14 + 9] = 17
     struct.pack_into("!HH", frame, 34, 1234, 80)
-    from encapfwd.packet import checksum
+    from encapfwd.datapath.packet import checksum
 
     struct.pack_into("!H", frame, 24, 0)
     struct.pack_into("!H", frame, 24, checksum(bytes(frame[14:34])))

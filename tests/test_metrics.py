@@ -27,7 +27,7 @@ prometheus_client = pytest.importorskip(
 )
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from encapfwd.engines.metrics import (  # noqa: E402
+from encapfwd.runtime.metrics import (  # noqa: E402
     LATENCY_BUCKETS,
     LatencyHistograms,
     MetricsError,
@@ -441,7 +441,7 @@ def test_info_names_the_engine(lab):
 
 @pytest.mark.slow
 def test_server_down_in_the_configuration_has_health_0(lab):
-    from encapfwd.engines.control import query_control
+    from encapfwd.control import query_control
     from encapfwd.lab.topology import SERVERS
 
     vip, address, _ = SERVERS["mac"]

@@ -1,7 +1,7 @@
 """Operating ``encapfwd run`` as a production service (docs/operations.md).
 
 Unit part (anyone): sd_notify on a path and an abstract socket, ``$NOTIFY_SOCKET`` taken out of the
-environment, journal priorities, the notification sequence of :class:`~encapfwd.engines.sdnotify.Lifecycle`;
+environment, journal priorities, the notification sequence of :class:`~encapfwd.runtime.sdnotify.Lifecycle`;
 ``systemd-analyze verify`` on the shipped units; ``promtool check rules`` and ``promtool test rules`` on the
 shipped alert rules.
 
@@ -30,7 +30,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from encapfwd.engines import sdnotify
+from encapfwd.runtime import sdnotify
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "docs" / "examples" / "systemd"
@@ -189,7 +189,7 @@ def _promtool():
 
 
 def test_top_render_rates_and_sorting():
-    from encapfwd import cli_top
+    from encapfwd.cli import top as cli_top
 
     def report(a, b, drops):
         return {"servers": {"10.0.9.1@80@10.0.2.10": {"method": "mac", "packets": a, "bytes": a * 100, "state": "up",
@@ -219,7 +219,7 @@ def test_top_render_rates_and_sorting():
 
 
 def test_status_page_history_and_routes():
-    from encapfwd.engines import status_page
+    from encapfwd.runtime import status_page
 
     now = [1000.0]
     counters = {"packets": 0, "bytes": 0, "state": "up"}
@@ -739,7 +739,7 @@ def test_status_page_shows_the_servers(service, browser):
 def test_good_reload_shows_on_the_open_page(service, browser, tmp_path):
     """``server down`` + SIGHUP (what ``systemctl reload`` does): the notifications, and the page that was
     already open shows the server down within its refresh interval plus the reload's own time."""
-    from encapfwd.engines.status_page import REFRESH
+    from encapfwd.runtime.status_page import REFRESH
     from encapfwd.lab.topology import SERVERS
 
     lab = service.lab
@@ -813,7 +813,7 @@ def test_bad_reload_keeps_the_previous_plan(service):
 def test_a_failed_reload_shows_everywhere(service, browser, prometheus, tmp_path):
     """After the bad reload: the report, the open status page, ``encapfwd top``, the metrics in Prometheus and
     the shipped alert ``EncapfwdReloadFailing`` (no ``for:``: firing at once) all say so."""
-    from encapfwd.engines.status_page import REFRESH
+    from encapfwd.runtime.status_page import REFRESH
     from encapfwd.lab.topology import SERVERS
 
     lab = service.lab
@@ -848,7 +848,7 @@ def test_advisor_takes_a_server_down_on_the_open_page(service, browser, tmp_path
     """A second MAC server and a ``connect`` advisor (one reload); the server's httpd stops: the advisor takes
     it down (a STATUS= notification) and the page that stayed open shows it down within its refresh interval
     of the report saying so."""
-    from encapfwd.engines.status_page import REFRESH
+    from encapfwd.runtime.status_page import REFRESH
     from encapfwd.lab.topology import SERVERS
 
     lab = service.lab
@@ -901,7 +901,7 @@ def test_stop_sequence(service):
 def test_ready_with_bgp_once_the_first_attempt_failed(service, tmp_path):
     """With a bgppeer that does not answer (nothing listens on the router's port 179): READY=1 comes after the
     first failed attempt, not before, and says so (the module's dispatcher is stopped by now: eth0 is free)."""
-    from encapfwd.engines.bgp import exabgp_path
+    from encapfwd.bgp.speaker import exabgp_path
     from encapfwd.lab.topology import encapfwd_argv, stop_process
 
     if exabgp_path() is None:

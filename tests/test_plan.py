@@ -8,7 +8,7 @@ import attrs
 
 import xdp_support as X
 from encapfwd import config as cfg
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.plan import NO_SERVER, SidMap, compile_plan
 
 

@@ -11,7 +11,7 @@ import time
 import attrs
 import pytest
 
-from encapfwd.engines.bgp import Speaker, exabgp_config, exabgp_env, exabgp_path
+from encapfwd.bgp.speaker import Speaker, exabgp_config, exabgp_env, exabgp_path
 from encapfwd.model import Executor
 
 

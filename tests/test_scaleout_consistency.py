@@ -23,10 +23,10 @@ import zlib
 import attrs
 import pytest
 
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plan import SidMap, compile_plan
-from encapfwd.selection import MAGLEV_SIZE
+from encapfwd.selection.scheduler import MAGLEV_SIZE
 
 FLOWS = int(os.environ.get("ENCAPFWD_SCALEOUT_FLOWS", "100000"))
 HISTORY = max(FLOWS // 2, 1)

@@ -11,8 +11,8 @@ import attrs
 import pytest
 
 import encapfwd_mac
-from encapfwd import packet as pk
-from encapfwd.dispatcher import Dispatcher
+from encapfwd.datapath import packet as pk
+from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
 

@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from encapfwd import maglev
-from encapfwd.maglev import DEFAULT_SIZE, build_table, table_bytes
+from encapfwd.selection import maglev
+from encapfwd.selection.maglev import DEFAULT_SIZE, build_table, table_bytes
 from encapfwd.model import Server
-from encapfwd.selection import flow_hash, maglev_selector
+from encapfwd.selection.scheduler import flow_hash, maglev_selector
 
 M = DEFAULT_SIZE
 
@@ -81,14 +81,14 @@ GOLDEN_DIGEST = "5e9f1d017fdbdc3bd05bf3c826b0a34198902af3d5b14ced2a263c7d1bb24d3
 
 DETERMINISM_SCRIPT = r"""
 import hashlib, sys
-from encapfwd.maglev import build_table, table_bytes
+from encapfwd.selection.maglev import build_table, table_bytes
 servers = ["10.0.%d.%d" % (i // 256, i % 256) for i in range(1, 101)]
 weights = [1 + i % 5 for i in range(100)]
 print(hashlib.sha256(table_bytes(build_table(servers, weights))).hexdigest())
 print(hashlib.sha256(table_bytes(build_table(GOLDEN_SERVERS, GOLDEN_WEIGHTS))).hexdigest())
 from encapfwd.model import Cluster, Config, Port, Server
 from encapfwd.plugins import get_plugin_manager
-from encapfwd.selection import Scheduler
+from encapfwd.selection.scheduler import Scheduler
 port = Port(number=80, servers=[Server(address=a, weight=w) for a, w in zip(servers, weights)])
 s = Scheduler(get_plugin_manager(load_entrypoints=False), 10)
 s.configure(Config(clusters=[Cluster(address="10.0.9.9", ports=[port])]))

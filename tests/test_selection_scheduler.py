@@ -12,7 +12,7 @@ from encapfwd import hookimpl
 from encapfwd.errors import ConfigError
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
-from encapfwd.selection import Scheduler, flow_hash, wrr_sequence
+from encapfwd.selection.scheduler import Scheduler, flow_hash, wrr_sequence
 
 VIP = ipaddress.ip_address("10.0.9.9")
 SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04
@@ -460,7 +460,7 @@ def test_flow_hash_is_independent_of_python_hash():
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from encapfwd.flowtable import AFFINITY, COUNTED, SID_MASK  # noqa: E402
+from encapfwd.selection.flowtable import AFFINITY, COUNTED, SID_MASK  # noqa: E402
 
 _STEP = st.one_of(
     st.tuples(st.just("packet"), st.integers(0, 39), st.sampled_from([SYN, ACK, FIN | ACK, RST, 0]),

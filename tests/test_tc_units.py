@@ -1,4 +1,4 @@
-"""The TC engine's rules and attachment (encapfwd.engines.tc_executor, encapfwd.xdp.tc): which engine
+"""The TC engine's rules and attachment (encapfwd.runtime.tc, encapfwd.xdp.tc): which engine
 ``--engine auto`` picks where, and on a real kernel (a veth in a namespace of its own) tcx attach, a second
 run refused, a program left by a run that is gone taken over, and nothing left after a stop."""
 
@@ -12,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from encapfwd.engines import xdp_executor as E
-from encapfwd.engines import xdp_link as L
-from encapfwd.engines.common import LiveError
+from encapfwd.runtime import xdp as E
+from encapfwd.runtime import link as L
+from encapfwd.runtime.common import LiveError
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,7 +29,7 @@ def link(kind=None, driver=None, features=None, peer=None, peer_native=None, nam
 @pytest.fixture
 def facts(monkeypatch):
     """Pretend BPF works and the interface is *what the test sets*; tcx as on Linux 6.6+."""
-    from encapfwd.engines import tc_executor as T
+    from encapfwd.runtime import tc as T
     from encapfwd.xdp import libbpf
 
     monkeypatch.setattr(libbpf, "available", lambda: (True, ""))
@@ -51,7 +51,7 @@ def facts(monkeypatch):
     (link(None, "ixgbe", 0x7F), "xdp", "native", "auto: eth0's driver (ixgbe) runs XDP natively"),
 ])
 def test_auto_picks_native_xdp_or_tc(facts, facts_of, engine, mode, words):
-    from encapfwd.engines.tc_executor import choose_engine
+    from encapfwd.runtime.tc import choose_engine
 
     facts["link"] = facts_of
     choice = choose_engine("auto", "eth0")
@@ -60,7 +60,7 @@ def test_auto_picks_native_xdp_or_tc(facts, facts_of, engine, mode, words):
 
 
 def test_asked_for_engines_and_modes_are_kept(facts, monkeypatch):
-    from encapfwd.engines.tc_executor import choose_engine
+    from encapfwd.runtime.tc import choose_engine
     from encapfwd.xdp import libbpf
 
     facts["link"] = link("veth", "veth", 103, "lan-d", False)
@@ -79,7 +79,7 @@ def test_asked_for_engines_and_modes_are_kept(facts, monkeypatch):
 def test_the_workers_filter_takes_cluster_frames_only_with_the_mark():
     """The classic BPF program: the mark test comes right after the packet-type test, for IP frames only
     (ARP requests for a cluster address are answered whatever the engine)."""
-    from encapfwd.engines.afpacket import SKF_AD_MARK, SKF_AD_OFF, cluster_filter
+    from encapfwd.runtime.afpacket.rings import SKF_AD_MARK, SKF_AD_OFF, cluster_filter
     from encapfwd.xdp.tc import SLOW_MARK
 
     plain = cluster_filter(["10.0.9.1"], arp=True)
@@ -95,8 +95,8 @@ SCRIPT = textwrap.dedent("""
     import json, os, socket, subprocess, sys
     sys.path.insert(0, TESTS)
     import xdp_support as X
-    from encapfwd.engines.common import LiveError
-    from encapfwd.engines.tc_executor import TCProgram
+    from encapfwd.runtime.common import LiveError
+    from encapfwd.runtime.tc import TCProgram
     from encapfwd.plan import SidMap, compile_plan
     from encapfwd.xdp import maps as M, tc
     from encapfwd.xdp.libbpf import prog_by_id

@@ -3,7 +3,7 @@
 - scapy is the independent oracle: the frames ``template_transform`` builds for random IPv4 P' (TCP/UDP, DF
   set and clear, TOS, lengths up to 1480) with the templates of mac, ipip, gre, gre+key and the GUE example
   are dissected by scapy, which recomputes every length and checksum;
-- old-vs-new: the frozen copy of the former ``encapfwd.encap.ipv4_tunnel`` (below) and the template
+- old-vs-new: the frozen copy of the former ``encapfwd.datapath.templates.ipv4_tunnel`` (below) and the template
   transforms give the same bytes for IPv4 P';
 - a second, deliberately naive executor of the contract (``reference``, bytearray + RFC 1071 folding)
   agrees with the fast one for random templates (any field set, any header bytes) and any bytes P';
@@ -29,11 +29,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from encapfwd import hookimpl
-from encapfwd.encap import HEADER_CACHE, TUNNEL_FIELDS, resolve, template_transform
+from encapfwd.datapath.templates import HEADER_CACHE, TUNNEL_FIELDS, resolve, template_transform
 from encapfwd.errors import ConfigError, PluginError
 from encapfwd.hookspecs import TEMPLATE_FIELDS, XDP_MAX_HEADER, Egress, Forwarder, Template
 from encapfwd.model import Server
-from encapfwd.packet import mac_bytes
+from encapfwd.datapath.packet import mac_bytes
 from encapfwd.plugins import get_plugin_manager
 from encapfwd.testing import SETTINGS, addresses, egresses
 
@@ -55,7 +55,7 @@ import encapfwd_ipip  # noqa: E402
 import encapfwd_mac  # noqa: E402
 
 # ------------------------------------------------------------------ frozen reference: the former ipv4_tunnel
-# encapfwd.encap.ipv4_tunnel as it was before templates (commit 26d29dc), code unchanged (docstrings
+# encapfwd.datapath.templates.ipv4_tunnel as it was before templates (commit 26d29dc), code unchanged (docstrings
 # dropped): the reference the template transforms must reproduce for IPv4 P'.
 
 _OLD_HEADER_CACHE = 4096

@@ -180,7 +180,7 @@ def compare(dp, dispatcher, cpu, frames, now=0.0):
 
 @pytest.mark.parametrize("method", list(X.METHODS))
 def test_xdp_agrees_with_python_byte_for_byte(lab, method):
-    from encapfwd.dispatcher import Dispatcher
+    from encapfwd.datapath.dispatcher import Dispatcher
 
     registry, plan, sids, dp, cpu = lab
     dispatcher = Dispatcher(plan, registry)
@@ -196,7 +196,7 @@ def test_xdp_agrees_with_python_byte_for_byte(lab, method):
 
 def test_a_template_one_byte_off_is_caught(lab):
     """The differential test has teeth: one byte of one server's header changed in the kernel's map."""
-    from encapfwd.dispatcher import Dispatcher
+    from encapfwd.datapath.dispatcher import Dispatcher
     from encapfwd.xdp import maps as M
 
     registry, plan, sids, dp, cpu = lab
@@ -225,7 +225,7 @@ def test_a_reload_keeps_flows_and_moves_only_the_downed_servers(lab):
     """A new plan (one server down) flips the generation; flows of other servers stay, the downed server's
     flows move, and both executors still agree frame by frame."""
     from encapfwd import config as cfg
-    from encapfwd.dispatcher import Dispatcher
+    from encapfwd.datapath.dispatcher import Dispatcher
     from encapfwd.plan import compile_plan
 
     registry, plan, sids, dp, cpu = lab
@@ -276,7 +276,7 @@ def test_the_slow_path_places_new_flows_of_a_table_less_port_in_the_kernel(kind)
     if not ok:
         pytest.skip(why)
     from encapfwd import config as cfg
-    from encapfwd.xdp.executor import XDPExecutor
+    from encapfwd.xdp.offline import XDPExecutor
     from encapfwd.xdp.tc import TCExecutor
 
     vip = X.METHODS["ipip"][0]
@@ -305,7 +305,7 @@ def test_the_dispatchers_mac_comes_with_the_plan(lab):
     either."""
     import attrs
 
-    from encapfwd.dispatcher import Dispatcher
+    from encapfwd.datapath.dispatcher import Dispatcher
     from encapfwd.plan import compile_plan
 
     registry, plan, sids, dp, cpu = lab

@@ -1,11 +1,11 @@
 """The XDP mode rule (``--xdp-mode auto``), the interface inspection it rests on, and the counting of frames
-the driver could not send (encapfwd.engines.xdp_link, encapfwd.engines.xdp_executor.choose)."""
+the driver could not send (encapfwd.runtime.link, encapfwd.runtime.xdp.choose)."""
 
 from __future__ import annotations
 
 import pytest
-from encapfwd.engines import xdp_link as L
-from encapfwd.engines.common import LiveError
+from encapfwd.runtime import link as L
+from encapfwd.runtime.common import LiveError
 
 
 def link(kind=None, driver=None, features=None, peer=None, peer_native=None, peer_error=None, name="eth0"):
@@ -46,7 +46,7 @@ def test_a_mode_asked_for_is_kept_with_a_warning_when_it_loses_frames():
 
 
 def test_choose_names_engine_mode_and_reason(monkeypatch):
-    from encapfwd.engines import xdp_executor as E
+    from encapfwd.runtime import xdp as E
     from encapfwd.xdp import libbpf
 
     afp = E.choose("afpacket", "eth0", "auto")
@@ -138,7 +138,7 @@ def veth_in_two_namespaces():
 
 def _inspect_in(ns, name):
     """:func:`xdp_link.inspect` run inside *ns* (a child process: netlink and ioctls follow the netns)."""
-    code = ("import json, sys; from encapfwd.engines import xdp_link as L; from encapfwd.engines.netlink "
+    code = ("import json, sys; from encapfwd.runtime import link as L; from encapfwd.runtime.netlink "
             "import open_ipr\nwith open_ipr() as ipr: l = L.inspect(ipr, sys.argv[1])\n"
             "print(json.dumps({**vars(l), 'mode': L.choose_mode(l, 'auto')[0]}))")
     import json
@@ -175,7 +175,7 @@ def test_inspect_a_bridge_and_a_missing_interface(veth_in_two_namespaces):
     a.ip("link", "add", "br7", "type", "bridge")
     facts = _inspect_in(a, "br7")
     assert facts["kind"] == "bridge" and facts["mode"] == "generic", facts
-    from encapfwd.engines.netlink import open_ipr
+    from encapfwd.runtime.netlink import open_ipr
 
     with open_ipr() as ipr, pytest.raises(LiveError, match="no such interface: nosuch9"):
         L.inspect(ipr, "nosuch9")
@@ -206,7 +206,7 @@ def test_ethtool_statistics_of_a_veth_count_lost_xdp_tx_frames(veth_in_two_names
     from encapfwd.lab.netns import packet_socket
 
     a, b = veth_in_two_namespaces
-    code = ("import sys, time, json; from encapfwd.engines import xdp_link as L\n"
+    code = ("import sys, time, json; from encapfwd.runtime import link as L\n"
             "w = L.TxLossWatch('a0'); w.start(); print(json.dumps(sorted(w._last))); sys.stdout.flush()\n"
             "sys.stdin.readline(); w.update(); print(json.dumps([w.lost, w.counters]))")
     import json

@@ -102,7 +102,7 @@ def test_replay_engine_xdp_agrees_on_frames_for_other_macs(tmp_path, bpf):
     """The sample with every third frame sent to another host's MAC and every fifth to a broadcast or
     multicast one: both engines forward the same frames and drop the same ones (``not-for-us``), and with
     ``--any-mac`` both forward the other host's frames again."""
-    from encapfwd.engines.replay import PcapWriter, read_frames
+    from encapfwd.replay.capture import PcapWriter, read_frames
 
     path = tmp_path / "mixed.pcap"
     with PcapWriter(path) as writer:

@@ -34,8 +34,8 @@ try:
 except ModuleNotFoundError:  # Python < 3.11
     import tomli as tomllib
 
-from .errors import ConfigError, PluginError
-from .model import (
+from encapfwd.errors import ConfigError, PluginError
+from encapfwd.model import (
     Advisor,
     Cluster,
     Config,
@@ -1141,7 +1141,7 @@ def _check_advisor_types(config: Config, registry) -> None:
     their values."""
     if not config.advisors or not hasattr(registry, "advisors"):
         return
-    from .hookspecs import one_line
+    from encapfwd.hookspecs import one_line
 
     types = registry.advisors()
     for advisor in config.advisors:
@@ -1252,7 +1252,7 @@ def executor_set(config: Config, words: Sequence[str], registry=None) -> Config:
     config = attrs.evolve(config, executor=attrs.evolve(config.executor, **values))
     check(config, registry)
     if values.get("synckey") is not None:  # the key file as it is now (read again by encapfwd run)
-        from .engines.flowsync import read_key
+        from encapfwd.flowsync.service import read_key
 
         read_key(config.executor.synckey)
     return config

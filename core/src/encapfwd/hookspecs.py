@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 import pluggy
 from attrs import field, frozen
 
-from .model import Executor, IPAddress, Port, Server
+from encapfwd.model import Executor, IPAddress, Port, Server
 
 hookspec = pluggy.HookspecMarker("encapfwd")
 hookimpl = pluggy.HookimplMarker("encapfwd")
@@ -237,7 +237,7 @@ def encapfwd_register_advisors(register: Callable[[AdvisorType], None]) -> None:
     """Register advisors (health checks) by calling ``register(AdvisorType(...))`` once for each.
 
     Called once when the registry is built. The core's own advisors (``connect``, ``http``, ``udp``) are
-    registered the same way (``encapfwd.advisors``).
+    registered the same way (``encapfwd.health.probes``).
 
     :param register: the core's callback; a name registered by two distributions is an error that names
         both.
@@ -259,7 +259,7 @@ def encapfwd_build_template(forwarder: str, server: Server, egress: Egress) -> O
 
     Called once per server each time configuration is loaded or changed, before
     ``encapfwd_build_transform``; stops at the first non-None result. The core derives the Python transform
-    from the template (:func:`encapfwd.encap.template_transform`) and the XDP engine runs the same bytes, so
+    from the template (:func:`encapfwd.datapath.templates.template_transform`) and the XDP engine runs the same bytes, so
     the plugin writes no per-packet code and no eBPF. Set ``Forwarder(template=True)`` for the listing.
 
     Return None when *forwarder* is not a method of this plugin, or when the method cannot be described as
@@ -297,7 +297,7 @@ def encapfwd_backend_setup(forwarder: str, os: str, target: SetupTarget, undo: b
 
     Stops at the first non-None result; return None when *forwarder* is not a method of this plugin.
     Raise :class:`encapfwd.errors.SetupRefused` with a clear message when there is no working recipe
-    (e.g. tunnels on Windows). Use :mod:`encapfwd.setup` to quote every value.
+    (e.g. tunnels on Windows). Use :mod:`encapfwd.backend_setup` to quote every value.
 
     :param forwarder: the method name.
     :param os: one of :data:`OPERATING_SYSTEMS`.

@@ -17,7 +17,7 @@ from typing import Optional, Tuple, Union
 import attrs
 from attrs import field, frozen
 
-from .errors import ConfigError
+from encapfwd.errors import ConfigError
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 

@@ -33,9 +33,9 @@ from typing import Dict, Optional, Tuple
 import attrs
 from attrs import field, frozen
 
-from .errors import ConfigError
-from .hookspecs import Egress, Template
-from .model import Config, forwarding_method, server_key
+from encapfwd.errors import ConfigError
+from encapfwd.hookspecs import Egress, Template
+from encapfwd.model import Config, forwarding_method, server_key
 
 #: A Maglev slot no server can take (the port has no eligible server).
 NO_SERVER = -1
@@ -119,7 +119,7 @@ class Plan:
         """The same plan with every server's Python transform in place (after unpickling)."""
         if self.bound:
             return self
-        from .encap import IDENT_MASK, resolve, template_transform
+        from encapfwd.datapath.templates import IDENT_MASK, resolve, template_transform
 
         start = secrets.randbelow(IDENT_MASK + 1)  # each process that binds a plan numbers from elsewhere
         servers = []
@@ -205,8 +205,8 @@ def compile_plan(config: Config, registry, sids: Optional[SidMap] = None) -> Pla
 
     Raises :class:`ConfigError` / :class:`PluginError` (one line) for anything that would not forward.
     """
-    from .encap import resolve
-    from .selection import MAGLEV_SIZE
+    from encapfwd.datapath.templates import resolve
+    from encapfwd.selection.scheduler import MAGLEV_SIZE
 
     sids = sids or SidMap()
     servers = []

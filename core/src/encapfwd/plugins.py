@@ -3,10 +3,10 @@
 - Entry-point group ``encapfwd``; the entry-point name is the distribution name.
 - ``ENCAPFWD_PLUGINS``: comma-separated allow-list of distribution names to load (set but empty: none).
 - ``ENCAPFWD_TRACE_HOOKS=1``: trace every hook call to stderr.
-- ``encapfwd.encap.TemplateTransforms`` is registered in every registry: it answers
+- ``encapfwd.datapath.templates.TemplateTransforms`` is registered in every registry: it answers
   ``encapfwd_build_transform`` last, from ``encapfwd_build_template``, for template-only plugins.
 - Advisors (health checks) are registered like forwarders (``encapfwd_register_advisors``); the core's own
-  (``connect``, ``http``, ``udp``) come from ``encapfwd.advisors``, a built-in module.
+  (``connect``, ``http``, ``udp``) come from ``encapfwd.health.probes``, a built-in module.
 - A plugin that fails to import, validate or register is recorded with ``status: failed: <error>`` and a
   warning; it never takes the CLI down. A *configured* forwarder that is missing is an error later, when
   the configuration is compiled.
@@ -23,10 +23,10 @@ from typing import Dict, List, Optional, Tuple
 import pluggy
 from attrs import define, field
 
-from . import hookspecs
-from .encap import TemplateTransforms
-from .errors import PluginError
-from .hookspecs import AdvisorType, Forwarder
+from encapfwd import hookspecs
+from encapfwd.datapath.templates import TemplateTransforms
+from encapfwd.errors import PluginError
+from encapfwd.hookspecs import AdvisorType, Forwarder
 
 GROUP = "encapfwd"
 ENV_ALLOW = "ENCAPFWD_PLUGINS"
@@ -35,8 +35,9 @@ ENV_TRACE = "ENCAPFWD_TRACE_HOOKS"
 #: Where the project's own forwarders come from, for "install X" hints.
 KNOWN_DISTRIBUTIONS = {"mac": "encapfwd-mac", "ipip": "encapfwd-ipip", "gre": "encapfwd-gre"}
 
-#: Modules of the core that implement hooks like any plugin (registered first, so they run last).
-BUILTIN_MODULES = ("encapfwd.selection", "encapfwd.advisors")
+#: Modules of the core that implement hooks like any plugin (registered first, so they run last), by the
+#: name they are registered under (the names they had before the tree was reorganised: plugins may use them).
+BUILTIN_MODULES = {"encapfwd.selection": "encapfwd.selection.scheduler", "encapfwd.advisors": "encapfwd.health.probes"}
 #: The distribution named as the owner of what the built-in modules register.
 CORE_DISTRIBUTION = "encapfwd"
 
@@ -155,8 +156,8 @@ def get_plugin_manager(*, load_entrypoints: bool = True, plugins=()) -> Registry
         pm.enable_tracing()
     registry = Registry(pm=pm)
 
-    for module_name in BUILTIN_MODULES:
-        _register_checked(pm, importlib.import_module(module_name), module_name)
+    for name, module_name in BUILTIN_MODULES.items():
+        _register_checked(pm, importlib.import_module(module_name), name)
     # the transform of a method described by a template, for every caller of encapfwd_build_transform
     _register_checked(pm, TemplateTransforms(pm), TemplateTransforms.NAME)
 

@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         name=exc.name, path=exc.path,
     ) from exc
 
-from .hookspecs import Egress
+from encapfwd.hookspecs import Egress
 
 #: Settings for the property tests: enough examples to cover options/flags/sizes, no deadline (CI load).
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -101,7 +101,7 @@ FUZZ_VIP6 = "2001:db8:9::9"
 
 def fuzz_config(mtu: int):
     """A configuration exercising every forwarder, port 0, an IPv6 cluster and a small MTU."""
-    from .model import Cluster, Config, Executor, Port, Server
+    from encapfwd.model import Cluster, Config, Executor, Port, Server
 
     return Config(
         executor=Executor(nfa="10.0.2.1", mac=FUZZ_MAC, networks=["10.0.2.0/24", "2001:db8:2::/64"],

@@ -9,7 +9,7 @@ and GRE protocol 0x0800 and computes lengths and checksums itself).
 import ipaddress
 
 import pytest
-from encapfwd.encap import template_transform
+from encapfwd.datapath.templates import template_transform
 from encapfwd.hookspecs import Egress, Template
 from encapfwd.model import Server
 from encapfwd.testing import SETTINGS, egresses

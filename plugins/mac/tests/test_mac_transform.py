@@ -7,7 +7,7 @@ P' is sent unchanged in a frame from the dispatcher's MAC to the next hop; scapy
 import ipaddress
 
 import pytest
-from encapfwd.encap import template_transform
+from encapfwd.datapath.templates import template_transform
 from encapfwd.hookspecs import Egress, Template
 from encapfwd.model import Server
 from encapfwd.testing import SETTINGS, inner_ipv4, inner_ipv6, macs

@@ -16,7 +16,7 @@ processes that died, and nothing else.
 Traffic in a lab only goes to addresses inside the namespaces and guests the lab created.
 """
 
-from .netns import (
+from encapfwd.lab.netns import (
     LabUnavailable,
     Namespace,
     cleanup_stale,

@@ -29,8 +29,8 @@ from typing import List, Optional
 
 from attrs import frozen
 
-from ..errors import EncapfwdError
-from .netns import LabUnavailable, Namespace
+from encapfwd.errors import EncapfwdError
+from encapfwd.lab.netns import LabUnavailable, Namespace
 
 _live: "weakref.WeakSet[Guest]" = weakref.WeakSet()
 

@@ -27,8 +27,8 @@ from typing import List, Optional, Tuple
 
 from attrs import frozen
 
-from .guest import Guest, GuestError, cleanup_stale
-from .netns import LabUnavailable, Namespace
+from encapfwd.lab.guest import Guest, GuestError, cleanup_stale
+from encapfwd.lab.netns import LabUnavailable, Namespace
 
 KINDS = ("uml", "qemu-kvm", "qemu-tcg")
 ENV = "ENCAPFWD_LAB_KERNEL"
@@ -71,10 +71,10 @@ def wanted() -> List[str]:
 def make(kind: str, ns: Optional[Namespace], tap: Optional[str], **kwargs) -> Guest:
     """An unstarted guest of *kind*."""
     if kind == "uml":
-        from .uml import UML
+        from encapfwd.lab.uml import UML
 
         return UML(ns, tap, **kwargs)
-    from .qemu import QEMU
+    from encapfwd.lab.qemu import QEMU
 
     return QEMU(ns, tap, accel=kind.split("-", 1)[1], **kwargs)
 

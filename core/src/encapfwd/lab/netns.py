@@ -23,7 +23,7 @@ import socket
 import subprocess
 from typing import Iterable, List, Optional, Sequence
 
-from ..errors import EncapfwdError
+from encapfwd.errors import EncapfwdError
 
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003

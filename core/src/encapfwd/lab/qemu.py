@@ -27,8 +27,8 @@ import shutil
 import stat
 from typing import Dict, Iterable, List, Optional
 
-from .guest import Guest
-from .netns import Namespace, lab_unavailable_reason
+from encapfwd.lab.guest import Guest
+from encapfwd.lab.netns import Namespace, lab_unavailable_reason
 
 QEMU_BINARY = "qemu-system-x86_64"
 BUSYBOX = "/bin/busybox"

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .netns import LabUnavailable, Namespace, veth_pair
-from .topology import (
+from encapfwd.lab.netns import LabUnavailable, Namespace, veth_pair
+from encapfwd.lab.topology import (
     CLIENT,
     DISPATCHER,
     PORT,
@@ -157,7 +157,7 @@ def router_unavailable(router: str = "bird") -> Optional[str]:
             return "FRR is not installed (Debian package frr; ./dev installs it)"
     elif shutil.which("bird") is None and not Path("/usr/sbin/bird").exists():
         return "BIRD is not installed (Debian package bird2; ./dev installs it)"
-    from ..engines.bgp import exabgp_path
+    from encapfwd.bgp.speaker import exabgp_path
 
     if exabgp_path() is None:
         return "ExaBGP is not installed (pip install 'encapfwd[bgp]'; ./dev installs it)"
@@ -361,7 +361,7 @@ class ScaleOut(Topology):
         return stop_process(proc, sig, timeout)
 
     def report_of(self, index: int) -> dict:
-        from ..engines.live import query_control
+        from encapfwd.runtime.controller import query_control
 
         return query_control(self.members[index].control)
 

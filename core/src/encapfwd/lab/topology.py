@@ -51,8 +51,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from ..errors import EncapfwdError
-from .netns import LabUnavailable, Namespace, lab_unavailable_reason, veth_pair
+from encapfwd.errors import EncapfwdError
+from encapfwd.lab.netns import LabUnavailable, Namespace, lab_unavailable_reason, veth_pair
 
 HERE = Path(__file__).resolve().parent
 HTTPD = HERE / "httpd.py"
@@ -111,8 +111,8 @@ def _xdp_peer(ns: Namespace, ifname: str) -> Optional[str]:
     dispatcher's XDP program sends with XDP_TX arrive; returns why not when BPF is unavailable here (the
     dispatcher's ``--engine auto`` then picks AF_PACKET too)."""
     try:
-        from ..xdp.dataplane import pass_object_path
-        from ..xdp.libbpf import available
+        from encapfwd.xdp.dataplane import pass_object_path
+        from encapfwd.xdp.libbpf import available
 
         ok, why = available()
         if not ok:
@@ -152,7 +152,7 @@ def unavailable_reason(methods=("mac", "ipip", "gre")) -> Optional[str]:
     except ImportError:
         return "the live engine needs pyroute2 (pip install 'encapfwd[live]')"
     if any(m in methods for m in ("ipip", "gre")) and not host_has_tunnels():
-        from . import kernels
+        from encapfwd.lab import kernels
 
         # decided by a real boot (once per process): a binary that is present may still not boot here
         try:
@@ -544,7 +544,7 @@ class Topology:
         return server
 
     def _guest(self, method: str):
-        from . import kernels
+        from encapfwd.lab import kernels
 
         r = self.ns["router"]
         _vip, address, mac = SERVERS[method]
@@ -643,7 +643,7 @@ class Topology:
     def _launch(self, d: Namespace, config_path, control_path: str, log_path, workers: int = 1,
                 extra: List[str] = (), timeout: float = 20.0, env: Optional[dict] = None) -> subprocess.Popen:
         """``encapfwd run`` in namespace *d*; returns once its control socket answers."""
-        from ..engines.live import query_control
+        from encapfwd.runtime.controller import query_control
 
         argv = encapfwd_argv() + [
             "--config",
@@ -703,7 +703,7 @@ class Topology:
         return self.ns["router"].ip("neigh", "show", address, "dev", "lan0").stdout.strip()
 
     def report(self) -> dict:
-        from ..engines.live import query_control
+        from encapfwd.runtime.controller import query_control
 
         return query_control(self.control_path)
 
@@ -886,7 +886,7 @@ def _failover(lab: "Topology", servers: Dict[str, "LabServer"], echo, requests: 
 
 
 def _kernels_label() -> str:
-    from . import kernels
+    from encapfwd.lab import kernels
 
     try:
         return kernels.select().label

@@ -35,8 +35,8 @@ from __future__ import annotations
 import os
 from typing import List, Optional
 
-from .guest import Guest, GuestError, GuestResult, cleanup_stale, quote
-from .netns import Namespace, lab_unavailable_reason
+from encapfwd.lab.guest import Guest, GuestError, GuestResult, cleanup_stale, quote
+from encapfwd.lab.netns import Namespace, lab_unavailable_reason
 
 UML_BINARY = "/usr/bin/linux.uml"
 UML_MODULES = "/usr/lib/uml/modules"

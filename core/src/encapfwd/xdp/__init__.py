@@ -13,7 +13,7 @@ can. Neither module is imported by the rest of encapfwd unless the XDP data plan
 
 from __future__ import annotations
 
-from ..errors import EncapfwdError
+from encapfwd.errors import EncapfwdError
 
 
 class BPFError(EncapfwdError):

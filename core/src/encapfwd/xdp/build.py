@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
 
-from . import BPFError
+from encapfwd.xdp import BPFError
 
 #: Where sources shipped with encapfwd live (``build("name.c")`` looks here).
 PACKAGE_DIR = Path(__file__).resolve().parent

@@ -20,9 +20,9 @@ import struct
 import time
 from typing import Dict, Optional
 
-from . import maps as M
-from .build import build
-from .libbpf import BPFObject, possible_cpus, test_run, xdp_attach, xdp_detach
+from encapfwd.xdp import maps as M
+from encapfwd.xdp.build import build
+from encapfwd.xdp.libbpf import BPFObject, possible_cpus, test_run, xdp_attach, xdp_detach
 
 SOURCE = "encapfwd.bpf.c"
 PROGRAM = "encapfwd_xdp"
@@ -42,7 +42,7 @@ def object_path():
 def attached_owner(ifindex: int):
     """Who runs the XDP program on *ifindex*: None (no program), ``("other", name)`` (not ours), or
     ``("encapfwd", pid)`` — the controller that installed its plan (its pid is in the control map)."""
-    from .libbpf import xdp_query
+    from encapfwd.xdp.libbpf import xdp_query
 
     current = xdp_query(ifindex)
     if not current:
@@ -53,7 +53,7 @@ def attached_owner(ifindex: int):
 def program_owner(prog_id: int, program: str):
     """``("encapfwd", pid)`` when the loaded program *prog_id* is our *program* (the pid of the controller
     that installed its plan, from its control map; 0 before any), else ``("other", words)``."""
-    from .libbpf import prog_by_id
+    from encapfwd.xdp.libbpf import prog_by_id
 
     name, maps = prog_by_id(prog_id)
     try:

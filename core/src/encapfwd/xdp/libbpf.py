@@ -32,7 +32,7 @@ import socket
 import struct
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
-from . import BPFError
+from encapfwd.xdp import BPFError
 
 log = logging.getLogger("encapfwd.xdp")
 

@@ -23,11 +23,11 @@ import errno as errnos
 import os
 from typing import List, Optional, Tuple
 
-from . import BPFError
-from . import maps as M
-from .build import build
-from .dataplane import DataPlane
-from .libbpf import possible_cpus
+from encapfwd.xdp import BPFError
+from encapfwd.xdp import maps as M
+from encapfwd.xdp.build import build
+from encapfwd.xdp.dataplane import DataPlane
+from encapfwd.xdp.libbpf import possible_cpus
 
 SOURCE = "encapfwd_tc.bpf.c"
 PROGRAM = "encapfwd_tc"
@@ -67,7 +67,7 @@ def _fail(op: str, err: int) -> BPFError:
 
 def skb_test_run(prog_fd: int, frame: bytes) -> Tuple[int, bytes, int]:
     """BPF_PROG_TEST_RUN of a socket-buffer program on *frame*: ``(retval, output frame, skb mark)``."""
-    from .libbpf import _buffer, _check, _lib, _opts, _TestRunOpts
+    from encapfwd.xdp.libbpf import _buffer, _check, _lib, _opts, _TestRunOpts
 
     size_out = len(frame) + 4096
     data_in, data_out = _buffer(frame), ctypes.create_string_buffer(size_out)
@@ -149,7 +149,7 @@ def _ifname(ifindex: int) -> str:
 
 def _owner_of(prog_id_: int):
     """``("encapfwd", pid)`` for our TC program (pid from its control map), else ``("other", words)``."""
-    from .dataplane import program_owner
+    from encapfwd.xdp.dataplane import program_owner
 
     return program_owner(prog_id_, PROGRAM)
 
@@ -311,7 +311,7 @@ test_run_refuses.__test__ = False  # not a pytest test
 
 
 def _executor_base():
-    from .executor import XDPExecutor
+    from encapfwd.xdp.offline import XDPExecutor
 
     return XDPExecutor
 

@@ -8,7 +8,7 @@ here carries IPv4 only: the configuration refuses IPv6 clusters for it.
 
 import struct
 
-from encapfwd.encap import TUNNEL_FIELDS, ipv4_header
+from encapfwd.datapath.templates import TUNNEL_FIELDS, ipv4_header
 from encapfwd.hookspecs import Template
 
 PROTO_GRE = 47

@@ -22,7 +22,7 @@ def encapfwd_register_forwarders(register):
 
 @hookimpl
 def encapfwd_build_template(forwarder, server, egress):
-    # Data, not code: the core runs it in Python (encapfwd.encap.template_transform) and in the XDP program.
+    # Data, not code: the core runs it in Python (encapfwd.datapath.templates.template_transform) and in the XDP program.
     if forwarder != NAME:
         return None
     from .template import template

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from encapfwd import setup as S
+from encapfwd import backend_setup as S
 from encapfwd.errors import SetupRefused
 
 NAME = "ipip"

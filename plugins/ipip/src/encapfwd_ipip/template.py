@@ -7,7 +7,7 @@ identification when DF is clear (0 when set, RFC 6864). IPIP carries IPv4 only: 
 IPv6 clusters for it (an IPv6 P' that arrived anyway would be framed, not raised on).
 """
 
-from encapfwd.encap import TUNNEL_FIELDS, ipv4_header
+from encapfwd.datapath.templates import TUNNEL_FIELDS, ipv4_header
 from encapfwd.hookspecs import Template
 
 PROTO_IPIP = 4

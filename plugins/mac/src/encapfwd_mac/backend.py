@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from encapfwd import setup as S
+from encapfwd import backend_setup as S
 
 NAME = "mac"
 

@@ -9,7 +9,7 @@ runs the template in Python and in its XDP program (in the kernel), from the sam
 import struct
 
 from encapfwd import hookimpl
-from encapfwd.encap import ipv4_header
+from encapfwd.datapath.templates import ipv4_header
 from encapfwd.errors import SetupRefused
 from encapfwd.hookspecs import Forwarder, Template
 

@@ -1,0 +1,238 @@
+"""Supervision of the AF_PACKET workers: fork them, talk to them, start again the one that dies.
+
+:class:`WorkerPool` is one *executor* of the controller. What the controller needs of an executor (an
+XDP program or any other forwarding back-end can be hosted beside the pool by providing the same):
+
+- ``len(executor)``: how many forwarding units (processes, queues…) it runs now;
+- ``start(config, dispatcher)``: begin forwarding the prepared, immutable configuration (*dispatcher* is
+  the controller's compilation of it, which forked workers inherit);
+- ``fds()`` / ``owns(fd)`` / ``on_readable(fd) -> bool``: descriptors the controller's poll loop watches
+  for it (False from ``on_readable``: it cannot go on, the controller stops);
+- ``reload(config, dispatcher) -> {name: error or None}``: switch to a new configuration (every executor
+  runs ``dispatcher.plan``, the controller's compiled plan: workers receive it, they compile nothing);
+- ``report() -> [per-unit report]`` (``{"dispatcher": …, "engine": …}`` each), ``restarts``;
+- ``stop() -> [last per-unit report]``; ``close_in_child()`` (descriptors a forked process must drop).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+from encapfwd.runtime.common import LiveError, log
+from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
+from encapfwd.runtime.netlink import Interface
+from encapfwd.runtime.afpacket.worker import worker_main
+
+
+class WorkerPool:
+    """N worker processes, each with its own rings, in one PACKET_FANOUT group."""
+
+    kind = "afpacket"
+
+    def __init__(
+        self,
+        iface: Interface,
+        nworkers: int,
+        fanout_group: int,
+        *,
+        cpus: Optional[List[int]] = None,
+        answer_arp: bool = False,
+        qdisc_bypass: bool = False,
+        in_child: Optional[Callable[[], None]] = None,
+    ):
+        self.iface = iface
+        self.nworkers = nworkers
+        self.fanout_group = fanout_group
+        self.cpus = cpus
+        self.answer_arp = answer_arp
+        self.qdisc_bypass = qdisc_bypass
+        self.in_child = in_child  # run in a new worker right after fork: drop the controller's descriptors
+        self.workers: Dict[int, dict] = {}  # number -> {pid, channel}
+        self.restarts = 0
+        self.config = None
+        self.dispatcher = None
+        #: ``on_message(number, kind, payload)``: told the workers' messages that answer no pending request
+        #: (flow synchronisation's asynchronous answers: engines/flowsync_workers.py); None: ignored
+        self.on_message = None
+
+    # -- the executor interface
+
+    def __len__(self) -> int:
+        return len(self.workers)
+
+    def start(self, config, dispatcher) -> None:
+        self.config, self.dispatcher = config, dispatcher
+        for number in range(self.nworkers):
+            self._spawn(number)
+
+    def fds(self) -> List[int]:
+        return [worker["channel"].fileno() for worker in self.workers.values()]
+
+    def owns(self, fd: int) -> bool:
+        return any(worker["channel"].fileno() == fd for worker in self.workers.values())
+
+    def on_readable(self, fd: int) -> bool:
+        """A worker's channel is readable: a late reply (ignored) or its death (started again)."""
+        for number, worker in list(self.workers.items()):
+            channel = worker["channel"]
+            if channel.fileno() != fd:
+                continue
+            if not select.select([channel], [], [], 0)[0]:
+                return True  # nothing there (a stale event)
+            try:
+                self._unsolicited(number, recv_msg(channel))
+                # every message waiting (bounded): answers are read as fast as the requests go out
+                for _ in range(64):
+                    if not select.select([channel], [], [], 0)[0]:
+                        break
+                    self._unsolicited(number, recv_msg(channel))
+                return True  # an unsolicited message (an asynchronous answer, or a late reply)
+            except (EOFError, OSError):
+                pass
+            channel.close()
+            try:
+                _, status = os.waitpid(worker["pid"], 0)
+            except ChildProcessError:
+                status = -1
+            del self.workers[number]
+            self.restarts += 1
+            log(f"worker {number} (pid {worker['pid']}) exited (status {status}); starting it again")
+            try:
+                self._spawn(number)
+            except Exception as exc:  # noqa: BLE001 - reported; the controller stops
+                log(f"cannot restart worker {number}: {exc}")
+                return False
+            return True
+        return True
+
+    def reload(self, config, dispatcher) -> Dict[str, Optional[str]]:
+        answers = self._ask_all(("reload", dispatcher.plan), "reloaded")
+        self.config, self.dispatcher = config, dispatcher
+        return {f"worker {n}": error for n, error in answers.items()}
+
+    def report(self) -> List[dict]:
+        answers = self._ask_all(("report",), "report")
+        return [answers[n] for n in sorted(answers)]
+
+    def stop(self) -> List[dict]:
+        finals: Dict[int, dict] = {}
+        for worker in self.workers.values():
+            try:
+                send_msg(worker["channel"], ("stop",))
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for number, worker in list(self.workers.items()):
+            channel = worker["channel"]
+            channel.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                while True:
+                    kind, payload = recv_msg(channel)
+                    if kind == "stopped":
+                        finals[number] = payload
+                        break
+            except (EOFError, OSError, socket.timeout):
+                pass
+            channel.close()
+            try:
+                pid, _ = os.waitpid(worker["pid"], os.WNOHANG)
+                if pid == 0:
+                    os.kill(worker["pid"], signal.SIGTERM)
+                    time.sleep(0.2)
+                    pid, _ = os.waitpid(worker["pid"], os.WNOHANG)
+                    if pid == 0:
+                        os.kill(worker["pid"], signal.SIGKILL)
+                        os.waitpid(worker["pid"], 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass
+        self.workers.clear()
+        return [finals[n] for n in sorted(finals)]
+
+    def close_in_child(self) -> None:
+        for worker in self.workers.values():
+            worker["channel"].close()
+
+    # -- inside
+
+    def _spawn(self, number: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cpu = self.cpus[number % len(self.cpus)] if self.cpus else None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                parent_end.close()
+                if self.in_child is not None:
+                    self.in_child()
+                self.close_in_child()
+                signal.set_wakeup_fd(-1)
+                code = worker_main(
+                    number,
+                    self.iface,
+                    self.config,
+                    self.dispatcher,
+                    child_end,
+                    self.fanout_group,
+                    cpu,
+                    self.answer_arp,
+                    self.qdisc_bypass,
+                )
+            except BaseException as exc:  # noqa: BLE001
+                try:
+                    log(f"worker {number} failed: {type(exc).__name__}: {exc}")
+                except Exception:  # noqa: BLE001
+                    pass
+            finally:
+                os._exit(code)
+        child_end.close()
+        try:
+            message = recv_msg(parent_end)
+        except (EOFError, OSError) as exc:
+            message = ("error", f"worker {number} died while starting ({type(exc).__name__})")
+        if message[0] != "ready":
+            os.waitpid(pid, 0)
+            parent_end.close()
+            raise LiveError(message[1])
+        self.workers[number] = {"pid": pid, "channel": parent_end}
+
+    def _ask_all(self, message, reply_kind: str, timeout: float = 5.0) -> Dict[int, object]:
+        answers = {}
+        for worker in list(self.workers.values()):
+            try:
+                send_msg(worker["channel"], message)
+            except OSError:
+                continue
+        for number, worker in list(self.workers.items()):
+            channel = worker["channel"]
+            channel.settimeout(timeout)
+            try:
+                while True:
+                    kind, payload = recv_msg(channel)
+                    if kind == reply_kind:
+                        answers[number] = payload
+                        break
+                    self._unsolicited(number, (kind, payload))
+            except (EOFError, OSError, socket.timeout):
+                pass
+            finally:
+                channel.settimeout(None)
+        return answers
+
+    ask_all = _ask_all
+
+    def _unsolicited(self, number: int, message) -> None:
+        if self.on_message is None:
+            return
+        try:
+            kind, payload = message
+            self.on_message(number, kind, payload)
+        except Exception as exc:  # noqa: BLE001 - never stops the controller
+            log(f"worker {number}: message not handled: {type(exc).__name__}: {exc}")

@@ -1,0 +1,374 @@
+"""One forwarding process of the AF_PACKET executor: its rings, its Dispatcher, its counters, its loop.
+
+A worker is forked by the supervisor (:mod:`.supervisor`) with the controller's compiled dispatcher; it
+talks to the controller only through messages (:mod:`.messaging`): ``report``, ``reload`` (a prepared,
+immutable :class:`~encapfwd.model.Config`), ``stop``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from typing import Optional
+
+from encapfwd.model import Config
+from encapfwd.runtime.afpacket.rings import (
+    TP_STATUS_CSUMNOTREADY,
+    TP_STATUS_USER,
+    TX_DATA_OFFSET,
+    RxRing,
+    TxRing,
+    arp_reply,
+    cluster_filter,
+    gratuitous_arp,
+    set_cpu,
+    set_parent_death_signal,
+)
+from encapfwd.runtime.afpacket.checksum import complete_checksum
+from encapfwd.runtime.common import log
+from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
+from encapfwd.runtime.netlink import Interface
+from encapfwd.runtime.prepare import cluster_addresses
+
+#: seconds between two calls of the dispatcher's expiry (flow table and fragment table) in each worker
+EXPIRE_INTERVAL = 1.0
+#: bytes of a frame beyond the IP packet that a TX slot must hold: Ethernet header + one VLAN tag
+_L2_ROOM = 14 + 4
+
+
+#: set by the TC engine before workers start (they are forked: they inherit it): the skb mark of the frames
+#: its program hands up to the slow path (encapfwd.xdp.tc.SLOW_MARK); the socket filter takes only those
+SLOW_PATH_MARK = None
+
+
+def tx_frame_size(mtu: int) -> int:
+    """The TX ring slot size for an interface MTU (a power of two ≥ 2048 holding the header and a frame)."""
+    frame = 2048
+    while frame - 32 < mtu + _L2_ROOM:
+        frame *= 2
+    return frame
+
+
+def tx_mtu_limit(mtu: int) -> int:
+    """The largest MTU the TX ring of a worker started on an interface of MTU *mtu* can send."""
+    return tx_frame_size(mtu) - TX_DATA_OFFSET - _L2_ROOM
+
+
+def expire(dispatcher, now: float) -> None:
+    """Forget stale flows (from the flow table's least-recently-used end, up to the first live one: cost
+    proportional to what expired) and stale fragment state. Each worker calls it every
+    :data:`EXPIRE_INTERVAL` seconds from its loop, so least-connections counts and the report's flow
+    count fall when traffic stops, not only when new flows push old ones out."""
+    scheduler = getattr(dispatcher, "scheduler", None)
+    if scheduler is not None:
+        scheduler.expire(now)
+    dispatcher.expire(now)
+
+
+class Worker:
+    """One forwarding process: its rings, its Dispatcher, its counters.
+
+    *rings*, when given, is ``(rx, tx)`` already opened (tests); otherwise the worker opens a TPACKET_V3
+    receive ring in *fanout_group* and a TPACKET_V2 transmit ring on *iface*.
+    """
+
+    def __init__(
+        self,
+        number: int,
+        iface: Interface,
+        config: Config,
+        dispatcher,
+        channel: socket.socket,
+        fanout_group: int,
+        *,
+        cpu: Optional[int] = None,
+        rx_blocks: int = 512,
+        rx_block_size: int = 1 << 16,
+        answer_arp: bool = False,
+        qdisc_bypass: bool = False,
+        rings=None,
+    ):
+        self.number = number
+        self.iface = iface
+        self.config = config
+        self.dispatcher = dispatcher
+        self.channel = channel
+        self.cpu = cpu
+        self.stop = False
+        self.answer_arp = answer_arp
+        self.qdisc_bypass = qdisc_bypass
+        self._last_error: Optional[int] = None
+        self._own_mac = bytes.fromhex(iface.mac.replace(":", ""))
+        #: flow synchronisation (engines/flowsync_workers.py): made on the first sync message
+        self.sync = None
+        self.stats = {
+            "socket_errors": 0,
+            "arp_replies": 0,
+            "rx": 0,
+            "tx": 0,
+            "kernel_drops": 0,
+            "checksums_completed": 0,
+            "tx_ring_full": 0,
+            "tx_too_big": 0,
+            "tx_errors": 0,
+            "reloads": 0,
+            "qdisc_bypass": bool(qdisc_bypass),
+            "cpu": cpu,
+            "pid": os.getpid(),
+        }
+        if rings is not None:
+            self.rx, self.tx = rings
+            return
+        self.rx = RxRing(
+            iface.name,
+            self._program(config),
+            block_nr=rx_blocks,
+            block_size=rx_block_size,
+            fanout_group=fanout_group,
+        )
+        frame = tx_frame_size(iface.mtu)
+        # through the qdisc by default, which keeps what we send visible to tcpdump on this host;
+        # --qdisc-bypass (PACKET_QDISC_BYPASS) hands frames straight to the driver instead
+        try:
+            self.tx = TxRing(
+                iface.name, frame_size=frame, frame_nr=max(256, (1 << 22) // frame), qdisc_bypass=qdisc_bypass
+            )
+        except BaseException:
+            self.rx.close()
+            raise
+
+    def _program(self, config):
+        return cluster_filter(cluster_addresses(config), arp=self.answer_arp, mark=SLOW_PATH_MARK)
+
+    def announce(self) -> None:
+        """Gratuitous ARP for every IPv4 cluster address (with --answer-arp), so neighbours learn our MAC."""
+        if not self.answer_arp:
+            return
+        mac = self._own_mac
+        for address in cluster_addresses(self.config):
+            if address.version == 4:
+                self.send_now(gratuitous_arp(mac, address.packed))
+
+    def send_now(self, frame: bytes) -> None:
+        self.tx.put(frame)
+        self.tx.flush()
+
+    # -- commands from the controller
+
+    def report(self) -> dict:
+        self._kernel_stats()
+        try:
+            dispatched = self.dispatcher.report()
+        except Exception as exc:  # noqa: BLE001 - a report must never stop forwarding
+            dispatched = {"error": f"{type(exc).__name__}: {exc}"}
+        engine = dict(self.stats, number=self.number)
+        if self.sync is not None:
+            engine["sync"] = dict(self.sync.stats)
+        return {"dispatcher": dispatched, "engine": engine}
+
+    def _kernel_stats(self) -> None:
+        try:
+            _packets, drops = self.rx.statistics()
+            self.stats["kernel_drops"] += drops
+        except OSError:
+            pass
+        tx = self.tx
+        self.stats.update(tx=tx.sent, tx_ring_full=tx.full, tx_too_big=tx.too_big, tx_errors=tx.errors)
+
+    def handle(self, message) -> None:
+        kind = message[0]
+        if kind == "report":
+            send_msg(self.channel, ("report", self.report()))
+        elif kind == "reload":
+            plan = message[1]  # the controller's plan: nothing to compile here, no plugin to call
+            config = plan.config
+            try:
+                self.dispatcher.reload(plan)
+                self.rx.set_filter(self._program(config))
+                self.config = config
+                if self.number == 0:
+                    self.announce()
+                self.stats["reloads"] += 1
+                send_msg(self.channel, ("reloaded", None))
+            except Exception as exc:  # noqa: BLE001
+                send_msg(self.channel, ("reloaded", f"{type(exc).__name__}: {exc}"))
+        elif kind == "stop":
+            self.stop = True
+        elif kind.startswith("sync-"):  # flow synchronisation with the AF_PACKET engine
+            if self.sync is None:
+                from encapfwd.flowsync.workers import WorkerJournal
+
+                self.sync = WorkerJournal(self.dispatcher)
+            self.sync.handle(self.channel, message)
+
+    def _poll_channel(self, poller_timeout: int = 0) -> None:
+        while True:
+            ready, _, _ = select.select([self.channel], [], [], poller_timeout / 1000)
+            if not ready:
+                return
+            try:
+                message = recv_msg(self.channel)
+            except (EOFError, OSError):
+                self.stop = True  # the controller is gone
+                return
+            self.handle(message)
+            poller_timeout = 0
+
+    def _socket_error(self) -> None:
+        """Consume the receive socket's pending error (e.g. ENETDOWN when the link goes down), which would
+        otherwise make every poll() return at once; say so once per change."""
+        err = self.rx.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.stats["socket_errors"] += 1
+            if err != self._last_error:
+                log(f"worker {self.number}: {self.iface.name}: {os.strerror(err)} (waiting for it)")
+            self._last_error = err
+            time.sleep(0.05)
+
+    # -- the data path
+
+    def run(self) -> None:
+        """Forward until told to stop. For each received block, :meth:`_outputs` walks its frames and
+        yields what the dispatcher (or the ARP responder) makes of each, and ``TxRing.queue`` copies those
+        into the TX ring; one ``send()`` per block. Every :data:`EXPIRE_INTERVAL` seconds (checked once per
+        block and on each idle wake-up) stale flows and fragments are forgotten."""
+        from time import monotonic
+
+        rx, tx = self.rx, self.tx
+        rxm = rx.map
+        block_size, block_nr = rx.block_size, rx.block_nr
+        u32 = struct.Struct("<I")
+        u32_unpack, u32_pack = u32.unpack_from, u32.pack_into
+        blkhdr = struct.Struct("<II").unpack_from
+        flush, queue = tx.flush, tx.queue
+        outputs = self._outputs
+        stats = self.stats
+        poller = select.poll()
+        poller.register(rx.fd, select.POLLIN | select.POLLERR)
+        poller.register(self.channel.fileno(), select.POLLIN)
+        channel_fd = self.channel.fileno()
+        channel_poller = select.poll()
+        channel_poller.register(channel_fd, select.POLLIN)
+        channel_poll = channel_poller.poll
+        next_expiry = monotonic() + EXPIRE_INTERVAL
+        block = 0
+        received = 0
+        while not self.stop:
+            base = block * block_size
+            if not u32_unpack(rxm, base + 8)[0] & TP_STATUS_USER:
+                if tx.pending:
+                    flush()
+                stats["rx"] = received
+                for fd, event in poller.poll(1000):
+                    if fd == channel_fd:
+                        self._poll_channel()
+                    elif event & select.POLLERR:
+                        self._socket_error()
+                now = monotonic()
+                if now >= next_expiry:
+                    next_expiry = now + EXPIRE_INTERVAL
+                    expire(self.dispatcher, now)
+                continue
+            if self._last_error is not None:
+                log(f"worker {self.number}: {self.iface.name}: receiving again")
+                self._last_error = None
+            count, offset = blkhdr(rxm, base + 12)
+            now = monotonic()
+            queue(outputs(base + offset, count, now))
+            received += count
+            u32_pack(rxm, base + 8, 0)  # the block goes back to the kernel
+            block += 1
+            if block == block_nr:
+                block = 0
+            flush()
+            if now >= next_expiry:
+                next_expiry = now + EXPIRE_INTERVAL
+                expire(self.dispatcher, now)
+            if channel_poll(0):  # the controller has something for us
+                stats["rx"] = received
+                self._poll_channel()
+        stats["rx"] = received
+
+    def _outputs(self, offset: int, count: int, now: float):
+        """For each of the *count* frames of a received block starting at *offset*: the list of frames to
+        send (checksums completed first for offloaded frames; ARP answered with ``--answer-arp``)."""
+        rxm = self.rx.map
+        hdr = self.rx.HDR.unpack_from
+        process = self.dispatcher.process
+        fix = complete_checksum
+        stats = self.stats
+        arp = self.answer_arp
+        own_mac = self._own_mac
+        csum_not_ready = TP_STATUS_CSUMNOTREADY
+        for _ in range(count):
+            nxt, snaplen, status, mac = hdr(rxm, offset)
+            start = offset + mac
+            frame = rxm[start : start + snaplen]
+            offset += nxt
+            if status & csum_not_ready:
+                frame = fix(frame)
+                stats["checksums_completed"] += 1
+            if arp and frame[12] == 8 and frame[13] == 6:
+                reply = arp_reply(frame, own_mac)
+                if reply:
+                    stats["arp_replies"] += 1
+                    yield (reply,)
+            else:
+                yield process(frame, now)
+
+    def close(self) -> None:
+        for ring in (self.tx, self.rx):
+            try:
+                ring.close()
+            except OSError:
+                pass
+
+
+def worker_main(
+    number, iface, config, dispatcher, channel, fanout_group, cpu, answer_arp=False, qdisc_bypass=False
+) -> int:
+    """The body of a forked worker process: set it up, say ``ready`` (or ``error``), forward, say
+    ``stopped`` with a last report."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    set_parent_death_signal(signal.SIGTERM)
+    worker = None
+
+    def on_term(signum, frame):
+        if worker is not None:
+            worker.stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        if cpu is not None:
+            set_cpu(cpu)
+        worker = Worker(
+            number,
+            iface,
+            config,
+            dispatcher,
+            channel,
+            fanout_group,
+            cpu=cpu,
+            answer_arp=answer_arp,
+            qdisc_bypass=qdisc_bypass,
+        )
+        if number == 0:
+            worker.announce()
+    except Exception as exc:  # noqa: BLE001
+        send_msg(channel, ("error", f"worker {number}: {type(exc).__name__}: {exc}"))
+        return 1
+    send_msg(channel, ("ready", os.getpid()))
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    try:
+        send_msg(channel, ("stopped", worker.report()))
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,306 @@
+"""The XDP program as one executor of the live controller (beside the AF_PACKET worker pool, its slow path).
+
+The controller compiles the plan; this executor loads the program once, attaches it to the interface and
+installs every new plan into its maps (:class:`encapfwd.xdp.dataplane.DataPlane`). Frames the program hands
+up (XDP_PASS) reach the AF_PACKET workers, which run the Python dispatcher on the same plan and write the
+flows they place into the kernel's flow table (:class:`KernelFlows`), so the next packets of those flows
+stay in the kernel. On stop the program is detached and unloaded; nothing is pinned.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+from encapfwd.xdp.maps import kernel_flow_key
+from encapfwd.runtime.common import LiveError, log
+
+ENGINES = ("auto", "xdp", "afpacket")
+XDP_MODES = ("native", "generic")
+#: seconds between two readings of the driver's counters of lost frames
+LOSS_INTERVAL = 1.0
+
+
+class KernelFlows:
+    """The slow path's flow sink: writes a flow the Python dispatcher placed into the kernel's flow table.
+    Forked workers inherit it (and the map's descriptor); it never raises into the data path."""
+
+    def __init__(self):
+        self.dataplane = None
+        self.errors = 0
+
+    def __call__(self, key: bytes, sid: int) -> None:
+        dataplane = self.dataplane
+        if dataplane is None:
+            return
+        try:
+            dataplane.write_flow(kernel_flow_key(key), sid)
+        except Exception:  # noqa: BLE001 - the data path never raises
+            self.errors += 1
+
+
+def _alive(pid: int) -> bool:
+    """True when *pid* is a running encapfwd process (a recycled pid of another program does not count)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"encapfwd" in handle.read()
+    except OSError:
+        return False
+
+
+class Choice:
+    """Which engine and XDP mode ``encapfwd run`` uses, and why (the first line of its log)."""
+
+    def __init__(self, engine: str, reason: str, mode: Optional[str] = None, warning: Optional[str] = None,
+                 link=None, may_fall_back: bool = False):
+        self.engine = engine
+        self.reason = reason
+        self.mode = mode
+        #: one line to log after the first (a mode asked for that will lose frames)
+        self.warning = warning
+        #: what :func:`encapfwd.runtime.link.inspect` found out about the interface (None: nothing)
+        self.link = link
+        #: the mode was chosen (not asked for): generic when the driver refuses native XDP
+        self.may_fall_back = may_fall_back
+
+    def line(self) -> str:
+        return f"engine: {self.engine}{f' ({self.mode})' if self.mode else ''} — {self.reason}"
+
+
+def _inspect(ifname: Optional[str]):
+    """The interface's :class:`~encapfwd.runtime.link.Link`; None when it cannot be inspected (the
+    start then says why); LiveError when it does not exist."""
+    if not ifname:
+        return None
+    from encapfwd.runtime.netlink import open_ipr
+    from encapfwd.runtime.link import inspect
+
+    try:
+        with open_ipr() as ipr:
+            return inspect(ipr, ifname)
+    except LiveError as exc:
+        if str(exc).startswith("no such interface"):
+            raise
+        return None
+    except Exception:  # noqa: BLE001 - unknown: the safe choices below
+        return None
+
+
+def choose(engine: str, ifname: Optional[str], mode: str = "auto") -> Choice:
+    """The engine and XDP mode: *engine* as asked, or for ``auto`` xdp when BPF is available here, else
+    afpacket. The XDP mode (``auto`` unless asked for): native only where the frames the program sends with
+    XDP_TX arrive — a veth whose peer runs a native XDP program, a driver that runs XDP itself; generic
+    elsewhere (:func:`encapfwd.runtime.link.choose_mode`). A mode asked for is kept, with a warning
+    when it will lose frames."""
+    if engine == "afpacket":
+        return Choice("afpacket", "asked for with --engine afpacket")
+    if mode not in XDP_MODES + ("auto",):
+        raise LiveError(f"--xdp-mode must be one of auto, {', '.join(XDP_MODES)}")
+    from encapfwd.xdp import libbpf
+    from encapfwd.runtime.link import choose_mode
+
+    ok, why = libbpf.available()
+    if engine == "xdp" and not ok:
+        raise LiveError(f"--engine xdp: {why}")
+    if not ok:
+        return Choice("afpacket", f"auto: XDP is not available here ({why})")
+    link = _inspect(ifname)
+    chosen, words, warning = choose_mode(link, mode)
+    head = "auto" if engine == "auto" else "asked for with --engine xdp"
+    if mode in XDP_MODES:
+        reason = f"{head}{': BPF is available' if engine == 'auto' else ''}; --xdp-mode {mode} asked for"
+    else:
+        reason = f"{head}: {words}"
+    unknown = link is None or (link.kind != "veth" and link.xdp_features is None)
+    return Choice("xdp", reason, chosen, warning, link, may_fall_back=mode == "auto" and unknown)
+
+
+class XDPProgram:
+    """The executor interface of :mod:`.supervisor` for the kernel program."""
+
+    kind = "xdp"
+    restarts = 0
+
+    def __init__(self, iface, mode: str = "native", flows: Optional[KernelFlows] = None,
+                 choice: Optional[Choice] = None):
+        if mode not in XDP_MODES:
+            raise LiveError(f"--xdp-mode must be one of {', '.join(XDP_MODES)}")
+        self.iface = iface
+        self.mode = mode
+        self.flows = flows or KernelFlows()
+        self.choice = choice
+        self.dataplane = None
+        self.plan = None
+        #: the driver's counters of frames it could not send, from just before the attach
+        self.loss = None
+        self._next_loss = 0.0
+        self._loss_said = False
+
+    def __len__(self) -> int:
+        return 1 if self.dataplane is not None else 0
+
+    def load(self, plan) -> None:
+        """Load the program with *plan* and attach it; one clear line when the interface refuses."""
+        from encapfwd.errors import EncapfwdError
+        from encapfwd.xdp.dataplane import DataPlane, attached_owner
+
+        from encapfwd.runtime.tc import running_tc_owner
+
+        tc_owner = running_tc_owner(self.iface)
+        if tc_owner:
+            raise LiveError(f"{self.iface.name} already has encapfwd's TC program: encapfwd run (pid {tc_owner}) "
+                            "is forwarding on it; stop that one first")
+        replace = False
+        owner = attached_owner(self.iface.index)
+        if owner is not None:
+            kind, who = owner
+            if kind != "encapfwd":
+                raise LiveError(
+                    f"{self.iface.name} already has an XDP program, {who}, that is not encapfwd's: detach it "
+                    f"first ('ip link set dev {self.iface.name} xdp off')"
+                )
+            if who and _alive(who):
+                raise LiveError(
+                    f"{self.iface.name} already has an XDP program: encapfwd run (pid {who}) is forwarding "
+                    "on it; stop that one first"
+                )
+            log(f"{self.iface.name}: taking over the XDP program left by encapfwd run (pid {who}), which "
+                "is no longer running (it kept forwarding meanwhile)")
+            replace = True
+        try:
+            dataplane = DataPlane.load(plan)
+        except EncapfwdError as exc:
+            raise LiveError(f"loading the XDP program: {exc}") from None
+        from encapfwd.runtime.link import TxLossWatch
+
+        link = self.choice.link if self.choice is not None else None
+        if replace and link is not None and link.attached in XDP_MODES and link.attached != self.mode:
+            log(f"{self.iface.name}: the program left there runs in {link.attached} mode: replacing it in "
+                f"{link.attached} mode (native and generic XDP cannot run at once)")
+            self.mode = link.attached
+        self.loss = TxLossWatch(self.iface.name)
+        self.loss.start()
+        try:
+            try:
+                dataplane.attach(self.iface.index, self.mode, replace=replace)
+            except EncapfwdError as exc:
+                if self.mode != "native" or self.choice is None or not self.choice.may_fall_back:
+                    raise
+                log(f"{self.iface.name} refused native XDP ({exc}): using generic XDP")
+                self.mode = "generic"
+                dataplane.attach(self.iface.index, self.mode, replace=replace)
+        except EncapfwdError as exc:
+            dataplane.close()
+            raise LiveError(str(exc)) from None
+        self.dataplane, self.plan = dataplane, plan
+        self.flows.dataplane = dataplane
+        self._next_loss = time.monotonic() + LOSS_INTERVAL
+
+    def watch(self, now: Optional[float] = None) -> None:
+        """Read the driver's counters of lost frames (at most once per :data:`LOSS_INTERVAL`); the first
+        time frames are lost, one warning line saying how many, which counters and what to do."""
+        if self.loss is None or self.dataplane is None:
+            return
+        now = time.monotonic() if now is None else now
+        if now < self._next_loss:
+            return
+        self._next_loss = now + LOSS_INTERVAL
+        lost = self.loss.update()
+        if lost and not self._loss_said:
+            self._loss_said = True
+            log(f"warning: {self.iface.name}: the driver lost {lost} frames since the XDP program started "
+                f"({self.loss.words()}): frames the program sent (XDP_TX) do not arrive{self._loss_hint()}; "
+                "counted as xdp_tx_lost, not as forwarded")
+
+    def _loss_hint(self) -> str:
+        from encapfwd.runtime.link import VETH
+
+        link = _inspect_quietly(self.iface.name)
+        if link is not None and link.kind == VETH and self.mode == "native" and not link.peer_native:
+            return f" ({link.peer_words()}: use --xdp-mode generic, or attach an XDP program to the peer)"
+        return f" (see 'ethtool -S {self.iface.name}' and 'ip -s link show {self.iface.name}')"
+
+    def start(self, config, dispatcher) -> None:
+        if self.dataplane is None:
+            self.load(dispatcher.plan)
+
+    def fds(self) -> List[int]:
+        return []
+
+    def owns(self, fd: int) -> bool:
+        return False
+
+    def on_readable(self, fd: int) -> bool:
+        return True
+
+    def reload(self, config, dispatcher) -> Dict[str, Optional[str]]:
+        try:
+            self.dataplane.install(dispatcher.plan)
+        except Exception as exc:  # noqa: BLE001 - reported like a worker's failure; the old plan stays
+            return {"xdp": f"{type(exc).__name__}: {exc}"}
+        self.plan = dispatcher.plan
+        return {"xdp": None}
+
+    def report(self) -> List[dict]:
+        """One report in the workers' shape, so that the controller sums kernel and slow-path counters."""
+        if self.dataplane is None:
+            return []
+        kernel = self.dataplane.counters()
+        servers = {}
+        for server in self.plan.servers:
+            counts = kernel["servers"].get(server.name, {"packets": 0, "bytes": 0})
+            servers[server.name] = {
+                "cluster": server.cluster, "port": server.port, "server": server.address,
+                "method": server.method, "packets": counts["packets"], "bytes": counts["bytes"],
+            }
+        sent = sum(s["packets"] for s in servers.values())  # XDP_TX: handed to the driver
+        lost = self.loss.update() if self.loss is not None else 0
+        # a frame the driver lost is never called forwarded (per server the kernel counts what it sent: the
+        # driver's counters are per interface)
+        forwarded = max(0, sent - lost)
+        passed = kernel["passed"]
+        dispatcher = {
+            "servers": servers,
+            "forwarded": forwarded,
+            "drops": kernel["drops"],
+            "dropped": sum(kernel["drops"].values()),
+        }
+        engine = {
+            "xdp_forwarded": forwarded,
+            "xdp_tx": sent,
+            "xdp_tx_lost": lost,
+            "xdp_tx_lost_counters": dict(self.loss.counters) if self.loss is not None else {},
+            "xdp_dropped": dispatcher["dropped"],
+            "xdp_passed": sum(passed.get(r, 0) for r in passed if r not in ("not-ours", "not-for-us")),
+            "xdp_not_ours": passed.get("not-ours", 0),
+            "xdp_not_for_us": passed.get("not-for-us", 0),
+            "xdp_passed_by_reason": passed,
+            "xdp_flow_writes_failed": self.flows.errors,
+        }
+        return [{"dispatcher": dispatcher, "engine": engine}]
+
+    def stop(self) -> List[dict]:
+        finals = self.report()
+        if self.dataplane is not None:
+            try:
+                self.dataplane.close()
+            except Exception as exc:  # noqa: BLE001 - stopping goes on
+                log(f"detaching the XDP program from {self.iface.name}: {exc}")
+            self.dataplane = None
+            self.flows.dataplane = None
+        return finals
+
+    def close_in_child(self) -> None:
+        """A forked worker keeps the maps' descriptors (it writes flows) but must never detach or unload."""
+        if self.dataplane is not None:
+            self.dataplane.forget()
+
+
+def _inspect_quietly(ifname: str):
+    try:
+        return _inspect(ifname)
+    except Exception:  # noqa: BLE001 - advice only
+        return None
+
+
+__all__ = ["ENGINES", "XDP_MODES", "Choice", "KernelFlows", "XDPProgram", "choose"]
