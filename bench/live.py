@@ -358,7 +358,7 @@ class Bench:
     def start_run(self, engine: str, config: Path, control: str) -> subprocess.Popen:
         """``encapfwd run`` (engine *engine* when it has --engine) in the fwd namespace, pinned to CPU 1;
         returns once its control socket answers."""
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         help_text = run_help()
         argv = ["nice", "-n", "-20", str(ENCAPFWD), "--config", str(config), "run", "--interface", "f0",
@@ -402,7 +402,7 @@ class Bench:
             self.procs.remove(proc)
 
     def afpacket(self, method: str, seconds, engine: str = "afpacket"):
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         control = str(self.workdir / "control.sock")
         proc = self.start_run(engine, self.write_config(method), control)
@@ -502,7 +502,7 @@ class Bench:
 
 def run_pids(proc, control: str) -> list:
     """``encapfwd run``'s controller and workers."""
-    from encapfwd.runtime.controller import query_control
+    from encapfwd.control import query_control
 
     return [proc.pid] + [w["pid"] for w in query_control(control).get("workers", []) if w.get("pid")]
 
@@ -546,7 +546,7 @@ class XDPRun:
         return text.splitlines()[0] if text else ""
 
     def reload(self, count: int, interval: float) -> dict:
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         times, errors = [], []
         for i in range(count):

@@ -250,7 +250,7 @@ def test_server_report_reads_live_counters(lab):
 def test_control_socket_refuses_other_users(lab):
     _ensure_running(lab)
     code = (
-        "import sys\nfrom encapfwd.runtime.controller import query_control\n"
+        "import sys\nfrom encapfwd.control import query_control\n"
         "try:\n    query_control(sys.argv[1]); print('answered')\n"
         "except OSError as e:\n    print('refused', e.errno)\n"
     )
@@ -584,7 +584,7 @@ def test_tc_after_a_kill(lab):
     left, a restart just attaches). A clsact filter (kernels before 6.6; forced here with
     ENCAPFWD_TC_ATTACH=clsact) stays and keeps forwarding; the next run sees its owner is gone and replaces it
     in one step."""
-    from encapfwd.runtime.tc import ENV_TC_ATTACH
+    from encapfwd.runtime.engine import ENV_TC_ATTACH
 
     _ensure_running(lab)
     lab.stop_dispatcher(signal.SIGKILL)

@@ -132,7 +132,7 @@ class Lab:
     # -- the dispatcher
 
     def start(self, *extra):
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         self.stop()
         self.log_path.write_bytes(b"")
@@ -160,7 +160,7 @@ class Lab:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
     def report(self):
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         return query_control(self.control)
 
@@ -281,7 +281,7 @@ def _tc_programs(lab):
     """The names of the programs at tc ingress of the dispatcher's eth0 (tcx, or a clsact filter)."""
     script = ("import json, socket\n"
               "from encapfwd.xdp.libbpf import prog_by_id\n"
-              "from encapfwd.runtime.tc import attach_method\n"
+              "from encapfwd.runtime.engine import attach_method\n"
               "from encapfwd.xdp import tc\n"
               "i = socket.if_nametoindex('eth0')\n"
               "if attach_method() == 'tcx':\n"
@@ -304,7 +304,7 @@ def test_default_engine_on_a_veth_without_peer_program_is_tc_and_forwards(lab):
     connections to the MAC server succeed, forwarded in the kernel. Stopping detaches it."""
     if _xdp_reason():
         pytest.skip(f"XDP: {_xdp_reason()}")
-    from encapfwd.runtime.tc import attach_method
+    from encapfwd.runtime.engine import attach_method
 
     how = attach_method()
     lab.peer_program(False)

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from encapfwd.runtime import xdp as E
+from encapfwd.runtime import engine as E
 from encapfwd.runtime import link as L
 from encapfwd.runtime.common import LiveError
 
@@ -29,7 +29,7 @@ def link(kind=None, driver=None, features=None, peer=None, peer_native=None, nam
 @pytest.fixture
 def facts(monkeypatch):
     """Pretend BPF works and the interface is *what the test sets*; tcx as on Linux 6.6+."""
-    from encapfwd.runtime import tc as T
+    from encapfwd.runtime import engine as T
     from encapfwd.xdp import libbpf
 
     monkeypatch.setattr(libbpf, "available", lambda: (True, ""))
@@ -51,7 +51,7 @@ def facts(monkeypatch):
     (link(None, "ixgbe", 0x7F), "xdp", "native", "auto: eth0's driver (ixgbe) runs XDP natively"),
 ])
 def test_auto_picks_native_xdp_or_tc(facts, facts_of, engine, mode, words):
-    from encapfwd.runtime.tc import choose_engine
+    from encapfwd.runtime.engine import choose_engine
 
     facts["link"] = facts_of
     choice = choose_engine("auto", "eth0")
@@ -60,7 +60,7 @@ def test_auto_picks_native_xdp_or_tc(facts, facts_of, engine, mode, words):
 
 
 def test_asked_for_engines_and_modes_are_kept(facts, monkeypatch):
-    from encapfwd.runtime.tc import choose_engine
+    from encapfwd.runtime.engine import choose_engine
     from encapfwd.xdp import libbpf
 
     facts["link"] = link("veth", "veth", 103, "lan-d", False)

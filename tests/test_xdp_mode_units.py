@@ -46,7 +46,7 @@ def test_a_mode_asked_for_is_kept_with_a_warning_when_it_loses_frames():
 
 
 def test_choose_names_engine_mode_and_reason(monkeypatch):
-    from encapfwd.runtime import xdp as E
+    from encapfwd.runtime import engine as E
     from encapfwd.xdp import libbpf
 
     afp = E.choose("afpacket", "eth0", "auto")

@@ -15,3 +15,12 @@ class PluginError(EncapfwdError):
 
 class SetupRefused(EncapfwdError):
     """A back-end setup generator cannot produce a working recipe for this case."""
+
+
+class LiveError(EncapfwdError):
+    """A one-line reason why live forwarding cannot start (or why a reload is refused)."""
+
+
+class InterfaceBusy(LiveError):
+    """The interface already has a kernel program that this dispatcher must not replace (another running
+    ``encapfwd run``'s, or a program that is not encapfwd's): never a reason to fall back to another engine."""

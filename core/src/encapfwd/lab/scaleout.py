@@ -361,7 +361,7 @@ class ScaleOut(Topology):
         return stop_process(proc, sig, timeout)
 
     def report_of(self, index: int) -> dict:
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         return query_control(self.members[index].control)
 

@@ -643,7 +643,7 @@ class Topology:
     def _launch(self, d: Namespace, config_path, control_path: str, log_path, workers: int = 1,
                 extra: List[str] = (), timeout: float = 20.0, env: Optional[dict] = None) -> subprocess.Popen:
         """``encapfwd run`` in namespace *d*; returns once its control socket answers."""
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         argv = encapfwd_argv() + [
             "--config",
@@ -703,7 +703,7 @@ class Topology:
         return self.ns["router"].ip("neigh", "show", address, "dev", "lan0").stdout.strip()
 
     def report(self) -> dict:
-        from encapfwd.runtime.controller import query_control
+        from encapfwd.control import query_control
 
         return query_control(self.control_path)
 

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Dict, List
 
-from encapfwd.errors import EncapfwdError
+from encapfwd.errors import LiveError  # noqa: F401 - defined in errors.py, imported from here by the runtime
 
 #: identical lines written in full per window (the rest are counted)
 BURST = 5
@@ -29,10 +29,6 @@ BURST = 5
 WINDOW = 60.0
 #: distinct messages remembered (the oldest windows are flushed beyond it)
 MAX_KEYS = 1024
-
-
-class LiveError(EncapfwdError):
-    """A one-line reason why live forwarding cannot start (or why a reload is refused)."""
 
 
 class _Limiter:

@@ -45,22 +45,15 @@ from typing import Dict, List, Optional, Tuple
 import attrs
 
 from encapfwd.errors import EncapfwdError
-from encapfwd.runtime.afpacket.checksum import complete_checksum
 from encapfwd.model import server_key
 from encapfwd.runtime.common import LiveError, flush_log, log, one_line, summarize
+# published here before the tree was reorganised (``encapfwd.engines.live``): still importable from here
+from encapfwd.control import query_control  # noqa: F401
+from encapfwd.runtime.netlink import Interface  # noqa: F401
 from encapfwd.control import (
-    ENV_CONTROL,
     ControlServer,
     Deferred,
     default_control_path,
-    query_control,
-)
-from encapfwd.runtime.netlink import (
-    Interface,
-    interface_info,
-    local_addresses,
-    neighbour_mac,
-    route_gateway,
 )
 from encapfwd.runtime.prepare import (
     check_platform,
@@ -69,7 +62,6 @@ from encapfwd.runtime.prepare import (
     describe_failure,
     kernel_warnings,
     load_config,
-    prepare,
     stage,
 )
 from encapfwd.runtime.neighbours import RESOLVE_BOUND, NeighbourResolver
@@ -79,9 +71,10 @@ from encapfwd.runtime.sdnotify import QUIET, Lifecycle  # systemd (Type=notify)
 from encapfwd.bgp.speaker import Speaker, bgp_settings
 from encapfwd.flowsync.service import flowsync_for  # flow synchronisation (executor syncpeers)
 from encapfwd.health.manager import HealthManager, targets_of, with_health
-from encapfwd.runtime.tc import TCProgram, choose_engine as choose
+from encapfwd.runtime.engine import choose_engine
+from encapfwd.runtime.tc import TCProgram
 from encapfwd.runtime.xdp import KernelFlows, XDPProgram
-from encapfwd.runtime.afpacket.worker import Worker, tx_mtu_limit
+from encapfwd.runtime.afpacket.worker import tx_mtu_limit
 
 ENV_NEIGH_REFRESH = "ENCAPFWD_NEIGH_REFRESH"
 FANOUT_BASE = 0x4E00
@@ -164,7 +157,7 @@ class Controller:
         self._Dispatcher = Dispatcher
         config = load_config(config_path)
         self.asked_engine = engine
-        choice = choose(engine, interface or config.executor.interface, xdp_mode)
+        choice = choose_engine(engine, interface or config.executor.interface, xdp_mode)
         self.engine, self.engine_reason, self.xdp_mode = choice.engine, choice.reason, choice.mode
         log(choice.line())  # the first line: which engine and XDP mode, and why
         if choice.warning:
@@ -786,25 +779,4 @@ def run(config_path: str, registry, **kwargs) -> int:
     return code
 
 
-__all__ = [
-    "ENV_CONTROL",
-    "Controller",
-    "Interface",
-    "LiveError",
-    "Worker",
-    "WorkerPool",
-    "check_platform",
-    "cluster_addresses",
-    "complete_checksum",
-    "default_control_path",
-    "interface_info",
-    "kernel_warnings",
-    "local_addresses",
-    "log",
-    "merge_reports",
-    "neighbour_mac",
-    "prepare",
-    "query_control",
-    "route_gateway",
-    "run",
-]
+__all__ = ["Controller", "merge_reports", "run"]

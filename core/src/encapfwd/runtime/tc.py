@@ -19,12 +19,9 @@ import os
 from typing import Optional
 
 from encapfwd.runtime.common import LiveError, log
-from encapfwd.runtime.xdp import KernelFlows, XDPProgram, _alive
-
-#: how the TC program is attached: tcx where the kernel has it, else clsact
-TC_ATTACH = ("auto", "tcx", "clsact")
-ENV_TC_ATTACH = "ENCAPFWD_TC_ATTACH"
-
+from encapfwd.runtime.engine import ENV_TC_ATTACH, TC_ATTACH, attach_method
+from encapfwd.runtime.owners import alive, refuse_beside_xdp
+from encapfwd.runtime.xdp import KernelFlows, XDPProgram
 
 class TCProgram(XDPProgram):
     """The executor interface of :mod:`.supervisor` for the TC program."""
@@ -50,7 +47,7 @@ class TCProgram(XDPProgram):
         except EncapfwdError:
             left = []
         for _kind, pid, prog, link in left:
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 raise LiveError(
                     f"{self.iface.name} already has encapfwd's TC program: encapfwd run (pid {pid}) is "
                     "forwarding on it; stop that one first"
@@ -98,71 +95,4 @@ class TCProgram(XDPProgram):
 
 
 
-def running_tc_owner(iface) -> Optional[int]:
-    """The pid of a running ``encapfwd run`` whose TC program is on *iface* (None: none)."""
-    from encapfwd.errors import EncapfwdError
-    from encapfwd.xdp import tc
-
-    try:
-        owners = tc.attached_owners(iface.index) if tc.tcx_available(iface.index) else []
-        owners += tc.clsact_owners(iface.index)
-    except EncapfwdError:
-        return None
-    for _kind, pid, _prog, _link in owners:
-        if pid and _alive(pid):
-            return pid
-    return None
-
-
-def refuse_beside_xdp(iface) -> None:
-    """LiveError when a running ``encapfwd run`` has its XDP program on *iface* (two dispatchers on one
-    interface would both forward)."""
-    from encapfwd.errors import EncapfwdError
-    from encapfwd.xdp.dataplane import attached_owner
-
-    try:
-        owner = attached_owner(iface.index)
-    except EncapfwdError:
-        return
-    if owner is not None and owner[0] == "encapfwd" and owner[1] and _alive(owner[1]):
-        raise LiveError(f"{iface.name} already has an XDP program: encapfwd run (pid {owner[1]}) is forwarding "
-                        "on it; stop that one first")
-
-
-def attach_method(ifindex: int = 1) -> str:
-    """How the TC program will be attached here: ``tcx`` (Linux 6.6+) or ``clsact``; the environment
-    variable ENCAPFWD_TC_ATTACH (``tcx``/``clsact``) forces one (tests of the older kernels' way)."""
-    from encapfwd.xdp import tc
-
-    forced = os.environ.get(ENV_TC_ATTACH, "auto")
-    if forced == "clsact":
-        return "clsact"
-    if forced == "tcx" or tc.tcx_available(ifindex):
-        return "tcx"
-    return "clsact"
-
-
-def choose_engine(engine: str, ifname: Optional[str], mode: str = "auto"):
-    """:func:`.xdp_executor.choose` with the TC engine: ``--engine tc`` as asked; ``auto`` (with
-    ``--xdp-mode auto``) picks native XDP where the driver runs it and the frames it sends arrive (a NIC, a
-    veth whose peer runs an XDP program), TC where XDP would run generic (a veth whose peer runs none,
-    bridges, macvlan, other virtual interfaces: frames arrive there as socket buffers), AF_PACKET last."""
-    from encapfwd.runtime.xdp import Choice, choose
-
-    if engine == "tc":
-        from encapfwd.xdp import libbpf
-
-        ok, why = libbpf.available()
-        if not ok:
-            raise LiveError(f"--engine tc: {why}")
-        return Choice("tc", "asked for with --engine tc", attach_method())
-    choice = choose(engine, ifname, mode)
-    if engine == "auto" and mode == "auto" and choice.engine == "xdp" and choice.mode == "generic":
-        words = choice.reason.removeprefix("auto: ")
-        return Choice("tc", f"auto: {words}; frames arrive there as socket buffers: the TC program runs at tc "
-                            "ingress (generic XDP would cost more)", attach_method(), link=choice.link)
-    return choice
-
-
-__all__ = ["ENV_TC_ATTACH", "TC_ATTACH", "TCProgram", "attach_method", "choose_engine", "refuse_beside_xdp",
-           "running_tc_owner"]
+__all__ = ["TCProgram"]

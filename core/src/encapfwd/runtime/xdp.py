@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 
 from encapfwd.xdp.maps import kernel_flow_key
 from encapfwd.runtime.common import LiveError, log
+from encapfwd.runtime.engine import XDP_MODES, Choice, inspect_quietly
+from encapfwd.runtime.owners import alive
 
-ENGINES = ("auto", "xdp", "afpacket")
-XDP_MODES = ("native", "generic")
 #: seconds between two readings of the driver's counters of lost frames
 LOSS_INTERVAL = 1.0
 
@@ -37,82 +37,6 @@ class KernelFlows:
             dataplane.write_flow(kernel_flow_key(key), sid)
         except Exception:  # noqa: BLE001 - the data path never raises
             self.errors += 1
-
-
-def _alive(pid: int) -> bool:
-    """True when *pid* is a running encapfwd process (a recycled pid of another program does not count)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"encapfwd" in handle.read()
-    except OSError:
-        return False
-
-
-class Choice:
-    """Which engine and XDP mode ``encapfwd run`` uses, and why (the first line of its log)."""
-
-    def __init__(self, engine: str, reason: str, mode: Optional[str] = None, warning: Optional[str] = None,
-                 link=None, may_fall_back: bool = False):
-        self.engine = engine
-        self.reason = reason
-        self.mode = mode
-        #: one line to log after the first (a mode asked for that will lose frames)
-        self.warning = warning
-        #: what :func:`encapfwd.runtime.link.inspect` found out about the interface (None: nothing)
-        self.link = link
-        #: the mode was chosen (not asked for): generic when the driver refuses native XDP
-        self.may_fall_back = may_fall_back
-
-    def line(self) -> str:
-        return f"engine: {self.engine}{f' ({self.mode})' if self.mode else ''} — {self.reason}"
-
-
-def _inspect(ifname: Optional[str]):
-    """The interface's :class:`~encapfwd.runtime.link.Link`; None when it cannot be inspected (the
-    start then says why); LiveError when it does not exist."""
-    if not ifname:
-        return None
-    from encapfwd.runtime.netlink import open_ipr
-    from encapfwd.runtime.link import inspect
-
-    try:
-        with open_ipr() as ipr:
-            return inspect(ipr, ifname)
-    except LiveError as exc:
-        if str(exc).startswith("no such interface"):
-            raise
-        return None
-    except Exception:  # noqa: BLE001 - unknown: the safe choices below
-        return None
-
-
-def choose(engine: str, ifname: Optional[str], mode: str = "auto") -> Choice:
-    """The engine and XDP mode: *engine* as asked, or for ``auto`` xdp when BPF is available here, else
-    afpacket. The XDP mode (``auto`` unless asked for): native only where the frames the program sends with
-    XDP_TX arrive — a veth whose peer runs a native XDP program, a driver that runs XDP itself; generic
-    elsewhere (:func:`encapfwd.runtime.link.choose_mode`). A mode asked for is kept, with a warning
-    when it will lose frames."""
-    if engine == "afpacket":
-        return Choice("afpacket", "asked for with --engine afpacket")
-    if mode not in XDP_MODES + ("auto",):
-        raise LiveError(f"--xdp-mode must be one of auto, {', '.join(XDP_MODES)}")
-    from encapfwd.xdp import libbpf
-    from encapfwd.runtime.link import choose_mode
-
-    ok, why = libbpf.available()
-    if engine == "xdp" and not ok:
-        raise LiveError(f"--engine xdp: {why}")
-    if not ok:
-        return Choice("afpacket", f"auto: XDP is not available here ({why})")
-    link = _inspect(ifname)
-    chosen, words, warning = choose_mode(link, mode)
-    head = "auto" if engine == "auto" else "asked for with --engine xdp"
-    if mode in XDP_MODES:
-        reason = f"{head}{': BPF is available' if engine == 'auto' else ''}; --xdp-mode {mode} asked for"
-    else:
-        reason = f"{head}: {words}"
-    unknown = link is None or (link.kind != "veth" and link.xdp_features is None)
-    return Choice("xdp", reason, chosen, warning, link, may_fall_back=mode == "auto" and unknown)
 
 
 class XDPProgram:
@@ -144,7 +68,7 @@ class XDPProgram:
         from encapfwd.errors import EncapfwdError
         from encapfwd.xdp.dataplane import DataPlane, attached_owner
 
-        from encapfwd.runtime.tc import running_tc_owner
+        from encapfwd.runtime.owners import running_tc_owner
 
         tc_owner = running_tc_owner(self.iface)
         if tc_owner:
@@ -159,7 +83,7 @@ class XDPProgram:
                     f"{self.iface.name} already has an XDP program, {who}, that is not encapfwd's: detach it "
                     f"first ('ip link set dev {self.iface.name} xdp off')"
                 )
-            if who and _alive(who):
+            if who and alive(who):
                 raise LiveError(
                     f"{self.iface.name} already has an XDP program: encapfwd run (pid {who}) is forwarding "
                     "on it; stop that one first"
@@ -215,7 +139,7 @@ class XDPProgram:
     def _loss_hint(self) -> str:
         from encapfwd.runtime.link import VETH
 
-        link = _inspect_quietly(self.iface.name)
+        link = inspect_quietly(self.iface.name)
         if link is not None and link.kind == VETH and self.mode == "native" and not link.peer_native:
             return f" ({link.peer_words()}: use --xdp-mode generic, or attach an XDP program to the peer)"
         return f" (see 'ethtool -S {self.iface.name}' and 'ip -s link show {self.iface.name}')"
@@ -296,11 +220,4 @@ class XDPProgram:
             self.dataplane.forget()
 
 
-def _inspect_quietly(ifname: str):
-    try:
-        return _inspect(ifname)
-    except Exception:  # noqa: BLE001 - advice only
-        return None
-
-
-__all__ = ["ENGINES", "XDP_MODES", "Choice", "KernelFlows", "XDPProgram", "choose"]
+__all__ = ["KernelFlows", "XDPProgram"]
