@@ -36,7 +36,7 @@ from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plan import compile_plan
 from encapfwd.plugins import get_plugin_manager
-from encapfwd.selection.scheduler import MAGLEV_SIZE
+from encapfwd.selection.algorithms import MAGLEV_SIZE
 
 VIP = "10.0.9.1"
 NEW = "10.0.3.200"

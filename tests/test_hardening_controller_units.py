@@ -293,7 +293,7 @@ def test_an_answer_that_comes_later_keeps_the_loop_serving(tmp_path):
 
 def test_the_cli_fails_when_a_dispatcher_is_there_but_does_not_answer(tmp_path, cli):
     from encapfwd.errors import EncapfwdError
-    from encapfwd.cli.server_report import live_counters
+    from encapfwd.cli.server_rows import live_counters
 
     assert live_counters(str(tmp_path / "nothing.sock")) is None  # no dispatcher: not an error
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -535,7 +535,7 @@ def test_unresolved_servers_are_left_out_with_their_reason(capsys):
 
 
 def test_the_report_module_still_imports_only_the_control_client():
-    code = ("import sys, encapfwd.cli.server_report as r; r.live_counters('/nonexistent/x.sock'); "
+    code = ("import sys, encapfwd.cli.server_rows as r; r.live_counters('/nonexistent/x.sock'); "
             "print(sorted(m for m in sys.modules if m.startswith(('pyroute2', 'scapy', 'prometheus'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(
         os.environ, ENCAPFWD_CONTROL=""))

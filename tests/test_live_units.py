@@ -136,7 +136,7 @@ def test_run_help_documents_options(cli):
 def test_report_module_imports_only_the_control_client():
     """`server report` loads the control client, never the engine (no cycle through the dispatcher)."""
     code = (
-        "import sys\nfrom encapfwd import report\n"
+        "import sys\nfrom encapfwd.cli import server_rows as report\n"
         "report.live_counters('/nonexistent/encapfwd.sock')\n"
         "print(sorted(m for m in ('encapfwd.runtime.controller', 'encapfwd.datapath.dispatcher', 'pyroute2', 'scapy',"
         " 'encapfwd.control') if m in sys.modules))"

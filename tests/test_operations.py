@@ -117,7 +117,7 @@ class _Controller:
 
     def __init__(self, bgp=None):
         self.bgp = bgp
-        self.dispatcher = type("D", (), {"plan": _Plan([True, False])})()
+        self.plan = _Plan([True, False])
 
 
 class _Sink(sdnotify.Notifier):

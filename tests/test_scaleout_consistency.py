@@ -26,7 +26,7 @@ import pytest
 from encapfwd.datapath.dispatcher import Dispatcher
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plan import SidMap, compile_plan
-from encapfwd.selection.scheduler import MAGLEV_SIZE
+from encapfwd.selection.algorithms import MAGLEV_SIZE
 
 FLOWS = int(os.environ.get("ENCAPFWD_SCALEOUT_FLOWS", "100000"))
 HISTORY = max(FLOWS // 2, 1)

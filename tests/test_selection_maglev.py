@@ -13,7 +13,7 @@ import pytest
 from encapfwd.selection import maglev
 from encapfwd.selection.maglev import DEFAULT_SIZE, build_table, table_bytes
 from encapfwd.model import Server
-from encapfwd.selection.scheduler import flow_hash, maglev_selector
+from encapfwd.selection.algorithms import flow_hash, maglev_selector
 
 M = DEFAULT_SIZE
 

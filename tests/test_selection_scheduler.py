@@ -12,7 +12,8 @@ from encapfwd import hookimpl
 from encapfwd.errors import ConfigError
 from encapfwd.model import Cluster, Config, Executor, Port, Server
 from encapfwd.plugins import get_plugin_manager
-from encapfwd.selection.scheduler import Scheduler, flow_hash, wrr_sequence
+from encapfwd.selection.algorithms import flow_hash, wrr_sequence
+from encapfwd.selection.scheduler import Scheduler
 
 VIP = ipaddress.ip_address("10.0.9.9")
 SYN, ACK, FIN, RST = 0x02, 0x10, 0x01, 0x04

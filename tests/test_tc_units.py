@@ -138,7 +138,7 @@ SCRIPT = textwrap.dedent("""
         result["second"] = str(exc)
     alive.kill(); alive.wait()
     result["while_running"] = programs()
-    first.stop()
+    first.close()
     result["after_stop"] = programs()
     left.close()
     print(json.dumps(result))

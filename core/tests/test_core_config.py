@@ -49,7 +49,7 @@ def test_missing_forwarder_names_distribution():
     registry = get_plugin_manager(load_entrypoints=False)
     c = sample()
     with pytest.raises(ConfigError, match="install the encapfwd-gre distribution"):
-        cfg.validate(c, registry)
+        cfg.check(c, registry)
 
 
 @given(st.lists(st.text(max_size=12), max_size=6))

@@ -49,7 +49,7 @@ MOVED = {
     "encapfwd.maglev": "encapfwd.selection.maglev",
     "encapfwd.flowtable": "encapfwd.selection.flowtable",
     "encapfwd.setup": "encapfwd.backend_setup",
-    "encapfwd.report": "encapfwd.cli.server_report",
+    "encapfwd.report": "encapfwd.cli.server_rows",
     "encapfwd.cli_replay": "encapfwd.cli.replay",
     "encapfwd.cli_run": "encapfwd.cli.run",
     "encapfwd.cli_setup": "encapfwd.cli.setup",

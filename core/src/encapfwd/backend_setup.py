@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from attrs import frozen
 
-from encapfwd.errors import ConfigError, SetupRefused
-from encapfwd.hookspecs import OPERATING_SYSTEMS, SetupTarget
+from encapfwd.errors import ConfigError, SetupRefused, shown
 from encapfwd.model import Cluster, Config, Executor, Port, Server, forwarding_method
+from encapfwd.records import OPERATING_SYSTEMS, SetupTarget
 
 WINDOWS_TUNNELS_REFUSED = "Tunneling is not supported on Windows operating systems"
 
@@ -46,21 +46,6 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 _WINDOWS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()-]{0,63}$")
 
 
-_PLAIN = re.compile(r"^[A-Za-z0-9.:_/ -]{0,64}$")
-
-
-def _show(value) -> str:
-    """A bad value for an error message; one with characters a shell would interpret is described, not shown."""
-    text = str(value)
-    if isinstance(value, str) and _PLAIN.match(text) and "  " not in text:
-        return repr(text)
-    if not isinstance(value, str):
-        return f"a {type(value).__name__}"
-    odd = sorted({c for c in text if not (c.isalnum() or c in ".:_-")})
-    shown = ", ".join(repr(c) for c in odd[:6])
-    return f"a value containing {shown} (not shown)"
-
-
 # ---------------------------------------------------------------------------------------- validators
 
 
@@ -73,7 +58,7 @@ def ipv4(value, what: str = "address") -> str:
             return str(ipaddress.IPv4Address(value))
         except ValueError:
             pass
-    raise ConfigError(f"invalid {what}: {_show(value)} is not an IPv4 address")
+    raise ConfigError(f"invalid {what}: {shown(value, shell=True)} is not an IPv4 address")
 
 
 def ip(value, what: str = "address") -> str:
@@ -88,21 +73,21 @@ def ip(value, what: str = "address") -> str:
     else:
         addr = None
     if addr is None or getattr(addr, "scope_id", None):
-        raise ConfigError(f"invalid {what}: {_show(value)} is not an IP address")
+        raise ConfigError(f"invalid {what}: {shown(value, shell=True)} is not an IP address")
     return str(addr)
 
 
 def ifname(value, what: str = "interface name") -> str:
     """A Linux/Unix interface name: 1-15 of ``A-Z a-z 0-9 _ . -``, not starting with ``-`` or ``.``."""
     if not isinstance(value, str) or not _IFNAME.match(value):
-        raise ConfigError(f"invalid {what}: {_show(value)} (1-15 letters, digits, '_', '.', '-')")
+        raise ConfigError(f"invalid {what}: {shown(value, shell=True)} (1-15 letters, digits, '_', '.', '-')")
     return value
 
 
 def forwarder_name(value, what: str = "forwarder name") -> str:
     """A forwarder or algorithm name as the configuration grammar spells it: 1-32 of ``a-z 0-9 _ . -``."""
     if not isinstance(value, str) or not _NAME.match(value):
-        raise ConfigError(f"invalid {what}: {_show(value)} (1-32 lower-case letters, digits, '_', '.', '-')")
+        raise ConfigError(f"invalid {what}: {shown(value, shell=True)} (1-32 lower-case letters, digits, '_', '.', '-')")
     return value
 
 
@@ -110,14 +95,14 @@ def number(value, lo: int, hi: int, what: str = "number") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         if isinstance(value, str) and value.isdigit() and lo <= int(value) <= hi:
             return int(value)
-        raise ConfigError(f"invalid {what}: {_show(value)} (a whole number from {lo} to {hi})")
+        raise ConfigError(f"invalid {what}: {shown(value, shell=True)} (a whole number from {lo} to {hi})")
     return value
 
 
 def windows_name(value, what: str = "adapter name") -> str:
     """A Windows adapter name: letters, digits, space, ``_ . ( ) -`` (nothing ``cmd.exe`` interprets)."""
     if not isinstance(value, str) or not _WINDOWS_NAME.match(value) or value != value.strip():
-        raise ConfigError(f"invalid {what}: {_show(value)} (letters, digits, spaces, '_', '.', '(', ')', '-')")
+        raise ConfigError(f"invalid {what}: {shown(value, shell=True)} (letters, digits, spaces, '_', '.', '(', ')', '-')")
     return value
 
 
@@ -139,7 +124,7 @@ def check_options(options: Optional[dict]) -> dict:
             out[key] = windows_name(value, key.replace("_", " "))
         elif key == "persistent":
             if not isinstance(value, bool):
-                raise ConfigError(f"invalid persistent: {_show(value)} (true or false)")
+                raise ConfigError(f"invalid persistent: {shown(value, shell=True)} (true or false)")
             out[key] = value
         else:
             raise ConfigError(f"unknown back-end setup option {key!r}; known: {', '.join(OPTION_HELP)}")
@@ -161,7 +146,7 @@ def check_target(target: SetupTarget) -> SetupTarget:
 
 def check_os(os_name) -> str:
     if os_name not in OPERATING_SYSTEMS:
-        raise ConfigError(f"unknown operating system {_show(os_name)}; choose one of {', '.join(OPERATING_SYSTEMS)}")
+        raise ConfigError(f"unknown operating system {shown(os_name, shell=True)}; choose one of {', '.join(OPERATING_SYSTEMS)}")
     return os_name
 
 

@@ -38,7 +38,8 @@ import struct
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from encapfwd.errors import EncapfwdError
+# the exceptions live with the others (encapfwd.errors); importable from here as before
+from encapfwd.errors import ControlBusy, ControlError, ForeignAnswer, NoAnswer
 
 CONTROL_DIR = "/run/encapfwd"
 ENV_CONTROL = "ENCAPFWD_CONTROL"
@@ -56,18 +57,6 @@ LISTEN_BACKLOG = 8 * MAX_CLIENTS
 DEFERRED_TIMEOUT = 30.0
 #: the answer to a client beyond MAX_CLIENTS
 BUSY = "busy: too many control connections; try again"
-
-
-class ControlError(EncapfwdError):
-    """The control socket cannot be set up (one line)."""
-
-
-class ControlBusy(ValueError):
-    """The dispatcher answered "busy" (too many control connections), or its listen queue was full."""
-
-
-class NoAnswer(TimeoutError):
-    """A dispatcher is there (its socket accepts connections) but gave no answer in time."""
 
 
 class Deferred:
@@ -126,8 +115,9 @@ def query_control(path: Optional[str] = None, command: str = "report", timeout: 
 
     Raises OSError when nothing listens at *path* (FileNotFoundError, ConnectionRefusedError), only root
     may open it (PermissionError) or it does not answer in time (:class:`NoAnswer`, a TimeoutError);
-    ValueError on a bad answer or an error reply — :class:`ControlBusy` when the dispatcher is busy (it
-    answered "busy", or its listen queue stayed full for the whole *timeout*).
+    ValueError on a bad answer or an error reply — :class:`ForeignAnswer` when the answer is not a JSON
+    object (not a dispatcher), :class:`ControlBusy` when the dispatcher is busy (it answered "busy", or its
+    listen queue stayed full for the whole *timeout*).
     """
     path = path or default_control_path()
     deadline = time.monotonic() + timeout
@@ -174,9 +164,9 @@ def query_control(path: Optional[str] = None, command: str = "report", timeout: 
     try:
         answer = json.loads(b"".join(chunks).decode() or "null")
     except (ValueError, RecursionError) as exc:
-        raise ValueError(f"the control socket gave no JSON: {type(exc).__name__}") from None
+        raise ForeignAnswer(f"the control socket gave no JSON: {type(exc).__name__}") from None
     if not isinstance(answer, dict):
-        raise ValueError("the control socket gave no JSON object")
+        raise ForeignAnswer("the control socket gave no JSON object")
     if "error" in answer and len(answer) == 1:
         if str(answer["error"]).startswith("busy"):
             raise ControlBusy(answer["error"])
@@ -196,9 +186,10 @@ def probe(path: str, timeout: float = 5.0) -> str:
         return "stale"
     except OSError:
         return "other"
-    except ValueError as exc:
-        # an error reply ("permission denied", "busy") is still a dispatcher's; no JSON is somebody else
-        return "other" if str(exc).startswith("the control socket gave no JSON") else "encapfwd"
+    except ForeignAnswer:  # no JSON object: somebody else
+        return "other"
+    except ValueError:  # an error reply ("permission denied", "busy") is still a dispatcher's
+        return "encapfwd"
     return "encapfwd" if "pong" in answer else "other"
 
 

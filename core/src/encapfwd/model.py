@@ -17,7 +17,7 @@ from typing import Optional, Tuple, Union
 import attrs
 from attrs import field, frozen
 
-from encapfwd.errors import ConfigError
+from encapfwd.errors import ConfigError, shown
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -31,12 +31,7 @@ MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _PLAIN_ADDRESS = re.compile(r"^[0-9A-Fa-f.:]{2,45}$")
 
 
-def _shown(value) -> str:
-    """*value* for an error message: printable ASCII is quoted, anything else is described, not echoed."""
-    text = str(value)
-    if text.isascii() and text.isprintable() and len(text) <= 64:
-        return repr(text)
-    return "a value with control or non-ASCII characters (not shown)"
+_shown = shown  # the old name, still imported by encapfwd.config
 
 
 def parse_ip(value) -> IPAddress:
@@ -47,17 +42,17 @@ def parse_ip(value) -> IPAddress:
     """
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         if getattr(value, "scope_id", None):
-            raise ConfigError(f"invalid IP address: {_shown(value)} (zone IDs are not accepted)")
+            raise ConfigError(f"invalid IP address: {shown(value)} (zone IDs are not accepted)")
         return value
     text = value.strip() if isinstance(value, str) else None
     if text is None or not _PLAIN_ADDRESS.match(text):
         if text is not None and "%" in text:
-            raise ConfigError(f"invalid IP address: {_shown(value)} (zone IDs are not accepted)")
-        raise ConfigError(f"invalid IP address: {_shown(value)}")
+            raise ConfigError(f"invalid IP address: {shown(value)} (zone IDs are not accepted)")
+        raise ConfigError(f"invalid IP address: {shown(value)}")
     try:
         return ipaddress.ip_address(text)
     except ValueError:
-        raise ConfigError(f"invalid IP address: {_shown(value)}") from None
+        raise ConfigError(f"invalid IP address: {shown(value)}") from None
 
 
 def parse_ipv4(value) -> ipaddress.IPv4Address:
@@ -142,9 +137,9 @@ def parse_int(value, lo: int, hi: int, what: str) -> int:
     elif isinstance(value, str) and _DECIMAL.fullmatch(value):
         number = int(value)
     elif isinstance(value, str) and re.fullmatch(r"[0-9]+", value):
-        raise ConfigError(f"{what} must be between {lo} and {hi}, got {_shown(value)}")
+        raise ConfigError(f"{what} must be between {lo} and {hi}, got {shown(value)}")
     else:
-        raise ConfigError(f"{what} must be a whole number (digits 0-9), got {_shown(value)}")
+        raise ConfigError(f"{what} must be a whole number (digits 0-9), got {shown(value)}")
     if not lo <= number <= hi:
         raise ConfigError(f"{what} must be between {lo} and {hi}, got {number}")
     return number
@@ -168,7 +163,7 @@ def parse_seconds(value, lo: float, hi: float, what: str) -> float:
         number = float(value)
     else:
         raise ConfigError(
-            f"{what} must be a number of seconds (digits 0-9, e.g. 5 or 0.5), got {_shown(value)}"
+            f"{what} must be a number of seconds (digits 0-9, e.g. 5 or 0.5), got {shown(value)}"
         )
     if not lo <= number <= hi:
         raise ConfigError(f"{what} must be between {lo:g} and {hi:g} seconds, got {number:g}")
@@ -434,7 +429,7 @@ def advisor_option_key(key) -> str:
     """An advisor option's key: a lower-case word (``path``, ``status``, ``send``)."""
     text = key.strip().lower() if isinstance(key, str) else None
     if text is None or not _OPTION_KEY.match(text):
-        raise ConfigError(f"invalid advisor option name: {_shown(key)}")
+        raise ConfigError(f"invalid advisor option name: {shown(key)}")
     return text
 
 
@@ -444,7 +439,7 @@ def advisor_option_value(key: str, value) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"advisor option {key!r} must be a string, got {type(value).__name__}")
     if not value.isprintable():
-        raise ConfigError(f"advisor option {key!r}: {_shown(value)} (control characters are not accepted)")
+        raise ConfigError(f"advisor option {key!r}: {shown(value)} (control characters are not accepted)")
     if len(value) > ADVISOR_MAX_OPTION:
         raise ConfigError(f"advisor option {key!r} is longer than {ADVISOR_MAX_OPTION} characters")
     return value

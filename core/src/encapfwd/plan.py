@@ -5,7 +5,7 @@ A plan is data:
 
 - **servers**: one :class:`ServerPlan` per cluster@port@server with a stable server id (``sid``), the
   forwarding method, whether it is up, its weight, and its egress: next-hop MACs, MTU and the encapsulation
-  as a :class:`~encapfwd.hookspecs.Template` (bytes + per-packet fields; empty header for MAC forwarding).
+  as a :class:`~encapfwd.records.Template` (bytes + per-packet fields; empty header for MAC forwarding).
   A third party's method that gives only a Python transform has ``template=None``: the Python engine runs
   it, the XDP program hands its packets up.
 - **ports**: one :class:`PortPlan` per cluster@port: protocols, selection algorithm, timeouts, and for the
@@ -34,8 +34,8 @@ import attrs
 from attrs import field, frozen
 
 from encapfwd.errors import ConfigError
-from encapfwd.hookspecs import Egress, Template
 from encapfwd.model import Config, forwarding_method, server_key
+from encapfwd.records import Egress, Template
 
 #: A Maglev slot no server can take (the port has no eligible server).
 NO_SERVER = -1
@@ -206,7 +206,7 @@ def compile_plan(config: Config, registry, sids: Optional[SidMap] = None) -> Pla
     Raises :class:`ConfigError` / :class:`PluginError` (one line) for anything that would not forward.
     """
     from encapfwd.datapath.templates import resolve
-    from encapfwd.selection.scheduler import MAGLEV_SIZE
+    from encapfwd.selection.algorithms import MAGLEV_SIZE
 
     sids = sids or SidMap()
     servers = []

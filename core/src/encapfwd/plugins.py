@@ -25,8 +25,8 @@ from attrs import define, field
 
 from encapfwd import hookspecs
 from encapfwd.datapath.templates import TemplateTransforms
-from encapfwd.errors import PluginError
-from encapfwd.hookspecs import AdvisorType, Forwarder
+from encapfwd.errors import PluginError, one_line
+from encapfwd.records import AdvisorType, Forwarder
 
 GROUP = "encapfwd"
 ENV_ALLOW = "ENCAPFWD_PLUGINS"
@@ -37,7 +37,7 @@ KNOWN_DISTRIBUTIONS = {"mac": "encapfwd-mac", "ipip": "encapfwd-ipip", "gre": "e
 
 #: Modules of the core that implement hooks like any plugin (registered first, so they run last), by the
 #: name they are registered under (the names they had before the tree was reorganised: plugins may use them).
-BUILTIN_MODULES = {"encapfwd.selection": "encapfwd.selection.scheduler", "encapfwd.advisors": "encapfwd.health.probes"}
+BUILTIN_MODULES = {"encapfwd.selection": "encapfwd.selection.algorithms", "encapfwd.advisors": "encapfwd.health.probes"}
 #: The distribution named as the owner of what the built-in modules register.
 CORE_DISTRIBUTION = "encapfwd"
 
@@ -78,7 +78,7 @@ class Registry:
         return self.pm.hook
 
     def advisors(self) -> Dict[str, AdvisorType]:
-        """The installed advisors: name -> :class:`~encapfwd.hookspecs.AdvisorType` (the core's ``connect``,
+        """The installed advisors: name -> :class:`~encapfwd.records.AdvisorType` (the core's ``connect``,
         ``http`` and ``udp`` included), in registration order."""
         return dict(self.advisor_types)
 
@@ -93,7 +93,7 @@ class Registry:
         """The engines that can run the forwarder *name*: ``("xdp", "python")`` when it is declared with
         ``Forwarder(template=True)`` and its plugin implements ``encapfwd_build_template``, else
         ``("python",)``. Known without a server (no plugin code runs); a server whose template is None or
-        too long for XDP (:data:`~encapfwd.hookspecs.XDP_MAX_HEADER`) still runs in Python.
+        too long for XDP (:data:`~encapfwd.records.XDP_MAX_HEADER`) still runs in Python.
         """
         forwarder = self.forwarder(name)
         if forwarder.template:
@@ -176,7 +176,7 @@ def get_plugin_manager(*, load_entrypoints: bool = True, plugins=()) -> Registry
                 plugin = ep.load()
                 _register_checked(pm, plugin, ep.name)
             except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the CLI down
-                record.status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+                record.status = one_line(f"failed: {type(exc).__name__}: {exc}", None, first=True)
                 _warn(f"plugin {dist} could not be loaded: {record.status[len('failed: '):]}")
                 continue
             record.hooks = _hook_names(pm, plugin)
@@ -243,7 +243,7 @@ def _collect(registry: Registry, hook_name: str, cls, what: str, store: dict, ow
         except Exception as exc:  # noqa: BLE001
             if record is None:
                 raise
-            record.status = f"failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            record.status = one_line(f"failed: {type(exc).__name__}: {exc}", None, first=True)
             _warn(f"plugin {dist} failed to register its {what}s: {record.status[len('failed: '):]}")
             # what the plugin registered before failing goes with it, forwarders and advisors alike
             for name in record.forwarders:

@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         name=exc.name, path=exc.path,
     ) from exc
 
-from encapfwd.hookspecs import Egress
+from encapfwd.records import Egress
 
 #: Settings for the property tests: enough examples to cover options/flags/sizes, no deadline (CI load).
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -80,7 +80,7 @@ def inner_ipv6(draw):
 
 @st.composite
 def egresses(draw, outer: bool = True):
-    """A random :class:`~encapfwd.hookspecs.Egress` (MACs, outer addresses and TTL when *outer*)."""
+    """A random :class:`~encapfwd.records.Egress` (MACs, outer addresses and TTL when *outer*)."""
     return Egress(
         src_mac=draw(macs),
         dst_mac=draw(macs),

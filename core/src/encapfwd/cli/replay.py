@@ -28,7 +28,7 @@ def _config_path(ctx) -> str:
     if path is None:
         from encapfwd import config as cfg
 
-        path = os.environ.get(getattr(cfg, "ENV_CONFIG", "ENCAPFWD_CONFIG")) or getattr(cfg, "DEFAULT_PATH", None)
+        path = cfg.default_path()
     return path
 
 
@@ -37,6 +37,7 @@ def _dispatcher(ctx, engine: str = "python"):
     *engine* ``xdp``, the kernel program run by BPF_PROG_TEST_RUN with the dispatcher as its slow path."""
     from encapfwd import config as cfg
     from encapfwd.datapath.dispatcher import Dispatcher
+    from encapfwd.plan import compile_plan
     from encapfwd.plugins import get_plugin_manager
 
     path = _config_path(ctx)
@@ -47,6 +48,7 @@ def _dispatcher(ctx, engine: str = "python"):
         raise ConfigError(f"{path}: no cluster is configured, every frame would be dropped")
     registry = get_plugin_manager()
     cfg.check(config, registry)
+    plan = compile_plan(config, registry)  # every executor runs this plan
     if engine == "xdp":
         from encapfwd.xdp import libbpf
         from encapfwd.xdp.offline import XDPExecutor
@@ -54,7 +56,7 @@ def _dispatcher(ctx, engine: str = "python"):
         ok, why = libbpf.available()
         if not ok:
             raise EncapfwdError(f"--engine xdp: {why}")
-        return XDPExecutor(config, registry)
+        return XDPExecutor(plan, registry)
     if engine == "tc":
         from encapfwd.xdp import libbpf
         from encapfwd.xdp.tc import TCExecutor
@@ -62,8 +64,8 @@ def _dispatcher(ctx, engine: str = "python"):
         ok, why = libbpf.available()
         if not ok:
             raise EncapfwdError(f"--engine tc: {why}")
-        return TCExecutor(config, registry)
-    return Dispatcher(config, registry)
+        return TCExecutor(plan, registry)
+    return Dispatcher(plan, registry)
 
 
 def _print_summary(summary: dict) -> None:
@@ -143,9 +145,7 @@ def replay_command(ctx, infile, outfile, as_json, progress, engine, any_mac):
         else:
             summary = replay(dispatcher, infile, outfile, any_mac=any_mac)
     finally:
-        close = getattr(dispatcher, "close", None)
-        if close is not None:
-            close()
+        dispatcher.close()
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:

@@ -109,8 +109,8 @@ def run_command(ctx, interface, workers, control, cpus, answer_arp, qdisc_bypass
     SIGHUP reloads the configuration (established flows keep their server);
     SIGTERM or Ctrl-C stops.
     """
-    from encapfwd.runtime import controller as live
     from encapfwd.plugins import get_plugin_manager
+    from encapfwd.runtime import controller as live
 
     try:
         cpu_list = _cpus(cpus)
@@ -176,7 +176,7 @@ def lab_command(requests, methods, keep, as_json, failover, dispatchers, kill, r
     Needs root, iproute2, ethtool; user-mode-linux for IPIP/GRE when the
     host kernel has no ipip/ip_gre modules.
     """
-    from encapfwd.lab.topology import run_lab
+    from encapfwd.lab.demo import run_lab
 
     wanted = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in wanted if m not in ("mac", "ipip", "gre")]

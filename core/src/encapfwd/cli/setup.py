@@ -15,8 +15,8 @@ from __future__ import annotations
 import click
 
 from encapfwd import backend_setup as S
-from encapfwd.errors import ConfigError, PluginError, SetupRefused
-from encapfwd.hookspecs import OPERATING_SYSTEMS
+from encapfwd.errors import ConfigError, PluginError, SetupRefused, one_line
+from encapfwd.records import OPERATING_SYSTEMS
 
 
 def _render(registry, config, cluster, port, server, os_name, undo, options) -> str:
@@ -34,13 +34,8 @@ def _render(registry, config, cluster, port, server, os_name, undo, options) -> 
     return text if text.endswith("\n") else text + "\n"
 
 
-def _one_line(text) -> str:
-    """*text* on one line: anything but a printable character (a newline above all) becomes ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in str(text))
-
-
 def _comment(mark: str, text) -> str:
-    return f"{mark} {_one_line(text)}\n"
+    return f"{mark} {one_line(text, None, printable=True)}\n"
 
 
 def _grouped(registry, config, os_name, undo, options):
@@ -64,7 +59,7 @@ def _grouped(registry, config, os_name, undo, options):
             try:
                 text = _render(registry, config, item.cluster, item.port, item.server, os_name, undo, options)
             except (SetupRefused, PluginError) as exc:
-                reason = _one_line(exc)
+                reason = one_line(exc, None, printable=True)
                 refused.append(f"{cluster_address}@{S.number(item.port.number, 0, 65535, 'port')}"
                                f"@{server_address}: {reason}")
                 out.append(_comment(mark, f"refused: {reason}"))

@@ -1,4 +1,5 @@
-"""The dispatcher: the Python executor of a forwarding plan, ``process(frame, now) -> [frames]`` with counters.
+"""The dispatcher: the Python executor of a forwarding plan (a :class:`~encapfwd.executor.FrameExecutor`),
+``process(frame, now) -> [frames]`` with counters.
 
 Configuration time (``Dispatcher(config or plan, registry)`` and ``reload``): the controller's
 :class:`~encapfwd.plan.Plan` (compiled here from a Config when given one) holds every server's forwarding
@@ -20,7 +21,6 @@ from ipaddress import ip_address
 from typing import Dict, List, Optional
 
 from encapfwd.datapath import packet as pk
-
 from encapfwd.model import server_key as server_name
 from encapfwd.plan import Plan, SidMap, compile_plan
 from encapfwd.selection.scheduler import Scheduler
@@ -144,9 +144,12 @@ class Dispatcher:
             return config_or_plan.bind(self.registry)
         return compile_plan(config_or_plan, self.registry, self._sids)
 
+    def install(self, plan: Plan) -> None:
+        """Run *plan* from now on; counters of servers that stay are kept, flows keep their server."""
+        self._compile(self._plan_of(plan))
+
     def reload(self, config) -> None:
-        """Switch to a new configuration or :class:`~encapfwd.plan.Plan`; counters of servers that stay are
-        kept, flows keep their server."""
+        """:meth:`install` of a new configuration (compiled here) or :class:`~encapfwd.plan.Plan`."""
         self._compile(self._plan_of(config))
 
     def _compile(self, plan: Plan) -> None:
@@ -427,6 +430,9 @@ class Dispatcher:
         """Forget fragment-table entries and held fragments older than ``FRAG_TIMEOUT`` (live engines may call
         this now and then; it also runs whenever a fragment arrives)."""
         self._expire(now)
+
+    def close(self) -> None:
+        """Nothing to release (the executor interface: :class:`~encapfwd.executor.FrameExecutor`)."""
 
     def flush(self) -> None:
         """Give up on every fragment still waiting for its first fragment (counted as ``frag-timeout``)."""

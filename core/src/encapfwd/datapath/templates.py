@@ -1,8 +1,8 @@
-"""Encapsulations as data: the Python executor of a :class:`~encapfwd.hookspecs.Template`, and how the core
+"""Encapsulations as data: the Python executor of a :class:`~encapfwd.records.Template`, and how the core
 turns a server's method into a template and a transform.
 
 - :func:`template_transform` compiles ``transform(p_prime) -> frame`` from a template, once per server. It
-  runs exactly the contract of :class:`~encapfwd.hookspecs.Template`, which the XDP program implements too.
+  runs exactly the contract of :class:`~encapfwd.records.Template`, which the XDP program implements too.
 - :func:`resolve` asks ``encapfwd_build_template`` first and derives the transform from the template; a
   method that cannot be described as data falls back to ``encapfwd_build_transform`` (Python engine only).
   Plugin failures become one-line :class:`~encapfwd.errors.PluginError` naming the distribution.
@@ -31,9 +31,10 @@ import struct
 import zlib
 from typing import Optional, Tuple
 
-from encapfwd.errors import EncapfwdError, PluginError
-from encapfwd.hookspecs import Template, Transform, hookimpl
 from encapfwd.datapath.packet import mac_bytes
+from encapfwd.errors import EncapfwdError, PluginError, one_line
+from encapfwd.hookspecs import hookimpl
+from encapfwd.records import Template, Transform
 
 #: Headers of DF packets kept per server, by TOS and length (DF packets all have identification 0).
 HEADER_CACHE = 4096
@@ -67,7 +68,7 @@ def template_transform(template: Template, egress, ident_start: int = 1) -> Tran
     """Compile ``transform(p_prime) -> frame`` running *template* for the server behind *egress*.
 
     The frame is ``Ethernet(egress.dst_mac, egress.src_mac, type) + header' + P'`` exactly as
-    :class:`~encapfwd.hookspecs.Template` specifies. The transform never raises for any bytes P'.
+    :class:`~encapfwd.records.Template` specifies. The transform never raises for any bytes P'.
     Each transform keeps its own identification counter for DF-clear packets: *ident_start*, +1, …, in the
     Python engine's half of the space, 0x0000-0x7FFF (the XDP program numbers in 0x8000-0xFFFF), so the
     executors of one dispatcher never hand out the same sequence; forked workers start at random points.
@@ -218,15 +219,11 @@ def _ipv4(template: Template, eth: bytes, ident_start: int = 1) -> Transform:
 # ------------------------------------------------------------------------------------ resolving a method
 
 
-def _one_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
-
-
 def resolve(registry, method: str, server, egress, *, name: Optional[str] = None
             ) -> Tuple[Optional[Template], Transform]:
     """The template (None for a Python-only method) and the transform that send P' to *server*.
 
-    Asks ``encapfwd_build_template`` first: a :class:`~encapfwd.hookspecs.Template` gives
+    Asks ``encapfwd_build_template`` first: a :class:`~encapfwd.records.Template` gives
     ``template_transform(template, egress)``; None falls back to the plugins' ``encapfwd_build_transform``.
     A plugin that raises (other than an :class:`~encapfwd.errors.EncapfwdError`, passed on as is), returns
     something else than a Template, or builds nothing is a one-line
@@ -242,7 +239,7 @@ def resolve(registry, method: str, server, egress, *, name: Optional[str] = None
         raise
     except Exception as exc:  # noqa: BLE001 - a plugin bug becomes one clear line
         raise PluginError(
-            f"{who}: the {owner} plugin failed to build its {method!r} template: {_one_line(exc)}"
+            f"{who}: the {owner} plugin failed to build its {method!r} template: {one_line(f'{type(exc).__name__}: {exc}', None, first=True)}"
         ) from None
     if template is not None:
         if not isinstance(template, Template):
@@ -260,7 +257,7 @@ def resolve(registry, method: str, server, egress, *, name: Optional[str] = None
         raise
     except Exception as exc:  # noqa: BLE001
         raise PluginError(
-            f"{who}: the {owner} plugin failed to build its {method!r} transform: {_one_line(exc)}"
+            f"{who}: the {owner} plugin failed to build its {method!r} transform: {one_line(f'{type(exc).__name__}: {exc}', None, first=True)}"
         ) from None
     if not callable(transform):
         raise PluginError(

@@ -725,8 +725,8 @@ def flowsync_for(controller) -> Optional[FlowSync]:
     executor = controller.config.executor
     if not executor.syncpeers:
         return None
-    from encapfwd.runtime.common import LiveError
     from encapfwd.flowsync.sweep import TableOf
+    from encapfwd.runtime.common import LiveError
 
     try:
         key = read_key(executor.synckey)
@@ -742,7 +742,7 @@ def flowsync_for(controller) -> Optional[FlowSync]:
 
         def table_of():
             return workers
-    sync = FlowSync(executor, lambda: controller.dispatcher.plan, table_of, key=key)
+    sync = FlowSync(executor, lambda: controller.plan, table_of, key=key)
     if workers is not None:
         workers.stats = sync.stats
     log(f"sync: flows synchronised with {', '.join(p.text for p in sync.peers)} on UDP port {sync.port} "

@@ -44,9 +44,9 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional
 
-from encapfwd.selection.flowtable import AFFINITY, CLOSING, COUNTED, SHIFT, SID_MASK
 from encapfwd.model import server_key
 from encapfwd.runtime.afpacket.messaging import send_msg
+from encapfwd.selection.flowtable import AFFINITY, CLOSING, COUNTED, SHIFT, SID_MASK
 
 #: keys noted by a worker and not yet taken by the controller, at most
 JOURNAL_MAX = 1 << 16
@@ -95,8 +95,8 @@ class WorkerJournal:
 
     @property
     def table(self):
-        scheduler = getattr(self.dispatcher, "scheduler", None)
-        if scheduler is None or getattr(scheduler, "_stateless", False) or not scheduler.table.maxflows:
+        scheduler = self.dispatcher.scheduler
+        if scheduler.stateless or not scheduler.table.maxflows:
             return None
         return scheduler.table
 
@@ -114,9 +114,9 @@ class WorkerJournal:
             table.note = None
 
     def index(self) -> Optional[_Index]:
-        plan = getattr(self.dispatcher, "plan", None)
+        plan = self.dispatcher.plan
         table = self.table
-        if plan is None or table is None:
+        if table is None:
             return None
         if self._index is None or self._index.plan is not plan:
             self._index = _Index(plan, table)

@@ -25,8 +25,8 @@ import struct
 import time
 from typing import Callable, Dict, Optional, Tuple
 
-from encapfwd.hookspecs import ProbeResult
 from encapfwd.datapath.packet import checksum
+from encapfwd.records import ProbeResult
 
 ETH_P_IP = 0x0800
 SO_ATTACH_FILTER = 26

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 
 from attrs import define, field
 
+from encapfwd.errors import one_line
 from encapfwd.model import server_key
 from encapfwd.runtime.common import LiveError, WakePipe, log
 
@@ -304,11 +305,11 @@ async def _probe(kind, target: Target, forwarding=None) -> Tuple[bool, str, floa
         probe = kind.probe(target.address, target.port, target.options, target.timeout)
     try:
         result = await asyncio.wait_for(probe, target.timeout + 0.5)
-        return bool(result.ok), str(result.detail).splitlines()[0] if result.detail else "", float(result.latency)
+        return bool(result.ok), one_line(result.detail, None, first=True) if result.detail else "", float(result.latency)
     except asyncio.TimeoutError:
         return False, "timeout", time.monotonic() - started
     except Exception as exc:  # noqa: BLE001 - a probe's bug is a failed probe
-        return False, f"{type(exc).__name__}: {exc}".splitlines()[0], time.monotonic() - started
+        return False, one_line(f"{type(exc).__name__}: {exc}", None, first=True), time.monotonic() - started
 
 
 def with_health(config, down: Dict[str, str]):

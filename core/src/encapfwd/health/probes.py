@@ -20,9 +20,9 @@ import socket
 import time
 from typing import Awaitable, Callable, List, Mapping, Tuple
 
-from encapfwd.errors import ConfigError
-from encapfwd.hookspecs import AdvisorType, ProbeResult, hookimpl
-from encapfwd.model import _shown
+from encapfwd.errors import ConfigError, shown
+from encapfwd.hookspecs import hookimpl
+from encapfwd.records import AdvisorType, ProbeResult
 
 #: What ``http`` accepts when ``status`` is not set.
 DEFAULT_STATUS = "200-399"
@@ -30,8 +30,6 @@ DEFAULT_STATUS = "200-399"
 MAX_STATUS_LINE = 8192
 #: Longest ``udp`` payload (``send``, ``expect``), in bytes.
 MAX_PAYLOAD = 1024
-#: Largest answer ``udp`` reads.
-MAX_ANSWER = 65535
 
 _STATUS_LINE = re.compile(rb"^HTTP/[0-9]\.[0-9] ([0-9]{3})(?:[ \r\n]|$)")
 _STATUS_RANGE = re.compile(r"^([0-9]{3})(?:-([0-9]{3}))?$")
@@ -50,12 +48,12 @@ def parse_status(text: str) -> Tuple[Tuple[int, int], ...]:
     for part in text.split(","):
         match = _STATUS_RANGE.match(part)
         if not match:
-            raise ConfigError(f"http: invalid status {_shown(text)} (expected e.g. 200, 200-299 or 200,301-302)")
+            raise ConfigError(f"http: invalid status {shown(text)} (expected e.g. 200, 200-299 or 200,301-302)")
         lo = int(match.group(1))
         hi = int(match.group(2) or lo)
         if not 100 <= lo <= hi <= 599:
             raise ConfigError(
-                f"http: invalid status {_shown(text)} (statuses are 100-599, a range goes from low to high)"
+                f"http: invalid status {shown(text)} (statuses are 100-599, a range goes from low to high)"
             )
         ranges.append((lo, hi))
     return tuple(ranges)
@@ -64,10 +62,10 @@ def parse_status(text: str) -> Tuple[Tuple[int, int], ...]:
 def check_path(path: str) -> str:
     """An HTTP request path: starts with ``/``; printable ASCII without spaces; at most 1024 characters."""
     if not isinstance(path, str) or not path.startswith("/"):
-        raise ConfigError(f"http: path must start with '/', got {_shown(path)}")
+        raise ConfigError(f"http: path must start with '/', got {shown(path)}")
     if not all(0x21 <= ord(c) <= 0x7E for c in path):
         raise ConfigError(
-            f"http: path {_shown(path)} has spaces, control or non-ASCII characters "
+            f"http: path {shown(path)} has spaces, control or non-ASCII characters "
             "(percent-encode them, e.g. %20)"
         )
     if len(path) > 1024:
@@ -78,10 +76,10 @@ def check_path(path: str) -> str:
 def check_host(host: str) -> str:
     """A ``Host`` header: a name or an address, ``[IPv6]``, optionally ``:port``."""
     if not isinstance(host, str) or not _HOST.match(host):
-        raise ConfigError(f"http: invalid host {_shown(host)} (a name or address, optionally with :port)")
+        raise ConfigError(f"http: invalid host {shown(host)} (a name or address, optionally with :port)")
     port = host.rsplit("]", 1)[-1].partition(":")[2] if host.startswith("[") else host.partition(":")[2]
     if port and not 1 <= int(port) <= 65535:
-        raise ConfigError(f"http: invalid host {_shown(host)}: the port must be from 1 to 65535")
+        raise ConfigError(f"http: invalid host {shown(host)}: the port must be from 1 to 65535")
     return host
 
 
@@ -92,12 +90,12 @@ def parse_payload(text: str, key: str) -> bytes:
     if text[:4].lower() == "hex:":
         digits = text[4:]
         if not _HEX.match(digits):
-            raise ConfigError(f"udp: {key} {_shown(text)}: after hex: come pairs of hex digits (e.g. hex:0a1b)")
+            raise ConfigError(f"udp: {key} {shown(text)}: after hex: come pairs of hex digits (e.g. hex:0a1b)")
         data = bytes.fromhex(digits)
     elif text.isascii() and text.isprintable():
         data = text.encode("ascii")
     else:
-        raise ConfigError(f"udp: {key} {_shown(text)}: printable ASCII text or hex:… for other bytes")
+        raise ConfigError(f"udp: {key} {shown(text)}: printable ASCII text or hex:… for other bytes")
     if len(data) > MAX_PAYLOAD:
         raise ConfigError(f"udp: {key} is longer than {MAX_PAYLOAD} bytes")
     return data
@@ -157,7 +155,7 @@ def _family(address: str) -> int:
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
-        raise ConfigError(f"invalid address {_shown(address)}") from None
+        raise ConfigError(f"invalid address {shown(address)}") from None
     return socket.AF_INET6 if ip.version == 6 else socket.AF_INET
 
 

@@ -29,17 +29,13 @@ from typing import List, Optional
 
 from attrs import frozen
 
-from encapfwd.errors import EncapfwdError
+from encapfwd.errors import GuestError  # defined with the other exceptions; importable from here too
 from encapfwd.lab.netns import LabUnavailable, Namespace
 
 _live: "weakref.WeakSet[Guest]" = weakref.WeakSet()
 
 #: names of guest work folders: ``efwuml<creator pid>-…`` (the prefix predates QEMU guests)
 WORKDIR_PREFIX = "efwuml"
-
-
-class GuestError(EncapfwdError):
-    """The guest did not boot, did not answer in time, or died."""
 
 
 @frozen

@@ -23,7 +23,7 @@ import socket
 import subprocess
 from typing import Iterable, List, Optional, Sequence
 
-from encapfwd.errors import EncapfwdError
+from encapfwd.errors import LabUnavailable  # defined with the other exceptions; importable from here too
 
 CLONE_NEWNET = 0x40000000
 ETH_P_ALL = 0x0003
@@ -32,10 +32,6 @@ PREFIX = "efw"
 
 _counter = itertools.count(1)
 _libc = None
-
-
-class LabUnavailable(EncapfwdError):
-    """This machine cannot run the lab: not root, or a package is missing (the message says which)."""
 
 
 def lab_unavailable_reason(tools: Iterable[str] = ("ip",)) -> Optional[str]:
@@ -127,10 +123,6 @@ class Namespace:
         """Set a sysctl of this namespace (``net.ipv4.conf.all.rp_filter`` form or a /proc/sys path)."""
         path = key if key.startswith("/proc/sys/") else "/proc/sys/" + key.replace(".", "/")
         self.run(["sh", "-c", 'echo "$1" > "$2"', "sh", str(value), path])
-
-    def read_sysctl(self, key: str) -> str:
-        path = key if key.startswith("/proc/sys/") else "/proc/sys/" + key.replace(".", "/")
-        return self.run(["cat", path]).stdout.strip()
 
     def ethtool_offload(self, dev: str, **features: bool) -> None:
         """``ethtool -K dev tx off ...``: e.g. ``tx=False`` so AF_PACKET sees complete checksums."""

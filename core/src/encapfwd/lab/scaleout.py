@@ -26,13 +26,14 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from encapfwd.errors import one_line
 from encapfwd.lab.netns import LabUnavailable, Namespace, veth_pair
 from encapfwd.lab.topology import (
     CLIENT,
     DISPATCHER,
+    DISPATCHER6,
     PORT,
     ROUTER_LAN,
-    DISPATCHER6,
     ROUTER_LAN6,
     SERVERS,
     VIP6_NET,
@@ -162,10 +163,6 @@ def router_unavailable(router: str = "bird") -> Optional[str]:
     if exabgp_path() is None:
         return "ExaBGP is not installed (pip install 'encapfwd[bgp]'; ./dev installs it)"
     return None
-
-
-def bird_unavailable() -> Optional[str]:
-    return router_unavailable("bird")
 
 
 def scaleout_unavailable(methods=("mac", "ipip", "gre"), router: str = "bird") -> Optional[str]:
@@ -455,7 +452,7 @@ def run_scaleout_lab(dispatchers: int, methods=("mac", "ipip", "gre"), requests:
     try:
         _show(dispatchers, methods, requests, kill, echo, result, router)
     except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        raise LabError(f"the scale-out lab failed: {type(exc).__name__}: {exc}".splitlines()[0]) from None
+        raise LabError(one_line(f"the scale-out lab failed: {type(exc).__name__}: {exc}", None, first=True)) from None
     echo(f"\nLab torn down ({time.monotonic() - started:.1f} s). Result: {'OK' if result['ok'] else 'FAILED'}.")
     return result
 

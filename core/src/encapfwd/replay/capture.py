@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from itertools import count
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from encapfwd.errors import EncapfwdError
+from encapfwd.errors import CaptureError  # the class lives with the other exceptions
 
 LINKTYPE_ETHERNET = 1
 SNAPLEN = 262144
@@ -33,10 +33,6 @@ _PCAP_MAGIC = {
     b"\xa1\xb2\x3c\x4d": (">", 1e-9),
 }
 _PCAPNG_SHB = b"\x0a\x0d\x0d\x0a"
-
-
-class CaptureError(EncapfwdError):
-    """The input is not a capture this engine can read."""
 
 
 # Other link types are given an Ethernet header so the dispatcher sees what a live interface delivers:
@@ -428,10 +424,9 @@ class PcapWriter:
 # ------------------------------------------------------------------------------------------------ replay
 
 
-def local_mac(dispatcher) -> Optional[bytes]:
-    """The MAC *dispatcher* forwards frames for (its plan's executor ``mac``), or None when it has none."""
-    plan = getattr(dispatcher, "plan", None)
-    mac = plan.config.executor.mac if plan is not None else None
+def local_mac(executor) -> Optional[bytes]:
+    """The MAC *executor* forwards frames for (its plan's executor ``mac``), or None when it has none."""
+    mac = executor.plan.config.executor.mac
     if not mac:
         return None
     from encapfwd.datapath.packet import mac_bytes
@@ -449,7 +444,8 @@ def readdress(frame: bytes, local: Optional[bytes]) -> bytes:
 
 def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], None]] = None,
            any_mac: bool = False) -> dict:
-    """Forward every frame of *in_path* through *dispatcher*, write what it sends to *out_path*.
+    """Forward every frame of *in_path* through *dispatcher* (any :class:`~encapfwd.executor.FrameExecutor`),
+    write what it sends to *out_path*.
 
     Only frames sent to the dispatcher's MAC are forwarded, as live (raw IP and cooked frames are given
     it); with *any_mac* every unicast frame is taken as sent to it.
@@ -486,9 +482,7 @@ def replay(dispatcher, in_path, out_path, progress: Optional[Callable[[int], Non
                     pending = 0
         if progress is not None and pending:
             progress(pending)
-        dispatcher_flush = getattr(dispatcher, "flush", None)
-        if dispatcher_flush is not None:
-            dispatcher_flush()
+        dispatcher.flush()
         frames_out = writer.count
     seconds = time.perf_counter() - started
     report = dispatcher.report()

@@ -21,7 +21,10 @@ import threading
 import time
 from typing import Dict, List
 
-from encapfwd.errors import LiveError  # noqa: F401 - defined in errors.py, imported from here by the runtime
+from encapfwd.errors import (
+    LiveError,  # noqa: F401 - defined in errors.py, imported from here by the runtime
+    one_line,  # noqa: F401 - defined in errors.py, imported from here by the runtime
+)
 
 #: identical lines written in full per window (the rest are counted)
 BURST = 5
@@ -174,12 +177,6 @@ class WakePipe:
             except OSError:
                 pass
         self._rfd = self._wfd = -1
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    """*text* on one line (whitespace runs collapsed), at most *limit* characters."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def summarize(items, shown: int = 5) -> str:

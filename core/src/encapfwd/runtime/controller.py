@@ -1,25 +1,25 @@
-"""Live forwarding on Linux: AF_PACKET rings around the dispatcher (``encapfwd run``).
+"""The live controller (``encapfwd run``): one process that compiles the plan and hands it to its executors.
 
 Shape::
 
-    controller process (signals, control socket, configuration, neighbour resolution)   live.py
-      ├── worker 0: RX ring (TPACKET_V3) ─► Dispatcher.process ─► TX ring (TPACKET_V2) ─► send()
-      ├── worker 1: same, in the same PACKET_FANOUT group (flow hash) …
-      └── …
+    controller process (signals, control socket, configuration, neighbour resolution, health, BGP, sync)
+      │  compile_plan(config) ─► Plan ─► every executor's install(plan)       (encapfwd.executor)
+      ├── the XDP or TC program (runtime/xdp.py, runtime/tc.py), when the engine is xdp or tc
+      └── the AF_PACKET worker pool (runtime/afpacket/): the whole data path, or the kernel program's slow path
+            ├── worker 0: RX ring (TPACKET_V3) ─► Dispatcher.process ─► TX ring (TPACKET_V2) ─► send()
+            └── worker 1 …: same, in the same PACKET_FANOUT group (flow hash)
 
-Modules: ``live`` (the :class:`Controller` and :func:`run`), ``control`` (the control socket: server and
-client), ``netlink`` (interface, neighbour and route lookups), ``prepare`` (loading and preparing a
-configuration), ``checksum`` (completion of offloaded checksums), ``messaging`` (controller ↔ worker),
-``worker`` (a worker's loop), ``supervisor`` (forking and restarting workers: the AF_PACKET executor),
-``afpacket`` (rings, socket filter).
+The engine (which executor forwards first) is chosen by :mod:`.engine`; the control socket is
+:mod:`encapfwd.control`; the configuration is prepared by :mod:`.prepare` and its MACs resolved by
+:mod:`.neighbours`.
 
 - A classic BPF socket filter lets only frames addressed to this host whose destination is a cluster
   address reach user space; everything else stays in the kernel.
 - Every worker compiles the same configuration, so selection (Maglev over the 5-tuple) is identical in all
   of them; the kernel's flow hash keeps a connection on one worker, hence on one flow table.
-- SIGHUP: the controller reloads the configuration file, resolves MACs again, validates, and hands the new
-  configuration to every executor (each worker calls ``Dispatcher.reload``; established flows keep their
-  server). A configuration that does not load or compile — for whatever reason — is reported on one line
+- SIGHUP: the controller reloads the configuration file, resolves MACs again, validates, compiles it and
+  hands the new plan to every executor (each worker installs it in its dispatcher; established flows keep
+  their server). A configuration that does not load or compile — for whatever reason — is reported on one line
   and the old one stays in force. Neighbour resolution never happens in the loop: a reload whose MACs are
   missing finishes when they resolved or :data:`~.neighbours.RESOLVE_BOUND` passed, the loop serving
   control requests and signals meanwhile (:mod:`.neighbours`).
@@ -44,17 +44,26 @@ from typing import Dict, List, Optional, Tuple
 
 import attrs
 
-from encapfwd.errors import EncapfwdError
-from encapfwd.model import server_key
-from encapfwd.runtime.common import LiveError, flush_log, log, one_line, summarize
-# published here before the tree was reorganised (``encapfwd.engines.live``): still importable from here
-from encapfwd.control import query_control  # noqa: F401
-from encapfwd.runtime.netlink import Interface  # noqa: F401
+from encapfwd.bgp.speaker import Speaker, bgp_settings
 from encapfwd.control import (
     ControlServer,
     Deferred,
     default_control_path,
+    query_control,  # noqa: F401 - published here before (encapfwd.engines.live): still importable from here
 )
+from encapfwd.errors import EncapfwdError, InterfaceBusy
+from encapfwd.executor import LiveExecutor
+from encapfwd.flowsync.service import flowsync_for  # flow synchronisation (executor syncpeers)
+from encapfwd.health.manager import HealthManager, targets_of, with_health
+from encapfwd.model import server_key
+from encapfwd.plan import Plan, compile_plan
+from encapfwd.runtime.afpacket.pool import WorkerPool
+from encapfwd.runtime.afpacket.worker import tx_mtu_limit
+from encapfwd.runtime.common import LiveError, flush_log, log, one_line, summarize
+from encapfwd.runtime.engine import choose_engine
+from encapfwd.runtime.metrics import start_metrics  # metrics (--metrics)
+from encapfwd.runtime.neighbours import RESOLVE_BOUND, NeighbourResolver
+from encapfwd.runtime.netlink import Interface  # noqa: F401 - as query_control
 from encapfwd.runtime.prepare import (
     check_platform,
     cluster_addresses,
@@ -64,17 +73,9 @@ from encapfwd.runtime.prepare import (
     load_config,
     stage,
 )
-from encapfwd.runtime.neighbours import RESOLVE_BOUND, NeighbourResolver
-from encapfwd.runtime.afpacket.pool import WorkerPool
-from encapfwd.runtime.metrics import start_metrics  # metrics (--metrics)
 from encapfwd.runtime.sdnotify import QUIET, Lifecycle  # systemd (Type=notify)
-from encapfwd.bgp.speaker import Speaker, bgp_settings
-from encapfwd.flowsync.service import flowsync_for  # flow synchronisation (executor syncpeers)
-from encapfwd.health.manager import HealthManager, targets_of, with_health
-from encapfwd.runtime.engine import choose_engine
 from encapfwd.runtime.tc import TCProgram
 from encapfwd.runtime.xdp import KernelFlows, XDPProgram
-from encapfwd.runtime.afpacket.worker import tx_mtu_limit
 
 ENV_NEIGH_REFRESH = "ENCAPFWD_NEIGH_REFRESH"
 FANOUT_BASE = 0x4E00
@@ -115,11 +116,11 @@ def _first(values):
 
 
 class Controller:
-    """Prepares the configuration, starts the executors (the AF_PACKET worker pool), serves the control
-    socket, reloads on SIGHUP, stops on SIGTERM/SIGINT.
+    """Prepares the configuration, compiles its plan, starts the executors, serves the control socket,
+    reloads on SIGHUP, stops on SIGTERM/SIGINT.
 
-    Executors (see :mod:`.supervisor`) receive the prepared, immutable configuration and the controller's
-    compiled dispatcher; another kind (e.g. an XDP program) can sit in :attr:`executors` beside the pool.
+    :attr:`executors` are :class:`~encapfwd.executor.LiveExecutor` s (the kernel program first when there is
+    one, then the AF_PACKET worker pool): they receive only the plan (:attr:`plan`).
     """
 
     #: what systemd is told (engines/sdnotify.py); __init__ sets the real one
@@ -140,7 +141,6 @@ class Controller:
         xdp_mode: str = "auto",
         metrics: Optional[str] = None,  # metrics (--metrics HOST:PORT)
     ):
-        from encapfwd.datapath.dispatcher import Dispatcher
         from encapfwd.plan import SidMap
 
         check_platform()
@@ -154,7 +154,6 @@ class Controller:
         self.cpus = cpus
         self.answer_arp = answer_arp
         self.qdisc_bypass = qdisc_bypass
-        self._Dispatcher = Dispatcher
         config = load_config(config_path)
         self.asked_engine = engine
         choice = choose_engine(engine, interface or config.executor.interface, xdp_mode)
@@ -185,7 +184,7 @@ class Controller:
         # the TX rings are sized for the interface's MTU at start; a larger one needs a restart
         self.max_mtu = tx_mtu_limit(self.iface.mtu)
         #: the advisors' manager (None when the configuration has no advisor)
-        self.manager = self._new_manager(self.config) if getattr(self.config, "advisors", ()) else None
+        self.manager = self._new_manager(self.config) if self.config.advisors else None
         self.health_changes = 0
         #: the BGP speaker (docs/scale-out.md); None without an executor bgppeer
         self.bgp = Speaker(self.config.executor) if self.config.executor.bgppeer is not None else None
@@ -193,8 +192,8 @@ class Controller:
         #: why each server the running plan leaves out is out ({name: reason}); the advisors' verdicts in it
         self.down_reasons: Dict[str, str] = {}
         self.applied_health: Dict[str, str] = {}
-        self.dispatcher, self.down_reasons, self.applied_health = self._compose(self.config, unresolved,
-                                                                                 staged.config)
+        #: the plan every executor runs (compiled here: executors receive only the plan)
+        self.plan, self.down_reasons, self.applied_health = self._compose(self.config, unresolved, staged.config)
         self.resolver.watch(self.macs)
         #: a reload waiting for neighbour resolution (its staged configuration and ticket), and the control
         #: clients waiting for a reload's answer
@@ -216,10 +215,12 @@ class Controller:
             answer_arp=answer_arp,
             qdisc_bypass=qdisc_bypass,
             in_child=self._in_child,
+            registry=registry,
+            flow_sink=self.kernel_flows if self.engine in ("xdp", "tc") else None,
         )
         self.xdp = (XDPProgram(self.iface, choice.mode, self.kernel_flows, choice) if self.engine == "xdp"
                     else TCProgram(self.iface, self.kernel_flows, choice) if self.engine == "tc" else None)
-        self.executors = [self.pool] if self.xdp is None else [self.xdp, self.pool]
+        self.executors: List[LiveExecutor] = [self.pool] if self.xdp is None else [self.xdp, self.pool]
         self.started = time.time()
         self.reloads = 0
         self.reload_errors = 0
@@ -233,11 +234,10 @@ class Controller:
         self.metrics, self.metrics_server = metrics, None
         self.sd = Lifecycle(self)  # systemd: takes $NOTIFY_SOCKET before any child starts
 
-    def _build(self, config):
-        """Compile *config* into the plan every executor runs (the controller's own dispatcher holds it)."""
-        sink = self.kernel_flows if self.engine in ("xdp", "tc") else None
+    def _build(self, config) -> Plan:
+        """Compile *config* into the plan every executor runs."""
         try:
-            return self._Dispatcher(config, self.registry, sids=self.sids, flow_sink=sink)
+            return compile_plan(config, self.registry, self.sids)
         except EncapfwdError as exc:
             raise LiveError(str(exc)) from None
 
@@ -245,12 +245,13 @@ class Controller:
         """Load and attach the XDP program; with ``--engine auto`` an interface that refuses it (native
         XDP chosen for a driver that turned out not to have it is tried again in generic mode first) falls
         back to the AF_PACKET engine (said in one line). An interface that already has an XDP program is
-        always an error."""
+        always an error (:class:`~encapfwd.errors.InterfaceBusy`)."""
         try:
-            self.xdp.load(self.dispatcher.plan)
+            self.xdp.load(self.plan)
+        except InterfaceBusy:
+            raise
         except LiveError as exc:
-            if self.asked_engine != "auto" or "already has an XDP program" in str(exc) or (
-                    "already has encapfwd's TC program" in str(exc)):
+            if self.asked_engine != "auto":
                 raise
             log(f"engine: afpacket — fallback, the XDP program could not be attached: {exc}")
             self.executors.remove(self.xdp)
@@ -305,8 +306,8 @@ class Controller:
             engine=self.engine,
             engine_reason=self.engine_reason,
             xdp_mode=self.xdp.mode if self.xdp is not None else None,
-            plan_digest=self.dispatcher.plan.digest,
-            selection_digest=self.dispatcher.plan.selection,
+            plan_digest=self.plan.digest,
+            selection_digest=self.plan.selection,
             config=os.path.abspath(self.config_path),
             control=self.control_path,
             control_requests=dict(self.control.stats),
@@ -318,7 +319,7 @@ class Controller:
         out = dict(merged) if isinstance(merged, dict) else {"dispatcher": merged}
         servers = out.get("servers")
         if isinstance(servers, dict):  # the installed plan's view: the one source of truth for health
-            weights = {s.name: s.weight for s in self.dispatcher.plan.servers}
+            weights = {s.name: s.weight for s in self.plan.servers}
             for name, row in servers.items():
                 if isinstance(row, dict):
                     reason = self.down_reasons.get(name)
@@ -330,7 +331,7 @@ class Controller:
         if self.flowsync is not None:
             out["sync"] = self.flowsync.snapshot()
         if self.manager is not None:
-            if getattr(self.config, "advisors", ()):
+            if self.config.advisors:
                 out["health"] = self._health_report()
             engine["health_changes"] = self.health_changes
         out["engine"] = engine
@@ -398,16 +399,16 @@ class Controller:
         try:
             config, unresolved = complete(staged, macs)
             config = self._within_tx_ring(config)
-            dispatcher, reasons, health = self._compose(config, unresolved, staged.config)
+            plan, reasons, health = self._compose(config, unresolved, staged.config)
         except Exception as exc:  # noqa: BLE001 - a failed reload never stops the running configuration
             self._reload_failed(describe_failure(exc, self.config_path))
             return
-        errors = self._hand_over(config, dispatcher)
+        errors = self._hand_over(plan)
         if errors is None:
             self._answer_reload()
             return
         old_executor = self.config.executor
-        self._installed(staged, macs, config, dispatcher, reasons, health)
+        self._installed(staged, macs, config, plan, reasons, health)
         self._update_manager(config)
         self._update_bgp(old_executor, config.executor)
         self.reloads += 1
@@ -418,29 +419,29 @@ class Controller:
         else:
             self.last_reload_error = None
             log(f"configuration reloaded from {self.config_path} ({len(self.pool)} workers"
-                f"{', the XDP program' if self.xdp is not None else ''}; plan {self.dispatcher.plan.digest[:12]})")
+                f"{', the XDP program' if self.xdp is not None else ''}; plan {self.plan.digest[:12]})")
         self._answer_reload()
 
-    def _installed(self, staged, macs, config, dispatcher, reasons, health) -> None:
+    def _installed(self, staged, macs, config, plan, reasons, health) -> None:
         """Bookkeeping of a plan every executor now runs: the report, the metrics and the next plans are
         derived from exactly this."""
         self.staged, self.macs = staged, macs
-        self.config, self.dispatcher = config, dispatcher
+        self.config, self.plan = config, plan
         self.down_reasons, self.applied_health = reasons, health
         self._last_install = time.monotonic()
         self._rebuild_wanted = False
         self.plans += 1
         self.resolver.watch(macs)
 
-    def _hand_over(self, config, dispatcher) -> Optional[List[str]]:
-        """Give every executor *dispatcher*'s plan; the workers' errors, or None when the XDP program
-        refused it (then nothing changed anywhere: every executor still runs one plan)."""
+    def _hand_over(self, plan: Plan) -> Optional[List[str]]:
+        """Give every executor *plan*; the workers' errors, or None when the kernel program refused it
+        (then nothing changed anywhere: every executor still runs one plan)."""
         errors: List[str] = []
         for executor in self.executors:
             try:
-                answers = executor.reload(config, dispatcher)
+                answers = executor.install(plan)
             except Exception as exc:  # noqa: BLE001 - reported like a worker's failure
-                answers = {getattr(executor, "kind", "executor"): f"{type(exc).__name__}: {exc}"}
+                answers = {executor.kind: f"{type(exc).__name__}: {exc}"}
             if executor is self.xdp and any(answers.values()):
                 self.reload_errors += 1
                 self.last_reload_error = one_line("; ".join(f"{u}: {e}" for u, e in answers.items() if e))
@@ -454,7 +455,7 @@ class Controller:
     def _announce(self) -> None:
         """Announce each cluster address the running plan can forward (a server up), withdraw the others."""
         if self.bgp is not None:
-            self.bgp.want(self.bgp.routes_for(self.dispatcher.plan))
+            self.bgp.want(self.bgp.routes_for(self.plan))
 
     def _update_bgp(self, old, new) -> None:
         if bgp_settings(old) == bgp_settings(new) and (self.bgp is not None) == (new.bgppeer is not None):
@@ -475,14 +476,14 @@ class Controller:
 
     # -- health (the advisors' manager) and the plan's composition
 
-    def _compose(self, config, unresolved: Dict[str, str], configured) -> Tuple[object, Dict[str, str], Dict[str, str]]:
+    def _compose(self, config, unresolved: Dict[str, str], configured) -> Tuple[Plan, Dict[str, str], Dict[str, str]]:
         """The plan of *config* (MACs filled in, unresolved servers already down) with the servers that the
-        advisors *of this configuration* hold down taken out of selection: ``(dispatcher, {name: reason}
+        advisors *of this configuration* hold down taken out of selection: ``(plan, {name: reason}
         for every server left out, {name: reason} of the advisors' verdicts applied)``. A stopped advisor,
         or one whose port or servers changed, contributes nothing (its targets are not *config*'s).
         *configured*: the configuration as in the file (which servers are down there)."""
         health = self.manager.down(config) if self.manager is not None else {}
-        dispatcher = self._build(with_health(config, health))
+        plan = self._build(with_health(config, health))
         reasons: Dict[str, str] = {}
         for cluster in configured.clusters:
             for port in cluster.ports:
@@ -491,7 +492,7 @@ class Controller:
                         reasons[server_key(cluster.address, port.number, server.address)] = "down in the configuration"
         for name, why in [*unresolved.items(), *((n, f"advisor {w}") for n, w in health.items())]:
             reasons[name] = f"{reasons[name]}; {why}" if name in reasons else why  # every cause, in order
-        return dispatcher, reasons, health
+        return plan, reasons, health
 
     def _health_report(self) -> Dict[str, dict]:
         """The report's ``health``: the manager's rows, with ``state`` the one the installed plan applies
@@ -511,7 +512,7 @@ class Controller:
     def _update_manager(self, config) -> None:
         if self.manager is not None:
             self.manager.update(config)
-        elif getattr(config, "advisors", ()):
+        elif config.advisors:
             self.manager = self._new_manager(config)
             self.manager.start()
 
@@ -519,7 +520,7 @@ class Controller:
         """The manager, with the ``via forwarding`` probes built by the running plan's transforms."""
         from encapfwd.health.forwarding_probe import ForwardingProber
 
-        return HealthManager(config, self.registry, ForwardingProber(self.iface.name, lambda: self.dispatcher.plan))
+        return HealthManager(config, self.registry, ForwardingProber(self.iface.name, lambda: self.plan))
 
     def apply_health(self) -> None:
         """A server's health changed: a new plan (at most one per :attr:`plan_window`)."""
@@ -536,19 +537,19 @@ class Controller:
         try:
             config, unresolved = complete(self.staged, macs, warn=lambda line: None)
             config = self._within_tx_ring(config)
-            dispatcher, reasons, health = self._compose(config, unresolved, self.staged.config)
+            plan, reasons, health = self._compose(config, unresolved, self.staged.config)
         except Exception as exc:  # noqa: BLE001 - the running plan stays
             log(f"new plan not applied: {one_line(str(exc))}")
             return
         health_changed = health != self.applied_health
-        if dispatcher.plan.digest == self.dispatcher.plan.digest:  # nothing forwards differently
+        if plan.digest == self.plan.digest:  # nothing forwards differently
             self.macs, self.down_reasons, self.applied_health = macs, reasons, health
             self.resolver.watch(macs)
             return
-        errors = self._hand_over(config, dispatcher)
+        errors = self._hand_over(plan)
         if errors is None:
             return
-        self._installed(self.staged, macs, config, dispatcher, reasons, health)
+        self._installed(self.staged, macs, config, plan, reasons, health)
         if health_changed:
             self.health_changes += 1
         self._announce()
@@ -645,7 +646,7 @@ class Controller:
             if self.xdp is not None:
                 self._start_xdp()
             for executor in self.executors:
-                executor.start(self.config, self.dispatcher)
+                executor.start(self.plan)
             if self.manager is not None:
                 self.manager.start()
             self.flowsync = flowsync_for(self)  # None without executor syncpeers
@@ -749,7 +750,7 @@ class Controller:
             self._answer_reload()  # written at once; the control socket closes next
         self.control.close()
         for executor in self.executors:
-            self.final_reports.extend(executor.stop())
+            self.final_reports.extend(executor.close())
         flush_log(force=True)
 
     def final_summary(self) -> dict:

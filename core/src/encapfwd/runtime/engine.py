@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from encapfwd.errors import NoSuchInterface
 from encapfwd.runtime.common import LiveError
 
 ENGINES = ("auto", "xdp", "afpacket")
@@ -41,18 +42,18 @@ class Choice:
 
 def _inspect(ifname: Optional[str]):
     """The interface's :class:`~encapfwd.runtime.link.Link`; None when it cannot be inspected (the
-    start then says why); LiveError when it does not exist."""
+    start then says why); NoSuchInterface when it does not exist."""
     if not ifname:
         return None
-    from encapfwd.runtime.netlink import open_ipr
     from encapfwd.runtime.link import inspect
+    from encapfwd.runtime.netlink import open_ipr
 
     try:
         with open_ipr() as ipr:
             return inspect(ipr, ifname)
-    except LiveError as exc:
-        if str(exc).startswith("no such interface"):
-            raise
+    except NoSuchInterface:
+        raise
+    except LiveError:
         return None
     except Exception:  # noqa: BLE001 - unknown: the safe choices below
         return None
@@ -68,8 +69,8 @@ def choose(engine: str, ifname: Optional[str], mode: str = "auto") -> Choice:
         return Choice("afpacket", "asked for with --engine afpacket")
     if mode not in XDP_MODES + ("auto",):
         raise LiveError(f"--xdp-mode must be one of auto, {', '.join(XDP_MODES)}")
-    from encapfwd.xdp import libbpf
     from encapfwd.runtime.link import choose_mode
+    from encapfwd.xdp import libbpf
 
     ok, why = libbpf.available()
     if engine == "xdp" and not ok:

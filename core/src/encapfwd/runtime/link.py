@@ -28,7 +28,7 @@ import socket
 import struct
 from typing import Dict, Optional, Tuple
 
-from encapfwd.runtime.common import LiveError
+from encapfwd.errors import NoSuchInterface
 
 SIOCETHTOOL = 0x8946
 ETHTOOL_GDRVINFO = 0x03
@@ -98,10 +98,10 @@ def _xdp_attached(msg) -> Tuple[Optional[str], bool]:
 
 
 def inspect(ipr, name: str) -> Link:
-    """The interface *name* of this network namespace (LiveError when there is none)."""
+    """The interface *name* of this network namespace (NoSuchInterface when there is none)."""
     found = ipr.link_lookup(ifname=name)
     if not found:
-        raise LiveError(f"no such interface: {name}")
+        raise NoSuchInterface(f"no such interface: {name}")
     msg = ipr.get_links(found[0])[0]
     link = Link(name, found[0])
     info = msg.get_attr("IFLA_LINKINFO")

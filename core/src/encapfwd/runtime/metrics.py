@@ -31,7 +31,8 @@ import socket
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from encapfwd.runtime.common import LiveError, log, one_line
+from encapfwd.errors import MetricsError  # defined with the other exceptions; importable from here too
+from encapfwd.runtime.common import log, one_line
 
 #: seconds a scrape waits for the controller's report (a reload or a stuck worker can delay it)
 SCRAPE_TIMEOUT = 5.0
@@ -44,10 +45,6 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 SERVER_LABELS = ("cluster", "port", "server", "method")
 PROBE_LABELS = ("cluster", "port", "server", "advisor")
-
-
-class MetricsError(LiveError):
-    """``--metrics`` cannot be used (one line)."""
 
 
 # ------------------------------------------------------------------------------------- --metrics
@@ -424,7 +421,9 @@ class MetricsServer:
         self.registry.register(collector)
         self.failures = 0
         self._failing = False
-        from encapfwd.runtime.status_page import StatusPage  # the status page: "/" and "/status.json" (engines/status_page.py)
+        from encapfwd.runtime.status_page import (
+            StatusPage,  # the status page: "/" and "/status.json" (engines/status_page.py)
+        )
 
         self.status = StatusPage(collector.fetch)
 

@@ -7,6 +7,7 @@ import ipaddress
 import time
 from typing import Dict, Optional
 
+from encapfwd.errors import NoSuchInterface
 from encapfwd.runtime.common import LiveError
 
 NUD_VALID = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80  # REACHABLE STALE DELAY PROBE NOARP PERMANENT
@@ -31,7 +32,7 @@ def open_ipr():
 def interface_info(ipr, name: str) -> Interface:
     found = ipr.link_lookup(ifname=name)
     if not found:
-        raise LiveError(f"no such interface: {name}")
+        raise NoSuchInterface(f"no such interface: {name}")
     index = found[0]
     link = ipr.get_links(index)[0]
     mac = (link.get_attr("IFLA_ADDRESS") or "").lower()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from encapfwd.runtime.common import LiveError
+from encapfwd.errors import InterfaceBusy
 
 
 def alive(pid: int) -> bool:
@@ -34,7 +34,7 @@ def running_tc_owner(iface) -> Optional[int]:
 
 
 def refuse_beside_xdp(iface) -> None:
-    """LiveError when a running ``encapfwd run`` has its XDP program on *iface* (two dispatchers on one
+    """InterfaceBusy when a running ``encapfwd run`` has its XDP program on *iface* (two dispatchers on one
     interface would both forward)."""
     from encapfwd.errors import EncapfwdError
     from encapfwd.xdp.dataplane import attached_owner
@@ -44,7 +44,7 @@ def refuse_beside_xdp(iface) -> None:
     except EncapfwdError:
         return
     if owner is not None and owner[0] == "encapfwd" and owner[1] and alive(owner[1]):
-        raise LiveError(f"{iface.name} already has an XDP program: encapfwd run (pid {owner[1]}) is forwarding "
+        raise InterfaceBusy(f"{iface.name} already has an XDP program: encapfwd run (pid {owner[1]}) is forwarding "
                         "on it; stop that one first")
 
 

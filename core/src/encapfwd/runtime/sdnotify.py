@@ -29,6 +29,8 @@ import socket
 import time
 from typing import Optional
 
+from encapfwd.errors import one_line
+
 ENV_SOCKET = "NOTIFY_SOCKET"
 ENV_JOURNAL = "JOURNAL_STREAM"
 ENV_WATCHDOG, ENV_WATCHDOG_PID = "WATCHDOG_USEC", "WATCHDOG_PID"
@@ -102,8 +104,7 @@ class Notifier:
 
 def status_text(text: str) -> str:
     """One line, at most :data:`STATUS_LIMIT` characters (STATUS= is a single line)."""
-    text = " ".join(str(text).split())
-    return text if len(text) <= STATUS_LIMIT else text[: STATUS_LIMIT - 1] + "…"
+    return one_line(text, STATUS_LIMIT)
 
 
 def journal_priorities(fd: int = 2) -> bool:
@@ -177,7 +178,7 @@ class Lifecycle:
         xdp = getattr(c, "xdp", None)
         parts.append(f"{c.engine} ({xdp.mode})" if xdp is not None and getattr(xdp, "mode", None) else c.engine)
         try:
-            plan = c.dispatcher.plan
+            plan = c.plan
             up = sum(1 for s in plan.servers if s.up and s.weight > 0)
             parts.append(f"{up}/{len(plan.servers)} servers up")
             parts.append(f"plan {plan.digest[:12]}")

@@ -5,7 +5,7 @@ work than the kernel's own forwarding.
 
 Frames it forwards leave by the interface's egress (``bpf_redirect``); frames it hands up (``TC_ACT_OK``)
 reach the AF_PACKET workers, its slow path, which write the flows they place into the kernel's flow table —
-exactly as with the XDP engine, whose executor (:class:`.xdp_executor.XDPProgram`) this one extends: plan
+exactly as with the XDP engine, whose executor (:class:`.xdp.XDPProgram`) this one extends: plan
 installs, counters and reports are the same (the report's ``xdp_*`` counters are the kernel program's).
 
 Attach: tcx (Linux 6.6+; a link owned by this process: if encapfwd dies, the kernel detaches the program),
@@ -18,13 +18,15 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from encapfwd.errors import InterfaceBusy
 from encapfwd.runtime.common import LiveError, log
 from encapfwd.runtime.engine import ENV_TC_ATTACH, TC_ATTACH, attach_method
 from encapfwd.runtime.owners import alive, refuse_beside_xdp
 from encapfwd.runtime.xdp import KernelFlows, XDPProgram
 
+
 class TCProgram(XDPProgram):
-    """The executor interface of :mod:`.supervisor` for the TC program."""
+    """The TC program as a :class:`~encapfwd.executor.LiveExecutor`."""
 
     kind = "tc"
 
@@ -48,7 +50,7 @@ class TCProgram(XDPProgram):
             left = []
         for _kind, pid, prog, link in left:
             if pid and alive(pid):
-                raise LiveError(
+                raise InterfaceBusy(
                     f"{self.iface.name} already has encapfwd's TC program: encapfwd run (pid {pid}) is "
                     "forwarding on it; stop that one first"
                 )
@@ -81,11 +83,11 @@ class TCProgram(XDPProgram):
 
         worker.SLOW_PATH_MARK = tc.SLOW_MARK
 
-    def stop(self):
+    def close(self):
         from encapfwd.runtime.afpacket import worker
 
         try:
-            return super().stop()
+            return super().close()
         finally:
             worker.SLOW_PATH_MARK = None
 

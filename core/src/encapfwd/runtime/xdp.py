@@ -1,10 +1,10 @@
-"""The XDP program as one executor of the live controller (beside the AF_PACKET worker pool, its slow path).
+"""The XDP program as one executor (:class:`~encapfwd.executor.LiveExecutor`) of the live controller (beside the AF_PACKET worker pool, its slow path).
 
 The controller compiles the plan; this executor loads the program once, attaches it to the interface and
 installs every new plan into its maps (:class:`encapfwd.xdp.dataplane.DataPlane`). Frames the program hands
 up (XDP_PASS) reach the AF_PACKET workers, which run the Python dispatcher on the same plan and write the
 flows they place into the kernel's flow table (:class:`KernelFlows`), so the next packets of those flows
-stay in the kernel. On stop the program is detached and unloaded; nothing is pinned.
+stay in the kernel. On close the program is detached and unloaded; nothing is pinned.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 from typing import Dict, List, Optional
 
-from encapfwd.xdp.maps import kernel_flow_key
+from encapfwd.errors import InterfaceBusy
 from encapfwd.runtime.common import LiveError, log
 from encapfwd.runtime.engine import XDP_MODES, Choice, inspect_quietly
 from encapfwd.runtime.owners import alive
+from encapfwd.xdp.maps import kernel_flow_key
 
 #: seconds between two readings of the driver's counters of lost frames
 LOSS_INTERVAL = 1.0
@@ -40,7 +41,7 @@ class KernelFlows:
 
 
 class XDPProgram:
-    """The executor interface of :mod:`.supervisor` for the kernel program."""
+    """The XDP program as a :class:`~encapfwd.executor.LiveExecutor`."""
 
     kind = "xdp"
     restarts = 0
@@ -66,25 +67,24 @@ class XDPProgram:
     def load(self, plan) -> None:
         """Load the program with *plan* and attach it; one clear line when the interface refuses."""
         from encapfwd.errors import EncapfwdError
-        from encapfwd.xdp.dataplane import DataPlane, attached_owner
-
         from encapfwd.runtime.owners import running_tc_owner
+        from encapfwd.xdp.dataplane import DataPlane, attached_owner
 
         tc_owner = running_tc_owner(self.iface)
         if tc_owner:
-            raise LiveError(f"{self.iface.name} already has encapfwd's TC program: encapfwd run (pid {tc_owner}) "
+            raise InterfaceBusy(f"{self.iface.name} already has encapfwd's TC program: encapfwd run (pid {tc_owner}) "
                             "is forwarding on it; stop that one first")
         replace = False
         owner = attached_owner(self.iface.index)
         if owner is not None:
             kind, who = owner
             if kind != "encapfwd":
-                raise LiveError(
+                raise InterfaceBusy(
                     f"{self.iface.name} already has an XDP program, {who}, that is not encapfwd's: detach it "
                     f"first ('ip link set dev {self.iface.name} xdp off')"
                 )
             if who and alive(who):
-                raise LiveError(
+                raise InterfaceBusy(
                     f"{self.iface.name} already has an XDP program: encapfwd run (pid {who}) is forwarding "
                     "on it; stop that one first"
                 )
@@ -144,9 +144,9 @@ class XDPProgram:
             return f" ({link.peer_words()}: use --xdp-mode generic, or attach an XDP program to the peer)"
         return f" (see 'ethtool -S {self.iface.name}' and 'ip -s link show {self.iface.name}')"
 
-    def start(self, config, dispatcher) -> None:
+    def start(self, plan) -> None:
         if self.dataplane is None:
-            self.load(dispatcher.plan)
+            self.load(plan)
 
     def fds(self) -> List[int]:
         return []
@@ -157,12 +157,12 @@ class XDPProgram:
     def on_readable(self, fd: int) -> bool:
         return True
 
-    def reload(self, config, dispatcher) -> Dict[str, Optional[str]]:
+    def install(self, plan) -> Dict[str, Optional[str]]:
         try:
-            self.dataplane.install(dispatcher.plan)
+            self.dataplane.install(plan)
         except Exception as exc:  # noqa: BLE001 - reported like a worker's failure; the old plan stays
             return {"xdp": f"{type(exc).__name__}: {exc}"}
-        self.plan = dispatcher.plan
+        self.plan = plan
         return {"xdp": None}
 
     def report(self) -> List[dict]:
@@ -203,7 +203,7 @@ class XDPProgram:
         }
         return [{"dispatcher": dispatcher, "engine": engine}]
 
-    def stop(self) -> List[dict]:
+    def close(self) -> List[dict]:
         finals = self.report()
         if self.dataplane is not None:
             try:

@@ -13,20 +13,6 @@ can. Neither module is imported by the rest of encapfwd unless the XDP data plan
 
 from __future__ import annotations
 
-from encapfwd.errors import EncapfwdError
-
-
-class BPFError(EncapfwdError):
-    """A BPF build, load, map or attach operation failed; the message is one line naming the operation.
-
-    ``errno`` is the error number when the kernel or libbpf gave one; ``log`` holds the verifier's or
-    libbpf's full output when there is one (the message carries only its most telling line).
-    """
-
-    def __init__(self, message: str, *, errno: int = 0, log: str = ""):
-        super().__init__(message)
-        self.errno = errno
-        self.log = log
-
+from encapfwd.errors import BPFError  # defined with the other exceptions; importable from here too
 
 __all__ = ["BPFError"]

@@ -22,8 +22,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "crc32_table.h"
 #include "encapfwd_ctx.h"
+#include "encapfwd_pkt.h"
 
 #ifndef MAX_SERVERS
 #define MAX_SERVERS 16384 /* server ids (sid) per generation */
@@ -37,19 +37,16 @@
 #define MAX_HDR 64
 #define NO_SERVER 0xFFFFFFFFu
 
+/* The constants encapfwd.xdp.maps mirrors are named enums with maps.py's names (upper case, '-' as '_'):
+ * tests/test_xdp_btf.py reads them from the BTF of a build with ENCAPFWD_BTF_CONSTANTS (the end of this file). */
 /* template fields (encapfwd.xdp.maps.FIELD_BITS) */
-#define F_IPV4 0x01
-#define F_TOS 0x02
-#define F_DF 0x04
-#define F_IDENT 0x08
-#define F_UDP 0x10
-#define F_ENTROPY 0x20
+enum template_field { F_IPV4 = 0x01, F_TOS = 0x02, F_DF = 0x04, F_IDENT = 0x08, F_UDP = 0x10, F_ENTROPY = 0x20 };
 
 /* drop reasons the program decides itself (encapfwd.xdp.maps.DROPS; names as the dispatcher's) */
-enum { D_TRUNCATED, D_BAD_CHECKSUM, D_NOT_PORT, D_NO_SERVER, D_MAX };
+enum drop_reason { D_TRUNCATED, D_BAD_CHECKSUM, D_NOT_PORT, D_NO_SERVER, D_MAX };
 /* why a frame went up (encapfwd.xdp.maps.PASSES) */
-enum {
-    P_NOT_OURS, P_MALFORMED, P_OPTIONS, P_FRAGMENT, P_NOT_TCP_UDP, P_TTL, P_NEW_FLOW, P_TOO_BIG,
+enum pass_reason {
+    P_NOT_OURS, P_MALFORMED, P_IP_OPTIONS, P_FRAGMENT, P_NOT_TCP_UDP, P_TTL, P_NEW_FLOW, P_TOO_BIG,
     P_NO_TEMPLATE, P_EXT_HEADER, P_ERROR, P_NOT_FOR_US, P_MAX
 };
 
@@ -240,31 +237,22 @@ static __always_inline int pass(__u32 reason)
     return reason == P_NOT_OURS || reason == P_NOT_FOR_US ? V_PASS : V_UP;
 }
 
-static __always_inline __u32 crc_byte(__u32 c, __u8 b)
+/* The flow key of a TCP/UDP datagram: addresses of *alen* bytes (4 or 16), ports from the L4 header. */
+static __always_inline void flow_key_fill(struct flow_key *fk, const __u8 *src, const __u8 *dst, __u32 alen,
+                                          __u8 proto, const __u8 *l4)
 {
-    return crc32_table[(c ^ b) & 0xff] ^ (c >> 8);
+    *fk = (struct flow_key){.sport = *(__be16 *)l4, .dport = *(__be16 *)(l4 + 2), .proto = proto};
+    addr_copy(fk->src, src, alen);
+    addr_copy(fk->dst, dst, alen);
 }
 
 /* zlib.crc32 of the dispatcher's flow key: src + dst + proto + the first four bytes of the L4 header */
 static __always_inline __u32 flow_crc(const __u8 *src, const __u8 *dst, __u32 alen, __u8 proto, const __u8 *l4)
 {
-    __u32 c = 0xFFFFFFFF;
-    for (__u32 i = 0; i < 16; i++) {
-        if (i >= alen)
-            break;
-        c = crc_byte(c, src[i]);
-    }
-    for (__u32 i = 0; i < 16; i++) {
-        if (i >= alen)
-            break;
-        c = crc_byte(c, dst[i]);
-    }
+    __u32 c = crc_bytes(0xFFFFFFFF, src, alen);
+    c = crc_bytes(c, dst, alen);
     c = crc_byte(c, proto);
-    c = crc_byte(c, l4[0]);
-    c = crc_byte(c, l4[1]);
-    c = crc_byte(c, l4[2]);
-    c = crc_byte(c, l4[3]);
-    return c ^ 0xFFFFFFFF;
+    return crc_bytes(c, l4, 4) ^ 0xFFFFFFFF;
 }
 
 /* The server for a flow: the flow table first, else the port's table for crc32(flow key); NO_SERVER or a
@@ -333,9 +321,7 @@ static __always_inline int emit(CTX *ctx, struct server_entry *s, __u32 sid, __u
             __u8 *ip = (void *)(eth + 1);
             if ((void *)(ip + 20) > end)
                 return V_ABORTED;
-            __u32 total = hlen + plen;
-            ip[2] = total >> 8;
-            ip[3] = total & 0xff;
+            put_be16(ip + 2, hlen + plen);
             if (s->fields & F_TOS)
                 ip[1] = tos;
             if (s->fields & F_DF)
@@ -352,34 +338,20 @@ static __always_inline int emit(CTX *ctx, struct server_entry *s, __u32 sid, __u
                         id = 0x8000 | ((*n * NCPUS + bpf_get_smp_processor_id() % NCPUS) & 0x7FFF);
                     }
                 }
-                ip[4] = id >> 8;
-                ip[5] = id & 0xff;
+                put_be16(ip + 4, id);
             }
             if (s->fields & (F_UDP | F_ENTROPY)) {
                 if ((void *)(ip + 28) > end)
                     return V_ABORTED;
                 if (s->fields & F_UDP) {
-                    __u32 ulen = hlen - 20 + plen;
-                    ip[24] = ulen >> 8;
-                    ip[25] = ulen & 0xff;
-                    ip[26] = 0;
-                    ip[27] = 0;
+                    put_be16(ip + 24, hlen - 20 + plen); /* UDP length */
+                    put_be16(ip + 26, 0);                /* UDP checksum: none */
                 }
                 if (s->fields & F_ENTROPY) {
-                    __u16 port = 0xC000 | (entropy & 0x3FFF);
-                    ip[20] = port >> 8;
-                    ip[21] = port & 0xff;
+                    put_be16(ip + 20, 0xC000 | (entropy & 0x3FFF));
                 }
             }
-            __u32 sum = 0;
-            ip[10] = 0;
-            ip[11] = 0;
-#pragma unroll
-            for (int i = 0; i < 20; i += 2)
-                sum += ((__u32)ip[i] << 8) | ip[i + 1];
-            __u32 ck = (0xFFFF - sum % 0xFFFF) % 0xFFFF;
-            ip[10] = ck >> 8;
-            ip[11] = ck & 0xff;
+            ipv4_set_checksum(ip);
         }
     }
     __u32 key = sid % MAX_SERVERS;
@@ -401,10 +373,7 @@ static __always_inline struct port_entry *port_of(const __u8 *addr, __u32 alen, 
                                                   __u32 gen)
 {
     struct port_key pk = {};
-    if (alen == 4)
-        __builtin_memcpy(pk.addr, addr, 4);
-    else
-        __builtin_memcpy(pk.addr, addr, 16);
+    addr_copy(pk.addr, addr, alen);
     pk.port = dport;
     pk.proto = proto;
     pk.gen = gen;
@@ -440,16 +409,6 @@ static __always_inline struct server_entry *server_for(struct flow_key *fk, __u3
     return s && s->xdp ? s : 0;
 }
 
-/* The reference's test: the IPv4 header (IHL 5) read as one number is a multiple of 0xFFFF. */
-static __always_inline int ipv4_checksum_ok(const __u8 *ip)
-{
-    __u32 sum = 0;
-#pragma unroll
-    for (int i = 0; i < 20; i += 2)
-        sum += ((__u32)ip[i] << 8) | ip[i + 1];
-    return sum % 0xFFFF == 0;
-}
-
 /* *group*: the frame came to a link-layer broadcast or multicast address. A router never forwards a unicast
  * packet received so (RFC 1812 5.3.4; Linux's ip_forward drops pkt_type != PACKET_HOST): such a frame for a
  * cluster address goes up untouched as not-for-us; anything else takes its usual way. */
@@ -461,9 +420,9 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     if ((void *)(ip + 20) > end)
         return pass(P_MALFORMED);
     if (ip[0] != 0x45)
-        return pass(ip[0] >> 4 == 4 && (ip[0] & 0xf) > 5 ? P_OPTIONS : P_MALFORMED);
+        return pass(ip[0] >> 4 == 4 && (ip[0] & 0xf) > 5 ? P_IP_OPTIONS : P_MALFORMED);
     __u32 n = end - data;
-    __u32 tot = ((__u32)ip[2] << 8) | ip[3];
+    __u32 tot = get_be16(ip + 2);
     if (tot < 20 || 14 + tot > n)
         return pass(P_MALFORMED);
 
@@ -471,7 +430,7 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     __u8 proto = ip[9];
     __u8 *l4 = ip + 20;
     struct port_entry *pe = 0;
-    if (!((ip[6] & 0x3F) || ip[7]) &&
+    if (!ipv4_fragment(ip) &&
         ((proto == IPPROTO_TCP && tot >= 20 + 14 && (void *)(l4 + 14) <= end) ||
          (proto == IPPROTO_UDP && tot >= 20 + 8 && (void *)(l4 + 8) <= end)))
         pe = port_of(ip + 16, 4, *(__be16 *)(l4 + 2), proto, gen);
@@ -486,7 +445,7 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
             return pass(P_NOT_FOR_US);
         if (!ipv4_checksum_ok(ip))
             return drop(D_BAD_CHECKSUM);
-        if ((ip[6] & 0x3F) || ip[7])
+        if (ipv4_fragment(ip))
             return pass(P_FRAGMENT);
         if (proto == IPPROTO_TCP) {
             if (tot < 20 + 14 || (void *)(l4 + 14) > end)
@@ -508,9 +467,8 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     if (ip[8] <= 1)
         return pass(P_TTL);
 
-    struct flow_key fk = {.sport = *(__be16 *)l4, .dport = *(__be16 *)(l4 + 2), .proto = proto};
-    __builtin_memcpy(fk.src, ip + 12, 4);
-    __builtin_memcpy(fk.dst, ip + 16, 4);
+    struct flow_key fk;
+    flow_key_fill(&fk, ip + 12, ip + 16, 4, proto, l4);
     __u32 sid;
     int verdict;
     struct server_entry *s = server_for(&fk, 4, l4, pe, gen, &sid, &verdict);
@@ -519,22 +477,10 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     if (s->hdr_len + tot > s->mtu)
         return pass(P_TOO_BIG);
 
-    /* P': TTL - 1, checksum by RFC 1624 eqn. 3 as the reference computes it: (HC - 0xFEFF) mod 0xFFFF */
-    __u32 ck = ((__u32)ip[10] << 8) | ip[11];
-    ck = (ck + 0x100) % 0xFFFF;
-    ip[8] -= 1;
-    ip[10] = ck >> 8;
-    ip[11] = ck & 0xff;
+    ipv4_dec_ttl(ip); /* P' */
     __u8 tos = ip[1];
     __u8 df = ip[6] & 0x40;
-    __u32 entropy = 0;
-    if (s->fields & F_ENTROPY) {
-        __u32 c = 0xFFFFFFFF;
-#pragma unroll
-        for (int i = 12; i < 20; i++)
-            c = crc_byte(c, ip[i]);
-        entropy = c ^ 0xFFFFFFFF;
-    }
+    __u32 entropy = s->fields & F_ENTROPY ? crc32(ip + 12, 8) : 0; /* zlib.crc32(src + dst) */
     if (n > 14 + tot) {
         if (TRIM(ctx, 14 + tot, n))
             return pass(P_ERROR);
@@ -552,7 +498,7 @@ static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
     if (ip[0] >> 4 != 6)
         return pass(P_MALFORMED);
     __u32 n = end - data;
-    __u32 plen = ((__u32)ip[4] << 8) | ip[5];
+    __u32 plen = get_be16(ip + 4);
     if (plen == 0 || 54 + plen > n)
         return pass(P_MALFORMED);
     struct vip_key vk = {.family = 6, .gen = gen};
@@ -581,9 +527,8 @@ static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
         return drop(D_NOT_PORT);
     if (ip[7] <= 1)
         return pass(P_TTL);
-    struct flow_key fk = {.sport = *(__be16 *)l4, .dport = *(__be16 *)(l4 + 2), .proto = proto};
-    __builtin_memcpy(fk.src, ip + 8, 16);
-    __builtin_memcpy(fk.dst, ip + 24, 16);
+    struct flow_key fk;
+    flow_key_fill(&fk, ip + 8, ip + 24, 16, proto, l4);
     __u32 sid;
     int verdict;
     struct server_entry *s = server_for(&fk, 16, l4, pe, gen, &sid, &verdict);
@@ -653,3 +598,24 @@ int ENTRY_NAME(CTX *ctx)
 }
 
 char LICENSE[] SEC("license") = "GPL";
+
+#ifdef ENCAPFWD_BTF_CONSTANTS
+/* Only in the build tests/test_xdp_btf.py makes (never loaded): the constants encapfwd.xdp.maps (and
+ * encapfwd.xdp.tc) mirror, as the type of one variable, so that they are in the object's BTF. BTF carries
+ * an enum only as part of a variable's type, and a number as an array's length (as __uint does). The
+ * objects encapfwd loads are built without it: their instructions and maps stay as they are. */
+struct btf_constants {
+    enum drop_reason *drop_reason;
+    enum pass_reason *pass_reason;
+    enum template_field *template_field;
+    __uint(d_max, D_MAX);
+    __uint(p_max, P_MAX);
+    __uint(no_server, NO_SERVER);
+    __uint(max_hdr, MAX_HDR);
+    __uint(max_servers, MAX_SERVERS);
+    __uint(max_ports, MAX_PORTS);
+#ifdef ENCAPFWD_TC
+    __uint(slow_mark, SLOW_MARK);
+#endif
+} btf_constants __attribute__((used));
+#endif

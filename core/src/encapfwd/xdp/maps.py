@@ -12,9 +12,9 @@ import ipaddress
 import struct
 from typing import Dict, List, Tuple
 
+from encapfwd.datapath.packet import mac_bytes
 from encapfwd.errors import ConfigError
 from encapfwd.hookspecs import XDP_MAX_HEADER
-from encapfwd.datapath.packet import mac_bytes
 
 #: Compile-time sizes of the program (``-D`` defines; see dataplane.build_object).
 MAX_SERVERS = 16384

@@ -2,8 +2,9 @@
 BPF_PROG_TEST_RUN; what the program hands up (XDP_PASS) goes through the Python dispatcher, exactly as on a
 live interface where the AF_PACKET engine is the slow path.
 
-:class:`XDPExecutor` has the dispatcher's interface (``process``, ``report``, ``drops``, ``reload``), so
-``encapfwd replay --engine xdp`` uses it where it would use a :class:`~encapfwd.datapath.dispatcher.Dispatcher`.
+:class:`XDPExecutor` is a :class:`~encapfwd.executor.FrameExecutor`, like the Python
+:class:`~encapfwd.datapath.dispatcher.Dispatcher`: ``encapfwd replay --engine xdp`` uses one where it would
+use the other.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 from typing import Dict, List
 
 from encapfwd.datapath.dispatcher import Dispatcher
-from encapfwd.plan import SidMap, compile_plan
-from encapfwd.xdp.maps import kernel_flow_key
+from encapfwd.plan import Plan, SidMap, compile_plan
 from encapfwd.xdp.dataplane import XDP_DROP, XDP_PASS, XDP_TX, DataPlane
+from encapfwd.xdp.maps import kernel_flow_key
 
 
 class XDPExecutor:
@@ -24,10 +25,11 @@ class XDPExecutor:
     DATAPLANE = DataPlane
     FORWARD, DROP, PASS = XDP_TX, XDP_DROP, XDP_PASS
 
-    def __init__(self, config, registry, sids=None):
+    def __init__(self, plan, registry, sids=None):
+        """*plan*: the :class:`~encapfwd.plan.Plan` to run (a :class:`~encapfwd.model.Config` is compiled)."""
         self.registry = registry
         self.sids = sids or SidMap()
-        plan = compile_plan(config, registry, self.sids)
+        plan = self._plan_of(plan)
         self.dataplane = self.DATAPLANE.load(plan)
         try:
             self.slow = Dispatcher(plan, registry, sids=self.sids, flow_sink=self._write_flow)
@@ -52,10 +54,19 @@ class XDPExecutor:
             out[reason] = out.get(reason, 0) + count
         return out
 
-    def reload(self, config) -> None:
-        plan = compile_plan(config, self.registry, self.sids)
+    def _plan_of(self, config_or_plan) -> Plan:
+        if isinstance(config_or_plan, Plan):
+            return config_or_plan
+        return compile_plan(config_or_plan, self.registry, self.sids)
+
+    def install(self, plan: Plan) -> None:
+        """Run *plan* in the kernel program and its slow path (flows keep their server)."""
         self.dataplane.install(plan)
-        self.slow.reload(plan)
+        self.slow.install(plan)
+
+    def reload(self, config) -> None:
+        """:meth:`install` of *config*'s plan (a Config is compiled first)."""
+        self.install(self._plan_of(config))
 
     def process(self, frame: bytes, now: float = 0.0) -> List[bytes]:
         verdict, out = self._run(bytes(frame))

@@ -1,7 +1,7 @@
 """encapfwd-gre: GRE forwarding (RFC 2784, optional key per RFC 2890) and its back-end setup generators."""
 
 from encapfwd import hookimpl
-from encapfwd.hookspecs import Forwarder
+from encapfwd.records import Forwarder
 
 NAME = "gre"
 

@@ -9,7 +9,7 @@ here carries IPv4 only: the configuration refuses IPv6 clusters for it.
 import struct
 
 from encapfwd.datapath.templates import TUNNEL_FIELDS, ipv4_header
-from encapfwd.hookspecs import Template
+from encapfwd.records import Template
 
 PROTO_GRE = 47
 GRE_IPV4 = 0x0800

@@ -1,7 +1,7 @@
 """encapfwd-ipip: IP-in-IP forwarding (RFC 2003) and its back-end setup generators."""
 
 from encapfwd import hookimpl
-from encapfwd.hookspecs import Forwarder
+from encapfwd.records import Forwarder
 
 NAME = "ipip"
 

@@ -8,7 +8,7 @@ IPv6 clusters for it (an IPv6 P' that arrived anyway would be framed, not raised
 """
 
 from encapfwd.datapath.templates import TUNNEL_FIELDS, ipv4_header
-from encapfwd.hookspecs import Template
+from encapfwd.records import Template
 
 PROTO_IPIP = 4
 

@@ -1,7 +1,7 @@
 """encapfwd-mac: MAC forwarding (P' re-addressed to the server's MAC) and its back-end setup generators."""
 
 from encapfwd import hookimpl
-from encapfwd.hookspecs import Forwarder
+from encapfwd.records import Forwarder
 
 NAME = "mac"
 

@@ -6,7 +6,7 @@ on an attached network): an empty header and no fields. The ethertype follows th
 (0x0800 or 0x86DD), as every engine does for an empty template.
 """
 
-from encapfwd.hookspecs import Template
+from encapfwd.records import Template
 
 EMPTY = Template()
 

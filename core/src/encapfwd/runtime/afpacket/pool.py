@@ -1,17 +1,9 @@
 """Supervision of the AF_PACKET workers: fork them, talk to them, start again the one that dies.
 
-:class:`WorkerPool` is one *executor* of the controller. What the controller needs of an executor (an
-XDP program or any other forwarding back-end can be hosted beside the pool by providing the same):
-
-- ``len(executor)``: how many forwarding units (processes, queues…) it runs now;
-- ``start(config, dispatcher)``: begin forwarding the prepared, immutable configuration (*dispatcher* is
-  the controller's compilation of it, which forked workers inherit);
-- ``fds()`` / ``owns(fd)`` / ``on_readable(fd) -> bool``: descriptors the controller's poll loop watches
-  for it (False from ``on_readable``: it cannot go on, the controller stops);
-- ``reload(config, dispatcher) -> {name: error or None}``: switch to a new configuration (every executor
-  runs ``dispatcher.plan``, the controller's compiled plan: workers receive it, they compile nothing);
-- ``report() -> [per-unit report]`` (``{"dispatcher": …, "engine": …}`` each), ``restarts``;
-- ``stop() -> [last per-unit report]``; ``close_in_child()`` (descriptors a forked process must drop).
+:class:`WorkerPool` is a :class:`~encapfwd.executor.LiveExecutor` of the controller: it receives the plan
+and nothing else. Each worker, once forked, runs the plan in its own
+:class:`~encapfwd.datapath.dispatcher.Dispatcher` (the plan is compiled already: workers call no plugin);
+a new plan goes to every worker over its channel (``install``).
 """
 
 from __future__ import annotations
@@ -24,10 +16,10 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-from encapfwd.runtime.common import LiveError, log
 from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
-from encapfwd.runtime.netlink import Interface
 from encapfwd.runtime.afpacket.worker import worker_main
+from encapfwd.runtime.common import LiveError, log
+from encapfwd.runtime.netlink import Interface
 
 
 class WorkerPool:
@@ -45,6 +37,8 @@ class WorkerPool:
         answer_arp: bool = False,
         qdisc_bypass: bool = False,
         in_child: Optional[Callable[[], None]] = None,
+        registry=None,
+        flow_sink=None,
     ):
         self.iface = iface
         self.nworkers = nworkers
@@ -55,8 +49,11 @@ class WorkerPool:
         self.in_child = in_child  # run in a new worker right after fork: drop the controller's descriptors
         self.workers: Dict[int, dict] = {}  # number -> {pid, channel}
         self.restarts = 0
-        self.config = None
-        self.dispatcher = None
+        #: what a worker's dispatcher needs beside the plan: the plugins (selection algorithms of plugins),
+        #: and the kernel's flow table for the flows it places (the XDP and TC engines' slow path)
+        self.registry = registry
+        self.flow_sink = flow_sink
+        self.plan = None
         #: ``on_message(number, kind, payload)``: told the workers' messages that answer no pending request
         #: (flow synchronisation's asynchronous answers: engines/flowsync_workers.py); None: ignored
         self.on_message = None
@@ -66,8 +63,8 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.workers)
 
-    def start(self, config, dispatcher) -> None:
-        self.config, self.dispatcher = config, dispatcher
+    def start(self, plan) -> None:
+        self.plan = plan
         for number in range(self.nworkers):
             self._spawn(number)
 
@@ -111,16 +108,16 @@ class WorkerPool:
             return True
         return True
 
-    def reload(self, config, dispatcher) -> Dict[str, Optional[str]]:
-        answers = self._ask_all(("reload", dispatcher.plan), "reloaded")
-        self.config, self.dispatcher = config, dispatcher
+    def install(self, plan) -> Dict[str, Optional[str]]:
+        answers = self._ask_all(("reload", plan), "reloaded")
+        self.plan = plan
         return {f"worker {n}": error for n, error in answers.items()}
 
     def report(self) -> List[dict]:
         answers = self._ask_all(("report",), "report")
         return [answers[n] for n in sorted(answers)]
 
-    def stop(self) -> List[dict]:
+    def close(self) -> List[dict]:
         finals: Dict[int, dict] = {}
         for worker in self.workers.values():
             try:
@@ -174,11 +171,13 @@ class WorkerPool:
                     self.in_child()
                 self.close_in_child()
                 signal.set_wakeup_fd(-1)
+                from encapfwd.datapath.dispatcher import Dispatcher
+
                 code = worker_main(
                     number,
                     self.iface,
-                    self.config,
-                    self.dispatcher,
+                    self.plan.config,
+                    Dispatcher(self.plan, self.registry, flow_sink=self.flow_sink),
                     child_end,
                     self.fanout_group,
                     cpu,

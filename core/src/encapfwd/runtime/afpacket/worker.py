@@ -16,6 +16,8 @@ import time
 from typing import Optional
 
 from encapfwd.model import Config
+from encapfwd.runtime.afpacket.checksum import complete_checksum
+from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
 from encapfwd.runtime.afpacket.rings import (
     TP_STATUS_CSUMNOTREADY,
     TP_STATUS_USER,
@@ -28,9 +30,7 @@ from encapfwd.runtime.afpacket.rings import (
     set_cpu,
     set_parent_death_signal,
 )
-from encapfwd.runtime.afpacket.checksum import complete_checksum
 from encapfwd.runtime.common import log
-from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
 from encapfwd.runtime.netlink import Interface
 from encapfwd.runtime.prepare import cluster_addresses
 
@@ -63,9 +63,7 @@ def expire(dispatcher, now: float) -> None:
     proportional to what expired) and stale fragment state. Each worker calls it every
     :data:`EXPIRE_INTERVAL` seconds from its loop, so least-connections counts and the report's flow
     count fall when traffic stops, not only when new flows push old ones out."""
-    scheduler = getattr(dispatcher, "scheduler", None)
-    if scheduler is not None:
-        scheduler.expire(now)
+    dispatcher.scheduler.expire(now)
     dispatcher.expire(now)
 
 

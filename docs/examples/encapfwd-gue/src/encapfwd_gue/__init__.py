@@ -11,7 +11,7 @@ import struct
 from encapfwd import hookimpl
 from encapfwd.datapath.templates import ipv4_header
 from encapfwd.errors import SetupRefused
-from encapfwd.hookspecs import Forwarder, Template
+from encapfwd.records import Forwarder, Template
 
 NAME = "gue"
 GUE_PORT = 6080

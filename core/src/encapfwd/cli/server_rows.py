@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 from encapfwd import config as cfg
-from encapfwd.model import forwarding_method
-from encapfwd.model import server_key  # defined in model; report.server_key stays importable
+from encapfwd.model import (
+    forwarding_method,
+    server_key,  # defined in model; report.server_key stays importable
+)
 
 
 def live_counters(control: Optional[str]) -> Optional[dict]:
