@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import pluggy
 
+from encapfwd import records
 from encapfwd.model import Executor, Port, Server
 
 # The records of the plugin contract live in encapfwd.records; they are re-exported here (the names plugins
@@ -30,6 +31,7 @@ from encapfwd.records import (  # noqa: F401 - re-exported
     SetupTarget,
     Template,
     Transform,
+    detail_line,
 )
 from encapfwd.records import detail_line as one_line  # noqa: F401 - the old name of ProbeResult.detail's line
 
@@ -134,21 +136,4 @@ def encapfwd_build_selector(algorithm: str, port: Port, servers: Sequence[Server
     """
 
 
-__all__ = [
-    "ADVISOR_FIELDS",
-    "AdvisorType",
-    "Egress",
-    "Executor",
-    "Forwarder",
-    "OPERATING_SYSTEMS",
-    "ProbeResult",
-    "SetupTarget",
-    "TEMPLATE_FIELDS",
-    "Template",
-    "Transform",
-    "XDP_MAX_HEADER",
-    "hookimpl",
-    "hookspec",
-    "MAX_DETAIL",
-    "one_line",
-]
+__all__ = ["Executor", "MAX_DETAIL", "hookimpl", "hookspec", "one_line", *records.__all__]
