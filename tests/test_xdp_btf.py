@@ -12,12 +12,13 @@ TC build, ``encapfwd_tc.bpf.c`` including ``encapfwd.bpf.c``) are read with ``bp
   pad byte of a format must be a C member named ``pad``;
 - every map of the program (:data:`MAPS`, the set must be the same): its key and value types (the C struct
   maps.py's format mirrors, or an integer of the format's size), and its ``max_entries`` where the program
-  fixes it (``drops`` and ``passes`` hold one counter per reason of :data:`maps.DROPS` / :data:`maps.PASSES`);
+  fixes it (``drops``, ``passes`` and ``flow_events`` hold one counter per reason of :data:`maps.DROPS` /
+  :data:`maps.PASSES` / :data:`maps.FLOW_EVENTS`);
 - the constants (:func:`constant_problems`): BTF carries an enum only as part of a variable's type and a
   number only as an array's length, so they are read from a build of the same source with
   ``-DENCAPFWD_BTF_CONSTANTS`` (one extra variable, ``btf_constants``, at the end of ``encapfwd.bpf.c``;
-  the loaded objects are built without it): the enumerators of ``drop_reason``, ``pass_reason`` and
-  ``template_field`` (names are maps.py's, upper case, ``-`` as ``_``), ``NO_SERVER``, ``MAX_HDR``
+  the loaded objects are built without it): the enumerators of ``drop_reason``, ``pass_reason``,
+  ``flow_event`` and ``template_field`` (names are maps.py's, upper case, ``-`` as ``_``), ``NO_SERVER``, ``MAX_HDR``
   (= ``XDP_MAX_HEADER``), the C defaults of ``MAX_SERVERS`` and ``MAX_PORTS`` and, in the TC build,
   ``SLOW_MARK`` (:data:`encapfwd.xdp.tc.SLOW_MARK`).
 
@@ -50,7 +51,9 @@ STRUCTS = {
     "host_entry": (M.HOST_ENTRY, ("mac", "check", "pad")),
     "vip_key": (M.VIP_KEY, ("addr", "family", "gen", "pad")),
     "port_key": (M.PORT_KEY, ("addr", "port", "proto", "gen")),
-    "port_entry": (M.PORT_ENTRY, ("ring_base", "ring_size", "timeout", "pad")),
+    "port_entry": (M.PORT_ENTRY, ("ring_base", "ring_size", "timeout", "fallback")),
+    "overload": (M.OVERLOAD, ("pressure", "newflow_limit")),
+    "newflow_window": (M.NEWFLOW_WINDOW, ("start_ns", "count")),
     "server_entry": (M.SERVER_ENTRY, ("dst", "src", "hdr_len", "fields", "mtu", "up", "xdp", "hdr")),
     "flow_key": (M.FLOW_KEY, ("src", "dst", "sport", "dport", "proto", "pad")),
     "flow_value": (M.FLOW_VALUE, ("sid", "pad", "seen_ns")),
@@ -72,6 +75,9 @@ MAPS = {
     "passes": (M.U32, M.U64, len(M.PASSES)),
     "idents": (M.U32, M.U32, 1),
     "last_reason": (M.U32, M.U32, 1),
+    "overload": (M.U32, M.OVERLOAD, 1),
+    "newflow_rate": (M.U32, M.NEWFLOW_WINDOW, 1),
+    "flow_events": (M.U32, M.U64, len(M.FLOW_EVENTS)),
 }
 
 _FORMAT_ITEM = re.compile(r"(\d*)([xcbB?hHiIlLqQnNefdsp])")
@@ -269,11 +275,13 @@ def reasons(prefix: str, names) -> Dict[str, int]:
     return out
 
 
-def constant_problems(btf: BTF, tc: bool, drops=M.DROPS, passes=M.PASSES, fields=None) -> List[str]:
+def constant_problems(btf: BTF, tc: bool, drops=M.DROPS, passes=M.PASSES, fields=None,
+                      events=M.FLOW_EVENTS) -> List[str]:
     """What differs between the constants of a ``-DENCAPFWD_BTF_CONSTANTS`` build and maps.py's."""
     fields = M.FIELD_BITS if fields is None else fields
     problems = enum_problems(btf, "drop_reason", reasons("D_", drops))
     problems += enum_problems(btf, "pass_reason", reasons("P_", passes))
+    problems += enum_problems(btf, "flow_event", reasons("E_", events))
     problems += enum_problems(btf, "template_field", {"F_" + k.upper(): v for k, v in fields.items()})
     t = btf.find("STRUCT", "btf_constants")
     if t is None:
@@ -282,8 +290,8 @@ def constant_problems(btf: BTF, tc: bool, drops=M.DROPS, passes=M.PASSES, fields
                and btf.strip(btf.strip(m["type_id"])["type_id"])["kind"] == "ARRAY"}
     from encapfwd.xdp import tc as T
 
-    expected = {"d_max": len(drops), "p_max": len(passes), "no_server": M.NO_SERVER, "max_hdr": XDP_MAX_HEADER,
-                "max_servers": M.MAX_SERVERS, "max_ports": M.MAX_PORTS}
+    expected = {"d_max": len(drops), "p_max": len(passes), "e_max": len(events), "no_server": M.NO_SERVER,
+                "max_hdr": XDP_MAX_HEADER, "max_servers": M.MAX_SERVERS, "max_ports": M.MAX_PORTS}
     if tc:
         expected["slow_mark"] = T.SLOW_MARK
     if numbers != expected:
@@ -399,3 +407,19 @@ def test_a_doctored_source_is_found(tmp_path):
                    for p in problems), problems
         problems = constant_problems(btf, tc=which == "tc")
         assert len(problems) == 1 and "enum drop_reason" in problems[0] and "'D_NOT_PORT': 3" in problems[0], problems
+
+
+def test_doctored_overload_layouts_are_found():
+    """The overload maps (docs/live.md, "Overload") are checked like the others: flow events out of order,
+    the overload word's fields swapped, a port entry without its pressure table."""
+    _need_tools()
+    btf = BTF.of(constants_object(SOURCES["xdp"]))
+    problems = constant_problems(btf, tc=False, events=("rate-limit", "not-syn", "pressure"))
+    assert len(problems) == 1 and problems[0].startswith("enum flow_event"), problems
+    problems = constant_problems(btf, tc=False, events=M.FLOW_EVENTS + ("more",))
+    assert [p.split(":")[0] for p in problems] == ["enum flow_event", "constants"], problems
+    assert struct_problems(btf, "overload", M.OVERLOAD, ("newflow_limit", "pressure"))
+    problems = struct_problems(btf, "port_entry", M.PORT_ENTRY, ("ring_base", "ring_size", "timeout", "pad"))
+    assert any("C has no member 'pad'" in p for p in problems), problems
+    doctored = dict(MAPS, flow_events=(M.U32, M.U64, len(M.FLOW_EVENTS) - 1))
+    assert [p.split(":")[0] for p in map_problems(btf, doctored)] == ["map flow_events"]

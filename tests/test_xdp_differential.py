@@ -35,6 +35,8 @@ import xdp_support as X
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="BPF needs root (CAP_BPF and CAP_NET_ADMIN)")
 
 FRAMES_PER_METHOD = int(os.environ.get("ENCAPFWD_DIFF_FRAMES", "100000"))
+#: frames per method and executor of the pressure-on variant (docs/live.md, "Overload")
+PRESSURE_FRAMES = int(os.environ.get("ENCAPFWD_DIFF_PRESSURE_FRAMES", "20000"))
 XDP_DROP, XDP_PASS, XDP_TX = 1, 2, 3
 REFUSED = -1  # a frame BPF_PROG_TEST_RUN refuses as a socket buffer (TC only; see the module's docstring)
 #: the TC program's verdicts as the XDP program's (TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT)
@@ -47,6 +49,24 @@ def _available():
     from encapfwd.xdp.libbpf import available
 
     return available()
+
+
+def unlimited(config):
+    """*config* with ``executor newflowlimit 0``: the kernel's per-CPU limit of new flow entries has no Python
+    counterpart (docs/live.md, "Overload"), so the differential runs without it."""
+    import attrs
+
+    return attrs.evolve(config, executor=attrs.evolve(config.executor, newflowlimit=0))
+
+
+def tcp_flags(frame: bytes, flags: int) -> bytes:
+    """An IPv4 TCP *frame* (IHL 5) with other TCP flags (the TCP checksum is checked by nobody here)."""
+    return frame[:47] + bytes((flags,)) + frame[48:]
+
+
+def python_key(frame: bytes) -> bytes:
+    """The dispatcher's flow key of an IPv4 TCP/UDP frame (IHL 5)."""
+    return frame[26:34] + frame[23:24] + frame[34:38]
 
 
 class AsXDP:
@@ -94,7 +114,7 @@ def lab(request):
     os.sched_setaffinity(0, {cpu})  # test runs execute on this CPU: its per-CPU "last reason" is ours
     registry = X.registry_with_gue()
     sids = SidMap()
-    plan = compile_plan(X.make_config(), registry, sids)
+    plan = compile_plan(unlimited(X.make_config()), registry, sids)
     dp = (DataPlane if request.param == "xdp" else TCDataPlane).load(plan)
     try:
         yield registry, plan, sids, dp if request.param == "xdp" else AsXDP(dp, cpu), cpu
@@ -234,6 +254,9 @@ def test_a_reload_keeps_flows_and_moves_only_the_downed_servers(lab):
     flows = [X.ipv4_frame(rng, X.METHODS["ipip"][0]) for _ in range(3000)]
     # established flows only (no SYN/FIN/RST: closing-state handling is the slow path's business)
     flows = [f for f in flows if f[23] == 17 or (f[23] == 6 and not f[47] & 0x07)]
+    # each TCP flow opened by a SYN first: only a SYN makes a flow entry (docs/live.md, "Overload")
+    opened, counts = compare(dp, dispatcher, cpu, [tcp_flags(f, 0x02) for f in flows if f[23] == 6])
+    assert not opened and counts["tx"] > 250
     before, counts = compare(dp, dispatcher, cpu, flows)
     assert not before and counts["tx"] > 500
     chosen = {}
@@ -332,3 +355,126 @@ def test_the_dispatchers_mac_comes_with_the_plan(lab):
     finally:
         dp.install(plan)
     assert all(dp.test_run(f)[0] == XDP_TX for f in plain)
+
+
+def test_tcp_segments_that_cannot_open_a_connection_are_remembered_by_neither(lab):
+    """A TCP segment of a table port that misses the flow table and is not a SYN (SYN set, ACK clear) is
+    forwarded by the table in both executors and written into neither flow table; SYNs and UDP datagrams are.
+    After a reload with a server down, both still agree: the segments never remembered follow the new table."""
+    from encapfwd import config as cfg
+    from encapfwd.datapath.dispatcher import Dispatcher
+    from encapfwd.plan import compile_plan
+    from encapfwd.xdp import maps as M
+
+    registry, plan, sids, dp, cpu = lab
+    dispatcher = Dispatcher(plan, registry, sids=sids)
+    rng = random.Random(17)
+    frames = []
+    while len(frames) < 3000:
+        f = X.ipv4_frame(rng, X.METHODS["ipip"][0])
+        if dp.test_run(f)[0] == XDP_TX:  # plain frames the kernel forwards (a new flow each: random sources)
+            frames.append(tcp_flags(f, rng.choice((0x02, 0x10, 0x18, 0x12, 0x11, 0x04))) if f[23] == 6 else f)
+    events = dp.flow_events()
+    kernel_keys = [M.flow_key(f[26:30], f[30:34], f[23], f[34:38]) for f in frames]
+    for key in kernel_keys:
+        dp.maps["flows"].delete(key)
+    bad, counts = compare(dp, dispatcher, cpu, frames)
+    assert not bad and counts["tx"] == len(frames), (bad[:3], counts)
+    opening = [f[23] == 17 or f[47] & 0x12 == 0x02 for f in frames]
+    assert 0 < sum(opening) < len(frames)
+    in_kernel = [dp.maps["flows"].lookup(k) is not None for k in kernel_keys]
+    in_python = [python_key(f) in dispatcher.scheduler.table.entries for f in frames]
+    assert in_kernel == opening and in_python == opening
+    not_syn = len(frames) - sum(opening)
+    assert dp.flow_events()["not-syn"] - events["not-syn"] == not_syn
+    assert dispatcher.report()["flows"]["not_remembered"] == {"not-syn": not_syn}
+    down = X.METHODS["ipip"][0] + "@80@10.0.3.22"
+    new = compile_plan(cfg.server_status(plan.config, down, True), registry, sids)
+    dp.install(new)
+    dispatcher.reload(new)
+    try:
+        after, counts = compare(dp, dispatcher, cpu, frames)
+        assert not after and counts["tx"] == len(frames), (after[:3], counts)
+    finally:
+        dp.install(plan)
+
+
+def _pressure_config():
+    """The differential's configuration with every TCP port 80 round robin and every UDP port 53 least
+    connections: ports whose new flows go up, unless under pressure."""
+    from encapfwd import config as cfg
+
+    c = X.make_config()
+    for vip, _, _ in X.METHODS.values():
+        c = cfg.port_set(c, f"{vip}@80", ["selectionalgorithm", "wrr"])
+        c = cfg.port_set(c, f"{vip}@53", ["selectionalgorithm", "wlc"])
+    return unlimited(c)
+
+
+@pytest.fixture(scope="module", params=["xdp", "tc"])
+def pressure_lab(request):
+    ok, why = _available()
+    if not ok:
+        pytest.skip(why)
+    from encapfwd.plan import SidMap, compile_plan
+    from encapfwd.xdp.dataplane import DataPlane
+    from encapfwd.xdp.tc import TCDataPlane
+
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    registry = X.registry_with_gue()
+    plan = compile_plan(_pressure_config(), registry, SidMap())
+    assert all(p.table is None and p.fallback is not None for p in plan.ports)
+    dp = (DataPlane if request.param == "xdp" else TCDataPlane).load(plan)
+    try:
+        yield registry, plan, dp if request.param == "xdp" else AsXDP(dp, cpu), cpu
+    finally:
+        dp.close()
+        os.sched_setaffinity(0, saved)
+
+
+@pytest.mark.parametrize("method", list(X.METHODS))
+def test_under_pressure_both_place_new_flows_of_wrr_and_wlc_ports_alike(pressure_lab, method):
+    """Pressure on in both executors: new flows of wrr and wlc ports are placed by the ports' pressure table,
+    by the kernel program and by the Python dispatcher alike, byte for byte; the flows they remembered stay on
+    their server after the pressure ends, and new flows go up again."""
+    from encapfwd.datapath.dispatcher import Dispatcher
+
+    registry, plan, dp, cpu = pressure_lab
+    dispatcher = Dispatcher(plan, registry)
+    placed = dp.counters()["pressure_placed"]
+    dp.set_pressure(True)
+    dispatcher.set_pressure(True)
+    try:
+        frames = list(X.frames(method, PRESSURE_FRAMES, seed=23))
+        bad, counts = compare(dp, dispatcher, cpu, frames)
+        assert not bad, f"{len(bad)} mismatches, first: {bad[:3]}"
+        assert counts["tx"] > PRESSURE_FRAMES * 0.3, counts
+        assert dp.counters()["pressure_placed"] - placed >= counts["tx"] * 0.9, (dp.counters(), counts)
+        assert dispatcher.report()["flows"]["pressure_placed"] > 0
+    finally:
+        dp.set_pressure(False)
+        dispatcher.set_pressure(False)
+    assert not dp.counters()["pressure"] and not dispatcher.pressure
+    # the flows remembered (UDP, TCP SYN) keep their server in both executors; the others go up again
+    sent = [f for f in frames if dp.test_run(f)[0] == XDP_TX]
+    assert sent and all(_opens(f) for f in sent)
+    bad, counts = compare(dp, dispatcher, cpu, sent)
+    assert not bad and counts["tx"] == len(sent), (bad[:3], counts)
+    assert len(sent) > PRESSURE_FRAMES * 0.1
+    rng = random.Random(29)
+    vip = X.METHODS[method][0]
+    for _ in range(50):
+        f = X.ipv6_frame(rng, vip) if ":" in vip else X.ipv4_frame(rng, vip)
+        while len(f) > 1200:
+            f = X.ipv6_frame(rng, vip) if ":" in vip else X.ipv4_frame(rng, vip)
+        verdict, _ = dp.test_run(f)
+        assert verdict == XDP_PASS and dp.last_reason(cpu) == "new-flow", f.hex()
+
+
+def _opens(frame: bytes) -> bool:
+    """Whether a TCP/UDP *frame* (IPv4 with IHL 5, or IPv6 without extension headers) may make a flow entry:
+    UDP, or TCP with SYN set and ACK clear."""
+    proto, l4 = (frame[20], 54) if frame[12:14] == b"\x86\xdd" else (frame[23], 34)
+    return proto == 17 or (proto == 6 and frame[l4 + 13] & 0x12 == 0x02)

@@ -360,6 +360,10 @@ def parse_synckey(value) -> Optional[str]:
     return text
 
 
+#: Default of ``executor newflowlimit``: new kernel flow entries per CPU per second.
+NEWFLOWLIMIT_DEFAULT = 125_000
+
+
 @frozen
 class Executor:
     """The dispatcher itself (IBM: ``executor``)."""
@@ -380,6 +384,9 @@ class Executor:
     encapttl: int = field(default=64, converter=_int_in(1, 255, "encapttl"))
     # bound of the connection (flow) table; least-recently-used entries are evicted beyond it
     maxflows: int = field(default=1_000_000, converter=_int_in(1, 2**31 - 1, "maxflows"))
+    # new flow entries the kernel program (XDP, TC) makes per CPU per second at most (Katran's MAX_CONN_RATE);
+    # beyond them a new flow is forwarded by its port's table but not remembered; 0: no limit
+    newflowlimit: int = field(default=NEWFLOWLIMIT_DEFAULT, converter=_int_in(0, 2**32 - 1, "newflowlimit"))
     # scale-out (docs/scale-out.md): the BGP peer (router) the cluster addresses are announced to, the
     # ASNs, this speaker's router ID (default nfa), the next hop announced (default nfa) and the hold time
     bgppeer: Optional[IPAddress] = field(default=None, converter=parse_optional_ip, validator=_unicast("bgppeer"))

@@ -11,7 +11,10 @@ A plan is data:
 - **ports**: one :class:`PortPlan` per cluster@port: protocols, selection algorithm, timeouts, and for the
   core's ``maglev`` the lookup table as server ids slot by slot (``table[crc32(flow key) % len(table)]``;
   -1 where no server can take new flows). Other algorithms (``wrr``, ``wlc``, a plugin's) and ports with
-  ``stickytime`` have ``table=None``: their first packets are decided by the Python selector.
+  ``stickytime`` have ``table=None``: their first packets are decided by the Python selector. The core's
+  ``wrr`` and ``wlc`` without stickytime also have a **pressure table** (``fallback``: the weighted Maglev
+  table of their eligible servers, as server ids): while the slow path is under pressure, both executors
+  place their new flows by it (``docs/live.md``, "Overload").
 - **digest**: SHA-256 of the plan's canonical bytes (server ids excluded: they depend on the dispatcher's
   history, not on its configuration), equal on two dispatchers exactly when they forward alike.
 
@@ -99,6 +102,9 @@ class PortPlan:
     servers: Tuple[int, ...]
     #: Maglev slots as sids (NO_SERVER where none), or None when the port's selection is not a table
     table: Optional[Tuple[int, ...]] = field(default=None, repr=False)
+    #: the pressure table (wrr, wlc without stickytime and with an eligible server): a weighted Maglev table of
+    #: the eligible servers as sids, placing new flows while the slow path is under pressure; else None
+    fallback: Optional[Tuple[int, ...]] = field(default=None, repr=False)
 
 
 @frozen
@@ -233,17 +239,21 @@ def compile_plan(config: Config, registry, sids: Optional[SidMap] = None) -> Pla
                     dst_mac=egress.dst_mac, mtu=egress.mtu, template=template, egress=egress,
                     transform=transform,
                 ))
-            table = None
+            table = fallback = None
             if not port.stickytime:
                 eligible = [i for i, s in enumerate(port.servers) if not s.down and s.weight > 0]
+                esids = [port_sids[i] for i in eligible]
                 slots = _table_of(registry, cluster, port, [port.servers[i] for i in eligible])
                 if slots is not None:
-                    esids = [port_sids[i] for i in eligible]
                     table = tuple(esids[j] for j in slots) if slots else (NO_SERVER,) * MAGLEV_SIZE
+                else:
+                    slots = _fallback_of(registry, port, [port.servers[i] for i in eligible])
+                    if slots:
+                        fallback = tuple(esids[j] for j in slots)
             ports.append(PortPlan(
                 cluster=str(cluster.address), number=port.number, protos=_protos(port.porttype),
                 algorithm=port.selectionalgorithm, stickytime=port.stickytime,
-                staletimeout=port.staletimeout, servers=tuple(port_sids), table=table,
+                staletimeout=port.staletimeout, servers=tuple(port_sids), table=table, fallback=fallback,
             ))
     servers_t = tuple(servers)
     ports_t = tuple(ports)
@@ -270,18 +280,39 @@ def _table_of(registry, cluster, port, servers):
     return select.table
 
 
+def _fallback_of(registry, port, servers):
+    """The port's pressure table (indices into *servers*, its eligible servers) when its selector is the
+    core's wrr or wlc (``selection.scheduler.pressure_table``); None otherwise."""
+    from encapfwd.selection.scheduler import PRESSURE_ALGORITHMS, pressure_table
+
+    if port.selectionalgorithm not in PRESSURE_ALGORITHMS or not servers:
+        return None
+    try:
+        select = registry.hook.encapfwd_build_selector(
+            algorithm=port.selectionalgorithm, port=port, servers=servers, connections=[0] * len(servers))
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - the Scheduler reports a plugin's failure with its own line
+        return None
+    return pressure_table(port, servers, select)
+
+
 def _digest(config: Config, servers, ports, host: bool = True) -> str:
     """SHA-256 over what the plan forwards where: server ids are replaced by server names, and what does
     not change forwarding does not count (the order of servers in the file, for table-driven ports).
 
     With *host* False only the selection counts (which server each flow gets: servers, methods, health,
     weights, tables), not this dispatcher's own bytes (its MAC, the outer source in the templates): the
-    digest that must be equal on every dispatcher of a scale-out group (docs/scale-out.md)."""
+    digest that must be equal on every dispatcher of a scale-out group (docs/scale-out.md).
+
+    A port's pressure table (``PortPlan.fallback``) is not hashed: it follows from what is (the algorithm,
+    stickytime, the servers in configuration order with their health and weights). ``executor
+    newflowlimit`` is this host's (the kernel's flow-table policy), so only the plan digest has it."""
     h = hashlib.sha256(b"encapfwd-plan-1\0" if host else b"encapfwd-selection-1\0")
     names = {s.sid: s.name for s in servers}
     ex = config.executor
     if host:
-        h.update(f"{ex.mac}|{ex.mtu}|{ex.encapttl}|{ex.maxflows}\0".encode())
+        h.update(f"{ex.mac}|{ex.mtu}|{ex.encapttl}|{ex.maxflows}|{ex.newflowlimit}\0".encode())
     for s in sorted(servers, key=lambda s: s.name):
         h.update(f"S|{s.name}|{s.method}|{s.up}|{s.weight}|".encode())
         if host:

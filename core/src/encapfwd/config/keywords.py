@@ -10,6 +10,8 @@ EXECUTOR_KEYWORDS = {
     "mtu": "egress MTU (default 1500)",
     "encapttl": "TTL of outer encapsulation headers (default 64)",
     "maxflows": "bound of the flow table (default 1000000; LRU eviction beyond it)",
+    "newflowlimit": "new kernel flow entries per CPU per second (XDP, TC; default 125000, 0 = no limit); "
+                    "beyond it new flows are forwarded but not remembered",
     "bgppeer": "the BGP peer (router) the cluster addresses are announced to (none: no BGP)",
     "bgpasn": "this dispatcher's AS number",
     "bgppeerasn": "the peer's AS number",

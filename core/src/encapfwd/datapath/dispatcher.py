@@ -134,7 +134,8 @@ class Dispatcher:
         #: ICMP errors sent back to clients (time exceeded, fragmentation needed, packet too big)
         self.replies = 0
         plan = self._plan_of(config)
-        self.scheduler = scheduler or Scheduler(registry, plan.config.executor.maxflows)
+        # syn_only: the kernel program's rule for its flow table, so that both executors remember alike
+        self.scheduler = scheduler or Scheduler(registry, plan.config.executor.maxflows, syn_only=True)
         self._compile(plan)
 
     # ------------------------------------------------------------------------------ configuration time
@@ -152,6 +153,16 @@ class Dispatcher:
         """:meth:`install` of a new configuration (compiled here) or :class:`~encapfwd.plan.Plan`."""
         self._compile(self._plan_of(config))
 
+    def set_pressure(self, on: bool) -> None:
+        """Overload (``docs/live.md``, "Overload"): while on, a new flow of a wrr or wlc port is placed by the
+        port's pressure table (the plan's ``PortPlan.fallback``), exactly as the kernel program places it under
+        pressure (``DataPlane.set_pressure``); kept across installs. See :meth:`Scheduler.set_pressure`."""
+        self.scheduler.set_pressure(on)
+
+    @property
+    def pressure(self) -> bool:
+        return self.scheduler.pressure
+
     def _compile(self, plan: Plan) -> None:
         config = plan.config
         ex = config.executor
@@ -167,7 +178,7 @@ class Dispatcher:
                                counter, sp.sid)
             slots_by_name[sp.name] = slot
             by_sid[sp.sid] = slot
-        self.scheduler.configure(config)
+        self.scheduler.configure(config, plan)
         for pp in plan.ports:
             address = ip_address(pp.cluster)
             table = (v4 if address.version == 4 else v6).setdefault(address.packed, {})

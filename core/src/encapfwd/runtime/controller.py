@@ -28,6 +28,9 @@ The engine (which executor forwards first) is chosen by :mod:`.engine`; the cont
   report's per-server ``state``/``reason`` and ``health`` are the installed plan's, and the metrics are
   computed from the report. Automatic new plans (health verdicts, neighbours) are coalesced: at most one
   per :data:`PLAN_WINDOW` seconds.
+- Overload (:mod:`.overload`): a worker that cannot keep up says so (an unsolicited ``pressure`` message,
+  :mod:`.afpacket.triage`); the controller turns the kernel program's pressure mode on and, once the pressure
+  has ended for the hold time, off again — one log line each, the report's ``overload``.
 - SIGTERM / SIGINT: workers stop after the batch in hand, rings are closed, the control socket is removed.
 - The control socket (AF_UNIX stream, mode 0600 in a 0700 directory, peers checked with SO_PEERCRED)
   answers ``report`` with the summed counters of every worker as JSON; :func:`query_control` is its client.
@@ -64,6 +67,7 @@ from encapfwd.runtime.engine import choose_engine
 from encapfwd.runtime.metrics import start_metrics  # metrics (--metrics)
 from encapfwd.runtime.neighbours import RESOLVE_BOUND, NeighbourResolver
 from encapfwd.runtime.netlink import Interface  # noqa: F401 - as query_control
+from encapfwd.runtime.overload import Overload  # overload: the slow path cannot keep up
 from encapfwd.runtime.prepare import (
     check_platform,
     cluster_addresses,
@@ -221,6 +225,9 @@ class Controller:
         self.xdp = (XDPProgram(self.iface, choice.mode, self.kernel_flows, choice) if self.engine == "xdp"
                     else TCProgram(self.iface, self.kernel_flows, choice) if self.engine == "tc" else None)
         self.executors: List[LiveExecutor] = [self.pool] if self.xdp is None else [self.xdp, self.pool]
+        #: overload (runtime/overload.py): the workers say when they cannot keep up; never blocks the loop
+        self.overload = Overload(lambda: self.xdp, tell=lambda on: self.pool.tell_all(("set-pressure", on)))
+        self.pool.on_pressure = self.overload.on_worker
         self.started = time.time()
         self.reloads = 0
         self.reload_errors = 0
@@ -336,6 +343,9 @@ class Controller:
             engine["health_changes"] = self.health_changes
         out["engine"] = engine
         out["workers"] = [w["engine"] for w, kind in zip(units, kinds) if kind == "afpacket"]
+        overload = getattr(self, "overload", None)
+        if overload is not None:
+            out["overload"] = overload.snapshot()
         return out
 
     # -- reload
@@ -678,6 +688,7 @@ class Controller:
                 self.control.expire(now)
                 if self.xdp is not None:  # frames the driver lost: one warning line, counted apart
                     self.xdp.watch(now)
+                self.overload.poll(now)  # the kernel's pressure mode ends when the pressure has ended
                 flush_log()
                 if self.bgp is not None:
                     self.bgp.poll()

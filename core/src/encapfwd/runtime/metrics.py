@@ -323,6 +323,10 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
         families += [session, announced]
         counter("encapfwd_bgp_speaker_restarts_total", "Times ExaBGP was started again after it died.",
                 bgp.get("restarts"))
+    overload = report.get("overload")
+    if isinstance(overload, dict) and (overload.get("episodes") or overload.get("engaged")):
+        # overload (runtime/overload.py): only once this dispatcher has been overloaded at least once
+        families += overload_families(overload, engine)
     if isinstance(report.get("sync"), dict):  # flow synchronisation (engines/flowsync.py)
         from encapfwd.flowsync.service import metric_families as sync_families
 
@@ -346,6 +350,30 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
         if latency.samples:
             families.append(latency)
     return families
+
+
+def overload_families(overload: dict, engine: dict) -> list:
+    """``encapfwd_overload`` (gauge: 1 while the slow path is overloaded, labelled with what is done:
+    ``kernel`` pressure mode or ``workers`` triage alone), ``encapfwd_overload_episodes_total`` and
+    ``encapfwd_overload_dropped_total`` (new connections the workers shed, per ``cluster``/``port``) from
+    the report's ``overload`` and the workers' summed ``overload_dropped`` (docs/live.md, "Overload")."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    gauge = GaugeMetricFamily("encapfwd_overload",
+                              "1 while the slow path cannot keep up (the kernel program's pressure mode on, or "
+                              "the AF_PACKET workers shedding new connections), else 0.", labels=["mode"])
+    mode = overload.get("mode") or (overload.get("last_episode") or {}).get("mode") or ""
+    gauge.add_metric([str(mode)], 1.0 if overload.get("engaged") else 0.0)
+    episodes = CounterMetricFamily("encapfwd_overload_episodes_total",
+                                   "Overload episodes since the dispatcher started.")
+    episodes.add_metric([], _num(overload.get("episodes")))
+    dropped = CounterMetricFamily("encapfwd_overload_dropped_total",
+                                  "New connections the AF_PACKET workers dropped under overload, per port.",
+                                  labels=["cluster", "port"])
+    for name, count in sorted((engine.get("overload_dropped") or {}).items()):
+        cluster, _, port = str(name).rpartition("@")
+        dropped.add_metric([cluster, port], _num(count))
+    return [gauge, episodes, dropped]
 
 
 class ReportCollector:
@@ -501,6 +529,7 @@ __all__ = [
     "ReportCollector",
     "check_available",
     "metric_families",
+    "overload_families",
     "parse_address",
     "start_metrics",
 ]

@@ -22,6 +22,13 @@ from encapfwd.xdp.maps import kernel_flow_key
 LOSS_INTERVAL = 1.0
 
 
+def pressure_count(counters: dict) -> Optional[int]:
+    """The new flows the kernel program placed itself under pressure (cumulative), from ``DataPlane.counters()``;
+    None when the program does not count them."""
+    value = counters.get("pressure_placed")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 class KernelFlows:
     """The slow path's flow sink: writes a flow the Python dispatcher placed into the kernel's flow table.
     Forked workers inherit it (and the map's descriptor); it never raises into the data path."""
@@ -60,6 +67,8 @@ class XDPProgram:
         self.loss = None
         self._next_loss = 0.0
         self._loss_said = False
+        #: the program's pressure mode (runtime/overload.py): on while the slow path cannot keep up
+        self.pressure = False
 
     def __len__(self) -> int:
         return 1 if self.dataplane is not None else 0
@@ -144,6 +153,31 @@ class XDPProgram:
             return f" ({link.peer_words()}: use --xdp-mode generic, or attach an XDP program to the peer)"
         return f" (see 'ethtool -S {self.iface.name}' and 'ip -s link show {self.iface.name}')"
 
+    # -- overload (runtime/overload.py)
+
+    def set_pressure(self, on: bool) -> Optional[str]:
+        """Turn the program's pressure mode on or off (it then places new flows of wrr/wlc ports itself by
+        its weighted table); why not (one line), or None when done."""
+        dataplane = self.dataplane
+        if dataplane is None:
+            return "no program loaded"
+        setter = getattr(dataplane, "set_pressure", None)
+        if setter is None:
+            return "this kernel program has no pressure mode (DataPlane.set_pressure)"
+        try:
+            setter(bool(on))
+        except Exception as exc:  # noqa: BLE001 - said by the caller in its log line
+            return f"{type(exc).__name__}: {exc}"
+        self.pressure = bool(on)
+        return None
+
+    def pressure_placed(self) -> Optional[int]:
+        """How many new flows the program placed itself under pressure (cumulative), None when it does not
+        count them."""
+        if self.dataplane is None:
+            return None
+        return pressure_count(self.dataplane.counters())
+
     def start(self, plan) -> None:
         if self.dataplane is None:
             self.load(plan)
@@ -200,7 +234,13 @@ class XDPProgram:
             "xdp_not_for_us": passed.get("not-for-us", 0),
             "xdp_passed_by_reason": passed,
             "xdp_flow_writes_failed": self.flows.errors,
+            "xdp_pressure": self.pressure,
         }
+        placed = pressure_count(kernel)
+        if placed is not None:
+            engine["xdp_pressure_placed"] = placed
+        if isinstance(kernel.get("flows_not_remembered"), dict):  # new flows forwarded, not written (by reason)
+            engine["xdp_flows_not_remembered"] = dict(kernel["flows_not_remembered"])
         return [{"dispatcher": dispatcher, "engine": engine}]
 
     def close(self) -> List[dict]:
@@ -220,4 +260,4 @@ class XDPProgram:
             self.dataplane.forget()
 
 
-__all__ = ["KernelFlows", "XDPProgram"]
+__all__ = ["KernelFlows", "XDPProgram", "pressure_count"]

@@ -8,6 +8,23 @@
 
 The per-packet path (``pick``) runs no pluggy, builds no attrs object and, for a packet of an
 established flow, costs one dictionary lookup and a few integer operations.
+
+Overload (``docs/live.md``, "Overload"), the kernel program's rules for its own flow table, followed here for
+the Python one so that both executors forward alike (``tests/test_xdp_differential.py``):
+
+- with ``syn_only`` (every :class:`~encapfwd.datapath.dispatcher.Dispatcher` sets it), a TCP segment of a
+  table port (core maglev, no stickytime) that misses the flow table and cannot open a connection (not SYN
+  without ACK) is placed by the table but not remembered (counted: ``not_remembered``); a flow the table
+  still holds (expired, or its server down or gone) is placed again and kept whatever its flags, as the
+  kernel writes such a flow again in the entry it has;
+- :meth:`Scheduler.set_pressure`: a new flow of a wrr or wlc port (the core's, no stickytime) is placed by the
+  port's pressure table (:func:`pressure_table`, compiled once into the plan as ``PortPlan.fallback``, the
+  very table the kernel program holds; :meth:`Scheduler.configure` takes it from the plan) instead of its
+  selector, and remembered under the same rule (counted: ``pressure_placed``).
+
+The kernel's third rule, at most ``executor newflowlimit`` new entries per CPU per second, has no Python
+counterpart: a dispatcher's flow table is bounded by ``maxflows`` with exact LRU, and the Python executor
+is the slow path whose rate the pressure mode relieves (the differential runs with the limit off).
 """
 
 from __future__ import annotations
@@ -17,7 +34,7 @@ import zlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 from encapfwd.errors import ConfigError, EncapfwdError, PluginError
-from encapfwd.selection.algorithms import no_server
+from encapfwd.selection.algorithms import maglev_table, no_server
 from encapfwd.selection.flowtable import (
     AFFINITY,
     CLOSED,
@@ -34,6 +51,38 @@ from encapfwd.selection.flowtable import (
 
 # TCP flag bits
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
+_TCP = 6
+
+#: The selection algorithms whose new flows the kernel program places itself under pressure (the core's).
+PRESSURE_ALGORITHMS = ("wrr", "wlc")
+
+
+def pressure_table(port, servers, select) -> Optional[List[int]]:
+    """The pressure table of *port* (indices into *servers*, its eligible servers: up, weight > 0): the
+    weighted Maglev table of those servers (wrr weights kept, wlc degraded to its weights), by which both
+    executors place new flows under pressure; None when the port keeps sending new flows up even then.
+
+    Only the core's ``wrr`` and ``wlc`` (*select*, the port's selector, is ``builtin``) without stickytime
+    have one: client affinity lives in the slow path's flow table (the kernel cannot keep it), and a
+    plugin's selector runs in Python only. A port without an eligible server has none (its new flows find no
+    server either way).
+    """
+    if (port.stickytime or port.selectionalgorithm not in PRESSURE_ALGORITHMS or not servers
+            or not getattr(select, "builtin", False)):
+        return None
+    return maglev_table(servers)
+
+
+def _fallback_indices(port_plan, eligible) -> Optional[List[int]]:
+    """A plan port's pressure table (plan sids) as indices into its eligible servers (*eligible*: their
+    indices in configuration order, as ``PortPlan.servers`` lists the sids); None if it has none."""
+    if port_plan is None or not eligible:
+        return None
+    position = {port_plan.servers[i]: j for j, i in enumerate(eligible) if i < len(port_plan.servers)}
+    try:
+        return list(map(position.__getitem__, port_plan.fallback))
+    except KeyError:  # not this configuration's plan: no pressure table rather than a wrong one
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,9 +109,15 @@ class Scheduler:
         configuration changes it, the table adopts it (evicting the least recently used beyond it).
     """
 
-    def __init__(self, registry, maxflows: int = 1_000_000):
+    def __init__(self, registry, maxflows: int = 1_000_000, syn_only: bool = False):
         self.registry = registry
         self.table = FlowTable(maxflows)
+        #: the kernel program's rule for table ports: only a TCP SYN (or any UDP datagram) makes a flow entry
+        self.syn_only = syn_only
+        #: pressure on: new flows of wrr/wlc ports are placed by their pressure table (read by every pick)
+        self._pressure = [False]
+        #: [new flows not remembered (not-syn), new flows placed under pressure]
+        self._overload = [0, 0]
         self._stateless = maxflows == 0
         self._config_maxflows: Optional[int] = None
         self._pickers: Dict[tuple, Callable] = {}
@@ -73,14 +128,31 @@ class Scheduler:
     def maxflows(self) -> int:
         return self.table.maxflows
 
+    def set_pressure(self, on: bool) -> None:
+        """Pressure on or off (the kernel program's ``DataPlane.set_pressure``, for the Python flow table):
+        on, a new flow of a wrr or wlc port is placed by the port's pressure table instead of its selector.
+        Kept across :meth:`configure`; a stateless scheduler (``maxflows`` 0) ignores it."""
+        self._pressure[0] = bool(on)
+
+    @property
+    def pressure(self) -> bool:
+        return self._pressure[0]
+
     @property
     def stateless(self) -> bool:
         """True when running without a flow table (``maxflows`` 0: each packet hashed afresh)."""
         return self._stateless
 
     # -- configuration --------------------------------------------------------------------------
-    def configure(self, config) -> None:
-        """Compile a pick callable for every port of *config*; the flow table carries over."""
+    def configure(self, config, plan=None) -> None:
+        """Compile a pick callable for every port of *config*; the flow table carries over. With *plan* (the
+        :class:`~encapfwd.plan.Plan` of *config*), ports with a pressure table (``PortPlan.fallback``) place
+        new flows by it while :attr:`pressure` is on; without, pressure changes nothing."""
+        fallbacks = {}
+        if plan is not None:
+            for pp in plan.ports:
+                if pp.fallback is not None:
+                    fallbacks[(pp.cluster, pp.number)] = pp
         table = self.table
         hook = self.registry.hook.encapfwd_build_selector
         pickers: Dict[tuple, Callable] = {}
@@ -114,13 +186,14 @@ class Scheduler:
                         f"port {cluster.address}@{port.number}: unknown selectionalgorithm "
                         f"{port.selectionalgorithm!r} (available: {known})"
                     )
+                fallback = _fallback_indices(fallbacks.get((str(cluster.address), port.number)), eligible)
                 if not servers:
                     select = no_server
                 # up servers (weight 0 included: their flows continue) by sid -> index in port.servers
                 up = {sids[i]: i for i, s in enumerate(servers_all) if not s.down}
                 key = (cluster.address, port.number)
                 selectors[key] = select
-                pickers[key] = self._compile(cluster, port, select, eligible, esids, up)
+                pickers[key] = self._compile(cluster, port, select, eligible, esids, up, fallback)
         # nothing failed: switch over (slots first, so that evictions by a smaller maxflows update the
         # new connections lists)
         table.slots = slots
@@ -162,6 +235,9 @@ class Scheduler:
         connections (active flows per ``cluster@port@server``)."""
         out = self.table.stats()
         out["stateless"] = self._stateless
+        out["not_remembered"] = {"not-syn": self._overload[0]}
+        out["pressure_placed"] = self._overload[1]
+        out["pressure"] = self._pressure[0]
         out["connections"] = self.table.connections()
         out["maglev"] = self.maglev_digests()
         return out
@@ -182,7 +258,7 @@ class Scheduler:
         return out
 
     # -- compilation of the per-packet callables ---------------------------------------------------
-    def _compile(self, cluster, port, select, eligible, esids, up):
+    def _compile(self, cluster, port, select, eligible, esids, up, fallback=None):
         n = len(eligible)
         emap = list(eligible) + [-1]  # emap[-1] == -1: a selector's "none" maps to "none"
         builtin = getattr(select, "builtin", False)
@@ -224,6 +300,12 @@ class Scheduler:
         sticky = port.stickytime
         position = {sid: j for j, sid in enumerate(esids)}.get  # sid -> index in the eligible list
         keep = COUNTED | CLOSING | SID_MASK
+        # the kernel's rule (see the module's docstring): a table port, or a placement under pressure
+        syn_only = self.syn_only
+        guarded = syn_only and builtin and getattr(select, "table", None) is not None and not sticky
+        pressure = self._pressure
+        overload = self._overload
+        fsize = len(fallback) if fallback else 0
         aprefix = b"\xff" + cluster.address.packed + port.number.to_bytes(2, "big")
 
         def touch(akey, sid, now):
@@ -276,11 +358,20 @@ class Scheduler:
                 av = get(akey)
                 if av is not None and (av >> SHIFT) > now:
                     j = position(av & SID_MASK, -1)
+            kernel = guarded and v is None  # a flow the table held is placed again and kept
             if j < 0:
-                j = select(crc32(key))
-                if not 0 <= j < n:
-                    return -1
+                if fsize and pressure[0]:
+                    j = fallback[crc32(key) % fsize]
+                    overload[1] += 1
+                    kernel = syn_only and v is None
+                else:
+                    j = select(crc32(key))
+                    if not 0 <= j < n:
+                        return -1
             sid = esids[j]
+            if kernel and key[-5] == _TCP and tcp_flags & (_SYN | _ACK) != _SYN:
+                overload[0] += 1  # a TCP segment that cannot open a connection: placed, not remembered
+                return eligible[j]
             if tcp_flags & (_FIN | _RST):
                 wait = rst_timeout if tcp_flags & _RST else fin_timeout
                 insert(key, ((int(now) + wait + 1) << SHIFT) | CLOSING | sid, now)
@@ -319,4 +410,4 @@ class Scheduler:
         return pick
 
 
-__all__ = ["Scheduler"]
+__all__ = ["PRESSURE_ALGORITHMS", "Scheduler", "pressure_table"]

@@ -5,6 +5,7 @@
     verdict, out = dp.test_run(frame)  # BPF_PROG_TEST_RUN: the program on one frame, no network
     dp.attach(ifindex, "native")       # run it on an interface
     dp.counters()                      # per-server packets/bytes, drops and slow-path frames
+    dp.set_pressure(True)              # overload: the kernel places new flows of wrr/wlc ports itself
     dp.close()                         # detach and unload; nothing is pinned
 
 Reloads never show a packet a half-written plan: every plan map holds two generations (keys carry the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import time
 from typing import Dict, Optional
 
@@ -93,9 +95,12 @@ class DataPlane:
         self.prog_fd = obj.program(self.PROGRAM)
         self.maps = {name: obj.map(name) for name in (
             "control", "host", "vips", "port_index", "ports", "servers", "ring", "flows", "stats", "drops",
-            "passes", "last_reason")}
+            "passes", "last_reason", "overload", "flow_events", "newflow_rate")}
         self.gen = 0
         self.plan = None
+        self._pressure = False
+        self._newflow_limit = 0
+        self._overload_lock = threading.Lock()  # set_pressure (a controller thread) and install write one entry
         self._keys: Dict[int, Dict[str, set]] = {0: {}, 1: {}}
         self._attached: Optional[tuple] = None
 
@@ -138,9 +143,31 @@ class DataPlane:
             keys = struct.pack(f"<{count}I", *range(first_slot, first_slot + count))
             ring.update_batch(keys, values, count)
         self._keys[gen] = written
+        self._write_overload(newflow_limit=plan.config.executor.newflowlimit)
         self.maps["control"].update(0, M.CONTROL.pack(gen, os.getpid()))
         self.gen = gen
         self.plan = plan
+
+    # -- overload ---------------------------------------------------------------------------------------------
+    def _write_overload(self, pressure: Optional[bool] = None, newflow_limit: Optional[int] = None) -> None:
+        with self._overload_lock:
+            if pressure is not None:
+                self._pressure = bool(pressure)
+            if newflow_limit is not None:
+                self._newflow_limit = int(newflow_limit)
+            self.maps["overload"].update(0, M.overload_value(self._pressure, self._newflow_limit))
+
+    def set_pressure(self, on: bool) -> None:
+        """Pressure on (the slow path cannot keep up) or off. On: the program places a new flow of a wrr or
+        wlc port itself, by the port's pressure table (``PortPlan.fallback``: a weighted Maglev table of its
+        eligible servers), and remembers it (unless it is a TCP segment that cannot open a connection, or
+        beyond the new-flow limit), so the connection stays on that server after the pressure ends. Ports
+        with stickytime or a plugin's selector keep going up. Kept across plan installs."""
+        self._write_overload(pressure=on)
+
+    @property
+    def pressure(self) -> bool:
+        return self._pressure
 
     # -- flows (the slow path writes the flows it decided) ---------------------------------------------------
     def write_flow(self, key: bytes, sid: int) -> None:
@@ -209,14 +236,24 @@ class DataPlane:
                 out[reason] = count
         return out
 
+    def flow_events(self) -> Dict[str, int]:
+        """``maps.FLOW_EVENTS`` -> count (summed over CPUs; every name present)."""
+        return {name: self._percpu_sum("flow_events", i, M.U64)[0] for i, name in enumerate(M.FLOW_EVENTS)}
+
     def counters(self) -> dict:
-        """Per server ``{name: {packets, bytes}}`` (the kernel's), ``drops`` and ``passed`` by reason."""
+        """Per server ``{name: {packets, bytes}}`` (the kernel's), ``drops`` and ``passed`` by reason, and the
+        overload counters: ``flows_not_remembered`` (``{"not-syn": n, "rate-limit": m}``: new flows forwarded
+        but not written into the flow table), ``pressure_placed`` (new flows of wrr/wlc ports the program
+        placed under pressure) and ``pressure`` (whether it is on)."""
         servers = {}
         if self.plan is not None:
             for server in self.plan.servers:
                 packets, nbytes = self._percpu_sum("stats", server.sid, M.COUNTER)
                 servers[server.name] = {"packets": packets, "bytes": nbytes}
-        return {"servers": servers, "drops": self.reason_counts("drops"), "passed": self.reason_counts("passes")}
+        events = self.flow_events()
+        return {"servers": servers, "drops": self.reason_counts("drops"), "passed": self.reason_counts("passes"),
+                "flows_not_remembered": {r: events[r] for r in M.NOT_REMEMBERED},
+                "pressure_placed": events["pressure"], "pressure": self._pressure}
 
 
 __all__ = ["DataPlane", "XDP_DROP", "XDP_PASS", "XDP_TX", "object_path", "pass_object_path"]

@@ -6,13 +6,27 @@
  * a fixed set of per-packet fields, encapfwd.hookspecs.Template), so a third party's tunnel runs here
  * without eBPF of its own. What the program does not finish itself goes up with XDP_PASS to the Python
  * dispatcher (the slow path), which answers exactly as the reference does: fragments, IP options, ICMP,
- * TTL expiry, frames too big for the MTU, first packets of ports whose selection is not a table, and all
- * traffic that is not for a cluster address. Frames not sent to this dispatcher's MAC (another host's, or a
- * broadcast/multicast one for a cluster address) are never forwarded: they go up untouched (not-for-us), the
- * kernel treats them as without the program. The Python side (encapfwd/xdp/maps.py) mirrors every layout.
+ * TTL expiry, frames too big for the MTU, first packets of ports whose selection is not a table (unless the
+ * slow path is under pressure: see "Overload" below), and all traffic that is not for a cluster address.
+ * Frames not sent to this dispatcher's MAC (another host's, or a broadcast/multicast one for a cluster
+ * address) are never forwarded: they go up untouched (not-for-us), the kernel treats them as without the
+ * program. The Python side (encapfwd/xdp/maps.py) mirrors every layout.
  *
  * Reloads: every plan map holds two generations; the controller fills the idle one, then flips
  * control[0].gen in one word, so no packet sees a half-written plan. Flows carry stable server ids.
+ *
+ * Overload (docs/live.md, "Overload"; the Python Scheduler follows the same rules for its own flow table):
+ * - a TCP segment that misses the flow table and cannot open a connection (not SYN without ACK) is forwarded
+ *   by the table but not remembered: an ACK flood would otherwise fill the LRU with junk and evict real flows
+ *   (an entry the table still holds, expired or on a server now down, is placed again and kept: it takes no
+ *   new entry);
+ * - at most overload.newflow_limit new flow entries per CPU per second (Katran's MAX_CONN_RATE): beyond it
+ *   a new flow is forwarded by the table but not remembered (0: no limit; the Python executor has none);
+ * - under pressure (overload.pressure, set by the controller when the slow path cannot keep up), a new flow
+ *   of a wrr or wlc port is placed here by the port's pressure table (a weighted Maglev table of its
+ *   eligible servers) and remembered, instead of going up. Every flow not remembered, and every flow placed
+ *   under pressure, is counted in flow_events.
+ * Flows already in the table pay nothing for any of this: it all happens after a miss.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -44,6 +58,9 @@ enum template_field { F_IPV4 = 0x01, F_TOS = 0x02, F_DF = 0x04, F_IDENT = 0x08, 
 
 /* drop reasons the program decides itself (encapfwd.xdp.maps.DROPS; names as the dispatcher's) */
 enum drop_reason { D_TRUNCATED, D_BAD_CHECKSUM, D_NOT_PORT, D_NO_SERVER, D_MAX };
+/* new flows the program forwarded without remembering them, or placed under pressure
+ * (encapfwd.xdp.maps.FLOW_EVENTS) */
+enum flow_event { E_NOT_SYN, E_RATE_LIMIT, E_PRESSURE, E_MAX };
 /* why a frame went up (encapfwd.xdp.maps.PASSES) */
 enum pass_reason {
     P_NOT_OURS, P_MALFORMED, P_IP_OPTIONS, P_FRAGMENT, P_NOT_TCP_UDP, P_TTL, P_NEW_FLOW, P_TOO_BIG,
@@ -79,10 +96,23 @@ struct port_key {
 };
 
 struct port_entry {
-    __u32 ring_base; /* first slot of this port's table in `ring` */
-    __u32 ring_size; /* 0: not a table, new flows go up */
+    __u32 ring_base; /* first slot of this port's table (or, with ring_size 0, its pressure table) in `ring` */
+    __u32 ring_size; /* 0: not a table, new flows go up (or, under pressure, by the pressure table) */
     __u32 timeout;   /* staletimeout, seconds */
-    __u32 pad;
+    __u32 fallback;  /* slots of the pressure table (wrr, wlc ports; 0: none, new flows always go up) */
+};
+
+/* What the controller says about overload (one entry): written at every plan install (the limit) and by
+ * DataPlane.set_pressure (the flag); read only when a flow misses the flow table. */
+struct overload {
+    __u32 pressure;      /* 1: the slow path cannot keep up: place new flows of wrr/wlc ports here */
+    __u32 newflow_limit; /* new flow entries per CPU per second (executor newflowlimit); 0: no limit */
+};
+
+/* This CPU's window of new flow entries (Katran's MAX_CONN_RATE): at most newflow_limit per second. */
+struct newflow_window {
+    __u64 start_ns;
+    __u64 count;
 };
 
 struct server_entry {
@@ -201,6 +231,27 @@ struct {
     __type(value, __u32);
 } idents SEC(".maps");
 
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct overload);
+} overload SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct newflow_window);
+} newflow_rate SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, E_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+} flow_events SEC(".maps");
+
 /* The reason of this CPU's last drop or pass (0x100 | pass reason): what tools and tests read to see
  * why one frame was not forwarded (BPF_PROG_TEST_RUN runs on the caller's CPU). */
 struct {
@@ -255,10 +306,41 @@ static __always_inline __u32 flow_crc(const __u8 *src, const __u8 *dst, __u32 al
     return crc_bytes(c, l4, 4) ^ 0xFFFFFFFF;
 }
 
-/* The server for a flow: the flow table first, else the port's table for crc32(flow key); NO_SERVER or a
- * sid; -1: go up. */
+static __always_inline void count_flow_event(__u32 event)
+{
+    __u64 *c = bpf_map_lookup_elem(&flow_events, &event);
+    if (c)
+        *c += 1;
+}
+
+/* Whether this CPU has made *limit* new flow entries in its current one-second window already; else the
+ * entry about to be made is counted (a window starts with the first entry after the last one ended). */
+static __always_inline int newflow_limited(__u64 now, __u32 limit)
+{
+    __u32 zero = 0;
+    struct newflow_window *w = bpf_map_lookup_elem(&newflow_rate, &zero);
+    if (!w)
+        return 0;
+    if (now - w->start_ns >= 1000000000ull) {
+        w->start_ns = now;
+        w->count = 1;
+        return 0;
+    }
+    if (w->count >= limit)
+        return 1;
+    w->count += 1;
+    return 0;
+}
+
+#define TCP_SYN 0x02
+#define TCP_ACK 0x10
+
+/* The server for a flow: the flow table first, else the port's table for crc32(flow key) (under pressure, a
+ * wrr/wlc port's pressure table); NO_SERVER or a sid; -1: go up. A new flow is remembered unless it is a TCP
+ * segment that cannot open a connection or this CPU is over its new-flow limit (a flow the table still holds,
+ * expired or on a server now down, is written again in its entry whatever it is). */
 static __always_inline __s64 select_server(struct flow_key *fk, struct port_entry *pe, __u32 gen, __u32 alen,
-                                           const __u8 *l4)
+                                           const __u8 *l4, const void *end)
 {
     __u64 now = bpf_ktime_get_ns();
     struct flow_value *fv = bpf_map_lookup_elem(&flows, fk);
@@ -274,17 +356,48 @@ static __always_inline __s64 select_server(struct flow_key *fk, struct port_entr
             }
         }
     }
-    if (!pe->ring_size)
-        return -1;
-    /* a new flow: the hash is needed only now (established flows never pay for it) */
+    /* a new flow: everything below (hash, overload word, rate window) is paid only now */
+    __u32 size = pe->ring_size;
+    __u32 zero = 0;
+    struct overload *ov = 0;
+    if (!size) {
+        /* not a table: the slow path places the flow, unless it is under pressure and the port has a pressure
+         * table (wrr, wlc; the plan gives none to stickytime ports, whose client affinity lives in the slow
+         * path's table, nor to a plugin's selector, which only Python can run) */
+        if (!pe->fallback)
+            return -1;
+        ov = bpf_map_lookup_elem(&overload, &zero);
+        if (!ov || !ov->pressure)
+            return -1;
+        size = pe->fallback;
+    }
     __u32 hash = flow_crc(fk->src, fk->dst, alen, fk->proto, l4);
-    __u32 slot = pe->ring_base + hash % pe->ring_size;
+    __u32 slot = pe->ring_base + hash % size;
     __u32 *sid = bpf_map_lookup_elem(&ring, &slot);
     if (!sid || *sid == NO_SERVER)
         return NO_SERVER;
-    struct flow_value nv = {.sid = *sid, .seen_ns = now};
+    __u32 placed = *sid;
+    if (ov)
+        count_flow_event(E_PRESSURE);
+    /* a flow the table still holds (expired, or its server down or gone) is written again in its entry, which
+     * takes no new one; the rules are for new entries */
+    if (!fv) {
+        /* only a SYN (without ACK) opens a TCP connection: anything else is forwarded but not remembered */
+        if (fk->proto == IPPROTO_TCP &&
+            ((const void *)(l4 + 14) > end || (l4[13] & (TCP_SYN | TCP_ACK)) != TCP_SYN)) {
+            count_flow_event(E_NOT_SYN);
+            return placed;
+        }
+        if (!ov)
+            ov = bpf_map_lookup_elem(&overload, &zero);
+        if (ov && ov->newflow_limit && newflow_limited(now, ov->newflow_limit)) {
+            count_flow_event(E_RATE_LIMIT);
+            return placed;
+        }
+    }
+    struct flow_value nv = {.sid = placed, .seen_ns = now};
     bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
-    return *sid;
+    return placed;
 }
 
 /* Put the template in front of P' (which starts at offset 14 and is `plen` bytes long) and send it. */
@@ -391,10 +504,10 @@ static __always_inline struct port_entry *port_of(const __u8 *addr, __u32 alen, 
  * not forwarded here: a new flow of a port without a table or a server without a template goes up, a
  * port with no eligible server drops. */
 static __always_inline struct server_entry *server_for(struct flow_key *fk, __u32 alen, const __u8 *l4,
-                                                       struct port_entry *pe, __u32 gen, __u32 *sid,
-                                                       int *verdict)
+                                                       const void *end, struct port_entry *pe, __u32 gen,
+                                                       __u32 *sid, int *verdict)
 {
-    __s64 got = select_server(fk, pe, gen, alen, l4);
+    __s64 got = select_server(fk, pe, gen, alen, l4, end);
     struct server_entry *s = 0;
     if (got < 0)
         *verdict = pass(P_NEW_FLOW);
@@ -471,7 +584,7 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     flow_key_fill(&fk, ip + 12, ip + 16, 4, proto, l4);
     __u32 sid;
     int verdict;
-    struct server_entry *s = server_for(&fk, 4, l4, pe, gen, &sid, &verdict);
+    struct server_entry *s = server_for(&fk, 4, l4, end, pe, gen, &sid, &verdict);
     if (!s)
         return verdict;
     if (s->hdr_len + tot > s->mtu)
@@ -531,7 +644,7 @@ static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
     flow_key_fill(&fk, ip + 8, ip + 24, 16, proto, l4);
     __u32 sid;
     int verdict;
-    struct server_entry *s = server_for(&fk, 16, l4, pe, gen, &sid, &verdict);
+    struct server_entry *s = server_for(&fk, 16, l4, end, pe, gen, &sid, &verdict);
     if (!s)
         return verdict;
     if (s->hdr_len)
@@ -608,8 +721,10 @@ struct btf_constants {
     enum drop_reason *drop_reason;
     enum pass_reason *pass_reason;
     enum template_field *template_field;
+    enum flow_event *flow_event;
     __uint(d_max, D_MAX);
     __uint(p_max, P_MAX);
+    __uint(e_max, E_MAX);
     __uint(no_server, NO_SERVER);
     __uint(max_hdr, MAX_HDR);
     __uint(max_servers, MAX_SERVERS);

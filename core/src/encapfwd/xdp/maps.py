@@ -27,13 +27,25 @@ DROPS = ("truncated", "bad-checksum", "not-port", "no-server")
 #: why a frame went up to the slow path, in the order of the program's enum
 PASSES = ("not-ours", "malformed", "ip-options", "fragment", "not-tcp-udp", "ttl", "new-flow", "too-big",
           "no-template", "ext-header", "error", "not-for-us")
+#: new flows the program forwarded without remembering them (``not-syn``: a TCP segment that cannot open a
+#: connection; ``rate-limit``: beyond ``executor newflowlimit`` on its CPU), and those it placed under pressure
+#: (``pressure``), in the order of its ``enum flow_event`` (the ``flow_events`` map)
+FLOW_EVENTS = ("not-syn", "rate-limit", "pressure")
+#: the reasons of FLOW_EVENTS a new flow is not remembered for
+NOT_REMEMBERED = ("not-syn", "rate-limit")
 
 CONTROL = struct.Struct("<II")
 #: ``struct host_entry``: this dispatcher's MAC and whether to check it (one per generation)
 HOST_ENTRY = struct.Struct("<6sBx")
 VIP_KEY = struct.Struct("<16sBB2x")
 PORT_KEY = struct.Struct("<16s2sBB")
+#: ``struct port_entry {ring_base, ring_size, timeout, fallback}``: a table port's slots, or (ring_size 0) a
+#: wrr/wlc port's pressure table of ``fallback`` slots at ``ring_base``
 PORT_ENTRY = struct.Struct("<IIII")
+#: ``struct overload {pressure, newflow_limit}`` (the ``overload`` map's one entry)
+OVERLOAD = struct.Struct("<II")
+#: ``struct newflow_window {start_ns, count}`` (per CPU)
+NEWFLOW_WINDOW = struct.Struct("<QQ")
 SERVER_ENTRY = struct.Struct(f"<6s6sHHHBB{XDP_MAX_HEADER}s")
 #: where the template header starts in a server entry
 HEADER_OFFSET = SERVER_ENTRY.size - XDP_MAX_HEADER
@@ -70,12 +82,25 @@ def host_value(plan) -> bytes:
 
 
 def table_ports(plan) -> List:
-    """The plan's ports whose selection is a table (they take ring slots)."""
-    return [p for p in plan.ports if p.table is not None]
+    """The plan's ports that take ring slots: those whose selection is a table, and those with a pressure
+    table (``PortPlan.fallback``: wrr, wlc)."""
+    return [p for p in plan.ports if p.table is not None or p.fallback is not None]
+
+
+def _slots_of(port):
+    """The port's ring run (its table, else its pressure table) and whether it is the pressure table."""
+    if port.table is not None:
+        return port.table, False
+    return port.fallback, port.fallback is not None
 
 
 def ring_slots(plan) -> int:
-    return sum(len(p.table) for p in table_ports(plan))
+    return sum(len(_slots_of(p)[0]) for p in table_ports(plan))
+
+
+def overload_value(pressure: bool, newflow_limit: int) -> bytes:
+    """The ``struct overload`` of the program: the pressure flag and the new-flow limit per CPU and second."""
+    return OVERLOAD.pack(1 if pressure else 0, newflow_limit)
 
 
 def plan_entries(plan, gen: int, ring_cap: int) -> Dict[str, list]:
@@ -106,10 +131,14 @@ def plan_entries(plan, gen: int, ring_cap: int) -> Dict[str, list]:
         for proto in port.protos:
             out["port_index"].append((PORT_KEY.pack(addr, port.number.to_bytes(2, "big"), proto, gen),
                                       U32.pack(index)))
-        size = len(port.table) if port.table is not None else 0
-        out["ports"].append((U32.pack(index), PORT_ENTRY.pack(base, size, port.staletimeout, 0)))
+        slots, pressure_only = _slots_of(port)
+        size = len(slots) if slots is not None else 0
+        if pressure_only:  # ring_size 0 (new flows go up), unless under pressure: the fallback's slots
+            out["ports"].append((U32.pack(index), PORT_ENTRY.pack(base, 0, port.staletimeout, size)))
+        else:
+            out["ports"].append((U32.pack(index), PORT_ENTRY.pack(base, size, port.staletimeout, 0)))
         if size:
-            values = struct.pack(f"<{size}I", *(NO_SERVER if sid < 0 else sid for sid in port.table))
+            values = struct.pack(f"<{size}I", *(NO_SERVER if sid < 0 else sid for sid in slots))
             out["ring"].append((base, values))
             base += size
     for server in plan.servers:
@@ -130,5 +159,5 @@ def kernel_flow_key(key: bytes) -> bytes:
     return flow_key(key[:n], key[n:2 * n], key[2 * n], key[2 * n + 1:])
 
 
-__all__ = ["DROPS", "FIELD_BITS", "MAX_PORTS", "MAX_SERVERS", "PASSES", "flow_key", "host_value",
-           "kernel_flow_key", "plan_entries", "server_value"]
+__all__ = ["DROPS", "FIELD_BITS", "FLOW_EVENTS", "MAX_PORTS", "MAX_SERVERS", "NOT_REMEMBERED", "PASSES",
+           "flow_key", "host_value", "kernel_flow_key", "overload_value", "plan_entries", "server_value"]

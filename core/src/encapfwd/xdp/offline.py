@@ -68,6 +68,12 @@ class XDPExecutor:
         """:meth:`install` of *config*'s plan (a Config is compiled first)."""
         self.install(self._plan_of(config))
 
+    def set_pressure(self, on: bool) -> None:
+        """Overload: the kernel program and the Python dispatcher place new flows of wrr/wlc ports by their
+        pressure table (see :meth:`DataPlane.set_pressure` and :meth:`Dispatcher.set_pressure`)."""
+        self.dataplane.set_pressure(on)
+        self.slow.set_pressure(on)
+
     def process(self, frame: bytes, now: float = 0.0) -> List[bytes]:
         verdict, out = self._run(bytes(frame))
         if verdict == self.FORWARD:
@@ -102,7 +108,9 @@ class XDPExecutor:
         report["drops"] = dict(sorted(self.drops.items()))
         report["dropped"] = sum(report["drops"].values())
         report["engines"] = dict(self.engines)
-        report[self.KIND] = {"passed": kernel["passed"], "aborted": self.aborted, "digest": self.plan.digest}
+        report[self.KIND] = {"passed": kernel["passed"], "aborted": self.aborted, "digest": self.plan.digest,
+                             "flows_not_remembered": kernel["flows_not_remembered"],
+                             "pressure_placed": kernel["pressure_placed"], "pressure": kernel["pressure"]}
         return report
 
     def close(self) -> None:

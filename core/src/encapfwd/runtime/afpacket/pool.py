@@ -57,6 +57,12 @@ class WorkerPool:
         #: ``on_message(number, kind, payload)``: told the workers' messages that answer no pending request
         #: (flow synchronisation's asynchronous answers: engines/flowsync_workers.py); None: ignored
         self.on_message = None
+        #: ``on_pressure(number, payload)``: told a worker's ``pressure`` messages (overload triage on, off or
+        #: its shed ports changed: runtime/afpacket/triage.py); handled apart from :attr:`on_message`
+        self.on_pressure = None
+        #: the kernel program's pressure mode, followed by the workers' dispatchers (``set-pressure``): a worker
+        #: started again is told too
+        self.pressure = False
 
     # -- the executor interface
 
@@ -99,14 +105,30 @@ class WorkerPool:
                 status = -1
             del self.workers[number]
             self.restarts += 1
+            self._unsolicited(number, ("pressure", {"on": False, "why": "the worker exited"}))
             log(f"worker {number} (pid {worker['pid']}) exited (status {status}); starting it again")
             try:
                 self._spawn(number)
             except Exception as exc:  # noqa: BLE001 - reported; the controller stops
                 log(f"cannot restart worker {number}: {exc}")
                 return False
+            if self.pressure:
+                try:
+                    send_msg(self.workers[number]["channel"], ("set-pressure", True))
+                except OSError:
+                    pass
             return True
         return True
+
+    def tell_all(self, message) -> None:
+        """Send *message* to every worker without waiting for an answer (none is given)."""
+        if message[0] == "set-pressure":
+            self.pressure = bool(message[1])
+        for worker in list(self.workers.values()):
+            try:
+                send_msg(worker["channel"], message)
+            except OSError:
+                pass
 
     def install(self, plan) -> Dict[str, Optional[str]]:
         answers = self._ask_all(("reload", plan), "reloaded")
@@ -228,10 +250,14 @@ class WorkerPool:
     ask_all = _ask_all
 
     def _unsolicited(self, number: int, message) -> None:
-        if self.on_message is None:
-            return
         try:
             kind, payload = message
+            if kind == "pressure":
+                if self.on_pressure is not None:
+                    self.on_pressure(number, payload)
+                return
+            if self.on_message is None:
+                return
             self.on_message(number, kind, payload)
         except Exception as exc:  # noqa: BLE001 - never stops the controller
             log(f"worker {number}: message not handled: {type(exc).__name__}: {exc}")

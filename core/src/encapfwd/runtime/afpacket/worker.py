@@ -16,6 +16,7 @@ import time
 from typing import Optional
 
 from encapfwd.model import Config
+from encapfwd.runtime.afpacket import triage as overload
 from encapfwd.runtime.afpacket.checksum import complete_checksum
 from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
 from encapfwd.runtime.afpacket.rings import (
@@ -118,6 +119,8 @@ class Worker:
             "cpu": cpu,
             "pid": os.getpid(),
         }
+        #: overload triage (runtime/afpacket/triage.py): on while this worker cannot keep up
+        self.triage = overload.Triage(self.stats)
         if rings is not None:
             self.rx, self.tx = rings
             return
@@ -172,6 +175,7 @@ class Worker:
         try:
             _packets, drops = self.rx.statistics()
             self.stats["kernel_drops"] += drops
+            self.triage.drops += drops  # the kernel resets them on read: the next window judges them too
         except OSError:
             pass
         tx = self.tx
@@ -196,6 +200,13 @@ class Worker:
                 send_msg(self.channel, ("reloaded", f"{type(exc).__name__}: {exc}"))
         elif kind == "stop":
             self.stop = True
+        elif kind == "set-pressure":  # overload: the kernel program's pressure mode, followed (runtime/overload.py)
+            setter = getattr(self.dispatcher, "set_pressure", None)
+            if setter is not None:
+                try:
+                    setter(bool(message[1]))
+                except Exception as exc:  # noqa: BLE001 - forwarding goes on in the exact mode
+                    log(f"worker {self.number}: pressure mode not followed: {type(exc).__name__}: {exc}")
         elif kind.startswith("sync-"):  # flow synchronisation with the AF_PACKET engine
             if self.sync is None:
                 from encapfwd.flowsync.workers import WorkerJournal
@@ -253,6 +264,13 @@ class Worker:
         channel_poller.register(channel_fd, select.POLLIN)
         channel_poll = channel_poller.poll
         next_expiry = monotonic() + EXPIRE_INTERVAL
+        triage = self.triage
+        triaged = self._triaged
+        triage.window_start = monotonic()
+        triage.window_end = triage.window_start + overload.WINDOW
+        backlog_frames, backlog_wait = overload.BACKLOG_FRAMES, overload.BACKLOG_WAIT
+        block_opened = struct.Struct("<II").unpack_from  # tpacket_hdr_v1.ts_first_pkt: sec, nsec
+        from time import time as wall
         block = 0
         received = 0
         while not self.stop:
@@ -261,7 +279,8 @@ class Worker:
                 if tx.pending:
                     flush()
                 stats["rx"] = received
-                for fd, event in poller.poll(1000):
+                # while triaging, wake up at least once per window: the hold must end on time
+                for fd, event in poller.poll(int(overload.WINDOW * 1000) if triage.active else 1000):
                     if fd == channel_fd:
                         self._poll_channel()
                     elif event & select.POLLERR:
@@ -270,19 +289,32 @@ class Worker:
                 if now >= next_expiry:
                     next_expiry = now + EXPIRE_INTERVAL
                     expire(self.dispatcher, now)
+                if triage.active and now >= triage.window_end:
+                    self._overload_tick(now)
                 continue
             if self._last_error is not None:
                 log(f"worker {self.number}: {self.iface.name}: receiving again")
                 self._last_error = None
             count, offset = blkhdr(rxm, base + 12)
             now = monotonic()
-            queue(outputs(base + offset, count, now))
+            # a backlog: a well-filled block whose first frame has waited too long (when it was opened)
+            if count >= backlog_frames:
+                sec, nsec = block_opened(rxm, base + 32)
+                waited = wall() - sec - nsec * 1e-9
+                if waited > backlog_wait:
+                    triage.backlog = True
+                    if waited > triage.waited:
+                        triage.waited = waited
+            queue((triaged if triage.active else outputs)(base + offset, count, now))
             received += count
+            triage.frames += count
             u32_pack(rxm, base + 8, 0)  # the block goes back to the kernel
             block += 1
             if block == block_nr:
                 block = 0
             flush()
+            if now >= triage.window_end:
+                self._overload_tick(now)
             if now >= next_expiry:
                 next_expiry = now + EXPIRE_INTERVAL
                 expire(self.dispatcher, now)
@@ -290,6 +322,76 @@ class Worker:
                 stats["rx"] = received
                 self._poll_channel()
         stats["rx"] = received
+
+    def _overload_tick(self, now: float) -> None:
+        """End of an overload window (runtime/afpacket/triage.py): ring drops read, pressure judged; a
+        change is told to the controller (an unsolicited ``pressure`` message)."""
+        drops = 0
+        try:
+            _packets, drops = self.rx.statistics()
+            self.stats["kernel_drops"] += drops
+        except OSError:
+            pass
+        message = self.triage.tick(now, drops)
+        if message is not None:
+            message["worker"] = self.number
+            try:
+                send_msg(self.channel, ("pressure", message))
+            except OSError:
+                pass
+
+    def _triaged(self, offset: int, count: int, now: float):
+        """:meth:`_outputs` under overload: each frame first looked at in the ring (one unpack, no copy);
+        new connections of the shed ports are dropped before the dispatcher, but one in ``triage.stride``."""
+        rxm = self.rx.map
+        hdr = self.rx.HDR.unpack_from
+        look = overload.FRAME.unpack_from
+        least = overload.FRAME_SIZE
+        triage = self.triage
+        counts = triage.counts
+        counts_get = counts.get
+        shed = triage.shed
+        dropped = self.stats["overload_dropped"]
+        entries = self.dispatcher.scheduler.table.entries
+        process = self.dispatcher.process
+        fix = complete_checksum
+        stats = self.stats
+        arp = self.answer_arp
+        own_mac = self._own_mac
+        csum_not_ready = TP_STATUS_CSUMNOTREADY
+        for _ in range(count):
+            nxt, snaplen, status, mac = hdr(rxm, offset)
+            start = offset + mac
+            offset += nxt
+            if snaplen >= least:
+                et, vihl, proto, dst, dport, flags = look(rxm, start)
+                if et == 0x0800 and vihl == 0x45 and (
+                    (proto == 6 and flags & 0x12 == 0x02)
+                    or (proto == 17 and rxm[start + 26 : start + 34] + b"\x11" + rxm[start + 34 : start + 38]
+                        not in entries)
+                ):
+                    key = (dst, dport)
+                    counts[key] = counts_get(key, 0) + 1
+                    if key in shed:
+                        triage.skip -= 1
+                        if triage.skip <= 0:  # one in *stride* admitted, spread over the window
+                            triage.skip = triage.stride
+                            stats["overload_admitted"] += 1
+                        else:
+                            name = shed[key]
+                            dropped[name] = dropped.get(name, 0) + 1
+                            continue
+            frame = rxm[start : start + snaplen]
+            if status & csum_not_ready:
+                frame = fix(frame)
+                stats["checksums_completed"] += 1
+            if arp and frame[12] == 8 and frame[13] == 6:
+                reply = arp_reply(frame, own_mac)
+                if reply:
+                    stats["arp_replies"] += 1
+                    yield (reply,)
+            else:
+                yield process(frame, now)
 
     def _outputs(self, offset: int, count: int, now: float):
         """For each of the *count* frames of a received block starting at *offset*: the list of frames to
