@@ -39,7 +39,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -52,9 +51,9 @@ from typing import Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT / "core" / "src"))
+sys.path.insert(0, str(HERE))
+from live_helpers import TRAFGEN_SNDBUF, build_shim, stop_trafgen  # noqa: E402 - bench/ beside this file
 
-SHIM_SOURCE = HERE / "trafgen_shim.c"
-TRAFGEN_SNDBUF = 64 << 20
 #: name -> (port, selection algorithm); the first is flooded
 PORTS = {"flooded": (80, "wrr"), "wrr": (8081, "wrr"), "maglev": (8082, "maglev")}
 FLOODED = "flooded"
@@ -104,12 +103,7 @@ class Flooder:
         self.ns, self.dev = ns, dev
         self.dir = Path(tempfile.mkdtemp(prefix="efwflood"))
         self.proc = None
-        self.shim = self.dir / "trafgen_shim.so"
-        cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-        built = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(self.shim), str(SHIM_SOURCE), "-ldl"],
-                               capture_output=True, text=True, timeout=60)
-        if built.returncode != 0:
-            raise RuntimeError(f"compiling {SHIM_SOURCE.name} failed: {built.stderr.strip()[:300]}")
+        self.shim = build_shim(self.dir)
         self.config = self.dir / "syn.cfg"
         self.config.write_text(config_text)
         self.log = self.dir / "trafgen.log"
@@ -127,26 +121,7 @@ class Flooder:
 
     def stop(self) -> dict:
         proc, self.proc = self.proc, None
-        if proc is None:
-            return {}
-        for sig, wait in ((signal.SIGINT, 5), (signal.SIGKILL, 5)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-        proc.wait()
-        text = self.log.read_text(errors="replace")
-        import re
-
-        sent = re.findall(r"(\d+) packets outgoing", text)
-        return {"returncode": proc.returncode, "outgoing": int(sent[-1]) if sent else None,
-                "tail": text.strip().splitlines()[-1:] if text.strip() else []}
+        return {} if proc is None else stop_trafgen(proc, self.log)
 
     def close(self) -> None:
         self.stop()

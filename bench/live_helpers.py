@@ -189,6 +189,42 @@ def live_frames_refusal(prog_fd: int, frame: bytes, ifindex: int):
     return None
 
 
+def build_shim(directory: Path) -> Path:
+    """bench/trafgen_shim.c compiled into *directory* (the LD_PRELOAD that gives trafgen's packet sockets
+    TRAFGEN_SNDBUF with SO_SNDBUFFORCE); RuntimeError with the compiler's first line when it fails."""
+    shim = directory / "trafgen_shim.so"
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
+    if not cc:
+        raise RuntimeError("no C compiler for bench/trafgen_shim.c (Debian package gcc)")
+    built = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(shim), str(SHIM_SOURCE), "-ldl"],
+                           check=False, capture_output=True, text=True, timeout=60)
+    if built.returncode != 0:
+        first = (built.stderr.strip().splitlines() or ["?"])[0]
+        raise RuntimeError(f"compiling bench/trafgen_shim.c with {cc} failed: {first}")
+    return shim
+
+
+def stop_trafgen(proc, log: Path) -> dict:
+    """SIGINT to trafgen's process group (its worker ignores one sent to its parent only), SIGKILL if it
+    lingers; its exit status, the "packets outgoing" it printed and its last output line."""
+    for sig, wait in ((signal.SIGINT, 5), (signal.SIGKILL, 5)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+    proc.wait()
+    text = log.read_text(errors="replace")
+    sent = re.findall(r"(\d+) packets outgoing", text)
+    return {"returncode": proc.returncode, "outgoing": int(sent[-1]) if sent else None,
+            "tail": text.strip().splitlines()[-1:] if text.strip() else []}
+
+
 class Trafgen:
     """trafgen (Debian netsniff-ng) sending *frames* round robin out of *ifname* from CPU 0 (its worker pins
     itself there: ``-P 1``), with bench/trafgen_shim.c preloaded (SO_SNDBUFFORCE) and a 64 KiB TX ring."""
@@ -204,15 +240,7 @@ class Trafgen:
         self.dir = Path(tempfile.mkdtemp(prefix="efwtrafgen"))
         self.proc = None
         try:
-            self.shim = self.dir / "trafgen_shim.so"
-            cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
-            if not cc:
-                raise RuntimeError("no C compiler for bench/trafgen_shim.c (Debian package gcc)")
-            built = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(self.shim), str(SHIM_SOURCE),
-                                    "-ldl"], check=False, capture_output=True, text=True, timeout=60)
-            if built.returncode != 0:
-                first = (built.stderr.strip().splitlines() or ["?"])[0]
-                raise RuntimeError(f"compiling bench/trafgen_shim.c with {cc} failed: {first}")
+            self.shim = build_shim(self.dir)
             self.config = self.dir / "frames.cfg"
             self.config.write_text("".join("{ " + ", ".join(f"0x{b:02x}" for b in frame) + " }\n"
                                            for frame in frames))
@@ -250,21 +278,8 @@ class Trafgen:
         proc, self.proc = self.proc, None
         if proc is None:
             return {}
-        for sig, wait in ((signal.SIGINT, 5), (signal.SIGKILL, 5)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-        proc.wait()
-        text = self.log.read_text(errors="replace")
-        sent = re.findall(r"(\d+) packets outgoing", text)
-        return {"returncode": proc.returncode, "outgoing": int(sent[-1]) if sent else None}
+        result = stop_trafgen(proc, self.log)
+        return {"returncode": result["returncode"], "outgoing": result["outgoing"]}
 
     def tail(self) -> str:
         """trafgen's last meaningful output line (for an error message)."""

@@ -268,16 +268,22 @@ def _table_of(registry, cluster, port, servers):
         return None
     if not servers:
         return []
-    try:
-        select = registry.hook.encapfwd_build_selector(
-            algorithm=port.selectionalgorithm, port=port, servers=servers, connections=[0] * len(servers))
-    except ConfigError:
-        raise
-    except Exception:  # noqa: BLE001 - the Scheduler reports a plugin's failure with its own line
-        return None
+    select = _selector(registry, port, servers)
     if not getattr(select, "builtin", False) or getattr(select, "table", None) is None:
         return None
     return select.table
+
+
+def _selector(registry, port, servers):
+    """The selector the hook builds for *port* over *servers*; None when a plugin's hook fails (the
+    Scheduler reports that failure with its own line)."""
+    try:
+        return registry.hook.encapfwd_build_selector(
+            algorithm=port.selectionalgorithm, port=port, servers=servers, connections=[0] * len(servers))
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - reported by the Scheduler
+        return None
 
 
 def _fallback_of(registry, port, servers):
@@ -287,14 +293,8 @@ def _fallback_of(registry, port, servers):
 
     if port.selectionalgorithm not in PRESSURE_ALGORITHMS or not servers:
         return None
-    try:
-        select = registry.hook.encapfwd_build_selector(
-            algorithm=port.selectionalgorithm, port=port, servers=servers, connections=[0] * len(servers))
-    except ConfigError:
-        raise
-    except Exception:  # noqa: BLE001 - the Scheduler reports a plugin's failure with its own line
-        return None
-    return pressure_table(port, servers, select)
+    select = _selector(registry, port, servers)
+    return None if select is None else pressure_table(port, servers, select)
 
 
 def _digest(config: Config, servers, ports, host: bool = True) -> str:
