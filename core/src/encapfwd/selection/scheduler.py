@@ -85,6 +85,33 @@ def _fallback_indices(port_plan, eligible) -> Optional[List[int]]:
         return None
 
 
+def _stateless_pick(select, eligible):
+    """The pick of a port without a flow table (``maxflows`` 0): each packet hashed afresh."""
+    n = len(eligible)
+    emap = list(eligible) + [-1]  # emap[-1] == -1: a selector's "none" maps to "none"
+    crc32 = zlib.crc32
+    builtin = getattr(select, "builtin", False)
+    if builtin and getattr(select, "table", None) is not None:
+        size = len(select.table)
+        direct = [emap[j] for j in select.table]
+
+        def pick(key, client, tcp_flags, now):
+            return direct[crc32(key) % size]
+
+    elif builtin:
+
+        def pick(key, client, tcp_flags, now):
+            return emap[select(crc32(key))]
+
+    else:
+
+        def pick(key, client, tcp_flags, now):
+            j = select(crc32(key))
+            return emap[j] if 0 <= j < n else -1
+
+    return pick
+
+
 # ---------------------------------------------------------------------------------------------------
 # The Scheduler
 # ---------------------------------------------------------------------------------------------------
@@ -260,30 +287,10 @@ class Scheduler:
     # -- compilation of the per-packet callables ---------------------------------------------------
     def _compile(self, cluster, port, select, eligible, esids, up, fallback=None):
         n = len(eligible)
-        emap = list(eligible) + [-1]  # emap[-1] == -1: a selector's "none" maps to "none"
         builtin = getattr(select, "builtin", False)
         crc32 = zlib.crc32
-
         if self._stateless:
-            if builtin and getattr(select, "table", None) is not None:
-                size = len(select.table)
-                direct = [emap[j] for j in select.table]
-
-                def pick(key, client, tcp_flags, now):
-                    return direct[crc32(key) % size]
-
-            elif builtin:
-
-                def pick(key, client, tcp_flags, now):
-                    return emap[select(crc32(key))]
-
-            else:
-
-                def pick(key, client, tcp_flags, now):
-                    j = select(crc32(key))
-                    return emap[j] if 0 <= j < n else -1
-
-            return pick
+            return _stateless_pick(select, eligible)
 
         table = self.table
         entries = table.entries
