@@ -86,13 +86,8 @@ def kind(request):
     ok, why = _available()
     if not ok:
         pytest.skip(why)
-    cpu = min(os.sched_getaffinity(0))
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})  # test runs execute on this CPU: one per-CPU window, one last reason
-    try:
+    with X.one_cpu() as cpu:  # test runs execute on this CPU: one per-CPU window, one last reason
         yield request.param, cpu
-    finally:
-        os.sched_setaffinity(0, saved)
 
 
 def _load(kind, config):

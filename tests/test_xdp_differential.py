@@ -24,6 +24,7 @@ XDP program does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import struct
@@ -105,22 +106,27 @@ def lab(request):
     ok, why = _available()
     if not ok:
         pytest.skip(why)
+    with _loaded(request.param, unlimited(X.make_config())) as loaded:
+        yield loaded
+
+
+@contextlib.contextmanager
+def _loaded(kind, config):
+    """*config*'s plan loaded in the XDP or TC program (*kind*), on one CPU: (registry, plan, sids, data
+    plane with XDP verdicts, cpu)."""
     from encapfwd.plan import SidMap, compile_plan
     from encapfwd.xdp.dataplane import DataPlane
     from encapfwd.xdp.tc import TCDataPlane
 
-    cpu = min(os.sched_getaffinity(0))
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})  # test runs execute on this CPU: its per-CPU "last reason" is ours
-    registry = X.registry_with_gue()
-    sids = SidMap()
-    plan = compile_plan(unlimited(X.make_config()), registry, sids)
-    dp = (DataPlane if request.param == "xdp" else TCDataPlane).load(plan)
-    try:
-        yield registry, plan, sids, dp if request.param == "xdp" else AsXDP(dp, cpu), cpu
-    finally:
-        dp.close()
-        os.sched_setaffinity(0, saved)
+    with X.one_cpu() as cpu:  # test runs execute on this CPU: its per-CPU "last reason" is ours
+        registry = X.registry_with_gue()
+        sids = SidMap()
+        plan = compile_plan(config, registry, sids)
+        dp = (DataPlane if kind == "xdp" else TCDataPlane).load(plan)
+        try:
+            yield registry, plan, sids, dp if kind == "xdp" else AsXDP(dp, cpu), cpu
+        finally:
+            dp.close()
 
 
 def _checksum_ok(header: bytes) -> bool:
@@ -416,22 +422,9 @@ def pressure_lab(request):
     ok, why = _available()
     if not ok:
         pytest.skip(why)
-    from encapfwd.plan import SidMap, compile_plan
-    from encapfwd.xdp.dataplane import DataPlane
-    from encapfwd.xdp.tc import TCDataPlane
-
-    cpu = min(os.sched_getaffinity(0))
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    registry = X.registry_with_gue()
-    plan = compile_plan(_pressure_config(), registry, SidMap())
-    assert all(p.table is None and p.fallback is not None for p in plan.ports)
-    dp = (DataPlane if request.param == "xdp" else TCDataPlane).load(plan)
-    try:
-        yield registry, plan, dp if request.param == "xdp" else AsXDP(dp, cpu), cpu
-    finally:
-        dp.close()
-        os.sched_setaffinity(0, saved)
+    with _loaded(request.param, _pressure_config()) as (registry, plan, _sids, dp, cpu):
+        assert all(p.table is None and p.fallback is not None for p in plan.ports)
+        yield registry, plan, dp, cpu
 
 
 @pytest.mark.parametrize("method", list(X.METHODS))

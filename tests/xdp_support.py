@@ -9,7 +9,9 @@ extension headers.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import random
 import struct
 import sys
@@ -199,3 +201,17 @@ def frames(method: str, count: int, seed: int = 1):
         else:
             frame = ipv4_frame(rng, vip, kind=rng.choice(KINDS4))
         yield readdressed(frame, other) if other.random() < 1 / 11 else frame
+
+
+@contextlib.contextmanager
+def one_cpu():
+    """This process pinned to one CPU (yielded) meanwhile: BPF_PROG_TEST_RUN runs there, so its per-CPU
+    values (the last reason, the new-flow window) are the ones the test reads."""
+    saved = os.sched_getaffinity(0)
+    cpu = min(saved)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield cpu
+    finally:
+        os.sched_setaffinity(0, saved)
+

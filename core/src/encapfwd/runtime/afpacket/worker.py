@@ -343,10 +343,16 @@ class Worker:
     def _triaged(self, offset: int, count: int, now: float):
         """:meth:`_outputs` under overload: each frame first looked at in the ring (one unpack, no copy);
         new connections of the shed ports are dropped before the dispatcher, but one in ``triage.stride``."""
+        return self._outputs(offset, count, now, triaging=True)
+
+    def _outputs(self, offset: int, count: int, now: float, triaging: bool = False):
+        """For each of the *count* frames of a received block starting at *offset*: the list of frames to
+        send (checksums completed first for offloaded frames; ARP answered with ``--answer-arp``); with
+        *triaging*, new connections of the shed ports are dropped first (:meth:`_triaged`)."""
         rxm = self.rx.map
         hdr = self.rx.HDR.unpack_from
         look = overload.FRAME.unpack_from
-        least = overload.FRAME_SIZE
+        least = overload.FRAME_SIZE if triaging else 1 << 30  # never looked at when not triaging
         triage = self.triage
         counts = triage.counts
         counts_get = counts.get
@@ -382,33 +388,6 @@ class Worker:
                             dropped[name] = dropped.get(name, 0) + 1
                             continue
             frame = rxm[start : start + snaplen]
-            if status & csum_not_ready:
-                frame = fix(frame)
-                stats["checksums_completed"] += 1
-            if arp and frame[12] == 8 and frame[13] == 6:
-                reply = arp_reply(frame, own_mac)
-                if reply:
-                    stats["arp_replies"] += 1
-                    yield (reply,)
-            else:
-                yield process(frame, now)
-
-    def _outputs(self, offset: int, count: int, now: float):
-        """For each of the *count* frames of a received block starting at *offset*: the list of frames to
-        send (checksums completed first for offloaded frames; ARP answered with ``--answer-arp``)."""
-        rxm = self.rx.map
-        hdr = self.rx.HDR.unpack_from
-        process = self.dispatcher.process
-        fix = complete_checksum
-        stats = self.stats
-        arp = self.answer_arp
-        own_mac = self._own_mac
-        csum_not_ready = TP_STATUS_CSUMNOTREADY
-        for _ in range(count):
-            nxt, snaplen, status, mac = hdr(rxm, offset)
-            start = offset + mac
-            frame = rxm[start : start + snaplen]
-            offset += nxt
             if status & csum_not_ready:
                 frame = fix(frame)
                 stats["checksums_completed"] += 1
