@@ -29,7 +29,15 @@ and the new connections it shed (per port); whether and when the overload contro
 report's ``overload`` and the log lines). Targets (issue #21): every other port ≥ 99 %, the flooded port
 ≥ 90 %.
 
-Run: ``sudo .venv/bin/python bench/flood_live.py [--seconds 15] [--engines afpacket,xdp,xdp-generic,tc] [--json]``.
+``--fresh-client``: the flooded port is asked from a second client address (``FRESH_CLIENT``) that asks
+nothing else and starts 1 s into the flood: a client the dispatcher first sees during the flood (with the
+AF_PACKET engine it is not a known client yet: docs/live.md, "Overload").
+
+``--kind ack``: the flood is TCP ACKs of no connection (random acknowledgement numbers) instead of SYNs;
+``--target wrr|maglev``: flood port 8081 or 8082 instead of 80 (the targets then apply to that port).
+
+Run: ``sudo .venv/bin/python bench/flood_live.py [--seconds 15] [--engines afpacket,xdp,xdp-generic,tc]
+[--fresh-client] [--kind syn|ack] [--target flooded|wrr|maglev] [--json]``.
 """
 
 from __future__ import annotations
@@ -58,6 +66,9 @@ from live_helpers import TRAFGEN_SNDBUF, build_shim, stop_trafgen  # noqa: E402 
 PORTS = {"flooded": (80, "wrr"), "wrr": (8081, "wrr"), "maglev": (8082, "maglev")}
 FLOODED = "flooded"
 FLOOD_NET = (10, 200)  # the flood's sources: 10.200.0.0/16
+#: with --fresh-client: the source of the flooded port's requests, a second address of the client namespace
+#: that talks to nothing before the flood (a client the dispatcher first sees during it)
+FRESH_CLIENT = "10.0.1.3"
 GEN_CPU = 0
 FWD_CPU = 1
 
@@ -80,18 +91,24 @@ def _mac_bytes(mac: str) -> List[int]:
     return [int(x, 16) for x in mac.split(":")]
 
 
-def syn_flood_config(dst_mac: str, src_mac: str, vip: str, port: int) -> str:
-    """trafgen's configuration: one 54-byte TCP SYN, source address (in 10.200.0.0/16), source port,
-    sequence number and IP id random per frame, checksums computed per frame."""
+#: --kind: the flood's TCP flags
+KINDS = {"syn": 0x02, "ack": 0x10}
+
+
+def syn_flood_config(dst_mac: str, src_mac: str, vip: str, port: int, kind: str = "syn") -> str:
+    """trafgen's configuration: one 54-byte TCP segment (*kind*: a SYN, or an ACK of no connection with a
+    random acknowledgement number), source address (in 10.200.0.0/16), source port, sequence number and IP
+    id random per frame, checksums computed per frame."""
     head = ", ".join(f"0x{b:02x}" for b in _mac_bytes(dst_mac) + _mac_bytes(src_mac))
     a, b, c, d = (int(x) for x in vip.split("."))
+    ack = "0x00, 0x00, 0x00, 0x00" if kind == "syn" else "drnd(4)"
     return (
         "{\n"
         f"  {head}, 0x08, 0x00,\n"
         "  0x45, 0x00, 0x00, 0x28, drnd(2), 0x40, 0x00, 0x40, 0x06, csumip(14, 33),\n"
         f"  {FLOOD_NET[0]}, {FLOOD_NET[1]}, drnd(2), {a}, {b}, {c}, {d},\n"
-        f"  drnd(2), 0x{port >> 8:02x}, 0x{port & 0xFF:02x}, drnd(4), 0x00, 0x00, 0x00, 0x00,\n"
-        "  0x50, 0x02, 0xff, 0xff, csumtcp(14, 34), 0x00, 0x00,\n"
+        f"  drnd(2), 0x{port >> 8:02x}, 0x{port & 0xFF:02x}, drnd(4), {ack},\n"
+        f"  0x50, 0x{KINDS[kind]:02x}, 0xff, 0xff, csumtcp(14, 34), 0x00, 0x00,\n"
         "}\n"
     )
 
@@ -132,16 +149,18 @@ class Prober:
     """*rps* requests per second to every port of *ports* ({name: port}) on *vip* from namespace *ns*: a new
     TCP connection and one HTTP GET each, answered within *timeout* seconds or failed."""
 
-    def __init__(self, ns, vip: str, ports: Dict[str, int], rps: float = 10.0, timeout: float = 1.0):
+    def __init__(self, ns, vip: str, ports: Dict[str, int], rps: float = 10.0, timeout: float = 1.0,
+                 sources: Optional[Dict[str, str]] = None):
         self.ns, self.vip, self.ports = ns, vip, ports
         self.rps, self.timeout = rps, timeout
+        self.sources = sources or {}  # name -> the source address its requests are bound to
         self.results: Dict[str, List[tuple]] = {name: [] for name in ports}  # (started, ok, seconds, error)
         self.lock = threading.Lock()
         self.stop_event = threading.Event()
         self.threads: List[threading.Thread] = []
 
-    def start(self) -> None:
-        for name in self.ports:
+    def start(self, names=None) -> None:
+        for name in self.ports if names is None else names:
             thread = threading.Thread(target=self._pace, args=(name,), daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -161,6 +180,8 @@ class Prober:
         sock = None
         try:
             sock = self.ns.socket(socket.AF_INET, socket.SOCK_STREAM)
+            if name in self.sources:
+                sock.bind((self.sources[name], 0))
             sock.settimeout(self.timeout)
             sock.connect((self.vip, self.ports[name]))
             sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
@@ -208,10 +229,11 @@ class Prober:
 class FloodLab:
     """The topology with the three ports (see the module's docstring); :meth:`run` one engine's trial."""
 
-    def __init__(self, echo=lambda s: None):
+    def __init__(self, echo=lambda s: None, target: str = FLOODED, kind: str = "syn"):
         from encapfwd.lab.topology import Topology
 
         self.echo = echo
+        self.target, self.kind = target, kind  # the port flooded (a PORTS name), with SYNs or ACKs
         self.lab = Topology(("mac",), echo=echo)
         self.flooder: Optional[Flooder] = None
 
@@ -238,6 +260,7 @@ class FloodLab:
             else:
                 lab.cli("port", "add", f"{vip}@{port}", "selectionalgorithm", algorithm)
                 lab.cli("server", "add", f"{vip}@{port}@{server}")
+        lab.ns["client"].ip("addr", "add", f"{FRESH_CLIENT}/24", "dev", "eth0")
         m = lab.ns["mac"]
         for name, (port, _algorithm) in PORTS.items():
             if port != 80:
@@ -248,7 +271,7 @@ class FloodLab:
         m.sysctl("net.ipv4.conf.all.rp_filter", 1)
         d_mac = lab.ns["dispatcher"].mac("eth0")
         self.flooder = Flooder(lab.ns["router"], "lan-d",
-                               syn_flood_config(d_mac, ROUTER_LAN_MAC, vip, PORTS[FLOODED][0]))
+                               syn_flood_config(d_mac, ROUTER_LAN_MAC, vip, PORTS[self.target][0], self.kind))
         deadline = time.monotonic() + 10
         while any(m.run(["ss", "-Hltn", f"sport = :{p}"], check=False).stdout.strip() == ""
                   for p, _ in PORTS.values()):
@@ -298,20 +321,26 @@ class FloodLab:
                 time.sleep(0.2)
 
     def trial(self, engine: str, seconds: float, rate: float = 0.0, rps: float = 10.0, timeout: float = 1.0,
-              after: float = 0.0, wait_end: float = 0.0) -> dict:
+              after: float = 0.0, wait_end: float = 0.0, fresh: bool = False) -> dict:
         """One engine: the dispatcher started, the clients asking, *seconds* of flood, then *after* seconds
-        of clients without flood (and up to *wait_end* more seconds for the overload episode to end)."""
+        of clients without flood (and up to *wait_end* more seconds for the overload episode to end). With
+        *fresh*, the flooded port's requests come from :data:`FRESH_CLIENT`, which asks nothing else and
+        only once the flood has begun."""
         lab = self.lab
         self.start(engine)
         ports = {name: port for name, (port, _) in PORTS.items()}
-        prober = Prober(lab.ns["client"], self.vip, ports, rps=rps, timeout=timeout)
+        sources = {self.target: FRESH_CLIENT} if fresh else {}
+        prober = Prober(lab.ns["client"], self.vip, ports, rps=rps, timeout=timeout, sources=sources)
         report0 = lab.report()
         samples = []
-        prober.start()
+        prober.start([name for name in ports if name not in sources])
         time.sleep(0.5)
         tx0, refused0 = self.lan_tx()
         t0 = time.monotonic()
         self.flooder.start(seconds, rate)
+        if sources:  # the fresh client starts asking once the flood is on (and the worker sheds)
+            time.sleep(1.0)
+            prober.start(list(sources))
         try:
             while time.monotonic() < t0 + seconds:
                 time.sleep(0.5)
@@ -344,6 +373,8 @@ class FloodLab:
         e0, e1 = report0.get("engine") or {}, report1.get("engine") or {}
         result = {
             "engine": engine,
+            "target": self.target,
+            "kind": self.kind,
             "xdp_mode": (final.get("engine") or {}).get("xdp_mode"),
             "seconds": t1 - t0,
             "flood_pps": (tx1 - tx0) / (t1 - t0),
@@ -357,7 +388,15 @@ class FloodLab:
             "kernel_drops": (e1.get("kernel_drops") or 0) - (e0.get("kernel_drops") or 0),
             "worker_rx": (e1.get("rx") or 0) - (e0.get("rx") or 0),
             "overload_dropped": e1.get("overload_dropped") or {},
+            "overload_orphans_dropped": e1.get("overload_orphans_dropped") or {},
             "overload_admitted": e1.get("overload_admitted"),
+            "overload_known_admitted": e1.get("overload_known_admitted"),
+            "overload_filter_dropped": e1.get("overload_filter_dropped") or {},
+            "known_clients": e1.get("known_clients"),
+            "admission_attaches": e1.get("admission_attaches"),
+            "admission_error": e1.get("admission_error"),
+            "overload_admit_rate": e1.get("overload_admit_rate"),
+            "overload_capacity": e1.get("overload_capacity"),
             "xdp_passed": (e1.get("xdp_passed") or 0) - (e0.get("xdp_passed") or 0),
             "xdp_pressure_placed": e1.get("xdp_pressure_placed"),
             "overload": final.get("overload"),
@@ -384,7 +423,7 @@ def print_result(r: dict) -> None:
     for name, row in r["ports"].items():
         port, algorithm = PORTS[name]
         share = "-" if row["share"] is None else f"{row['share']:.1%}"
-        target = 0.90 if name == FLOODED else 0.99
+        target = 0.90 if name == r.get("target", FLOODED) else 0.99
         verdict = "" if row["share"] is None else ("  meets" if row["share"] >= target else "  below") + \
             f" the target {target:.0%}"
         errs = f"  failures {row['errors']}" if row["errors"] else ""
@@ -393,7 +432,14 @@ def print_result(r: dict) -> None:
               f"{share:>6}{verdict}{errs}; after the flood {after.get('answered')}/{after.get('asked')}")
     print(f"  worker: {r['worker_rx']:,} frames received, {r['kernel_drops']:,} dropped at its RX ring, "
           f"{r['worker_tx']:,} sent ({r['worker_tx_ring_full']:,} not: TX ring full), "
-          f"new connections shed {r['overload_dropped'] or {}} (admitted {r['overload_admitted']})")
+          f"new connections shed {r['overload_dropped'] or {}} (admitted {r['overload_admitted']}), "
+          f"ACKs of no connection shed {r['overload_orphans_dropped'] or {}}")
+    if r.get("admission_attaches") is not None:
+        print(f"  admission filter (kernel): attached {r['admission_attaches']} times, unknown SYNs dropped by it "
+              f"(estimate) {r['overload_filter_dropped'] or {}}, SYNs of known clients admitted "
+              f"{r['overload_known_admitted']}, known clients {r['known_clients']}; admit rate "
+              f"{r['overload_admit_rate']}/s, capacity {r['overload_capacity']} frames/s"
+              f"{'; error: ' + r['admission_error'] if r.get('admission_error') else ''}")
     if r["engine"] != "afpacket":
         print(f"  kernel program: {r['xdp_passed']:,} frames handed up to the worker; flows placed under "
               f"pressure: {r['xdp_pressure_placed']}")
@@ -414,6 +460,12 @@ def main() -> int:
     parser.add_argument("--rps", type=float, default=10.0, help="requests per second to every port")
     parser.add_argument("--timeout", type=float, default=1.0, help="seconds a request may take")
     parser.add_argument("--after", type=float, default=3.0, help="seconds of clients after the flood")
+    parser.add_argument("--fresh-client", action="store_true",
+                        help=f"the flooded port asked from {FRESH_CLIENT} only, from 1 s into the flood on")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="syn",
+                        help="the flood: TCP SYNs, or ACKs of no connection (random acknowledgement numbers)")
+    parser.add_argument("--target", choices=list(PORTS), default=FLOODED,
+                        help="the port flooded: 'flooded' (:80, wrr), 'wrr' (:8081) or 'maglev' (:8082)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     reason = unavailable_reason()
@@ -422,15 +474,18 @@ def main() -> int:
         return 1
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    print(f"SYN flood to 10.0.9.1:80 (wrr) from random sources, {args.seconds:g} s per engine, "
-          f"{args.rps:g} requests/s to every port with a {args.timeout:g} s timeout; {os.cpu_count()} CPUs, "
+    port, algorithm = PORTS[args.target]
+    print(f"{args.kind.upper()} flood to 10.0.9.1:{port} ({algorithm}) from random sources, {args.seconds:g} s per engine, "
+          f"{args.rps:g} requests/s to every port with a {args.timeout:g} s timeout"
+          f"{f' (the flooded port from {FRESH_CLIENT}, first seen 1 s into the flood)' if args.fresh_client else ''}"
+          f"; {os.cpu_count()} CPUs, "
           f"kernel {os.uname().release}, load average {load}", flush=True)
     results = []
-    with FloodLab() as lab:
+    with FloodLab(target=args.target, kind=args.kind) as lab:
         for engine in [e for e in args.engines.split(",") if e]:
             try:
                 r = lab.trial(engine, args.seconds, args.rate, args.rps, args.timeout, after=args.after,
-                              wait_end=35.0)
+                              wait_end=35.0, fresh=args.fresh_client)
             except Exception as exc:  # noqa: BLE001 - the next engine still runs
                 print(f"\nengine {engine}: failed: {type(exc).__name__}: {exc}")
                 continue

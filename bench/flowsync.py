@@ -57,13 +57,18 @@ import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from live_helpers import build_c  # noqa: E402
+
 from encapfwd.flowsync import service as FS  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
 
 KEY = os.urandom(32)
 
@@ -225,7 +230,8 @@ DEBUG = bool(os.environ.get("FLOWSYNC_BENCH_DEBUG"))
 COUNTERS = struct.Struct("<6Q")  # published, sent_entries, send_errors, applied, queue_dropped, sweep µs
 
 
-def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cpu: int = 1, port: int = 7990) -> dict:
+def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cpu: int = 1, port: int = 7990,
+               ring: bool = True) -> dict:
     """Forwarding on CPU 1 (the XDP program under BPF_PROG_TEST_RUN, a CPU-bound loop) while new flows
     arrive at *rate*/s in the kernel flow table, with flow synchronisation off, on with a live peer, on with
     a peer that does not read, on with a peer address where nothing listens; rounds interleaved."""
@@ -248,31 +254,24 @@ def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cp
     sids = [s.sid for s in plan_a.servers]
     dst = ipaddress.ip_address(C.VIP1).packed
     frames = [C.to_host(host_a, C.frame(f)) for f in C.flows(256, 5, 10, ports=[(C.VIP1, 80, 6)])]
-    shared = mmap.mmap(-1, 4096)  # anonymous, MAP_SHARED: the children's counters
+    counters_fd = os.memfd_create("flowsync-bench")  # the children's counters (the placer's too, after exec)
+    os.ftruncate(counters_fd, 4096)
+    shared = mmap.mmap(counters_fd, 4096)
     FWD, GEN = 1, 0
 
-    def inject(flow_map):
-        """The data plane's new flows: *rate*/s written as the program writes them (pad 0), every 10 ms."""
-        chunk = max(1, rate // 100)
-        urandom, pack, key = os.urandom, M.FLOW_VALUE.pack, M.flow_key
-        started = time.monotonic()
-        done = 0
-        while True:
-            due = int((time.monotonic() - started) * rate)
-            if due < done + chunk:
-                time.sleep(0.002)
-                continue
-            raw = urandom(chunk * 6)
-            now = time.monotonic_ns()
-            keys = b"".join(key(raw[i * 6:i * 6 + 4], dst, 6, raw[i * 6 + 4:i * 6 + 6] + b"\x00\x50")
-                            for i in range(chunk))
-            values = b"".join(pack(sids[i % 6], 0, now) for i in range(chunk))
-            flow_map.update_batch(keys, values, chunk)
-            done += chunk
-            COUNTERS.pack_into(shared, 3 * COUNTERS.size, done, 0, 0, 0, 0, 0)
+    placer_dir = tempfile.TemporaryDirectory(prefix="flowsync-bench-")
+    placer = build_c(HERE / "flow_placer.c", Path(placer_dir.name) / "flow_placer")
+    syn = C.to_host(host_a, C.frame(C.flows(1, 6, 10, ports=[(C.VIP1, 80, 6)])[0], C._SYN)).hex()
+
+    def inject(prog_fd):
+        """The data plane's new flows: the program itself on *rate* SYNs/s of random clients
+        (bench/flow_placer.c): it writes each flow's entry, and with sync on its ring record."""
+        os.set_inheritable(prog_fd, True)
+        os.set_inheritable(counters_fd, True)
+        os.execv(str(placer), [str(placer), str(prog_fd), str(rate), syn, str(counters_fd)])
 
     def controller(dp, peer):
-        ta = KernelTable(dp.maps["flows"])
+        ta = KernelTable(dp.maps["flows"], dp.maps["new_flows"] if ring else None)
         ex = types.SimpleNamespace(syncpeers=(ipaddress.ip_address(peer),), syncport=port, synckey=None)
         _loop(FS.FlowSync(ex, lambda: plan_a, lambda: ta, key=KEY, bind="127.0.0.1"), shared, 0)
 
@@ -299,7 +298,8 @@ def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cp
             for cond in (conditions if rnd % 2 == 0 else conditions[::-1]):
                 shared[:] = bytes(4096)
                 pids, slow = {}, None
-                pids["injector"] = _child(GEN, lambda: inject(dp_a.maps["flows"]))
+                dp_a.set_publish(ring and cond != "off")
+                pids["injector"] = _child(GEN, lambda: inject(dp_a.prog_fd))
                 if cond == "live peer":
                     pids["peer"] = _child(GEN, lambda: live_peer(dp_b))
                 elif cond == "peer not reading":
@@ -359,7 +359,8 @@ def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cp
                 })
                 print(f"  round {rnd + 1} {cond:>16}: {runs / took:,.0f} frames/s, "
                       f"{trials[cond][-1]['controller_cpu']:.0%} controller CPU", file=sys.stderr, flush=True)
-    out = {"controller_cpu_index": controller_cpu, "rate": rate, "seconds": seconds, "rounds": rounds, "table": table, "trials": trials, "median": {}}
+    placer_dir.cleanup()
+    out = {"ring": ring, "controller_cpu_index": controller_cpu, "rate": rate, "seconds": seconds, "rounds": rounds, "table": table, "trials": trials, "median": {}}
     for cond, ts in trials.items():
         out["median"][cond] = {k: statistics.median(t[k] for t in ts) for k in ts[0]}
     off = out["median"]["off"]["forwarded_per_second"]
@@ -377,8 +378,12 @@ def forwarding(rate: int, seconds: float, rounds: int, table: int, controller_cp
 
 
 def print_forwarding(r: dict) -> None:
-    print(f"forwarding on CPU 1 (XDP program, BPF_PROG_TEST_RUN loop) while {r['rate']:,} new flows/s enter a "
-          f"{r['table']:,}-entry flow table; {r['rounds']} interleaved rounds of {r['seconds']} s, medians:")
+    placed = r["median"]["off"]["new_flows_per_second"]
+    how = ("the program publishes new flows in its ring, the controller sweeps for the rest" if r["ring"]
+           else "sweep only (the program's ring unused)")
+    print(f"forwarding on CPU 1 (XDP program, BPF_PROG_TEST_RUN loop) while the program places {r['rate']:,} new "
+          f"flows/s (achieved {placed:,.0f}/s) on CPU 0 in a {r['table']:,}-entry flow table; {how}; "
+          f"{r['rounds']} interleaved rounds of {r['seconds']} s, medians:")
     off = r["median"]["off"]
     for cond, m in r["median"].items():
         per = ", ".join(f"{s:+.1%}" for s in m["slowdown_per_round"])
@@ -412,6 +417,9 @@ def main() -> int:
     parser.add_argument("--controller-cpu", type=int, default=1, choices=(0, 1),
                         help="--forwarding: the controller's CPU (1: the forwarding CPU, the default; 0: the other)")
     parser.add_argument("--table", type=int, default=131_072, help="--forwarding: the flow table's size")
+    parser.add_argument("--no-ring", action="store_true",
+                        help="--forwarding: the program does not publish new flows in its ring; the controller "
+                             "finds them by sweeping the table only (the way before the ring)")
     args = parser.parse_args()
     if os.geteuid() == 0:
         _netns()  # the loopback datagrams stay in a namespace of the bench's own
@@ -422,7 +430,7 @@ def main() -> int:
         if not ok:
             print(f"--forwarding: skipped ({why})")
             return 1
-        r = forwarding(args.rate, args.seconds, args.rounds, args.table, args.controller_cpu)
+        r = forwarding(args.rate, args.seconds, args.rounds, args.table, args.controller_cpu, ring=not args.no_ring)
         if args.json:
             print(json.dumps(r, indent=2))
         else:

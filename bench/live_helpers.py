@@ -189,19 +189,24 @@ def live_frames_refusal(prog_fd: int, frame: bytes, ifindex: int):
     return None
 
 
-def build_shim(directory: Path) -> Path:
-    """bench/trafgen_shim.c compiled into *directory* (the LD_PRELOAD that gives trafgen's packet sockets
-    TRAFGEN_SNDBUF with SO_SNDBUFFORCE); RuntimeError with the compiler's first line when it fails."""
-    shim = directory / "trafgen_shim.so"
+def build_c(source: Path, output: Path, *flags: str) -> Path:
+    """*source* (a bench/ helper in C) compiled to *output* with the system's compiler; RuntimeError with the
+    compiler's first line when it fails."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
     if not cc:
-        raise RuntimeError("no C compiler for bench/trafgen_shim.c (Debian package gcc)")
-    built = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(shim), str(SHIM_SOURCE), "-ldl"],
+        raise RuntimeError(f"no C compiler for bench/{source.name} (Debian package gcc)")
+    built = subprocess.run([cc, "-O2", "-o", str(output), str(source), *flags],
                            check=False, capture_output=True, text=True, timeout=60)
     if built.returncode != 0:
         first = (built.stderr.strip().splitlines() or ["?"])[0]
-        raise RuntimeError(f"compiling bench/trafgen_shim.c with {cc} failed: {first}")
-    return shim
+        raise RuntimeError(f"compiling bench/{source.name} with {cc} failed: {first}")
+    return output
+
+
+def build_shim(directory: Path) -> Path:
+    """bench/trafgen_shim.c compiled into *directory* (the LD_PRELOAD that gives trafgen's packet sockets
+    TRAFGEN_SNDBUF with SO_SNDBUFFORCE)."""
+    return build_c(SHIM_SOURCE, directory / "trafgen_shim.so", "-shared", "-fPIC", "-ldl")
 
 
 def stop_trafgen(proc, log: Path) -> dict:

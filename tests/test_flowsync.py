@@ -310,6 +310,69 @@ def test_a_shifted_flow_keeps_its_server_after_a_server_was_added(synced):
         assert abs(moved / count - 1 / (n + 1)) < 0.05, moved
 
 
+def test_the_program_publishes_new_flows_in_its_ring_and_the_sweep_takes_what_a_full_ring_could_not(monkeypatch):
+    """With sync on, the program writes each new flow entry to its ``new_flows`` ring (read by mmap, the
+    ring wrapping round its end twice), marked published so that the sweep skips it; the entries a
+    full ring could not take keep pad 0 and the sweep publishes exactly those; a TCP segment that cannot open
+    a connection is not remembered, so not published. Everything reaches the peer's kernel table by name,
+    and a closed sync turns publishing off."""
+    _xdp_or_skip()
+    import test_scaleout_consistency as C
+    from encapfwd.flowsync.sweep import TableOf
+    from encapfwd.plan import SidMap, compile_plan
+    from encapfwd.xdp import maps as M
+    from encapfwd.xdp.dataplane import DataPlane
+
+    monkeypatch.setattr(DataPlane, "NEW_FLOWS_BYTES", 4 * 4096)  # room for 255 records of 64 bytes
+    reg = C.registry()
+    sids_b = SidMap()
+    plan = compile_plan(C.make_config(C.HOST_A, servers=C.simple_servers(5)), reg, SidMap())
+    compile_plan(C.make_config(C.HOST_B, servers=C.simple_servers(1, extra="10.0.3.200")), reg, sids_b)
+    plan_b = compile_plan(C.make_config(C.HOST_B, servers=C.simple_servers(5), reverse=True), reg, sids_b)
+    flow_list = C.flows(1000, seed=12, first_octet=101, ports=[(C.VIP1, 80, 6)])
+    port = free_port()
+    with DataPlane.load(plan) as dp_a, DataPlane.load(plan_b) as dp_b:
+        table_of = TableOf(types.SimpleNamespace(dataplane=dp_a))
+        executor = types.SimpleNamespace(syncpeers=(ipaddress.ip_address("127.0.0.2"),), syncport=port, synckey=None)
+        sa = FS.FlowSync(executor, lambda: plan, table_of, key=KEY, bind="127.0.0.1")
+        sb, tb = _sync(dp_b, lambda: plan_b, "127.0.0.2", "127.0.0.1", port)
+        try:
+            assert table_of().ring is not None and dp_a.pressure is False
+            assert M.OVERLOAD.unpack(dp_a.maps["overload"].lookup(0))[2] == 1  # publish on
+            placed = {}
+
+            def syn(flows):
+                for f in flows:
+                    verdict, out = dp_a.test_run(C.to_host(C.HOST_A, C.frame(f, C._SYN)))
+                    assert verdict == C.XDP_TX
+                    placed[f] = out[30:34]
+
+            for i in range(3):  # 600 new flows in rounds of 200, read between: the ring wraps round
+                syn(flow_list[i * 200:(i + 1) * 200])
+                assert sa.drain() == 200
+            assert sa.sweep(time.monotonic()) == 0  # every one of them marked published by the program
+            # 300 without a read: 255 fit in the ring (the kernel holds at most size - 1 bytes unread: 16 KiB take
+            # 255 of 64 bytes), 45 keep pad 0
+            syn(flow_list[600:900])
+            assert sa.drain() == 255
+            assert sa.drain() == 0
+            assert sa.sweep(time.monotonic()) == 45
+            for f in flow_list[900:910]:  # not a SYN: forwarded, not remembered, not published
+                assert dp_a.test_run(C.to_host(C.HOST_A, C.frame(f, C._ACK)))[0] == C.XDP_TX
+            assert sa.drain() == 0 and sa.sweep(time.monotonic()) == 0
+            assert sa.stats["published"] == 900 and sa.stats["from_ring"] == 855
+            assert _pump(sa, sb, lambda: sb.stats["applied"] == 900), (sa.snapshot(), sb.snapshot())
+            # at B (other server ids) every flow's next segment goes where A sent its SYN
+            for f in flow_list[:900]:
+                verdict, out = dp_b.test_run(C.to_host(C.HOST_B, C.frame(f, C._ACK | C._PSH, b"data")))
+                assert verdict == C.XDP_TX and out[30:34] == placed[f]
+        finally:
+            sa.close()
+            sb.close()
+        assert M.OVERLOAD.unpack(dp_a.maps["overload"].lookup(0))[2] == 0  # publish off with the sync closed
+    assert sb.receiver.rejected == {r: 0 for r in FS.REASONS}
+
+
 def test_a_fresher_local_entry_wins_and_a_dump_answers_the_catch_up():
     _xdp_or_skip()
     import test_scaleout_consistency as C

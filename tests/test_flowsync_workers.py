@@ -230,6 +230,40 @@ def test_workers_tables_synchronised_over_udp_and_a_catch_up_from_them(monkeypat
         sb.close()
 
 
+def test_a_worker_started_again_is_refilled_from_the_peers():
+    """A's workers place flows, B's two workers get them; B's worker 1 then starts again (a new pid, an empty
+    table): B's next sweep sees it, asks A for a dump, and the new worker has every flow again, on its server."""
+    count = 300
+    flows = C.flows(count, seed=26, first_octet=100, ports=[(C.VIP1, 80, 6)])
+    now = time.monotonic()
+    pool_a = _Pool([_dispatcher()])
+    pool_b = _Pool([_dispatcher(extra=NEW, host=C.HOST_B, reverse=True) for _ in range(2)])
+    for n, worker in pool_b.workers.items():
+        worker["pid"] = 100 + n
+    port = free_port()
+    sa, _ = _sync(pool_a, "127.0.0.1", ["127.0.0.2"], port)
+    sb, flows_b = _sync(pool_b, "127.0.0.2", ["127.0.0.1"], port)
+    try:
+        assert sa.sweep(now) == 0 and sb.sweep(now) == 0  # the workers asked (their journals start)
+        first = _place(pool_a.dispatchers[0], flows, now)
+        assert sa.sweep(now) == 0 and sa.sweep(now) == count
+        assert not flows_b.refill_wanted
+        assert _pump(sa, sb, lambda: sb.stats["applied"] == count), (sa.snapshot(), sb.snapshot())
+        # worker 1 starts again: a fresh dispatcher, a new pid, no journal
+        pool_b.dispatchers[1] = _dispatcher(extra=NEW, host=C.HOST_B, reverse=True)
+        pool_b.journals.pop(1, None)
+        pool_b.workers[1]["pid"] = 201
+        assert sb.sweep(now) == 0
+        assert flows_b.counts["workers_started_again"] == 1 and sb.stats["refills"] == 1
+        assert _pump(sa, sb, lambda: flows_b.report()["per_worker"]["1"].get("applied", 0) == 2 * count), (
+            sa.snapshot(), sb.snapshot())
+        assert _place(pool_b.dispatchers[1], flows, now + 1, flags=C._ACK, host=C.HOST_B) == first
+        assert sb.sweep(now) == 0 and sb.stats["refills"] == 1  # once per start
+    finally:
+        sa.close()
+        sb.close()
+
+
 def test_the_pool_hands_unsolicited_answers_to_on_message():
     from encapfwd.runtime.afpacket.messaging import send_msg
     from encapfwd.runtime.afpacket.pool import WorkerPool

@@ -52,7 +52,7 @@ STRUCTS = {
     "vip_key": (M.VIP_KEY, ("addr", "family", "gen", "pad")),
     "port_key": (M.PORT_KEY, ("addr", "port", "proto", "gen")),
     "port_entry": (M.PORT_ENTRY, ("ring_base", "ring_size", "timeout", "fallback")),
-    "overload": (M.OVERLOAD, ("pressure", "newflow_limit")),
+    "overload": (M.OVERLOAD, ("pressure", "newflow_limit", "publish", "pad")),
     "newflow_window": (M.NEWFLOW_WINDOW, ("start_ns", "count")),
     "server_entry": (M.SERVER_ENTRY, ("dst", "src", "hdr_len", "fields", "mtu", "up", "xdp", "hdr")),
     "flow_key": (M.FLOW_KEY, ("src", "dst", "sport", "dport", "proto", "pad")),
@@ -78,6 +78,7 @@ MAPS = {
     "overload": (M.U32, M.OVERLOAD, 1),
     "newflow_rate": (M.U32, M.NEWFLOW_WINDOW, 1),
     "flow_events": (M.U32, M.U64, len(M.FLOW_EVENTS)),
+    "new_flows": (None, None, None),  # a ring buffer: no key, no value; its records are struct flow_record
 }
 
 _FORMAT_ITEM = re.compile(r"(\d*)([xcbB?hHiIlLqQnNefdsp])")
@@ -243,11 +244,28 @@ def map_problems(btf: BTF, maps=None, check_entries: bool = True) -> List[str]:
     for name in sorted(set(defs) & set(maps)):
         key, value, entries = maps[name]
         d = defs[name]
-        problems += _type_problems(btf, f"map {name}: key", d["key"], key)
-        problems += _type_problems(btf, f"map {name}: value", d["value"], value)
+        if key is None:  # a ring buffer
+            problems += [f"map {name}: has a {m} in C, none in the test's table" for m in ("key", "value") if m in d]
+        else:
+            problems += _type_problems(btf, f"map {name}: key", d["key"], key)
+            problems += _type_problems(btf, f"map {name}: value", d["value"], value)
         if check_entries and entries is not None and btf.array_len(d["max_entries"]) != entries:
             problems.append(f"map {name}: max_entries is {btf.array_len(d['max_entries'])} in C, {entries} in "
                             "maps.py")
+    return problems
+
+
+def record_problems(btf: BTF) -> List[str]:
+    """``struct flow_record`` (the ``new_flows`` ring's records) against ``maps.FLOW_RECORD``: a flow key, then
+    a flow value, nothing else."""
+    t = btf.find("STRUCT", "flow_record")
+    if t is None:
+        return ["struct flow_record: not in the object's BTF"]
+    got = [(m["name"], m["bits_offset"] // 8, btf.strip(m["type_id"]).get("name")) for m in t["members"]]
+    want = [("key", 0, "flow_key"), ("value", M.FLOW_KEY.size, "flow_value")]
+    problems = [] if got == want else [f"struct flow_record: C has {got}, maps.py packs {want}"]
+    if t["size"] != M.FLOW_RECORD.size:
+        problems.append(f"struct flow_record: sizeof is {t['size']} in C, {M.FLOW_RECORD.size} in maps.py")
     return problems
 
 
@@ -348,6 +366,8 @@ def test_constants_and_defaults_match(which):
     assert constant_problems(btf, tc=which == "tc") == []
     # built with the C defaults of MAX_SERVERS and MAX_PORTS: the map sizes maps.py assumes follow from them
     assert layout_problems(btf) == []
+    # the ring's record type is only in this build's BTF (the loaded one inlines every use of it)
+    assert record_problems(btf) == []
 
 
 # -- the check finds mismatches ------------------------------------------------------------------------------------
@@ -418,7 +438,7 @@ def test_doctored_overload_layouts_are_found():
     assert len(problems) == 1 and problems[0].startswith("enum flow_event"), problems
     problems = constant_problems(btf, tc=False, events=M.FLOW_EVENTS + ("more",))
     assert [p.split(":")[0] for p in problems] == ["enum flow_event", "constants"], problems
-    assert struct_problems(btf, "overload", M.OVERLOAD, ("newflow_limit", "pressure"))
+    assert struct_problems(btf, "overload", M.OVERLOAD, ("newflow_limit", "pressure", "publish", "pad"))
     problems = struct_problems(btf, "port_entry", M.PORT_ENTRY, ("ring_base", "ring_size", "timeout", "pad"))
     assert any("C has no member 'pad'" in p for p in problems), problems
     doctored = dict(MAPS, flow_events=(M.U32, M.U64, len(M.FLOW_EVENTS) - 1))

@@ -10,7 +10,7 @@ DF-clear encapsulated frame is each executor's own counter (the Template contrac
 the header checksum are masked, and the program's checksum is then verified on its own.
 
 The TC build of the same program (``encapfwd_tc.bpf.c``: frames as socket buffers, encapsulation with
-bpf_skb_adjust_room, out with bpf_redirect) runs every test too (``lab`` is parametrized by kernel executor),
+bpf_skb_change_head, out with bpf_redirect) runs every test too (``lab`` is parametrized by kernel executor),
 with nothing more masked: its verdicts are mapped TC_ACT_REDIRECT -> forwarded, TC_ACT_SHOT -> dropped,
 TC_ACT_OK (not the slow path's) or a redirect to the interface's own ingress with the slow-path mark (the
 slow path's) -> handed up. One TC-specific difference, which is the test harness's and not the program's: the

@@ -48,7 +48,7 @@ import socket
 import stat
 import struct
 import time
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from encapfwd.errors import ConfigError
 from encapfwd.runtime.common import log
@@ -79,6 +79,12 @@ FLUSH_BUDGET = 256
 SWEEP_INTERVAL = 0.1
 #: a sweep may use at most this share of the controller's time (the interval grows on large tables)
 SWEEP_SHARE = 0.2
+#: … this share while the program publishes new flows in its ring (the sweep then finds only refreshes, the
+#: workers' flows and what a full ring could not take)
+SWEEP_SHARE_RING = 0.04
+#: seconds between two reads of the program's ring of new flows, at most (8 MiB hold 131,072 records: over
+#: a second of new flows at 100,000/s)
+RING_POLL = 0.02
 #: seconds a starting dispatcher waits for a peer's dump before announcing anyway
 CATCHUP_TIMEOUT = 3.0
 ENV_CATCHUP = "ENCAPFWD_SYNC_CATCHUP"
@@ -86,6 +92,9 @@ REASONS = ("oversized", "short", "unknown-peer", "bad-mac", "bad-magic", "bad-ve
            "replay", "malformed")
 _ENTRY_FIXED = struct.Struct("!BB")
 _TAIL = struct.Struct("!BI")
+#: an IPv4 entry on the wire: family, proto, src, dst, ports, name index, age_ms
+_V4 = struct.Struct("!Bc4s4s4sBI")
+_ALL_V4 = b"\x04" * (MAX_DATAGRAM // _V4.size + 1)
 _KKEY = struct.Struct("<16s16s2s2sB3x")  # the kernel's struct flow_key (xdp/maps.py FLOW_KEY)
 
 
@@ -127,33 +136,58 @@ def _entry_size(key: bytes) -> int:
     return 2 + (len(key) - 5) + 4 + 5
 
 
-def encode(key: bytes, kind: int, epoch: int, sender: int, seq: int, entries=(), sent_ms: Optional[int] = None
-           ) -> bytes:
-    """One authenticated datagram (the caller keeps it within MAX_DATAGRAM: see :class:`Batcher`)."""
+def take_body(queue: "collections.deque", room: Optional[int] = None) -> Tuple[int, bytes]:
+    """``(count, body)``: entries popped from the left of *queue* while they fit in *room* bytes of a FLOWS or
+    DUMP body (default: what a MAX_DATAGRAM datagram leaves; None: all), in one pass (names indexed, at most
+    255). An entry too large for any datagram (a name too long) is dropped, never sent."""
+    if room is None:
+        room = MAX_DATAGRAM - HEADER.size - MAC_SIZE
     names: Dict[str, int] = {}
-    body = bytearray()
-    parts = []
-    for fkey, name, age in entries:
+    raws: List[bytes] = []
+    parts: List[bytes] = []
+    used = 1  # the names' count
+    tail = _TAIL.pack
+    while queue:
+        fkey, name, age = queue[0]
+        n = (len(fkey) - 5) >> 1
+        cost = 11 + 2 * n
         index = names.get(name)
         if index is None:
-            index = names[name] = len(names)
-        n = (len(fkey) - 5) // 2
-        family = 4 if n == 4 else 6
-        parts.append(bytes((family, fkey[2 * n])) + fkey[:2 * n] + fkey[2 * n + 1:2 * n + 5]
-                     + _TAIL.pack(index, min(int(age), 0xFFFFFFFF)))
-    if kind in (FLOWS, DUMP):
-        body.append(len(names))
-        for name in names:
             raw = name.encode()
-            body.append(len(raw))
-            body += raw
-        for part in parts:
-            body += part
+            cost += 1 + len(raw)
+            if used + cost > room or len(names) >= 255:
+                if not parts and 1 + cost > room:  # fits no datagram
+                    queue.popleft()
+                    continue
+                break
+            index = names[name] = len(raws)
+            raws.append(bytes((len(raw),)) + raw)
+        elif used + cost > room:
+            break
+        queue.popleft()
+        parts.append(bytes((4 if n == 4 else 6, fkey[2 * n])) + fkey[:2 * n] + fkey[2 * n + 1:2 * n + 5]
+                     + tail(index, min(int(age), 0xFFFFFFFF)))
+        used += cost
+    return len(parts), bytes((len(raws),)) + b"".join(raws) + b"".join(parts)
+
+
+def seal(key: bytes, kind: int, epoch: int, sender: int, seq: int, count: int = 0, body: bytes = b"",
+         sent_ms: Optional[int] = None) -> bytes:
+    """One authenticated datagram: header, *body* (:func:`take_body`'s, for FLOWS and DUMP), HMAC."""
+    if kind not in (FLOWS, DUMP):
+        count, body = 0, b""
     if sent_ms is None:
         sent_ms = int(time.time() * 1000)
-    head = HEADER.pack(MAGIC, VERSION, kind, len(parts), epoch, sender, seq, sent_ms)
-    message = head + bytes(body)
+    message = HEADER.pack(MAGIC, VERSION, kind, count, epoch, sender, seq, sent_ms) + body
     return message + hmac.new(key, message, hashlib.sha256).digest()
+
+
+def encode(key: bytes, kind: int, epoch: int, sender: int, seq: int, entries=(), sent_ms: Optional[int] = None
+           ) -> bytes:
+    """One authenticated datagram of *entries* (the caller keeps it within MAX_DATAGRAM: see :class:`Batcher`)."""
+    queue = collections.deque(entries)
+    count, body = take_body(queue, room=1 << 62)
+    return seal(key, kind, epoch, sender, seq, count, body, sent_ms)
 
 
 def decode_body(kind: int, count: int, body: bytes) -> List[Entry]:
@@ -173,6 +207,16 @@ def decode_body(kind: int, count: int, body: bytes) -> List[Entry]:
             raise ValueError("truncated name")
         names.append(raw.decode())
         pos += 1 + length
+    rest = view[pos:]
+    if count and len(rest) == count * _V4.size and rest[0::_V4.size] == _ALL_V4[:count]:
+        # every entry IPv4 (the common case): one unpack per entry
+        out = []
+        append, nnames = out.append, len(names)
+        for _family, proto, src, dst, ports, index, age in _V4.iter_unpack(rest):
+            if index >= nnames:
+                raise ValueError("bad name index")
+            append((src + dst + proto + ports, names[index], age))
+        return out
     out = []
     for _ in range(count):
         family, proto = view[pos], view[pos + 1]
@@ -375,7 +419,6 @@ class FlowSync:
         self.seq = 0
         self.receiver = Receiver(self.key, [p.address for p in self.peers])
         self.queue: "collections.deque[tuple]" = collections.deque()
-        self.batcher = Batcher()
         self.sock = self._open(bind)
         self.index: Optional[PlanIndex] = None
         self.next_sweep = 0.0
@@ -383,7 +426,7 @@ class FlowSync:
         self.stats = {"published": 0, "sent_entries": 0, "sent_datagrams": 0, "send_errors": 0,
                       "queue_dropped": 0, "received_entries": 0, "applied": 0, "refreshed": 0,
                       "kept_local": 0, "unknown_server": 0, "server_down": 0, "apply_errors": 0,
-                      "no_table": 0, "dumps_served": 0, "dump_requests": 0}
+                      "no_table": 0, "dumps_served": 0, "dump_requests": 0, "from_ring": 0}
         self.catchup: dict = {"state": "not started"}
         self._dump_done: Dict[str, int] = {}
 
@@ -420,9 +463,15 @@ class FlowSync:
     def timeout_ms(self, now: float) -> int:
         if self.queue or any(p.dump for p in self.peers):
             return 5
-        return max(1, int((self.next_sweep - now) * 1000) + 1)
+        wait = max(1, int((self.next_sweep - now) * 1000) + 1)
+        if getattr(self.table_of(), "ring", None) is not None:
+            wait = min(wait, int(RING_POLL * 1000))
+        return wait
 
     def close(self) -> None:
+        closing = getattr(self.table_of, "close", None)
+        if closing is not None:
+            closing()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -471,12 +520,24 @@ class FlowSync:
             return 0
         rows = table.sweep()
         spent = table.last_sweep_seconds
-        self.sweep_interval = max(SWEEP_INTERVAL, spent / SWEEP_SHARE)
+        share = SWEEP_SHARE_RING if getattr(table, "ring", None) is not None else SWEEP_SHARE
+        self.sweep_interval = max(SWEEP_INTERVAL, spent / share)
         self.next_sweep = now + self.sweep_interval
         # a named table (the AF_PACKET workers': flowsync_workers.py) gives entries, the kernel's rows
         entries = rows if getattr(table, "named", False) else self._to_entries(rows, time.monotonic_ns())
         self.publish(entries)
+        if getattr(table, "refill_wanted", False):
+            table.refill_wanted = False
+            self.ask_for_dumps("a worker started again with an empty flow table")
         return len(entries)
+
+    def ask_for_dumps(self, why: str) -> None:
+        """Ask every peer for a dump of its live flows (applied as they come, by every worker): after a
+        worker started again, the peers' copies of this dispatcher's flows and their own refill it."""
+        self.stats["refills"] = self.stats.get("refills", 0) + 1
+        for peer in self.peers:
+            self._send(peer, DUMP_REQ)
+        log(f"sync: {why}: asking {', '.join(p.text for p in self.peers)} for their flows")
 
     def publish(self, entries: Iterable[Entry]) -> None:
         """Queue entries for every peer (bounded: the oldest go beyond QUEUE_MAX, counted)."""
@@ -492,9 +553,10 @@ class FlowSync:
         self.queue.extend(entries)
 
     # -- sending
-    def _send(self, peer: _Peer, kind: int, entries=()) -> bool:
+    def _send(self, peer: _Peer, kind: int, count: int = 0, body: bytes = b"") -> bool:
+        """One datagram to *peer*: its own sequence number and HMAC around *body* (:func:`take_body`)."""
         self.seq = (self.seq + 1) & 0xFFFFFFFF
-        data = encode(self.key, kind, self.epoch, self.sender, self.seq, entries)
+        data = seal(self.key, kind, self.epoch, self.sender, self.seq, count, body)
         try:
             self.sock.sendto(data, self._dest(peer))
         except OSError:
@@ -502,9 +564,9 @@ class FlowSync:
             self.stats["send_errors"] += 1
             return False
         peer.datagrams += 1
-        peer.sent += len(entries)
+        peer.sent += count
         self.stats["sent_datagrams"] += 1
-        self.stats["sent_entries"] += len(entries)
+        self.stats["sent_entries"] += count
         return True
 
     def flush(self, now: float) -> None:
@@ -518,12 +580,12 @@ class FlowSync:
             if not ready and self.peers:
                 # every peer is at its rate: keep the queue (bounded) for the next round
                 break
-            batch = self._take_queue()
+            count, body = take_body(self.queue)  # encoded once for every peer
             for peer in self.peers:
                 if peer in ready:
-                    self._send(peer, FLOWS, batch)
+                    self._send(peer, FLOWS, count, body)
                 else:  # this peer is at its rate while the others are not: it misses this batch
-                    peer.skipped += len(batch)
+                    peer.skipped += count
             budget -= 1
             if not self.peers:
                 break
@@ -537,20 +599,7 @@ class FlowSync:
                     peer.dump = None
                     self.stats["dumps_served"] += 1
                     break
-                self._send(peer, DUMP, self._take(peer.dump))
-
-    def _take_queue(self):
-        return self._take(self.queue)
-
-    @staticmethod
-    def _take(queue: collections.deque, most: int = 128):
-        """Entries for one datagram (the batcher stops early; what it did not use goes back)."""
-        taken = [queue.popleft() for _ in range(min(most, len(queue)))]
-        batcher = Batcher()
-        used = next(iter(batcher.batches(taken)), [])
-        for entry in reversed(taken[len(used):]):
-            queue.appendleft(entry)
-        return used
+                self._send(peer, DUMP, *take_body(peer.dump))
 
     # -- receiving
     def on_readable(self, fd: Optional[int] = None) -> bool:
@@ -639,9 +688,21 @@ class FlowSync:
         self.stats["apply_errors"] += counts["error"]
 
     # -- the periodic part
+    def drain(self) -> int:
+        """Publish the new flows the program wrote to its ring since the last call."""
+        table = self.table_of()
+        rows = table.drain() if getattr(table, "ring", None) is not None else None
+        if not rows:
+            return 0
+        entries = self._to_entries(rows, time.monotonic_ns())
+        self.stats["from_ring"] += len(entries)
+        self.publish(entries)
+        return len(entries)
+
     def poll(self, now: Optional[float] = None) -> None:
         now = time.monotonic() if now is None else now
         try:
+            self.drain()
             if now >= self.next_sweep:
                 self.sweep(now)
             self.flush(now)
@@ -714,7 +775,8 @@ class FlowSync:
         }
 
 
-__all__ = ["Batcher", "DUMP", "DUMP_END", "DUMP_REQ", "Entry", "FLOWS", "FlowSync", "MAX_DATAGRAM", "REASONS",
+__all__ = ["Batcher", "DUMP", "DUMP_END", "DUMP_REQ", "Entry", "FLOWS", "FlowSync", "MAX_DATAGRAM", "REASONS", "seal",
+           "take_body",
            "Receiver", "decode_body", "encode", "read_key"]
 
 
@@ -760,6 +822,8 @@ def metric_families(sync: dict) -> list:
     out = []
     for name, key, doc in (
             ("encapfwd_sync_published_total", "published", "Flows this dispatcher published to its peers."),
+            ("encapfwd_sync_ring_published_total", "from_ring",
+             "Of those, new flows the kernel program handed over in its ring (the rest: the table's sweep)."),
             ("encapfwd_sync_received_total", "received_entries", "Flow entries received from peers (authenticated)."),
             ("encapfwd_sync_applied_total", "applied", "Peers' flows inserted into the kernel flow table."),
             ("encapfwd_sync_refreshed_total", "refreshed", "Peers' flows that refreshed an older local entry."),

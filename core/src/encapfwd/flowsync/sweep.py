@@ -1,4 +1,12 @@
-"""The kernel flow table as flow synchronisation sees it: a map the controller sweeps (docs/scale-out.md).
+"""The kernel flow table as flow synchronisation sees it: the program's ring of new flows, and a map the
+controller sweeps (docs/scale-out.md).
+
+While flow synchronisation runs, the program writes every new flow entry to its ``new_flows`` ring buffer
+as well (``struct overload``'s ``publish``, set by :class:`TableOf`), and marks the entry published (``pad``
+below). :meth:`KernelTable.drain` reads that ring by mmap (:mod:`encapfwd.xdp.ringbuf`): a new flow costs
+the controller one record read, not a share of a sweep of the whole table. The sweep remains for what the
+ring does not carry, at a longer interval: refreshes of long-lived flows, flows the AF_PACKET workers write
+(``pad`` 0), and new flows the program could not publish because the ring was full (``pad`` 0 too).
 
 The XDP (and TC) program places new flows itself, in its ``flows`` map (``struct flow_value {sid, pad,
 seen_ns}``), and the AF_PACKET workers write the flows they place there too (:class:`KernelFlows`). The
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as errnos
+import struct
 import time
 from typing import Iterator, List, Optional, Tuple
 
@@ -41,6 +50,9 @@ BATCH = 4096
 _U32 = ctypes.c_uint32
 _VALUE = M.FLOW_VALUE  # <IIQ: sid, pad (our mark), seen_ns
 _KEY = M.FLOW_KEY  # <16s16s2s2sB3x
+#: a ``struct flow_record`` of the ``new_flows`` ring (maps.FLOW_RECORD) with its key as raw bytes
+_RECORD = struct.Struct(f"<{_KEY.size}s{_VALUE.format[1:]}")
+assert _RECORD.size == M.FLOW_RECORD.size
 BPF_NOEXIST, BPF_EXIST = 1, 2
 
 
@@ -75,9 +87,14 @@ def _lookup_batch_fn():
 class KernelTable:
     """Sweep and insert on the kernel's ``flows`` map (a :class:`~encapfwd.xdp.libbpf.Map`)."""
 
-    def __init__(self, flow_map):
+    def __init__(self, flow_map, ring_map=None):
         self.map = flow_map
         self.fd = flow_map.fd
+        self.ring = None
+        if ring_map is not None:
+            from encapfwd.xdp.ringbuf import RingBuffer
+
+            self.ring = RingBuffer.of(ring_map, _RECORD)
         self.lib, self._lookup_batch = _lookup_batch_fn()
         self.update = self.lib.bpf_map_update_elem
         self.lookup = self.lib.bpf_map_lookup_elem
@@ -86,6 +103,22 @@ class KernelTable:
         self.last_sweep_entries = 0
 
     # -- reading -----------------------------------------------------------------------------------------
+    def drain(self, limit: int = 1 << 20) -> List[Tuple[bytes, int, int]]:
+        """The new flows the program published since the last call, ``[(kernel key, sid, seen_ns)]`` (none
+        without a ring). Already marked published in the table by the program."""
+        if self.ring is None:
+            return []
+        try:
+            return [(key, sid, seen) for key, sid, _pad, seen in self.ring.read(limit)]
+        except Exception:  # noqa: BLE001 - never raises into the controller
+            self.errors += 1
+            return []
+
+    def close(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+
     def entries(self) -> Iterator[Tuple[bytes, int, int, int]]:
         """Every ``(kernel key, sid, pad, seen_ns)`` of the map, read in batches. A hash map that changes
         meanwhile may show an entry twice or miss one that moved (the next sweep sees it)."""
@@ -154,10 +187,11 @@ class KernelTable:
         kbuf = ctypes.create_string_buffer(keys, len(keys))
         vbuf = ctypes.create_string_buffer(values, len(values))
         ksize, vsize = _KEY.size, _VALUE.size
-        update, fd, byref = self.update, self.fd, ctypes.byref
+        update, fd = self.update, self.fd
+        kaddr, vaddr = ctypes.addressof(kbuf), ctypes.addressof(vbuf)  # plain addresses: no object per call
         failed = []
         for i in range(count):
-            ret = update(fd, byref(kbuf, i * ksize), byref(vbuf, i * vsize), flags)
+            ret = update(fd, kaddr + i * ksize, vaddr + i * vsize, flags)
             if ret:
                 failed.append((i, -ret))
         return failed
@@ -233,5 +267,21 @@ class TableOf:
         if dataplane is None:
             return None
         if dataplane is not self._dataplane:
-            self._dataplane, self._table = dataplane, KernelTable(dataplane.maps["flows"])
+            if self._table is not None:
+                self._table.close()
+            ring = dataplane.maps.get("new_flows")
+            self._dataplane, self._table = dataplane, KernelTable(dataplane.maps["flows"], ring)
+            if ring is not None:
+                dataplane.set_publish(True)
         return self._table
+
+    def close(self) -> None:
+        """Flow synchronisation stops: the program stops publishing, the ring is unmapped."""
+        if self._dataplane is not None and self._table is not None and self._table.ring is not None:
+            try:
+                self._dataplane.set_publish(False)
+            except Exception:  # noqa: BLE001 - the program may be gone already
+                pass
+        if self._table is not None:
+            self._table.close()
+        self._dataplane = self._table = None

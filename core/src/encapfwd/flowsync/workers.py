@@ -250,7 +250,12 @@ class WorkerFlows:
         #: (worker number, pid) -> when it was asked for its journal and has not answered yet (keyed by pid
         #: too: a worker started again is asked at the next sweep)
         self.asked: Dict[tuple, float] = {}
-        self.counts = {"collected": 0, "handed": 0, "pending_dropped": 0, "send_errors": 0}
+        self.counts = {"collected": 0, "handed": 0, "pending_dropped": 0, "send_errors": 0, "workers_started_again": 0}
+        #: worker number -> the pid last seen: a new pid is a worker started again, with an empty flow table
+        self.pids: Dict[int, object] = {}
+        #: set when a worker started again: FlowSync asks the peers for a dump, which every worker applies (the
+        #: peers hold this dispatcher's published flows too, so the new worker gets its predecessor's back)
+        self.refill_wanted = False
         #: per worker number: its counts of peers' entries (applied, refreshed, kept_local, …)
         self.workers: Dict[int, dict] = {}
         self.errors = 0
@@ -275,7 +280,12 @@ class WorkerFlows:
         out, self.received = self.received, []
         now = time.monotonic()
         for number, worker in list(self.pool.workers.items()):
-            ident = (number, worker.get("pid"))
+            pid = worker.get("pid")
+            if number in self.pids and self.pids[number] != pid:
+                self.refill_wanted = True
+                self.counts["workers_started_again"] += 1
+            self.pids[number] = pid
+            ident = (number, pid)
             if now - self.asked.get(ident, -1e9) >= ASK_AGAIN:
                 self.asked[ident] = now  # before sending: the answer may come at once
                 if not self._send(number, ("sync-take",)):

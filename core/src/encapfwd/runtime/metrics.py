@@ -373,7 +373,14 @@ def overload_families(overload: dict, engine: dict) -> list:
     for name, count in sorted((engine.get("overload_dropped") or {}).items()):
         cluster, _, port = str(name).rpartition("@")
         dropped.add_metric([cluster, port], _num(count))
-    return [gauge, episodes, dropped]
+    orphans = CounterMetricFamily("encapfwd_overload_orphans_dropped_total",
+                                  "TCP segments with ACK, without SYN, of no connection (a flood of random ACKs) "
+                                  "the AF_PACKET workers dropped under overload, per port.",
+                                  labels=["cluster", "port"])
+    for name, count in sorted((engine.get("overload_orphans_dropped") or {}).items()):
+        cluster, _, port = str(name).rpartition("@")
+        orphans.add_metric([cluster, port], _num(count))
+    return [gauge, episodes, dropped, orphans]
 
 
 class ReportCollector:

@@ -83,6 +83,8 @@ class DataPlane:
 
     #: the program's C function (a subclass runs another build of the same source: encapfwd.xdp.tc)
     PROGRAM = PROGRAM
+    #: bytes of the ring of new flows (flow synchronisation): 131,072 records of 64 bytes
+    NEW_FLOWS_BYTES = 1 << 23
 
     @staticmethod
     def object_path():
@@ -95,11 +97,12 @@ class DataPlane:
         self.prog_fd = obj.program(self.PROGRAM)
         self.maps = {name: obj.map(name) for name in (
             "control", "host", "vips", "port_index", "ports", "servers", "ring", "flows", "stats", "drops",
-            "passes", "last_reason", "overload", "flow_events", "newflow_rate")}
+            "passes", "last_reason", "overload", "flow_events", "newflow_rate", "new_flows")}
         self.gen = 0
         self.plan = None
         self._pressure = False
         self._newflow_limit = 0
+        self._publish = False
         self._overload_lock = threading.Lock()  # set_pressure (a controller thread) and install write one entry
         self._keys: Dict[int, Dict[str, set]] = {0: {}, 1: {}}
         self._attached: Optional[tuple] = None
@@ -111,7 +114,8 @@ class DataPlane:
         ring_ports = max(ring_ports or 0, MIN_RING_PORTS, 2 * table_ports)
         ring_cap = ring_ports * 65537
         flows = max(1024, min(plan.config.executor.maxflows, MAX_KERNEL_FLOWS))
-        obj = BPFObject.open(cls.object_path(), max_entries={"ring": 2 * ring_cap, "flows": flows})
+        obj = BPFObject.open(cls.object_path(), max_entries={"ring": 2 * ring_cap, "flows": flows,
+                                                             "new_flows": cls.NEW_FLOWS_BYTES})
         try:
             dp = cls(obj, ring_cap, flows)
             dp.install(plan, first=True)
@@ -149,13 +153,21 @@ class DataPlane:
         self.plan = plan
 
     # -- overload ---------------------------------------------------------------------------------------------
-    def _write_overload(self, pressure: Optional[bool] = None, newflow_limit: Optional[int] = None) -> None:
+    def _write_overload(self, pressure: Optional[bool] = None, newflow_limit: Optional[int] = None,
+                        publish: Optional[bool] = None) -> None:
         with self._overload_lock:
             if pressure is not None:
                 self._pressure = bool(pressure)
             if newflow_limit is not None:
                 self._newflow_limit = int(newflow_limit)
-            self.maps["overload"].update(0, M.overload_value(self._pressure, self._newflow_limit))
+            if publish is not None:
+                self._publish = bool(publish)
+            self.maps["overload"].update(0, M.overload_value(self._pressure, self._newflow_limit, self._publish))
+
+    def set_publish(self, on: bool) -> None:
+        """Flow synchronisation on or off: on, the program writes every new flow entry to the ``new_flows``
+        ring buffer too (:class:`encapfwd.xdp.ringbuf.RingBuffer` reads it). Kept across plan installs."""
+        self._write_overload(publish=on)
 
     def set_pressure(self, on: bool) -> None:
         """Pressure on (the slow path cannot keep up) or off. On: the program places a new flow of a wrr or

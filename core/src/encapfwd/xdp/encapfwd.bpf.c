@@ -107,6 +107,8 @@ struct port_entry {
 struct overload {
     __u32 pressure;      /* 1: the slow path cannot keep up: place new flows of wrr/wlc ports here */
     __u32 newflow_limit; /* new flow entries per CPU per second (executor newflowlimit); 0: no limit */
+    __u32 publish;       /* 1: flow synchronisation runs: every new flow entry goes to `new_flows` too */
+    __u32 pad;
 };
 
 /* This CPU's window of new flow entries (Katran's MAX_CONN_RATE): at most newflow_limit per second. */
@@ -139,6 +141,13 @@ struct flow_value {
     __u32 sid;
     __u32 pad;
     __u64 seen_ns; /* bpf_ktime_get_ns (CLOCK_MONOTONIC) of the last refresh */
+};
+
+/* A new flow entry as published in `new_flows` for flow synchronisation (encapfwd.xdp.maps.FLOW_RECORD;
+ * read by encapfwd.xdp.ringbuf, published by encapfwd.flowsync) */
+struct flow_record {
+    struct flow_key key;
+    struct flow_value value;
 };
 
 struct counter {
@@ -202,6 +211,14 @@ struct {
     __type(key, struct flow_key);
     __type(value, struct flow_value);
 } flows SEC(".maps");
+
+/* New flow entries, while flow synchronisation runs (overload.publish): the controller reads them by mmap
+ * without a wake-up (BPF_RB_NO_WAKEUP: it polls). Full: the entry keeps pad 0 and the controller's sweep of
+ * `flows` publishes it instead. */
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 1 << 23); /* 8 MiB: 131,072 records of 64 bytes (with the ring's 8-byte header) */
+} new_flows SEC(".maps");
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -332,6 +349,21 @@ static __always_inline int newflow_limited(__u64 now, __u32 limit)
     return 0;
 }
 
+/* Publish a new flow entry for flow synchronisation; its `pad` becomes the publication mark
+ * (encapfwd.flowsync.sweep.mark_of: seen_ns >> 30, never 0) so that the controller's sweep of `flows` skips it.
+ * The ring full, pad stays 0 and the sweep publishes it. */
+static __always_inline void publish_flow(const struct flow_key *fk, struct flow_value *nv)
+{
+    struct flow_record *r = bpf_ringbuf_reserve(&new_flows, sizeof(*r), 0);
+    if (!r)
+        return;
+    __u32 mark = (__u32)(nv->seen_ns >> 30);
+    nv->pad = mark ? mark : 1;
+    __builtin_memcpy(&r->key, fk, sizeof(r->key));
+    r->value = *nv;
+    bpf_ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
 #define TCP_SYN 0x02
 #define TCP_ACK 0x10
 
@@ -342,10 +374,13 @@ static __always_inline int newflow_limited(__u64 now, __u32 limit)
 static __always_inline __s64 select_server(struct flow_key *fk, struct port_entry *pe, __u32 gen, __u32 alen,
                                            const __u8 *l4, const void *end)
 {
-    __u64 now = bpf_ktime_get_ns();
+    /* CLOCK_MONOTONIC_COARSE (the last tick's time: a few ns instead of a clock read, issue #21); entries
+     * written by the slow path carry CLOCK_MONOTONIC and may be up to a tick ahead of it: age 0 */
+    __u64 now = bpf_ktime_get_coarse_ns();
     struct flow_value *fv = bpf_map_lookup_elem(&flows, fk);
     if (fv) {
-        __u64 age = now - fv->seen_ns;
+        __u64 seen = fv->seen_ns;
+        __u64 age = now > seen ? now - seen : 0;
         if (age <= (__u64)pe->timeout * 1000000000ull) {
             __u32 key = gen * MAX_SERVERS + (fv->sid % MAX_SERVERS);
             struct server_entry *s = bpf_map_lookup_elem(&servers, &key);
@@ -396,6 +431,10 @@ static __always_inline __s64 select_server(struct flow_key *fk, struct port_entr
         }
     }
     struct flow_value nv = {.sid = placed, .seen_ns = now};
+    if (!ov)
+        ov = bpf_map_lookup_elem(&overload, &zero);
+    if (ov && ov->publish)
+        publish_flow(fk, &nv);
     bpf_map_update_elem(&flows, fk, &nv, BPF_ANY);
     return placed;
 }
@@ -416,19 +455,25 @@ static __always_inline int emit(CTX *ctx, struct server_entry *s, __u32 sid, __u
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > end)
         return V_ABORTED;
-    __builtin_memcpy(eth->h_dest, s->dst, 6);
-    __builtin_memcpy(eth->h_source, s->src, 6);
+    /* both MACs in one 8-byte and one 4-byte store (dst and src are adjacent in the entry, as in the frame) */
+    _Static_assert(__builtin_offsetof(struct server_entry, src) == 6, "server_entry: dst, then src");
+    *(__u64 *)data = *(const __u64 *)s;
+    *(__u32 *)(data + 8) = *(const __u32 *)((const __u8 *)s + 8);
     if (hlen) {
         eth->h_proto = bpf_htons(ETH_P_IP);
-        /* the header in 4-byte words; hlen <= MAX_HDR */
-        __u32 *to = (void *)(eth + 1);
-        const __u32 *from = (const __u32 *)s->hdr;
-        for (int i = 0; i < MAX_HDR / 4; i++) {
-            if (i * 4 >= hlen)
+        /* the header in 8-byte words and, hlen being a multiple of 4, perhaps one last 4-byte word; hlen <=
+         * MAX_HDR. The bound checked is 8 bytes even for that last word: P' (20 bytes at least) follows. */
+        __u8 *to = (void *)(eth + 1);
+        const __u8 *from = s->hdr;
+        for (int i = 0; i < MAX_HDR; i += 8) {
+            if (i + 4 > hlen)
                 break;
-            if ((void *)(to + i + 1) > end)
+            if ((void *)(to + i + 8) > end)
                 return V_ABORTED;
-            to[i] = from[i];
+            if (i + 8 <= hlen)
+                *(__u64 *)(to + i) = *(const __u64 *)(from + i);
+            else
+                *(__u32 *)(to + i) = *(const __u32 *)(from + i);
         }
         if (s->fields & F_IPV4) {
             __u8 *ip = (void *)(eth + 1);
@@ -534,7 +579,7 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
         return pass(P_MALFORMED);
     if (ip[0] != 0x45)
         return pass(ip[0] >> 4 == 4 && (ip[0] & 0xf) > 5 ? P_IP_OPTIONS : P_MALFORMED);
-    __u32 n = end - data;
+    __u32 n = FRAME_LEN(ctx, data, end); /* the whole frame's length (on TC, not only the linear part's) */
     __u32 tot = get_be16(ip + 2);
     if (tot < 20 || 14 + tot > n)
         return pass(P_MALFORMED);
@@ -580,7 +625,7 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     if (ip[8] <= 1)
         return pass(P_TTL);
 
-    struct flow_key fk;
+    struct flow_key fk __attribute__((aligned(8))); /* flow_crc reads its addresses in 4-byte words */
     flow_key_fill(&fk, ip + 12, ip + 16, 4, proto, l4);
     __u32 sid;
     int verdict;
@@ -610,7 +655,7 @@ static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
         return pass(P_MALFORMED);
     if (ip[0] >> 4 != 6)
         return pass(P_MALFORMED);
-    __u32 n = end - data;
+    __u32 n = FRAME_LEN(ctx, data, end); /* the whole frame's length (on TC, not only the linear part's) */
     __u32 plen = get_be16(ip + 4);
     if (plen == 0 || 54 + plen > n)
         return pass(P_MALFORMED);
@@ -640,7 +685,7 @@ static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
         return drop(D_NOT_PORT);
     if (ip[7] <= 1)
         return pass(P_TTL);
-    struct flow_key fk;
+    struct flow_key fk __attribute__((aligned(8))); /* flow_crc reads its addresses in 4-byte words */
     flow_key_fill(&fk, ip + 8, ip + 24, 16, proto, l4);
     __u32 sid;
     int verdict;
@@ -677,8 +722,8 @@ static __always_inline int frame(CTX *ctx)
     struct host_entry *h = bpf_map_lookup_elem(&host, &gen);
     if (!group && h && h->check) {
         const __u8 *d = eth->h_dest;
-        if ((d[0] ^ h->mac[0]) | (d[1] ^ h->mac[1]) | (d[2] ^ h->mac[2]) | (d[3] ^ h->mac[3]) |
-            (d[4] ^ h->mac[4]) | (d[5] ^ h->mac[5]))
+        if ((*(const __u32 *)d ^ *(const __u32 *)h->mac) |
+            (*(const __u16 *)(d + 4) ^ *(const __u16 *)(h->mac + 4)))
             return pass(P_NOT_FOR_US);
     }
     if (eth->h_proto == bpf_htons(ETH_P_IP))
@@ -695,9 +740,10 @@ int ENTRY_NAME(CTX *ctx)
     if (ctx->mark == SLOW_MARK) /* handed up by this program (below): for the workers and the stack */
         return TC_ACT_OK;
     int verdict;
-    /* the program reads the frame's bytes directly: a socket buffer whose bytes are not all in its linear
-     * part (paged, GSO) is made linear first; one that cannot be goes up */
-    if ((long)ctx->data_end - (long)ctx->data < (long)ctx->len && bpf_skb_pull_data(ctx, ctx->len))
+    /* the program reads and writes the headers in place: a socket buffer whose first PULL_LEN bytes are not
+     * all in its linear part (paged, GSO) has those made linear first; one that cannot goes up */
+    __u32 want = ctx->len < PULL_LEN ? ctx->len : PULL_LEN;
+    if ((long)ctx->data_end - (long)ctx->data < (long)want && bpf_skb_pull_data(ctx, want))
         verdict = pass(P_ERROR);
     else
         verdict = frame(ctx);
@@ -722,6 +768,7 @@ struct btf_constants {
     enum pass_reason *pass_reason;
     enum template_field *template_field;
     enum flow_event *flow_event;
+    struct flow_record flow_record; /* the new_flows ring's records (whole: a pointer would give only its name) */
     __uint(d_max, D_MAX);
     __uint(p_max, P_MAX);
     __uint(e_max, E_MAX);

@@ -6,7 +6,7 @@
  * - XDP (the default): frames as XDP buffers, at the driver (native) or after the skb is built (generic);
  *   forwarded with XDP_TX, handed up with XDP_PASS.
  * - TC (built with -DENCAPFWD_TC, encapfwd_tc.bpf.c): frames as socket buffers at tc ingress (tcx or a
- *   clsact qdisc's cls_bpf); encapsulation with bpf_skb_adjust_room at the MAC layer, out with
+ *   clsact qdisc's cls_bpf); encapsulation with bpf_skb_change_head (room in front, as on XDP), out with
  *   bpf_redirect to the same interface's egress (TC_ACT_REDIRECT), handed up with TC_ACT_OK. Where frames
  *   arrive as socket buffers (veth, containers) this saves the skb -> XDP buffer copy native XDP does on a
  *   veth, and generic XDP's extra work.
@@ -23,10 +23,21 @@
 #define V_PASS TC_ACT_OK
 #define V_DROP TC_ACT_SHOT
 #define V_ABORTED TC_ACT_SHOT
-/* *hlen* bytes of room between the Ethernet header and the IP header (the template goes there) */
-#define GROW_HEAD(ctx, hlen) bpf_skb_adjust_room((ctx), (__s32)(hlen), BPF_ADJ_ROOM_MAC, 0)
+/* *hlen* bytes of room in front of the frame, as bpf_xdp_adjust_head gives: the program then writes the
+ * Ethernet header and the template over the first 14 + hlen bytes, and the IP packet stays where it was.
+ * bpf_skb_change_head (push + zero the room; the MAC header starts at the new front, the network header
+ * stays on the inner packet) costs far less than bpf_skb_adjust_room at the MAC layer, which also moves the
+ * Ethernet header and checks and adjusts protocol, GSO and network-header state (issue #21). */
+#define GROW_HEAD(ctx, hlen) bpf_skb_change_head((ctx), (hlen), 0)
 /* cut the frame (n bytes) to *len* bytes: Ethernet padding */
 #define TRIM(ctx, len, n) bpf_skb_change_tail((ctx), (len), 0)
+/* The bytes the program reads and writes in place, at most: Ethernet + IPv6 + 14 bytes of TCP (IPv4: fewer).
+ * A socket buffer that carries them in its pages (a packet socket's TX ring keeps only the Ethernet header
+ * linear, TCP its payload) has these, and no more, made linear (bpf_skb_pull_data of the whole frame copied
+ * it all, often into a reallocated head); the frame's length is then the socket buffer's, not the linear
+ * part's. */
+#define PULL_LEN (14 + 40 + 14)
+#define FRAME_LEN(ctx, data, end) ((ctx)->len)
 /* out of the interface the frame came in by */
 #define SEND(ctx) bpf_redirect((ctx)->ifindex, 0)
 #define ENTRY_SEC "tc"
@@ -48,6 +59,7 @@
 #define V_ABORTED XDP_ABORTED
 #define GROW_HEAD(ctx, hlen) bpf_xdp_adjust_head((ctx), -(int)(hlen))
 #define TRIM(ctx, len, n) bpf_xdp_adjust_tail((ctx), (int)(len) - (int)(n))
+#define FRAME_LEN(ctx, data, end) ((__u32)((end) - (data)))
 #define SEND(ctx) XDP_TX
 #define V_UP XDP_PASS
 #define ENTRY_SEC "xdp"

@@ -42,8 +42,9 @@ PORT_KEY = struct.Struct("<16s2sBB")
 #: ``struct port_entry {ring_base, ring_size, timeout, fallback}``: a table port's slots, or (ring_size 0) a
 #: wrr/wlc port's pressure table of ``fallback`` slots at ``ring_base``
 PORT_ENTRY = struct.Struct("<IIII")
-#: ``struct overload {pressure, newflow_limit}`` (the ``overload`` map's one entry)
-OVERLOAD = struct.Struct("<II")
+#: ``struct overload {pressure, newflow_limit, publish, pad}`` (the ``overload`` map's one entry; ``publish``:
+#: flow synchronisation runs, new flow entries go to the ``new_flows`` ring buffer too)
+OVERLOAD = struct.Struct("<IIII")
 #: ``struct newflow_window {start_ns, count}`` (per CPU)
 NEWFLOW_WINDOW = struct.Struct("<QQ")
 SERVER_ENTRY = struct.Struct(f"<6s6sHHHBB{XDP_MAX_HEADER}s")
@@ -51,6 +52,8 @@ SERVER_ENTRY = struct.Struct(f"<6s6sHHHBB{XDP_MAX_HEADER}s")
 HEADER_OFFSET = SERVER_ENTRY.size - XDP_MAX_HEADER
 FLOW_KEY = struct.Struct("<16s16s2s2sB3x")
 FLOW_VALUE = struct.Struct("<IIQ")
+#: ``struct flow_record {struct flow_key key; struct flow_value value}``: a record of the ``new_flows`` ring
+FLOW_RECORD = struct.Struct("<" + FLOW_KEY.format[1:] + FLOW_VALUE.format[1:])
 COUNTER = struct.Struct("<QQ")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
@@ -98,9 +101,10 @@ def ring_slots(plan) -> int:
     return sum(len(_slots_of(p)[0]) for p in table_ports(plan))
 
 
-def overload_value(pressure: bool, newflow_limit: int) -> bytes:
-    """The ``struct overload`` of the program: the pressure flag and the new-flow limit per CPU and second."""
-    return OVERLOAD.pack(1 if pressure else 0, newflow_limit)
+def overload_value(pressure: bool, newflow_limit: int, publish: bool = False) -> bytes:
+    """The ``struct overload`` of the program: the pressure flag, the new-flow limit per CPU and second, and
+    whether new flow entries are published (flow synchronisation)."""
+    return OVERLOAD.pack(1 if pressure else 0, newflow_limit, 1 if publish else 0, 0)
 
 
 def plan_entries(plan, gen: int, ring_cap: int) -> Dict[str, list]:

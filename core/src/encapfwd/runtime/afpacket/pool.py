@@ -23,7 +23,7 @@ from encapfwd.runtime.netlink import Interface
 
 
 class WorkerPool:
-    """N worker processes, each with its own rings, in one PACKET_FANOUT group."""
+    """N worker processes, each with its own rings, in one PACKET_FANOUT group (one worker: no group)."""
 
     kind = "afpacket"
 
@@ -201,7 +201,9 @@ class WorkerPool:
                     self.plan.config,
                     Dispatcher(self.plan, self.registry, flow_sink=self.flow_sink),
                     child_end,
-                    self.fanout_group,
+                    # one worker needs no fanout group: a group hashes every frame of the interface (the flow
+                    # dissector) before any filter runs, even the frames a TC program goes on to forward
+                    self.fanout_group if self.nworkers > 1 else 0,
                     cpu,
                     self.answer_arp,
                     self.qdisc_bypass,

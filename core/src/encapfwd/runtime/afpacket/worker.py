@@ -17,6 +17,7 @@ from typing import Optional
 
 from encapfwd.model import Config
 from encapfwd.runtime.afpacket import triage as overload
+from encapfwd.runtime.afpacket.admission import KNOWN_REFRESH, LEARN_BUDGET, Admission
 from encapfwd.runtime.afpacket.checksum import complete_checksum
 from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
 from encapfwd.runtime.afpacket.rings import (
@@ -37,6 +38,9 @@ from encapfwd.runtime.prepare import cluster_addresses
 
 #: seconds between two calls of the dispatcher's expiry (flow table and fragment table) in each worker
 EXPIRE_INTERVAL = 1.0
+#: outside triage, the frames of one received block in this many are looked at to learn known clients
+#: (admission.py): the look costs ~0.15 µs per frame, a client with traffic is seen in any block
+LEARN_EVERY = 8
 #: bytes of a frame beyond the IP packet that a TX slot must hold: Ethernet header + one VLAN tag
 _L2_ROOM = 14 + 4
 
@@ -57,6 +61,77 @@ def tx_frame_size(mtu: int) -> int:
 def tx_mtu_limit(mtu: int) -> int:
     """The largest MTU the TX ring of a worker started on an interface of MTU *mtu* can send."""
     return tx_frame_size(mtu) - TX_DATA_OFFSET - _L2_ROOM
+
+
+def adopt_kernel_flows(dispatcher, stats: dict) -> int:
+    """The hand-up gap (docs/live.md, "Overload"): a flow the kernel program placed itself (a Maglev port, or a
+    wrr/wlc port by its pressure table) is in the kernel's flow table only; a later frame of it that the
+    program hands up (an ICMP error quoting it, a fragment, a frame too big) would be placed afresh by the
+    dispatcher, and a wrr/wlc selector may pick another server. So, with a kernel program (the dispatcher's
+    ``flow_sink`` holds its ``dataplane``), every port's pick is wrapped: on a flow-table miss of a frame that
+    is not a SYN without ACK (a new connection: the dispatcher decides), the kernel's ``flows`` map is read
+    (one lookup) and a live entry (seen within the port's ``staletimeout``) whose server is up in the plan is
+    followed (``kernel_adopted``). The Python table does not take it (the kernel keeps it, and the next such
+    frame reads it again). Returns how many picks were wrapped (0 without a kernel program). Called after
+    every compile of *dispatcher* (start, reload)."""
+    sink = getattr(dispatcher, "flow_sink", None)
+    if sink is None or not hasattr(sink, "dataplane"):
+        return 0
+    from ipaddress import ip_address
+
+    from encapfwd.xdp.maps import FLOW_VALUE, kernel_flow_key
+
+    stats.setdefault("kernel_adopted", 0)
+    stats.setdefault("kernel_lookup_errors", 0)
+    unpack = FLOW_VALUE.unpack
+    clock = time.monotonic_ns  # CLOCK_MONOTONIC: the program's bpf_ktime_get_ns
+
+    def lookup(key: bytes, timeout_ns: int):
+        dataplane = sink.dataplane
+        if dataplane is None:
+            return None
+        try:
+            raw = dataplane.maps["flows"].lookup(kernel_flow_key(key))
+            if raw is None:
+                return None
+            sid, _pad, seen = unpack(raw[:FLOW_VALUE.size])
+        except Exception:  # noqa: BLE001 - the data path never raises
+            stats["kernel_lookup_errors"] += 1
+            return None
+        return sid if clock() - seen <= timeout_ns else None
+
+    entries = dispatcher.scheduler.table.entries
+    up = {sp.sid for sp in dispatcher.plan.servers if sp.up}
+
+    def adopting(pick, index, timeout_ns):
+        def adopting_pick(key, client, tcp_flags, now):
+            if tcp_flags & 0x12 != 0x02 and key not in entries:
+                sid = lookup(key, timeout_ns)
+                if sid is not None:
+                    i = index.get(sid)
+                    if i is not None:
+                        stats["kernel_adopted"] += 1
+                        return i
+            return pick(key, client, tcp_flags, now)
+
+        adopting_pick.adopting = True
+        return adopting_pick
+
+    wrapped = 0
+    for pp in dispatcher.plan.ports:
+        address = ip_address(pp.cluster)
+        table = (dispatcher._v4 if address.version == 4 else dispatcher._v6).get(address.packed)
+        if table is None:
+            continue
+        index = {sid: i for i, sid in enumerate(pp.servers) if sid in up}
+        for proto in pp.protos:
+            k = (proto << 16) | pp.number
+            entry = table.get(k)
+            if entry is None or getattr(entry[0], "adopting", False):
+                continue
+            table[k] = (adopting(entry[0], index, pp.staletimeout * 1_000_000_000), entry[1])
+            wrapped += 1
+    return wrapped
 
 
 def expire(dispatcher, now: float) -> None:
@@ -121,9 +196,21 @@ class Worker:
         }
         #: overload triage (runtime/afpacket/triage.py): on while this worker cannot keep up
         self.triage = overload.Triage(self.stats)
+        self.stats.update(known_clients=0, known_learned=0, admission_attaches=0, admission_error=None)
         if rings is not None:
             self.rx, self.tx = rings
-            return
+        else:
+            self._open_rings(iface, config, rx_blocks, rx_block_size, fanout_group, qdisc_bypass)
+        #: known-client admission in the kernel (runtime/afpacket/admission.py): the socket filter that takes
+        #: the shed ports' SYNs of known clients and a sample of the others while the triage sheds
+        self.admission = Admission(self._program(config), self._set_filter,
+                                   log=lambda line: log(f"worker {self.number}: {line}"))
+        adopt_kernel_flows(dispatcher, self.stats)  # with a kernel program: its flow entries win on a miss
+
+    def _set_filter(self, program) -> None:
+        self.rx.set_filter(program)
+
+    def _open_rings(self, iface, config, rx_blocks, rx_block_size, fanout_group, qdisc_bypass) -> None:
         self.rx = RxRing(
             iface.name,
             self._program(config),
@@ -172,6 +259,9 @@ class Worker:
         return {"dispatcher": dispatched, "engine": engine}
 
     def _kernel_stats(self) -> None:
+        admission = self.admission
+        self.stats.update(known_clients=len(admission.known.seen), known_learned=admission.known.learned,
+                          admission_attaches=admission.attaches, admission_error=admission.error)
         try:
             _packets, drops = self.rx.statistics()
             self.stats["kernel_drops"] += drops
@@ -190,7 +280,10 @@ class Worker:
             config = plan.config
             try:
                 self.dispatcher.reload(plan)
-                self.rx.set_filter(self._program(config))
+                adopt_kernel_flows(self.dispatcher, self.stats)
+                program = self._program(config)
+                self.rx.set_filter(program)
+                self.admission.set_base(program)  # the admission filter on it again at the next window
                 self.config = config
                 if self.number == 0:
                     self.announce()
@@ -266,6 +359,7 @@ class Worker:
         next_expiry = monotonic() + EXPIRE_INTERVAL
         triage = self.triage
         triaged = self._triaged
+        learn_every = LEARN_EVERY
         triage.window_start = monotonic()
         triage.window_end = triage.window_start + overload.WINDOW
         backlog_frames, backlog_wait = overload.BACKLOG_FRAMES, overload.BACKLOG_WAIT
@@ -305,7 +399,9 @@ class Worker:
                     triage.backlog = True
                     if waited > triage.waited:
                         triage.waited = waited
-            queue((triaged if triage.active else outputs)(base + offset, count, now))
+            # outside triage the frames of one block in LEARN_EVERY are looked at (to learn known clients)
+            queue(triaged(base + offset, count, now) if triage.active
+                  else outputs(base + offset, count, now, False, not block % learn_every))
             received += count
             triage.frames += count
             u32_pack(rxm, base + 8, 0)  # the block goes back to the kernel
@@ -332,7 +428,16 @@ class Worker:
             self.stats["kernel_drops"] += drops
         except OSError:
             pass
-        message = self.triage.tick(now, drops)
+        triage = self.triage
+        message = triage.tick(now, drops)
+        self.admission.known.budget = LEARN_BUDGET
+        # the kernel's admission filter follows the triage (at most one attach per window)
+        admission = self.admission
+        try:
+            admission.update(triage.shed if triage.active else (), triage.want_sample, now)
+        except Exception as exc:  # noqa: BLE001 - forwarding goes on with the filter as it is
+            admission.error = f"{type(exc).__name__}: {exc}"
+        triage.filtered, triage.sample_before, triage.sample = admission.filtered, triage.sample, admission.sample
         if message is not None:
             message["worker"] = self.number
             try:
@@ -345,20 +450,41 @@ class Worker:
         new connections of the shed ports are dropped before the dispatcher, but one in ``triage.stride``."""
         return self._outputs(offset, count, now, triaging=True)
 
-    def _outputs(self, offset: int, count: int, now: float, triaging: bool = False):
+    def _outputs(self, offset: int, count: int, now: float, triaging: bool = False, learning: bool = True):
         """For each of the *count* frames of a received block starting at *offset*: the list of frames to
         send (checksums completed first for offloaded frames; ARP answered with ``--answer-arp``); with
-        *triaging*, new connections of the shed ports are dropped first (:meth:`_triaged`)."""
+        *triaging*, new connections of the shed ports are dropped first (:meth:`_triaged`).
+
+        Every IPv4 frame is first looked at in the ring (one unpack, no copy): a TCP segment with ACK and
+        without SYN of a flow in the flow table makes its source a known client (admission.py; outside triage
+        only with *learning* — one block in :data:`LEARN_EVERY` —, only a segment with PSH, and at most
+        ``LEARN_BUDGET`` learned per window); under triage,
+        a SYN of a shed port from a known client goes through (``overload_known_admitted``), another one is
+        counted and, but one in ``triage.stride``, dropped."""
         rxm = self.rx.map
         hdr = self.rx.HDR.unpack_from
         look = overload.FRAME.unpack_from
-        least = overload.FRAME_SIZE if triaging else 1 << 30  # never looked at when not triaging
+        least = overload.FRAME_SIZE if triaging or learning else 1 << 30  # else never looked at
         triage = self.triage
         counts = triage.counts
         counts_get = counts.get
+        udp = triage.udp
+        sampled = triage.sampled
+        filtered = triage.filtered
         shed = triage.shed
         dropped = self.stats["overload_dropped"]
-        entries = self.dispatcher.scheduler.table.entries
+        orphans = triage.orphans
+        orphan_shed = triage.orphan_shed
+        orphans_dropped = self.stats["overload_orphans_dropped"]
+        scheduler = self.dispatcher.scheduler
+        entries = scheduler.table.entries
+        udp_new = not scheduler.stateless  # without a flow table no UDP flow is ever established
+        known = self.admission.known
+        known_seen = known.seen
+        known_get = known_seen.get
+        learn = known.learn
+        budget = known.budget
+        refresh = KNOWN_REFRESH
         process = self.dispatcher.process
         fix = complete_checksum
         stats = self.stats
@@ -371,22 +497,70 @@ class Worker:
             offset += nxt
             if snaplen >= least:
                 et, vihl, proto, dst, dport, flags = look(rxm, start)
-                if et == 0x0800 and vihl == 0x45 and (
-                    (proto == 6 and flags & 0x12 == 0x02)
-                    or (proto == 17 and rxm[start + 26 : start + 34] + b"\x11" + rxm[start + 34 : start + 38]
-                        not in entries)
-                ):
-                    key = (dst, dport)
-                    counts[key] = counts_get(key, 0) + 1
-                    if key in shed:
-                        triage.skip -= 1
-                        if triage.skip <= 0:  # one in *stride* admitted, spread over the window
-                            triage.skip = triage.stride
-                            stats["overload_admitted"] += 1
+                if et == 0x0800 and vihl == 0x45:
+                    new = False
+                    if proto == 6:
+                        syn = flags & 0x12
+                        if syn == 0x10 and triaging:
+                            # ACK without SYN: of a flow in the table, a client that completed its handshake; of
+                            # none, an orphan (a flood of random ACKs), shed with its port's (known clients' pass)
+                            src = rxm[start + 26 : start + 30]
+                            if src + dst + b"\x06" + rxm[start + 34 : start + 38] in entries:
+                                if budget:
+                                    seen = known_get(src)
+                                    if seen is None or now - seen > refresh:
+                                        learn(src, now)
+                                        budget -= 1
+                                        known.budget = budget
+                            else:
+                                key = (dst, dport)
+                                orphans[key] = orphans.get(key, 0) + 1
+                                if key in orphan_shed and src not in known_seen:
+                                    triage.orphan_skip -= 1
+                                    if triage.orphan_skip <= 0:
+                                        triage.orphan_skip = triage.orphan_stride
+                                    else:
+                                        name = orphan_shed[key]
+                                        orphans_dropped[name] = orphans_dropped.get(name, 0) + 1
+                                        continue
+                        elif syn == 0x10 and budget and flags & 0x08:
+                            # outside triage only segments with PSH, the client's data, are looked at (not every
+                            # pure ACK): a client that completed its handshake
+                            src = rxm[start + 26 : start + 30]
+                            seen = known_get(src)
+                            if (seen is None or now - seen > refresh) and \
+                                    src + dst + b"\x06" + rxm[start + 34 : start + 38] in entries:
+                                learn(src, now)
+                                budget -= 1
+                                known.budget = budget
+                        elif triaging and syn == 0x02:
+                            new = True
+                    elif proto == 17 and triaging and udp_new:
+                        new = rxm[start + 26 : start + 34] + b"\x11" + rxm[start + 34 : start + 38] not in entries
+                    if new:
+                        key = (dst, dport)
+                        if key in shed:
+                            if proto == 6 and rxm[start + 26 : start + 30] in known_seen:
+                                stats["overload_known_admitted"] += 1  # a known client: never shed
+                            else:
+                                counts[key] = counts_get(key, 0) + 1
+                                if proto == 6:
+                                    if key in filtered:  # the kernel's sample of the unknown SYNs
+                                        sampled[key] = sampled.get(key, 0) + 1
+                                else:
+                                    udp[key] = udp.get(key, 0) + 1
+                                triage.skip -= 1
+                                if triage.skip <= 0:  # one in *stride* admitted, spread over the window
+                                    triage.skip = triage.stride
+                                    stats["overload_admitted"] += 1
+                                else:
+                                    name = shed[key]
+                                    dropped[name] = dropped.get(name, 0) + 1
+                                    continue
                         else:
-                            name = shed[key]
-                            dropped[name] = dropped.get(name, 0) + 1
-                            continue
+                            counts[key] = counts_get(key, 0) + 1
+                            if proto == 17:
+                                udp[key] = udp.get(key, 0) + 1
             frame = rxm[start : start + snaplen]
             if status & csum_not_ready:
                 frame = fix(frame)
