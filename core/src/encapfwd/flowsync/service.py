@@ -96,6 +96,8 @@ _TAIL = struct.Struct("!BI")
 _V4 = struct.Struct("!Bc4s4s4sBI")
 _ALL_V4 = b"\x04" * (MAX_DATAGRAM // _V4.size + 1)
 _KKEY = struct.Struct("<16s16s2s2sB3x")  # the kernel's struct flow_key (xdp/maps.py FLOW_KEY)
+_KKEY4 = struct.Struct("<4s12x4s12x4sB3x")  # the same for IPv4 addresses (zero-padded), ports as 4 bytes
+assert _KKEY4.size == _KKEY.size
 
 
 # -- the key ---------------------------------------------------------------------------------------------
@@ -663,7 +665,8 @@ class FlowSync:
             return
         now_ns = time.monotonic_ns()
         rows = []
-        pack = _KKEY.pack
+        append = rows.append
+        pack, pack4 = _KKEY.pack, _KKEY4.pack
         by_name = index.by_name
         named = getattr(table, "named", False)  # the AF_PACKET workers' tables take the entries by name
         for key, name, age in entries:
@@ -676,11 +679,12 @@ class FlowSync:
                 self.stats["server_down"] += 1
                 continue
             if named:
-                rows.append((key, name, age))
-                continue
-            n = (len(key) - 5) // 2
-            rows.append((pack(key[:n], key[n:2 * n], key[2 * n + 1:2 * n + 3], key[2 * n + 3:2 * n + 5],
-                              key[2 * n]), sid, now_ns - age * 1_000_000))
+                append((key, name, age))
+            elif len(key) == 13:  # IPv4: src, dst, proto, ports
+                append((pack4(key[:4], key[4:8], key[9:13], key[8]), sid, now_ns - age * 1_000_000))
+            else:
+                append((pack(key[:16], key[16:32], key[33:35], key[35:37], key[32]), sid,
+                        now_ns - age * 1_000_000))
         counts = table.insert_many(rows)
         self.stats["applied"] += counts["inserted"]
         self.stats["refreshed"] += counts["refreshed"]

@@ -202,9 +202,11 @@ class KernelTable:
         out = {"inserted": 0, "refreshed": 0, "kept-local": 0, "error": 0}
         if not rows:
             return out
-        try:
-            failed = self.update_many(b"".join(k for k, _, _ in rows),
-                                      b"".join(_VALUE.pack(sid, mark_of(seen), seen) for _, sid, seen in rows),
+        pack = _VALUE.pack
+        try:  # the mark inline (mark_of): one call fewer per entry
+            failed = self.update_many(b"".join([k for k, _, _ in rows]),
+                                      b"".join([pack(sid, ((seen >> MARK_SHIFT) & 0xFFFFFFFF) or 1, seen)
+                                                for _, sid, seen in rows]),
                                       len(rows), BPF_NOEXIST)
         except Exception:  # noqa: BLE001 - never raises
             self.errors += 1
