@@ -9,7 +9,7 @@
 Run as root, the bench moves itself into a network namespace of its own (loopback only): its datagrams never
 leave it. Two parts by default:
 
-- **codec**: encode (batch + HMAC-SHA256) → authenticate, replay-check and decode, in one process, no
+- **codec**: encode as the controller does (one pass per datagram body, then header + HMAC-SHA256) → authenticate, replay-check and decode, in one process, no
   socket, no kernel: the Python cost per entry.
 - **two dispatchers** (root, BPF): two loaded data planes (the real XDP program's maps) with different
   server ids; A's kernel flow table holds FLOWS new flows (written as the program writes them, pad 0).
@@ -46,6 +46,7 @@ live peer the flows the peer applied per second (the replication rate achieved).
 from __future__ import annotations
 
 import argparse
+import collections
 import ipaddress
 import json
 import os
@@ -82,10 +83,12 @@ def codec(flows: int) -> dict:
     started = time.perf_counter()
     datagrams = 0
     got = 0
-    for seq, batch in enumerate(FS.Batcher().batches(entries), 1):
-        data = FS.encode(KEY, FS.FLOWS, 1, 2, seq, batch)
-        got += len(receiver.accept(data, ("10.0.2.2", 7900))[3])
+    queue = collections.deque(entries)  # as the controller sends: one body per datagram, then sealed
+    while queue:
+        count, body = FS.take_body(queue)
         datagrams += 1
+        data = FS.seal(KEY, FS.FLOWS, 1, 2, datagrams, count, body)
+        got += len(receiver.accept(data, ("10.0.2.2", 7900))[3])
     took = time.perf_counter() - started
     assert got == flows
     return {"flows": flows, "datagrams": datagrams, "seconds": round(took, 3), "per_second": round(flows / took)}

@@ -79,6 +79,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from live_helpers import prog_info  # bench/ beside this file
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "core" / "src"))
 
@@ -522,7 +524,7 @@ def attached_prog(ns, dev: str) -> tuple:
 
 def prog_stats(prog_id: int) -> tuple:
     """``(run_time_ns, run_cnt)`` of a loaded program (bpftool; counted while bpf_stats_enabled=1)."""
-    info = json.loads(sh("bpftool", "-j", "prog", "show", "id", str(prog_id)).stdout)
+    info = prog_info(prog_id)
     return info.get("run_time_ns", 0), info.get("run_cnt", 0)
 
 

@@ -62,6 +62,7 @@ process (the control plane: reloads) pinned to CPU.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -187,6 +188,25 @@ def live_frames_refusal(prog_fd: int, frame: bytes, ifindex: int):
             return f"BPF_F_TEST_XDP_LIVE_FRAMES refused by this kernel: {errno.errorcode[exc.errno]} ({exc})"
         raise
     return None
+
+
+def prog_info(prog_id: int) -> dict:
+    """bpftool's description of a loaded program (its ``run_time_ns`` and ``run_cnt`` count while
+    ``kernel.bpf_stats_enabled`` is 1)."""
+    return json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)], capture_output=True,
+                                     text=True, check=True).stdout)
+
+
+@contextlib.contextmanager
+def bpf_stats():
+    """``kernel.bpf_stats_enabled`` on meanwhile (the programs' run-time statistics), restored after."""
+    stats = Path("/proc/sys/kernel/bpf_stats_enabled")
+    saved = stats.read_text().strip()
+    stats.write_text("1")
+    try:
+        yield
+    finally:
+        stats.write_text(saved)
 
 
 def build_c(source: Path, output: Path, *flags: str) -> Path:

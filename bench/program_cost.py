@@ -41,7 +41,6 @@ that part costs; such a copy forwards wrong bytes, only its time means something
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import ipaddress
 import json
@@ -49,23 +48,19 @@ import os
 import random
 import statistics
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the differential test's plan (xdp_support)
 
+from live_helpers import bpf_stats, prog_info  # noqa: E402 - bench/ beside this file
+from xdp_support import one_cpu  # noqa: E402
+
+from encapfwd.datapath.packet import checksum  # noqa: E402
+
 XDP_TX, TC_ACT_REDIRECT = 3, 7
 FRAME_LEN = 64
-STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
-def _csum(header: bytes) -> int:
-    s = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def frame(vip: str, src: bytes, sport: int, proto: int, flags: int = 0x10) -> bytes:
@@ -86,7 +81,7 @@ def frame(vip: str, src: bytes, sport: int, proto: int, flags: int = 0x10) -> by
         header = struct.pack("!IHBB16s16s", 6 << 28, len(l4), proto, 64, src, dst)
         return X.DISPATCHER_MAC_B + X.CLIENT_MAC + b"\x86\xdd" + header + l4
     header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0x4000, 64, proto, 0, src, dst)
-    header = header[:10] + struct.pack("!H", _csum(header)) + header[12:]
+    header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
     return X.DISPATCHER_MAC_B + X.CLIENT_MAC + b"\x08\x00" + header + l4
 
 
@@ -142,30 +137,9 @@ def prog_stats(prog_fd: int):
     """``(run_time_ns, run_cnt, xlated bytes, jited bytes)`` of the program (bpftool)."""
     from encapfwd.xdp.libbpf import prog_id
 
-    info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id(prog_fd))],
-                                     capture_output=True, text=True, check=True).stdout)
+    info = prog_info(prog_id(prog_fd))
     return (info.get("run_time_ns", 0), info.get("run_cnt", 0), info.get("bytes_xlated"),
             info.get("bytes_jited"))
-
-
-@contextlib.contextmanager
-def bpf_stats():
-    saved = STATS.read_text().strip()
-    STATS.write_text("1")
-    try:
-        yield
-    finally:
-        STATS.write_text(saved)
-
-
-@contextlib.contextmanager
-def one_cpu(cpu):
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
 
 
 def load(kind: str, plan, defines, folder=None):
@@ -250,7 +224,7 @@ def measure_warm(method, dp, runner, rng, args):
     f = f[:ttl] + b"\xff" + f[ttl + 1:]
     if not six:
         f = f[:24] + b"\0\0" + f[26:]
-        f = f[:24] + struct.pack("!H", _csum(f[14:34])) + f[26:]
+        f = f[:24] + struct.pack("!H", checksum(f[14:34])) + f[26:]
     host = dp.maps["host"]
     saved = host.lookup(dp.gen)
     host.update(dp.gen, M.HOST_ENTRY.pack(bytes(6), 0))

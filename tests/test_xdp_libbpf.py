@@ -28,6 +28,7 @@ import pytest
 from encapfwd.lab import netns as lab_netns
 from encapfwd.xdp import BPFError, libbpf
 from encapfwd.xdp import build as xdp_build
+from xdp_support import one_cpu
 
 FIXTURES = Path(__file__).resolve().parent / "xdp_fixtures"
 ECHO = FIXTURES / "echo.c"
@@ -170,18 +171,6 @@ def _expected(frame: bytes, prepend: bool, tag: int, inner_value: int):
     return libbpf.XDP_TX, out, CNT_TX
 
 
-@contextlib.contextmanager
-def pinned_to_one_cpu():
-    """Run on one CPU (BPF_PROG_TEST_RUN runs the program on the caller's CPU); yields that CPU."""
-    before = os.sched_getaffinity(0)
-    cpu = max(before)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield cpu
-    finally:
-        os.sched_setaffinity(0, before)
-
-
 @needs_bpf
 def test_echo_matches_scapy_reference_and_counts_per_cpu(echo):
     prog = echo.program("xdp_echo")
@@ -192,7 +181,7 @@ def test_echo_matches_scapy_reference_and_counts_per_cpu(echo):
     inner0.update(0, u32(0x1234))
     rng = random.Random(20261130)
     expected_counts = [0] * 4
-    with pinned_to_one_cpu() as cpu:
+    with one_cpu() as cpu:
         for prepend, tag in ((False, 0), (True, 0xBEEF)):
             config.update(0, struct.pack("=II", int(prepend), tag))
             for frame in _frames(rng):

@@ -16,6 +16,7 @@ import random
 import struct
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 GUE_SRC = ROOT / "docs" / "examples" / "encapfwd-gue" / "src"
@@ -204,11 +205,12 @@ def frames(method: str, count: int, seed: int = 1):
 
 
 @contextlib.contextmanager
-def one_cpu():
-    """This process pinned to one CPU (yielded) meanwhile: BPF_PROG_TEST_RUN runs there, so its per-CPU
-    values (the last reason, the new-flow window) are the ones the test reads."""
+def one_cpu(cpu: Optional[int] = None):
+    """This process pinned to one CPU (*cpu*, else the first it may run on; yielded) meanwhile:
+    BPF_PROG_TEST_RUN runs there, so its per-CPU values (the last reason, the new-flow window) are the ones
+    the test reads."""
     saved = os.sched_getaffinity(0)
-    cpu = min(saved)
+    cpu = min(saved) if cpu is None else cpu
     os.sched_setaffinity(0, {cpu})
     try:
         yield cpu

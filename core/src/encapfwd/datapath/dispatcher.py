@@ -115,6 +115,24 @@ def _reporting(pick, slots, sink):
     return reporting_pick
 
 
+def _adopting(pick, index, max_age_ns, sink, entries):
+    """*pick*, but a frame that is not a SYN without ACK (a new connection: *pick* decides), of a flow the
+    flow table (*entries*) does not hold, follows the flow's entry in the kernel (``sink.lookup``: seen within
+    *max_age_ns*) when its server is up here (*index*: sid -> slot): the hand-up gap, docs/live.md,
+    "Overload". Counted in ``sink.adopted``; the Python table does not take the flow."""
+    lookup = sink.lookup
+
+    def adopting_pick(key, client, tcp_flags, now):
+        if tcp_flags & 0x12 != 0x02 and key not in entries:
+            i = index.get(lookup(key, max_age_ns))
+            if i is not None:
+                sink.adopted += 1
+                return i
+        return pick(key, client, tcp_flags, now)
+
+    return adopting_pick
+
+
 class Dispatcher:
     """See ``docs/architecture.md`` ("Dispatcher contract") and ``docs/datapath.md``."""
 
@@ -179,6 +197,9 @@ class Dispatcher:
             slots_by_name[sp.name] = slot
             by_sid[sp.sid] = slot
         self.scheduler.configure(config, plan)
+        # a sink that can look flows up is the kernel program's table: its flows win on a miss (_adopting)
+        adopt = hasattr(self.flow_sink, "lookup")
+        up = {sp.sid for sp in plan.servers if sp.up}
         for pp in plan.ports:
             address = ip_address(pp.cluster)
             table = (v4 if address.version == 4 else v6).setdefault(address.packed, {})
@@ -186,6 +207,10 @@ class Dispatcher:
             pick = self.scheduler.picker(address, pp.number)
             if self.flow_sink is not None and pp.table is None:
                 pick = _reporting(pick, slots, self.flow_sink)
+            if adopt:
+                index = {sid: i for i, sid in enumerate(pp.servers) if sid in up}
+                pick = _adopting(pick, index, pp.staletimeout * 1_000_000_000, self.flow_sink,
+                                 self.scheduler.table.entries)
             entry = (pick, slots)
             for proto in pp.protos:
                 table[(proto << 16) | pp.number] = entry

@@ -134,14 +134,12 @@ def Entry(key: bytes, name: str, age_ms: int) -> tuple:  # noqa: N802 - a record
     return (key, name, age_ms)
 
 
-def _entry_size(key: bytes) -> int:
-    return 2 + (len(key) - 5) + 4 + 5
-
-
-def take_body(queue: "collections.deque", room: Optional[int] = None) -> Tuple[int, bytes]:
+def take_body(queue: "collections.deque", room: Optional[int] = None,
+              taken: Optional[List[Entry]] = None) -> Tuple[int, bytes]:
     """``(count, body)``: entries popped from the left of *queue* while they fit in *room* bytes of a FLOWS or
-    DUMP body (default: what a MAX_DATAGRAM datagram leaves; None: all), in one pass (names indexed, at most
-    255). An entry too large for any datagram (a name too long) is dropped, never sent."""
+    DUMP body (default: what a MAX_DATAGRAM datagram leaves), in one pass (names indexed, at most 255; at most
+    65,535 entries). An entry too large for any datagram (a name too long) is dropped, never sent. The entries
+    packed are appended to *taken* when given."""
     if room is None:
         room = MAX_DATAGRAM - HEADER.size - MAC_SIZE
     names: Dict[str, int] = {}
@@ -149,7 +147,7 @@ def take_body(queue: "collections.deque", room: Optional[int] = None) -> Tuple[i
     parts: List[bytes] = []
     used = 1  # the names' count
     tail = _TAIL.pack
-    while queue:
+    while queue and len(parts) < 0xFFFF:
         fkey, name, age = queue[0]
         n = (len(fkey) - 5) >> 1
         cost = 11 + 2 * n
@@ -166,10 +164,12 @@ def take_body(queue: "collections.deque", room: Optional[int] = None) -> Tuple[i
             raws.append(bytes((len(raw),)) + raw)
         elif used + cost > room:
             break
-        queue.popleft()
+        entry = queue.popleft()
         parts.append(bytes((4 if n == 4 else 6, fkey[2 * n])) + fkey[:2 * n] + fkey[2 * n + 1:2 * n + 5]
                      + tail(index, min(int(age), 0xFFFFFFFF)))
         used += cost
+        if taken is not None:
+            taken.append(entry)
     return len(parts), bytes((len(raws),)) + b"".join(raws) + b"".join(parts)
 
 
@@ -245,30 +245,19 @@ def decode_body(kind: int, count: int, body: bytes) -> List[Entry]:
 
 
 class Batcher:
-    """Packs entries into datagrams of at most MAX_DATAGRAM bytes (and 255 distinct names each)."""
+    """Splits entries into the batches :func:`take_body` packs into datagrams of at most *limit* bytes (and
+    255 distinct names each)."""
 
     def __init__(self, limit: int = MAX_DATAGRAM):
-        self.room = limit - HEADER.size - MAC_SIZE - 1
+        self.room = limit - HEADER.size - MAC_SIZE
 
     def batches(self, entries: Iterable[Entry]) -> Iterable[List[Entry]]:
-        batch: List[Entry] = []
-        names: Dict[str, int] = {}
-        used = 0
-        for entry in entries:
-            name = entry[1]
-            cost = _entry_size(entry[0]) + (0 if name in names else 1 + len(name.encode()))
-            if batch and (used + cost > self.room or len(batch) >= 0xFFFF
-                          or (name not in names and len(names) >= 255)):
+        queue = collections.deque(entries)
+        while queue:
+            batch: List[Entry] = []
+            take_body(queue, self.room, batch)
+            if batch:
                 yield batch
-                batch, names, used = [], {}, 0
-                cost = _entry_size(entry[0]) + 1 + len(name.encode())
-            if cost > self.room:  # a name too long for any datagram: never sent
-                continue
-            names.setdefault(name, len(names))
-            batch.append(entry)
-            used += cost
-        if batch:
-            yield batch
 
 
 # -- the receiver ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from encapfwd.errors import InterfaceBusy
 from encapfwd.runtime.common import LiveError, log
 from encapfwd.runtime.engine import XDP_MODES, Choice, inspect_quietly
 from encapfwd.runtime.owners import alive
-from encapfwd.xdp.maps import kernel_flow_key
+from encapfwd.xdp.maps import FLOW_VALUE, kernel_flow_key
 
 #: seconds between two readings of the driver's counters of lost frames
 LOSS_INTERVAL = 1.0
@@ -36,6 +36,10 @@ class KernelFlows:
     def __init__(self):
         self.dataplane = None
         self.errors = 0
+        #: frames handed up that followed the kernel's flow (:meth:`lookup`, the dispatcher's adoption), and
+        #: the lookups that failed
+        self.adopted = 0
+        self.lookup_errors = 0
 
     def __call__(self, key: bytes, sid: int) -> None:
         dataplane = self.dataplane
@@ -45,6 +49,23 @@ class KernelFlows:
             dataplane.write_flow(kernel_flow_key(key), sid)
         except Exception:  # noqa: BLE001 - the data path never raises
             self.errors += 1
+
+    def lookup(self, key: bytes, max_age_ns: int) -> Optional[int]:
+        """The server id of flow *key* in the kernel's flow table when its last packet is at most *max_age_ns*
+        old, else None (the hand-up gap: docs/live.md, "Overload"). Never raises."""
+        dataplane = self.dataplane
+        if dataplane is None:
+            return None
+        try:
+            raw = dataplane.maps["flows"].lookup(kernel_flow_key(key))
+            if raw is None:
+                return None
+            sid, _pad, seen = FLOW_VALUE.unpack(raw[:FLOW_VALUE.size])
+        except Exception:  # noqa: BLE001 - the data path never raises
+            self.lookup_errors += 1
+            return None
+        # the program's clock is CLOCK_MONOTONIC_COARSE (up to a tick behind this one: an age a tick longer)
+        return sid if time.monotonic_ns() - seen <= max_age_ns else None
 
 
 class XDPProgram:

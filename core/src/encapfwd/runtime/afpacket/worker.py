@@ -63,77 +63,6 @@ def tx_mtu_limit(mtu: int) -> int:
     return tx_frame_size(mtu) - TX_DATA_OFFSET - _L2_ROOM
 
 
-def adopt_kernel_flows(dispatcher, stats: dict) -> int:
-    """The hand-up gap (docs/live.md, "Overload"): a flow the kernel program placed itself (a Maglev port, or a
-    wrr/wlc port by its pressure table) is in the kernel's flow table only; a later frame of it that the
-    program hands up (an ICMP error quoting it, a fragment, a frame too big) would be placed afresh by the
-    dispatcher, and a wrr/wlc selector may pick another server. So, with a kernel program (the dispatcher's
-    ``flow_sink`` holds its ``dataplane``), every port's pick is wrapped: on a flow-table miss of a frame that
-    is not a SYN without ACK (a new connection: the dispatcher decides), the kernel's ``flows`` map is read
-    (one lookup) and a live entry (seen within the port's ``staletimeout``) whose server is up in the plan is
-    followed (``kernel_adopted``). The Python table does not take it (the kernel keeps it, and the next such
-    frame reads it again). Returns how many picks were wrapped (0 without a kernel program). Called after
-    every compile of *dispatcher* (start, reload)."""
-    sink = getattr(dispatcher, "flow_sink", None)
-    if sink is None or not hasattr(sink, "dataplane"):
-        return 0
-    from ipaddress import ip_address
-
-    from encapfwd.xdp.maps import FLOW_VALUE, kernel_flow_key
-
-    stats.setdefault("kernel_adopted", 0)
-    stats.setdefault("kernel_lookup_errors", 0)
-    unpack = FLOW_VALUE.unpack
-    clock = time.monotonic_ns  # CLOCK_MONOTONIC: the program's bpf_ktime_get_ns
-
-    def lookup(key: bytes, timeout_ns: int):
-        dataplane = sink.dataplane
-        if dataplane is None:
-            return None
-        try:
-            raw = dataplane.maps["flows"].lookup(kernel_flow_key(key))
-            if raw is None:
-                return None
-            sid, _pad, seen = unpack(raw[:FLOW_VALUE.size])
-        except Exception:  # noqa: BLE001 - the data path never raises
-            stats["kernel_lookup_errors"] += 1
-            return None
-        return sid if clock() - seen <= timeout_ns else None
-
-    entries = dispatcher.scheduler.table.entries
-    up = {sp.sid for sp in dispatcher.plan.servers if sp.up}
-
-    def adopting(pick, index, timeout_ns):
-        def adopting_pick(key, client, tcp_flags, now):
-            if tcp_flags & 0x12 != 0x02 and key not in entries:
-                sid = lookup(key, timeout_ns)
-                if sid is not None:
-                    i = index.get(sid)
-                    if i is not None:
-                        stats["kernel_adopted"] += 1
-                        return i
-            return pick(key, client, tcp_flags, now)
-
-        adopting_pick.adopting = True
-        return adopting_pick
-
-    wrapped = 0
-    for pp in dispatcher.plan.ports:
-        address = ip_address(pp.cluster)
-        table = (dispatcher._v4 if address.version == 4 else dispatcher._v6).get(address.packed)
-        if table is None:
-            continue
-        index = {sid: i for i, sid in enumerate(pp.servers) if sid in up}
-        for proto in pp.protos:
-            k = (proto << 16) | pp.number
-            entry = table.get(k)
-            if entry is None or getattr(entry[0], "adopting", False):
-                continue
-            table[k] = (adopting(entry[0], index, pp.staletimeout * 1_000_000_000), entry[1])
-            wrapped += 1
-    return wrapped
-
-
 def expire(dispatcher, now: float) -> None:
     """Forget stale flows (from the flow table's least-recently-used end, up to the first live one: cost
     proportional to what expired) and stale fragment state. Each worker calls it every
@@ -205,7 +134,6 @@ class Worker:
         #: the shed ports' SYNs of known clients and a sample of the others while the triage sheds
         self.admission = Admission(self._program(config), self._set_filter,
                                    log=lambda line: log(f"worker {self.number}: {line}"))
-        adopt_kernel_flows(dispatcher, self.stats)  # with a kernel program: its flow entries win on a miss
 
     def _set_filter(self, program) -> None:
         self.rx.set_filter(program)
@@ -262,6 +190,9 @@ class Worker:
         admission = self.admission
         self.stats.update(known_clients=len(admission.known.seen), known_learned=admission.known.learned,
                           admission_attaches=admission.attaches, admission_error=admission.error)
+        sink = self.dispatcher.flow_sink
+        if hasattr(sink, "lookup"):  # the kernel's flow table: frames handed up that followed its flows
+            self.stats.update(kernel_adopted=sink.adopted, kernel_lookup_errors=sink.lookup_errors)
         try:
             _packets, drops = self.rx.statistics()
             self.stats["kernel_drops"] += drops
@@ -280,7 +211,6 @@ class Worker:
             config = plan.config
             try:
                 self.dispatcher.reload(plan)
-                adopt_kernel_flows(self.dispatcher, self.stats)
                 program = self._program(config)
                 self.rx.set_filter(program)
                 self.admission.set_base(program)  # the admission filter on it again at the next window
