@@ -15,6 +15,8 @@ Topology (one-armed, as a dispatcher is)::
     xdp_count on g0: counts the frames that come       in a helper process inside the fwd namespace)
       back to 10.1.0.3's MAC (NOBODY_MAC, owned     all three send the frame back out of f0 to NOBODY_MAC
       by nobody), drops everything                  (MAC forwarding, or IPIP / GRE to 10.1.0.3 on-link)
+                                                   (d) encapfwd run --engine tc, (e) --engine auto (its
+                                                       choice printed: g0 runs an XDP program, so native XDP)
 
 Generator (--generator auto | live-frames | trafgen; bench/live_helpers.py in the gen namespace):
 
@@ -414,6 +416,9 @@ class Bench:
             report = query_control(control)
             result["kernel_drops"] = report["engine"].get("kernel_drops")
             result["dispatcher_forwarded"] = report.get("forwarded")
+            chosen = report["engine"].get("engine")
+            mode = report["engine"].get("xdp_mode")
+            result["chosen"] = f"{chosen} {mode}" if chosen in ("xdp", "tc") and mode else chosen
             return result
         finally:
             self.stop_run(proc)
@@ -598,6 +603,10 @@ class XDPDirect:
 # ----------------------------------------------------------------------------------------------- report
 
 
+#: encapfwd run's engines the bench measures (--engines)
+ENGINES = ("afpacket", "xdp", "tc", "auto")
+
+
 def spread(rows, key):
     values = [r[key] for r in rows if r.get(key) is not None]
     if not values:
@@ -616,12 +625,15 @@ def print_tables(results: dict, methods, args) -> None:
     for method in methods:
         print(f"\n{method.upper()}, input {fed}: forwarded kpps (min / median / max of {args.rounds} rounds "
               f"of {args.seconds:g} s), offered kpps and ns per forwarded packet on CPU {FWD_CPU} (medians)")
-        print(f"   {'case':<22} {'forwarded kpps':>21} {'× kernel':>8} {'offered kpps':>12} "
+        print(f"   {'case':<28} {'forwarded kpps':>21} {'× kernel':>8} {'offered kpps':>12} "
               f"{'CPU1 ns/pkt':>11} {'threads ns/pkt':>14} {'prog ns/pkt':>11}")
-        rows = [("kernel IP forwarding", kernel), ("encapfwd afpacket", results["afpacket"][method]),
-                ("encapfwd xdp", results["xdp"][method])]
-        if results.get("tc", {}).get(method):
-            rows.append(("encapfwd tc", results["tc"][method]))
+        rows = [("kernel IP forwarding", kernel)]
+        for engine in results.get("engines", ("afpacket", "xdp", "tc")):
+            data = results[engine].get(method)
+            if data:
+                chosen = sorted({r["chosen"] for r in data if r.get("chosen")})
+                name = f"auto → {'/'.join(chosen)}" if engine == "auto" and chosen else engine
+                rows.append((f"encapfwd {name}", data))
         for name, data in rows:
             lo, med, hi = spread(data, "fwd_pps")
             offered = spread(data, "offered_pps")[1]
@@ -638,7 +650,7 @@ def print_tables(results: dict, methods, args) -> None:
             lost = sum(r["return_lost"] for r in data)
             if lost > 0.005 * sum(r["back"] for r in data):
                 notes.append(f"{lost:,} forwarded frames lost before the counter")
-            print(f"   {name:<22} {f'{lo / 1e3:,.0f} / {med / 1e3:,.0f} / {hi / 1e3:,.0f}':>21} "
+            print(f"   {name:<28} {f'{lo / 1e3:,.0f} / {med / 1e3:,.0f} / {hi / 1e3:,.0f}':>21} "
                   f"{med / k_med:8.2f} {offered / 1e3:12,.0f} {cpu:11,.0f} {threads:14,.0f} "
                   f"{'' if prog is None else f'{prog[1]:,.0f}':>11}"
                   f"{'  ' + '; '.join(notes) if notes else ''}")
@@ -680,8 +692,9 @@ def main():
     parser.add_argument("--xdp-direct", action="store_true",
                         help="load the XDP data plane from a helper (DataPlane.load + attach) even when "
                              "encapfwd run has --engine")
-    parser.add_argument("--engines", default="afpacket,xdp",
-                        help="add tc for the TC engine (encapfwd run --engine tc) beside afpacket and xdp")
+    parser.add_argument("--engines", default=",".join(ENGINES),
+                        help="which of encapfwd run's engines to measure beside the kernel: afpacket, xdp (native), "
+                             "tc, auto (encapfwd run --engine auto: its own choice, printed)")
     parser.add_argument("--json", action="store_true", help="also print every trial as JSON")
     args = parser.parse_args()
     if os.geteuid() != 0:
@@ -691,6 +704,12 @@ def main():
         print("bench/live.py needs 2 CPUs (generator and forwarder on their own cores)", file=sys.stderr)
         return 1
     methods = [m for m in args.methods.split(",") if m]
+    engines = [e for e in args.engines.split(",") if e]
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        print(f"bench/live.py: --engines: unknown {', '.join(sorted(unknown))} (one of {', '.join(ENGINES)})",
+              file=sys.stderr)
+        return 2
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     has_engine = "--engine" in run_help()
@@ -701,9 +720,8 @@ def main():
           f"{args.rounds} rounds; {os.cpu_count()} CPUs, kernel {os.uname().release}, "
           f"load average {' '.join(load)}", flush=True)
 
-    results = {"generator": {}, "kernel": [], "afpacket": {m: [] for m in methods},
-               "xdp": {m: [] for m in methods}, "tc": {m: [] for m in methods}, "reload": {}}
-    with_tc = "tc" in args.engines.split(",")
+    results = {"generator": {}, "kernel": [], "engines": engines, "reload": {}}
+    results.update({engine: {m: [] for m in methods} for engine in ENGINES})
     bench = None
 
     def on_signal(signum, frame):
@@ -731,13 +749,14 @@ def main():
         for r in range(args.rounds):
             results["kernel"].append(bench.kernel(args.seconds))
             for method in methods:
-                results["afpacket"][method].append(bench.afpacket(method, args.seconds))
-                results["xdp"][method].append(bench.xdp(method, args.seconds, min(args.stats_seconds,
-                                                                                   args.seconds)))
-                if with_tc:  # the TC engine (encapfwd run --engine tc): the same program at tc ingress
-                    results["tc"][method].append(bench.afpacket(method, args.seconds, engine="tc"))
+                for engine in engines:
+                    if engine == "xdp":
+                        trial = bench.xdp(method, args.seconds, min(args.stats_seconds, args.seconds))
+                    else:  # afpacket; tc, the same program at tc ingress; auto, encapfwd run's own choice
+                        trial = bench.afpacket(method, args.seconds, engine=engine)
+                    results[engine][method].append(trial)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
-        if args.reloads:
+        if args.reloads and "xdp" in engines:
             for method in methods:
                 rate = spread(results["xdp"][method], "fwd_pps")[1] / 2
                 results["reload"][method] = bench.reload_check(method, rate, args.seconds, args.reloads)

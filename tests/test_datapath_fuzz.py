@@ -18,6 +18,9 @@ pytest.importorskip("scapy.layers.inet")
 
 CONFIG = fuzz_config(mtu=600)
 SEEDS = seed_frames(mtu=600)
+REGISTRY = get_plugin_manager()
+#: compiled once: a Dispatcher made from a plan starts in 0.1 ms, from a configuration in 33 ms
+PLAN = Dispatcher(CONFIG, REGISTRY).plan
 
 
 def _ipv4_header_ok(ip: bytes) -> bool:
@@ -29,7 +32,7 @@ def _ipv4_header_ok(ip: bytes) -> bool:
 
 
 def run(frames):
-    d = Dispatcher(CONFIG, get_plugin_manager())
+    d = Dispatcher(PLAN, REGISTRY)  # a fresh dispatcher (flows, counters) for every example
     for i, f in enumerate(frames):
         out = d.process(f, float(i))
         assert isinstance(out, list)

@@ -392,10 +392,12 @@ def test_native_xdp_asked_for_on_such_a_veth_warns_and_counts_the_lost_frames(la
 
 
 def test_tc_hands_the_slow_path_only_what_it_does_not_forward(lab):
-    """A packet socket sees every frame before tc ingress runs: the TC program marks the frames it hands up
-    to the slow path and re-injects them, and the workers take only those. 100 frames the program forwards
-    arrive once (not again through the workers), 50 with TTL 1 are the slow path's (time exceeded): the
-    workers receive exactly those 50, and forward none of them."""
+    """The workers' packet socket is bound to IPv4 alone (the cluster has only IPv4 addresses): the kernel
+    gives such a socket only what tc ingress let up (a socket of every protocol would see, and filter, every
+    frame before tc ingress runs). The TC program marks the frames it hands up to the slow path and
+    re-injects them, and the workers take only those. 100 frames the program forwards arrive once (not again
+    through the workers), 50 with TTL 1 are the slow path's (time exceeded): the workers receive exactly
+    those 50, and forward none of them."""
     if _xdp_reason():
         pytest.skip(f"XDP: {_xdp_reason()}")
     lab.peer_program(False)
@@ -403,8 +405,13 @@ def test_tc_hands_the_slow_path_only_what_it_does_not_forward(lab):
     try:
         got = lab.flood([(DISPATCHER_MAC, b"ours", 100), (DISPATCHER_MAC, b"ttl1", 50, 1)])
         report = lab.report()["engine"]
+        # the kernel's own list of packet sockets in the dispatcher's namespace: Proto 0800 (IPv4), none 0003
+        sockets = lab.ns["disp"].run(["cat", "/proc/net/packet"]).stdout.split("\n")[1:]
+        protocols = sorted({line.split()[3] for line in sockets if line.strip()})
     finally:
         lab.stop()
+    assert "0800" in protocols and set(protocols) <= {"0000", "0800"}, protocols  # 0000: the transmit ring
+    assert report["rx_protocol"] == "IPv4", report
     assert got == {b"ours": 100, b"ttl1": 0}, (got, lab.log())
     assert report["engine"] == "tc" and report["xdp_forwarded"] == 100, report
     assert report["xdp_passed_by_reason"].get("ttl") == 50, report

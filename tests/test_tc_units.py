@@ -91,6 +91,19 @@ def test_the_workers_filter_takes_cluster_frames_only_with_the_mark():
     assert marked[i - 3][3] == (SKF_AD_OFF + 4) & 0xFFFFFFFF  # after the PACKET_HOST test, after ARP
 
 
+def test_the_workers_socket_takes_one_protocol_where_it_can():
+    """IPv4 alone (or IPv6 alone) when every cluster address is of that family: such a socket is given frames
+    only after tc ingress. Every protocol where ARP is answered, families are mixed, or the socket is in a
+    fanout group (whose sockets must all share one protocol and can never be bound again)."""
+    from encapfwd.runtime.afpacket.rings import ETH_P_ALL, ETH_P_IP, ETH_P_IPV6, listen_protocol
+
+    assert listen_protocol(["10.0.9.1", "10.0.9.2"]) == ETH_P_IP
+    assert listen_protocol(["2001:db8::1"]) == ETH_P_IPV6
+    assert listen_protocol(["10.0.9.1", "2001:db8::1"]) == ETH_P_ALL
+    assert listen_protocol(["10.0.9.1"], arp=True) == ETH_P_ALL
+    assert listen_protocol(["10.0.9.1"], fanout=True) == ETH_P_ALL
+
+
 SCRIPT = textwrap.dedent("""
     import json, os, socket, subprocess, sys
     sys.path.insert(0, TESTS)

@@ -24,6 +24,9 @@ from typing import List, Tuple
 
 SOL_PACKET = 263
 ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+ETH_P_ARP = 0x0806
 
 PACKET_VERSION = 10
 PACKET_RX_RING = 5
@@ -66,6 +69,32 @@ _RET_K = 0x06
 SKF_AD_OFF = -0x1000
 SKF_AD_PKTTYPE = 4
 SKF_AD_MARK = 20
+
+
+def listen_protocol(addresses: Iterable, *, arp: bool = False, fanout: bool = False) -> int:
+    """The Ethernet protocol a receive socket binds to: IPv4 (or IPv6) alone when every cluster address is
+    of that family and no ARP is answered, else every protocol (``ETH_P_ALL``).
+
+    Why it matters: the kernel hands a frame to a socket bound to every protocol (a *tap*) before tc ingress
+    runs, so with the TC engine such a socket pays for every frame the program forwards (the socket buffer
+    shared, its filter run); a socket bound to one protocol is given only what tc ingress let up. With the
+    XDP engine the forwarded frames never become socket buffers, with the AF_PACKET engine every frame is
+    the worker's anyway: there it changes nothing. A socket in a fanout group cannot be bound again (the
+    kernel refuses), and all of a group's sockets must share one protocol, so workers in a group keep
+    ``ETH_P_ALL``: a reload that changes the cluster addresses' families must never need a new socket.
+    """
+    if arp or fanout:
+        return ETH_P_ALL
+    families = {ipaddress.ip_address(str(address)).version for address in addresses}
+    if families == {4}:
+        return ETH_P_IP
+    if families == {6}:
+        return ETH_P_IPV6
+    return ETH_P_ALL
+
+
+#: the names a report gives the protocols of :func:`listen_protocol`
+PROTOCOL_NAMES = {ETH_P_ALL: "all", ETH_P_IP: "IPv4", ETH_P_IPV6: "IPv6"}
 
 
 def _insn(code: int, jt: int, jf: int, k: int) -> Tuple[int, int, int, int]:
@@ -237,6 +266,7 @@ class RxRing:
         block_nr: int = 64,
         retire_ms: int = 1,
         fanout_group: int = 0,
+        protocol: int = ETH_P_ALL,
     ):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing yet
         try:
@@ -254,7 +284,7 @@ class RxRing:
                 sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
             except OSError:  # kernels before 4.20: the filter's PACKET_HOST test is enough
                 pass
-            sock.bind((ifname, ETH_P_ALL))
+            sock.bind((ifname, protocol))
             if fanout_group:
                 # In a fanout group the socket's own PACKET_IGNORE_OUTGOING no longer applies (the group's hook
                 # receives): without the group's flag, every frame we send would be cloned (and, from a TX
@@ -271,9 +301,17 @@ class RxRing:
         self.fd = sock.fileno()
         self.block_size = block_size
         self.block_nr = block_nr
+        self.ifname = ifname
+        self.protocol = protocol
 
     def set_filter(self, program) -> None:
         attach_filter(self.sock, program)
+
+    def bind(self, protocol: int) -> None:
+        """Receive *protocol* from now on (:func:`listen_protocol`); the ring and its frames stay."""
+        if protocol != self.protocol:
+            self.sock.bind((self.ifname, protocol))
+            self.protocol = protocol
 
     def statistics(self) -> Tuple[int, int]:
         """(packets, drops) since the previous call (the kernel resets them on read)."""

@@ -23,12 +23,14 @@ from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
 from encapfwd.runtime.afpacket.rings import (
     TP_STATUS_CSUMNOTREADY,
     TP_STATUS_USER,
+    PROTOCOL_NAMES,
     TX_DATA_OFFSET,
     RxRing,
     TxRing,
     arp_reply,
     cluster_filter,
     gratuitous_arp,
+    listen_protocol,
     set_cpu,
     set_parent_death_signal,
 )
@@ -104,6 +106,7 @@ class Worker:
         self.stop = False
         self.answer_arp = answer_arp
         self.qdisc_bypass = qdisc_bypass
+        self.fanout_group = fanout_group
         self._last_error: Optional[int] = None
         self._own_mac = bytes.fromhex(iface.mac.replace(":", ""))
         #: flow synchronisation (engines/flowsync_workers.py): made on the first sync message
@@ -130,6 +133,9 @@ class Worker:
             self.rx, self.tx = rings
         else:
             self._open_rings(iface, config, rx_blocks, rx_block_size, fanout_group, qdisc_bypass)
+        #: what the receive socket is bound to (rings.listen_protocol): "IPv4" keeps it off the frames a kernel
+        #: program forwards at tc ingress
+        self.stats["rx_protocol"] = PROTOCOL_NAMES.get(getattr(self.rx, "protocol", None), "all")
         #: known-client admission in the kernel (runtime/afpacket/admission.py): the socket filter that takes
         #: the shed ports' SYNs of known clients and a sample of the others while the triage sheds
         self.admission = Admission(self._program(config), self._set_filter,
@@ -145,6 +151,7 @@ class Worker:
             block_nr=rx_blocks,
             block_size=rx_block_size,
             fanout_group=fanout_group,
+            protocol=self._protocol(config, fanout_group),
         )
         frame = tx_frame_size(iface.mtu)
         # through the qdisc by default, which keeps what we send visible to tcpdump on this host;
@@ -156,6 +163,9 @@ class Worker:
         except BaseException:
             self.rx.close()
             raise
+
+    def _protocol(self, config, fanout_group: int) -> int:
+        return listen_protocol(cluster_addresses(config), arp=self.answer_arp, fanout=bool(fanout_group))
 
     def _program(self, config):
         return cluster_filter(cluster_addresses(config), arp=self.answer_arp, mark=SLOW_PATH_MARK)
@@ -213,6 +223,10 @@ class Worker:
                 self.dispatcher.reload(plan)
                 program = self._program(config)
                 self.rx.set_filter(program)
+                rebind = getattr(self.rx, "bind", None)
+                if rebind is not None and not self.fanout_group:  # the cluster addresses' families may change
+                    rebind(self._protocol(config, 0))
+                    self.stats["rx_protocol"] = PROTOCOL_NAMES.get(self.rx.protocol, "all")
                 self.admission.set_base(program)  # the admission filter on it again at the next window
                 self.config = config
                 if self.number == 0:
