@@ -110,6 +110,38 @@ def test_every_request_succeeds(lab, method):
     assert after[name]["packets"] - before.get(name, {}).get("packets", 0) >= 4 * REQUESTS
 
 
+@TC_ONLY
+@pytest.mark.parametrize("method", METHODS)
+def test_an_upload_in_gso_buffers_arrives_whole(lab, method, tmp_path):
+    """A 4 MiB upload whose segments reach the dispatcher merged into GSO socket buffers of up to 64 KiB (the
+    client's TSO, forwarded whole over the veths: what a container's veth receives when its host's NIC
+    does GRO). The TC program forwards each buffer whole: MAC as it is, IPIP and GRE through
+    bpf_skb_adjust_room's tunnel flags, so that the kernel segments the tunnel on the way to the back-end's
+    kernel, which must put the stream back together byte for byte (its SHA-256)."""
+    import hashlib
+
+    _need(lab, method)
+    _ensure_running(lab)
+    body = tmp_path / "upload.bin"
+    body.write_bytes(os.urandom(4 << 20))
+    digest = hashlib.sha256(body.read_bytes()).hexdigest()
+    before = lab.report()["engine"]
+    lab.segmentation_offload(True)
+    try:
+        answer = lab.upload(method, body)
+    finally:
+        lab.segmentation_offload(False)
+    after = lab.report()["engine"]
+    assert answer.startswith(f"server={method} ") and f"got={4 << 20} sha256={digest}" in answer, (
+        answer, after.get("xdp_passed_by_reason"))
+    forwarded = after["xdp_forwarded"] - before["xdp_forwarded"]
+    too_big = after["xdp_passed_by_reason"].get("too-big", 0) - before["xdp_passed_by_reason"].get("too-big", 0)
+    print(f"\n{method}: 4 MiB in {forwarded} buffers forwarded by the program; {too_big} too big for the "
+          "tunnel (a single full-size segment: the slow path's ICMP 'fragmentation needed', path MTU discovery)")
+    # far fewer buffers than the ~2,900 segments: the program saw GSO buffers, and forwarded them
+    assert forwarded < 1500, forwarded
+
+
 def test_ipv6_cluster_with_mac_forwarding(lab):
     """IPv6 clusters work with MAC forwarding (hop limit decremented; the socket filter matches IPv6)."""
     _ensure_running(lab)

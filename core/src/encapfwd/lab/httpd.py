@@ -2,10 +2,12 @@
 
 ``python3 httpd.py --name ipip --port 80`` answers every GET with ``server=<name> client=<addr>:<port>
 local=<addr>`` and keeps connections alive, so a test can tell which back-end answered, from which
-address the reply left (the VIP), and can hold one connection open across a dispatcher reload.
+address the reply left (the VIP), and can hold one connection open across a dispatcher reload. A POST
+(an upload) is answered the same, with ``got=<bytes> sha256=<digest of the body>`` after it.
 """
 
 import argparse
+import hashlib
 import http.server
 import socket
 import socketserver
@@ -22,6 +24,26 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if self.path.startswith("/big"):
             body += "x" * 20000 + "\n"
         data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self):
+        length = int(self.headers.get("Content-Length") or 0)
+        digest = hashlib.sha256()
+        got = 0
+        while got < length:
+            chunk = self.rfile.read(min(1 << 16, length - got))
+            if not chunk:
+                break
+            digest.update(chunk)
+            got += len(chunk)
+        local = self.connection.getsockname()[0].replace("::ffff:", "")
+        client = self.client_address[0].replace("::ffff:", "")
+        data = (f"server={self.server.lab_name} client={client}:{self.client_address[1]} local={local} "
+                f"got={got} sha256={digest.hexdigest()}\n").encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(data)))

@@ -720,6 +720,27 @@ class Topology:
         lines += ["FAIL"] * (count - len(lines))
         return lines
 
+    def upload(self, method: str, path, timeout: float = 20.0) -> str:
+        """POST the file *path* to the VIP of *method* with curl from the client namespace; the server's
+        answer (``... got=<bytes> sha256=<hex>``) or ``FAIL: <curl's error>``."""
+        vip = SERVERS[method][0]
+        host = f"[{vip}]" if ":" in vip else vip
+        proc = self.ns["client"].run(
+            ["curl", "-g", "-s", "-S", "-m", str(timeout), "-H", "Expect:", "--data-binary", f"@{path}",
+             f"http://{host}:{PORT}/upload"],
+            check=False, timeout=timeout + 10,
+        )
+        return proc.stdout.strip() if proc.returncode == 0 else f"FAIL: {proc.stderr.strip()}"
+
+    def segmentation_offload(self, on: bool) -> None:
+        """The client's TSO and the router's forwarding of GSO buffers on (or off, the lab's default): the
+        client's TCP then sends buffers of up to 64 KiB, which cross the veths whole and reach the
+        dispatcher as GSO socket buffers — what a container's veth receives when its host's NIC merges a
+        client's segments (GRO) and its bridge forwards the result."""
+        self.ns["client"].ethtool_offload("eth0", tx=on, tso=on, gso=on)
+        for dev in ("cli0", "lan-d"):
+            self.ns["router"].ethtool_offload(dev, tx=on, tso=on, gso=on)
+
     def connect(self, method: str, timeout: float = 5.0) -> socket.socket:
         """A TCP connection from the client namespace to the VIP of *method* (kept open by the caller)."""
         vip = SERVERS[method][0]

@@ -447,8 +447,19 @@ static __always_inline int emit(CTX *ctx, struct server_entry *s, __u32 sid, __u
     if (hlen > MAX_HDR || (hlen & 3))
         return pass(P_ERROR);
     if (hlen) {
-        if (GROW_HEAD(ctx, hlen))
+        if (GSO_SIZE(ctx)) {
+            /* the template's protocol says which tunnel: IPIP, GRE or UDP (GUE) */
+            __u8 inner = s->hdr[9];
+            __u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4;
+            if (inner == IPPROTO_GRE)
+                flags |= BPF_F_ADJ_ROOM_ENCAP_L4_GRE;
+            else if (inner == IPPROTO_UDP)
+                flags |= BPF_F_ADJ_ROOM_ENCAP_L4_UDP;
+            if (GROW_HEAD_GSO(ctx, hlen, flags))
+                return pass(P_ERROR);
+        } else if (GROW_HEAD(ctx, hlen)) {
             return pass(P_ERROR);
+        }
     }
     void *data = (void *)(long)ctx->data;
     void *end = (void *)(long)ctx->data_end;
@@ -632,8 +643,15 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     struct server_entry *s = server_for(&fk, 4, l4, end, pe, gen, &sid, &verdict);
     if (!s)
         return verdict;
-    if (s->hdr_len + tot > s->mtu)
+    if (GSO_SIZE(ctx)) {
+        /* a GSO buffer (encapfwd_ctx.h): each segment must fit; encapsulated, its segments are made shorter
+         * by the tunnel's length, so the outer packets are as long as the client's segments were */
+        __u32 seg = 20 + (proto == IPPROTO_TCP ? (l4[12] >> 4) * 4 : 8) + GSO_SIZE(ctx);
+        if (seg > s->mtu || (proto != IPPROTO_TCP && s->hdr_len))
+            return pass(P_TOO_BIG);
+    } else if (s->hdr_len + tot > s->mtu) {
         return pass(P_TOO_BIG);
+    }
 
     ipv4_dec_ttl(ip); /* P' */
     __u8 tos = ip[1];
@@ -694,8 +712,9 @@ static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
         return verdict;
     if (s->hdr_len)
         return pass(P_NO_TEMPLATE); /* IPv6 runs MAC forwarding only */
-    if (40 + plen > s->mtu)
-        return pass(P_TOO_BIG);
+    if (GSO_SIZE(ctx) ? 40 + (proto == IPPROTO_TCP ? (l4[12] >> 4) * 4 : 8) + GSO_SIZE(ctx) > s->mtu
+                      : 40 + plen > s->mtu)
+        return pass(P_TOO_BIG); /* a GSO buffer: each of its segments must fit (encapfwd_ctx.h) */
     ip[7] -= 1;
     if (n > 54 + plen) {
         if (TRIM(ctx, 54 + plen, n))

@@ -29,6 +29,14 @@
  * stays on the inner packet) costs far less than bpf_skb_adjust_room at the MAC layer, which also moves the
  * Ethernet header and checks and adjusts protocol, GSO and network-header state (issue #21). */
 #define GROW_HEAD(ctx, hlen) bpf_skb_change_head((ctx), (hlen), 0)
+/* A GSO socket buffer: several TCP segments of one flow in one buffer, made by GRO on a NIC, or by a
+ * sender's TSO when frames come over a veth (a host's bridge hands a container the buffers its NIC's GRO
+ * made). Forwarded whole, the egress segments it (or its NIC does); the MTU applies to each segment, its
+ * headers + gso_size. Encapsulated, the kernel must know the tunnel (gso_type, inner headers) to segment it
+ * right: bpf_skb_adjust_room with the ENCAP flags, which also lowers gso_size by the tunnel's length, so
+ * that each outer packet is as long as the segment was. XDP never sees one. */
+#define GSO_SIZE(ctx) ((ctx)->gso_size)
+#define GROW_HEAD_GSO(ctx, hlen, flags) bpf_skb_adjust_room((ctx), (hlen), BPF_ADJ_ROOM_MAC, (flags))
 /* cut the frame (n bytes) to *len* bytes: Ethernet padding */
 #define TRIM(ctx, len, n) bpf_skb_change_tail((ctx), (len), 0)
 /* The bytes the program reads and writes in place, at most: Ethernet + IPv6 + 14 bytes of TCP (IPv4: fewer).
@@ -58,6 +66,8 @@
 #define V_DROP XDP_DROP
 #define V_ABORTED XDP_ABORTED
 #define GROW_HEAD(ctx, hlen) bpf_xdp_adjust_head((ctx), -(int)(hlen))
+#define GSO_SIZE(ctx) 0
+#define GROW_HEAD_GSO(ctx, hlen, flags) ((void)(flags), GROW_HEAD((ctx), (hlen)))
 #define TRIM(ctx, len, n) bpf_xdp_adjust_tail((ctx), (int)(len) - (int)(n))
 #define FRAME_LEN(ctx, data, end) ((__u32)((end) - (data)))
 #define SEND(ctx) XDP_TX
