@@ -142,6 +142,28 @@ def test_an_upload_in_gso_buffers_arrives_whole(lab, method, tmp_path):
     assert forwarded < 1500, forwarded
 
 
+@pytest.mark.parametrize("lab", ["afpacket"], indirect=True)
+def test_gso_buffers_the_afpacket_engine_cannot_forward_are_counted_and_said(lab, tmp_path):
+    """The AF_PACKET workers forward single frames: a GSO buffer (longer than the link's MTU allows a frame)
+    is dropped, counted and said in the log with what to do — not answered with an ICMP 'fragmentation
+    needed' that the client cannot act on, and not lost silently."""
+    _ensure_running(lab)
+    body = tmp_path / "upload.bin"
+    body.write_bytes(os.urandom(1 << 20))
+    lab.segmentation_offload(True)
+    try:
+        answer = lab.upload("mac", body, timeout=3.0)
+    finally:
+        lab.segmentation_offload(False)
+    report = lab.report()
+    assert answer.startswith("FAIL"), answer
+    assert report["engine"]["gso_dropped"] > 0, report["engine"]
+    assert "frag-needed" not in (report.get("drops") or {}), report.get("drops")
+    assert "merged by GRO or a sender's TSO" in lab.dispatcher_log(), lab.dispatcher_log()[-2000:]
+    answers = lab.curl("mac", 3)  # with the offloads off again, requests go through as ever
+    assert all(a.startswith("server=mac ") for a in answers), answers
+
+
 def test_ipv6_cluster_with_mac_forwarding(lab):
     """IPv6 clusters work with MAC forwarding (hop limit decremented; the socket filter matches IPv6)."""
     _ensure_running(lab)

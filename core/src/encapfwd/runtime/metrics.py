@@ -289,6 +289,9 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
     counter("encapfwd_engine_ring_drops_total",
             "Frames lost at the AF_PACKET rings: dropped by the kernel (RX ring full) plus not sent "
             "(TX ring full).", _num(engine.get("kernel_drops")) + _num(engine.get("tx_ring_full")))
+    counter("encapfwd_engine_gso_dropped_total",
+            "Buffers of several segments merged by GRO or a sender's TSO that the AF_PACKET workers dropped "
+            "(they forward single frames; the TC program forwards such buffers).", engine.get("gso_dropped"))
     counter("encapfwd_xdp_forwarded_total",
             "Packets the kernel program (XDP, or the same program at tc ingress) forwarded in the kernel.",
             engine.get("xdp_forwarded"))

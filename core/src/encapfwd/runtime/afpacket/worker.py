@@ -129,6 +129,10 @@ class Worker:
         #: overload triage (runtime/afpacket/triage.py): on while this worker cannot keep up
         self.triage = overload.Triage(self.stats)
         self.stats.update(known_clients=0, known_learned=0, admission_attaches=0, admission_error=None)
+        #: GSO buffers (several segments in one, longer than the link's MTU allows a frame): dropped, counted
+        self.stats["gso_dropped"] = 0
+        self._gso_said = -60.0
+        self._longest = iface.mtu + 18  # Ethernet header and one VLAN tag
         if rings is not None:
             self.rx, self.tx = rings
         else:
@@ -435,10 +439,14 @@ class Worker:
         arp = self.answer_arp
         own_mac = self._own_mac
         csum_not_ready = TP_STATUS_CSUMNOTREADY
+        longest = self._longest
         for _ in range(count):
             nxt, snaplen, status, mac = hdr(rxm, offset)
             start = offset + mac
             offset += nxt
+            if snaplen > longest:  # no frame is longer than the link's MTU: a GSO buffer
+                self._gso_buffer(snaplen, now)
+                continue
             if snaplen >= least:
                 et, vihl, proto, dst, dport, flags = look(rxm, start)
                 if et == 0x0800 and vihl == 0x45:
@@ -516,6 +524,22 @@ class Worker:
                     yield (reply,)
             else:
                 yield process(frame, now)
+
+    def _gso_buffer(self, length: int, now: float) -> None:
+        """A buffer longer than any frame of the link: several TCP segments of one flow merged, by GRO on
+        this interface or, over a veth, by the sender's TSO (a host's bridge hands a container what its NIC's
+        GRO made). The AF_PACKET path forwards frames one by one and cannot cut it into segments: dropped,
+        counted (``gso_dropped``), said in the log at most once a minute with what to do (docs/live.md, "GSO
+        buffers"): the sender sends it again merged too, so the connection does not progress until the
+        offloads are off."""
+        stats = self.stats
+        stats["gso_dropped"] += 1
+        if now - self._gso_said >= 60.0:
+            self._gso_said = now
+            log(f"worker {self.number}: {self.iface.name}: dropped a {length:,}-byte buffer of several segments "
+                f"merged by GRO or a sender's TSO ({stats['gso_dropped']:,} so far): the AF_PACKET path forwards "
+                "single frames. Turn GRO off on this interface and TSO/GSO off on the one that feeds it "
+                "(ethtool -K DEV gro off; tso off gso off), or run --engine tc, which forwards such buffers")
 
     def close(self) -> None:
         for ring in (self.tx, self.rx):
