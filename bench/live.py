@@ -405,7 +405,9 @@ class Bench:
         if proc in self.procs:
             self.procs.remove(proc)
 
-    def afpacket(self, method: str, seconds, engine: str = "afpacket"):
+    def afpacket(self, method: str, seconds, engine: str = "afpacket", stats_seconds: float = 0):
+        """A trial of ``encapfwd run --engine ENGINE``; for a kernel program (tc, auto) also its own ns per
+        packet under bpf_stats in an extra *stats_seconds* trial, as for the XDP engine."""
         from encapfwd.control import query_control
 
         control = str(self.workdir / "control.sock")
@@ -413,6 +415,15 @@ class Bench:
         try:
             self.place()
             result = self.trial(seconds, pids=run_pids(proc, control))
+            prog = kernel_prog(self.fwd, "f0") if engine != "afpacket" and stats_seconds else None
+            if prog is not None:
+                with self.bpf_stats():
+                    s0 = prog_stats(prog)
+                    result["stats_trial"] = self.trial(stats_seconds, pids=run_pids(proc, control))
+                    s1 = prog_stats(prog)
+                runs = s1[1] - s0[1]
+                result["prog_ns_per_pkt"] = (s1[0] - s0[0]) / runs if runs else None
+                result["prog_runs"] = runs
             report = query_control(control)
             result["kernel_drops"] = report["engine"].get("kernel_drops")
             result["dispatcher_forwarded"] = report.get("forwarded")
@@ -525,6 +536,21 @@ def attached_prog(ns, dev: str) -> tuple:
     if not prog.get("id"):
         raise RuntimeError(f"no XDP program on {dev}: {xdp}")
     return int(prog["id"]), XDP_ATTACHED_MODES.get(xdp.get("mode"), str(xdp.get("mode")))
+
+
+def kernel_prog(ns, dev: str):
+    """The id of encapfwd's kernel program on *dev*: its XDP program, else its TC program (tcx or cls_bpf);
+    None when there is none."""
+    try:
+        return attached_prog(ns, dev)[0]
+    except RuntimeError:
+        pass
+    # encapfwd's own query: tcx links and cls_bpf filters alike (Debian 12's bpftool 7.1 lists no tcx)
+    code = ("import socket\nfrom encapfwd.xdp import tc\n"
+            f"print(' '.join(str(o[2]) for o in tc.attached_owners(socket.if_nametoindex({dev!r}))))")
+    proc = ns.run([sys.executable, "-c", code], check=False)
+    ids = proc.stdout.split() if proc.returncode == 0 else []
+    return int(ids[0]) if ids else None
 
 
 def prog_stats(prog_id: int) -> tuple:
@@ -753,7 +779,8 @@ def main():
                     if engine == "xdp":
                         trial = bench.xdp(method, args.seconds, min(args.stats_seconds, args.seconds))
                     else:  # afpacket; tc, the same program at tc ingress; auto, encapfwd run's own choice
-                        trial = bench.afpacket(method, args.seconds, engine=engine)
+                        trial = bench.afpacket(method, args.seconds, engine=engine,
+                                               stats_seconds=min(args.stats_seconds, args.seconds))
                     results[engine][method].append(trial)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         if args.reloads and "xdp" in engines:
@@ -776,7 +803,7 @@ def main():
           "limit).")
     print(f"CPU1 ns/pkt: CPU {FWD_CPU}'s busy time (user+nice+system+irq+softirq, every task, other jobs "
           "included) / forwarded; threads ns/pkt: on-CPU time of f0's NAPI thread + the dispatcher's "
-          "processes (schedstat) / forwarded; prog ns/pkt: the XDP program's run_time_ns / run_cnt "
+          "processes (schedstat) / forwarded; prog ns/pkt: the kernel program's (XDP or TC) run_time_ns / run_cnt "
           f"(bpf_stats, in a separate {args.stats_seconds:g} s trial). The kernel's forwarding does not "
           "depend on the method: the same measurements head every table.")
     if args.json:
