@@ -761,7 +761,9 @@ int ENTRY_NAME(CTX *ctx)
     int verdict;
     /* the program reads and writes the headers in place: a socket buffer whose first PULL_LEN bytes are not
      * all in its linear part (paged, GSO) has those made linear first; one that cannot goes up */
-    __u32 want = ctx->len < PULL_LEN ? ctx->len : PULL_LEN;
+    __u32 want = ctx->protocol == bpf_htons(ETH_P_IP) ? PULL_LEN_V4 : PULL_LEN;
+    if (ctx->len < want)
+        want = ctx->len;
     if ((long)ctx->data_end - (long)ctx->data < (long)want && bpf_skb_pull_data(ctx, want))
         verdict = pass(P_ERROR);
     else

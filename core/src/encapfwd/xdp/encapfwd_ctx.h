@@ -45,6 +45,10 @@
  * it all, often into a reallocated head); the frame's length is then the socket buffer's, not the linear
  * part's. */
 #define PULL_LEN (14 + 40 + 14)
+/* IPv4 (no options: a header with options goes up): Ethernet + 20 + 14 bytes of TCP (UDP: 8). Pulling only
+ * these leaves the rest of a short frame in its page: pulling a whole 64-byte frame out of a packet socket's
+ * page (trafgen) also released that page here, 8 % of the forwarding CPU in a profile. */
+#define PULL_LEN_V4 (14 + 20 + 14)
 #define FRAME_LEN(ctx, data, end) ((ctx)->len)
 /* out of the interface the frame came in by */
 #define SEND(ctx) bpf_redirect((ctx)->ifindex, 0)
