@@ -48,6 +48,7 @@ DOCUMENTED = {
     "encapfwd_engine_rx_frames": ("counter", set()),
     "encapfwd_engine_tx_frames": ("counter", set()),
     "encapfwd_engine_ring_drops": ("counter", set()),
+    "encapfwd_engine_gso_dropped": ("counter", set()),
     "encapfwd_xdp_forwarded": ("counter", set()),
     "encapfwd_xdp_tx_lost": ("counter", set()),
     "encapfwd_xdp_passed": ("counter", set()),
