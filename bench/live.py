@@ -706,10 +706,12 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flows", type=int, default=256, help="distinct UDP source ports")
     parser.add_argument("--methods", default="mac,ipip,gre")
-    parser.add_argument("--generator", choices=("auto", "live-frames", "trafgen"), default="auto",
+    parser.add_argument("--generator", choices=("auto", "live-frames", "trafgen", "xdp-redirect"), default="auto",
                         help="live-frames: BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES (f0 receives XDP "
                              "frames); trafgen: Debian netsniff-ng's trafgen (f0 receives socket buffers); "
-                             "auto: live frames where the kernel runs them, else trafgen")
+                             "xdp-redirect: trafgen into a second veth pair whose far end's XDP program "
+                             "redirects each frame to g0 (f0 receives XDP frames where live frames are "
+                             "refused); auto: live frames where the kernel runs them, else trafgen")
     parser.add_argument("--stats-seconds", type=float, default=1.0,
                         help="length of the extra XDP trial with kernel.bpf_stats_enabled=1 (0: skip)")
     parser.add_argument("--reloads", type=int, default=20, help="plan changes in the reload check (0: skip)")

@@ -83,8 +83,12 @@ sys.path.insert(0, str(HERE.parent / "core" / "src"))
 
 GEN_SOURCE = HERE / "xdp_gen.bpf.c"
 SHIM_SOURCE = HERE / "trafgen_shim.c"
-GENERATORS = ("auto", "live-frames", "trafgen")
-INPUT_KIND = {"live-frames": "XDP frames", "trafgen": "socket buffers"}
+GENERATORS = ("auto", "live-frames", "trafgen", "xdp-redirect")
+INPUT_KIND = {"live-frames": "XDP frames", "trafgen": "socket buffers",
+              "xdp-redirect": "XDP frames (redirected)"}
+#: the redirect stage's veth pair (--generator xdp-redirect): trafgen sends into STAGE_IN, xdp_stage on
+#: STAGE_OUT redirects every frame to the generator's interface (g0), whose peer gets XDP frames
+STAGE_IN, STAGE_OUT = "s0", "s1"
 #: the kernel's ways of refusing BPF_F_TEST_XDP_LIVE_FRAMES (any other failure of the probe is an error)
 LIVE_FRAMES_REFUSALS = (errno.EPERM, errno.EINVAL, errno.EOPNOTSUPP)
 TRAFGEN_SNDBUF = 64 << 20  # SO_SNDBUFFORCE for trafgen's packet sockets (the shim)
@@ -358,14 +362,32 @@ class Generator:
             kind = "trafgen" if refused else "live-frames"
         self.kind = kind
         self.configure()
-        if kind == "trafgen":
+        if kind in ("trafgen", "xdp-redirect"):
             frames = [udp_frame(_mac(dst_mac), src_mac, src_ip, dst_ip, dport, BASE_PORT + i)
                       for i in range(min(self.flows, 65536 - BASE_PORT))]
-            self.trafgen = Trafgen(self.ifname, frames)
+            self.trafgen = Trafgen(self._stage() if kind == "xdp-redirect" else self.ifname, frames)
             self.detail = (f"trafgen --cpus 1 --ring-size {TRAFGEN_RING}, packet sockets given "
                            f"{TRAFGEN_SNDBUF >> 20} MiB by SO_SNDBUFFORCE (bench/trafgen_shim.c)")
+            if kind == "xdp-redirect":
+                self.detail += (f", into {STAGE_IN}; xdp_stage (native) on its peer {STAGE_OUT} redirects each "
+                                f"frame to {self.ifname}, whose peer receives XDP frames")
         else:
             self.detail = "BPF_PROG_TEST_RUN + BPF_F_TEST_XDP_LIVE_FRAMES of xdp_gen (bench/xdp_gen.bpf.c)"
+
+    def _stage(self) -> str:
+        """The redirect stage: a veth pair STAGE_IN/STAGE_OUT in this namespace, xdp_stage attached natively
+        on STAGE_OUT with this generator's interface as its target; returns the interface trafgen sends into."""
+        from encapfwd.xdp.libbpf import xdp_attach
+
+        subprocess.run(["ip", "link", "add", STAGE_IN, "type", "veth", "peer", "name", STAGE_OUT], check=True)
+        for dev in (STAGE_IN, STAGE_OUT):
+            subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+            subprocess.run(["ethtool", "-K", dev, "tx", "off", "gro", "off"], check=False,
+                           capture_output=True)
+        self.obj.map("stage_target").update(0, struct.pack("=I", self.ifindex))
+        self.stage_index = socket.if_nametoindex(STAGE_OUT)
+        xdp_attach(self.stage_index, self.obj.program("xdp_stage"), "native")
+        return STAGE_IN
 
     def describe(self) -> dict:
         return {"generator": self.kind, "input": INPUT_KIND[self.kind], "live_frames": self.live_frames,
@@ -377,6 +399,9 @@ class Generator:
         if self.trafgen is not None:
             self.trafgen.close()
             self.trafgen = None
+        if getattr(self, "stage_index", None):
+            subprocess.run(["ip", "link", "del", STAGE_IN], check=False, capture_output=True)
+            self.stage_index = None
         if self.attached:
             self.attached = False
             try:
@@ -422,7 +447,7 @@ class Generator:
         """Generate for *seconds* (or until a line arrives on stdin, at most *max_seconds*) at *rate*
         (0: flat out). A paced generator that loses the CPU for a while sends at most *burst* frames to catch
         up: what it offered is what it counted, never more than the rate."""
-        if self.kind == "trafgen":
+        if self.kind in ("trafgen", "xdp-redirect"):
             return self._run_trafgen(seconds, rate, until_stop, cpus, pids, drain, max_seconds)
         self.configure(rate, burst)
         self._stop, self._error = False, None

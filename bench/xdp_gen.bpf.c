@@ -111,4 +111,24 @@ int xdp_count(struct xdp_md *ctx)
     return XDP_DROP;
 }
 
+/* The redirect stage (--generator xdp-redirect): on the far end of a second veth pair that trafgen sends
+ * into, every frame is redirected to g0 (stage_target[0]: its ifindex), whose peer f0 then receives it as an
+ * XDP frame (veth's ndo_xdp_xmit), as from a NIC's driver; its socket buffer is gone on the stage's CPU. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u32);
+} stage_target SEC(".maps");
+
+SEC("xdp")
+int xdp_stage(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    __u32 *ifindex = bpf_map_lookup_elem(&stage_target, &zero);
+    if (!ifindex || !*ifindex)
+        return XDP_DROP;
+    return bpf_redirect(*ifindex, 0);
+}
+
 char LICENSE[] SEC("license") = "GPL";
