@@ -18,7 +18,7 @@ Topology (one-armed, as a dispatcher is)::
                                                    (d) encapfwd run --engine tc, (e) --engine auto (its
                                                        choice printed: g0 runs an XDP program, so native XDP)
 
-Generator (--generator auto | live-frames | trafgen; bench/live_helpers.py in the gen namespace):
+Generator (--generator auto | live-frames | trafgen | xdp-redirect; bench/live_helpers.py in the gen namespace):
 
 - live frames: xdp_gen (bench/xdp_gen.bpf.c) run with BPF_PROG_TEST_RUN and BPF_F_TEST_XDP_LIVE_FRAMES in
   a thread: one test run per trial, stopped by a signal (a test run costs tens of milliseconds of setup and
@@ -32,6 +32,8 @@ Generator (--generator auto | live-frames | trafgen; bench/live_helpers.py in th
   copies each into a page of its own (and frees the skb), so the XDP engine gains much less over the
   kernel than with XDP frames. trafgen offers ≈ 0.45–0.75 Mpps from CPU 0 here (its worker pins itself to
   CPU 0, ``-P 1``), more than any case forwards from socket buffers; compare the ns per forwarded frame.
+- xdp-redirect: trafgen into a second veth pair (s0 → s1) in the gen namespace, whose far end's XDP program
+  (xdp_stage) redirects every frame to g0: f0 receives XDP frames where the kernel refuses live frames.
 - auto (the default): one live-frames test run of xdp_gen (paced to send nothing) decides; the kernel's
   refusal (EPERM, EINVAL, EOPNOTSUPP) is printed and trafgen runs.
 
