@@ -656,7 +656,7 @@ def print_tables(results: dict, methods, args) -> None:
         print(f"   {'case':<28} {'forwarded kpps':>21} {'× kernel':>8} {'offered kpps':>12} "
               f"{'CPU1 ns/pkt':>11} {'threads ns/pkt':>14} {'prog ns/pkt':>11}")
         rows = [("kernel IP forwarding", kernel)]
-        for engine in results.get("engines", ("afpacket", "xdp", "tc")):
+        for engine in results["engines"]:
             data = results[engine].get(method)
             if data:
                 chosen = sorted({r["chosen"] for r in data if r.get("chosen")})

@@ -336,6 +336,7 @@ class Generator:
         src_mac = _mac(Path(f"/sys/class/net/{ifname}/address").read_text().strip())
         self.trafgen = None
         self.attached = False
+        self.stage_index = None  # the redirect stage's far end, while it exists
         self.obj = BPFObject.open(build(str(GEN_SOURCE)))
         self.gen_fd = self.obj.program("xdp_gen")
         self.count_fd = self.obj.program("xdp_count")
@@ -399,7 +400,7 @@ class Generator:
         if self.trafgen is not None:
             self.trafgen.close()
             self.trafgen = None
-        if getattr(self, "stage_index", None):
+        if self.stage_index:
             subprocess.run(["ip", "link", "del", STAGE_IN], check=False, capture_output=True)
             self.stage_index = None
         if self.attached:
@@ -447,7 +448,7 @@ class Generator:
         """Generate for *seconds* (or until a line arrives on stdin, at most *max_seconds*) at *rate*
         (0: flat out). A paced generator that loses the CPU for a while sends at most *burst* frames to catch
         up: what it offered is what it counted, never more than the rate."""
-        if self.kind in ("trafgen", "xdp-redirect"):
+        if self.trafgen is not None:  # trafgen, alone or through the redirect stage
             return self._run_trafgen(seconds, rate, until_stop, cpus, pids, drain, max_seconds)
         self.configure(rate, burst)
         self._stop, self._error = False, None

@@ -439,6 +439,15 @@ static __always_inline __s64 select_server(struct flow_key *fk, struct port_entr
     return placed;
 }
 
+/* A GSO buffer's segment (encapfwd_ctx.h): its transport header (TCP's data offset; UDP 8 bytes) plus
+ * gso_size; the caller adds the IP header. 0 when the buffer is not a GSO one (always on XDP). */
+static __always_inline __u32 gso_segment(CTX *ctx, __u8 proto, const __u8 *l4)
+{
+    if (!GSO_SIZE(ctx))
+        return 0;
+    return (proto == IPPROTO_TCP ? (l4[12] >> 4) * 4 : 8) + GSO_SIZE(ctx);
+}
+
 /* Put the template in front of P' (which starts at offset 14 and is `plen` bytes long) and send it. */
 static __always_inline int emit(CTX *ctx, struct server_entry *s, __u32 sid, __u32 plen, __u8 tos,
                                 __u8 df, __u32 entropy)
@@ -643,11 +652,11 @@ static __always_inline int v4(CTX *ctx, __u32 gen, __u32 group)
     struct server_entry *s = server_for(&fk, 4, l4, end, pe, gen, &sid, &verdict);
     if (!s)
         return verdict;
-    if (GSO_SIZE(ctx)) {
-        /* a GSO buffer (encapfwd_ctx.h): each segment must fit; encapsulated, its segments are made shorter
-         * by the tunnel's length, so the outer packets are as long as the client's segments were */
-        __u32 seg = 20 + (proto == IPPROTO_TCP ? (l4[12] >> 4) * 4 : 8) + GSO_SIZE(ctx);
-        if (seg > s->mtu || (proto != IPPROTO_TCP && s->hdr_len))
+    __u32 seg = gso_segment(ctx, proto, l4);
+    if (seg) {
+        /* a GSO buffer: each segment must fit; encapsulated, its segments are made shorter by the tunnel's
+         * length, so the outer packets are as long as the client's segments were */
+        if (20 + seg > s->mtu || (proto != IPPROTO_TCP && s->hdr_len))
             return pass(P_TOO_BIG);
     } else if (s->hdr_len + tot > s->mtu) {
         return pass(P_TOO_BIG);
@@ -712,9 +721,9 @@ static __always_inline int v6(CTX *ctx, __u32 gen, __u32 group)
         return verdict;
     if (s->hdr_len)
         return pass(P_NO_TEMPLATE); /* IPv6 runs MAC forwarding only */
-    if (GSO_SIZE(ctx) ? 40 + (proto == IPPROTO_TCP ? (l4[12] >> 4) * 4 : 8) + GSO_SIZE(ctx) > s->mtu
-                      : 40 + plen > s->mtu)
-        return pass(P_TOO_BIG); /* a GSO buffer: each of its segments must fit (encapfwd_ctx.h) */
+    __u32 seg = gso_segment(ctx, proto, l4); /* a GSO buffer: each of its segments must fit */
+    if (40 + (seg ? seg : plen) > s->mtu)
+        return pass(P_TOO_BIG);
     ip[7] -= 1;
     if (n > 54 + plen) {
         if (TRIM(ctx, 54 + plen, n))

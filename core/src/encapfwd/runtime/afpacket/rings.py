@@ -133,7 +133,7 @@ def cluster_filter(
     # conditional jumps reach 255 instructions at most: far targets go through an unconditional "ja"
     if arp and v4:
         emit(_LD_H_ABS, 12)
-        emit(_JEQ_K, 0x0806, jt=None, jf="notarp")
+        emit(_JEQ_K, ETH_P_ARP, jt=None, jf="notarp")
         emit(_LD_H_ABS, 20)  # ARP operation
         emit(_JEQ_K, 1, jt="+1", jf=None)
         emit(_RET_K, 0)
@@ -151,9 +151,9 @@ def cluster_filter(
         emit(_JEQ_K, mark, jt="+1", jf=None)
         emit(_RET_K, 0)
     emit(_LD_H_ABS, 12)
-    emit(_JEQ_K, 0x0800, jt=None, jf="+1")
+    emit(_JEQ_K, ETH_P_IP, jt=None, jf="+1")
     emit(_JA, "v4")
-    emit(_JEQ_K, 0x86DD, jt=None, jf="+1")
+    emit(_JEQ_K, ETH_P_IPV6, jt=None, jf="+1")
     emit(_JA, "v6")
     emit(_RET_K, 0)
     label("v4")

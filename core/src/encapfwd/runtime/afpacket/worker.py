@@ -137,9 +137,6 @@ class Worker:
             self.rx, self.tx = rings
         else:
             self._open_rings(iface, config, rx_blocks, rx_block_size, fanout_group, qdisc_bypass)
-        #: what the receive socket is bound to (rings.listen_protocol): "IPv4" keeps it off the frames a kernel
-        #: program forwards at tc ingress
-        self.stats["rx_protocol"] = PROTOCOL_NAMES.get(getattr(self.rx, "protocol", None), "all")
         #: known-client admission in the kernel (runtime/afpacket/admission.py): the socket filter that takes
         #: the shed ports' SYNs of known clients and a sample of the others while the triage sheds
         self.admission = Admission(self._program(config), self._set_filter,
@@ -196,6 +193,9 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - a report must never stop forwarding
             dispatched = {"error": f"{type(exc).__name__}: {exc}"}
         engine = dict(self.stats, number=self.number)
+        # what the receive socket is bound to (rings.listen_protocol): "IPv4" keeps it off the frames a kernel
+        # program forwards at tc ingress
+        engine["rx_protocol"] = PROTOCOL_NAMES.get(getattr(self.rx, "protocol", None), "all")
         if self.sync is not None:
             engine["sync"] = dict(self.sync.stats)
         return {"dispatcher": dispatched, "engine": engine}
@@ -227,10 +227,8 @@ class Worker:
                 self.dispatcher.reload(plan)
                 program = self._program(config)
                 self.rx.set_filter(program)
-                rebind = getattr(self.rx, "bind", None)
-                if rebind is not None and not self.fanout_group:  # the cluster addresses' families may change
-                    rebind(self._protocol(config, 0))
-                    self.stats["rx_protocol"] = PROTOCOL_NAMES.get(self.rx.protocol, "all")
+                if not self.fanout_group:  # the cluster addresses' families may have changed
+                    self.rx.bind(self._protocol(config, 0))
                 self.admission.set_base(program)  # the admission filter on it again at the next window
                 self.config = config
                 if self.number == 0:
