@@ -419,6 +419,7 @@ class FloodLab:
             "overload_capacity": e1.get("overload_capacity"),
             "xdp_passed": (e1.get("xdp_passed") or 0) - (e0.get("xdp_passed") or 0),
             "xdp_pressure_placed": e1.get("xdp_pressure_placed"),
+            "xdp_handup_placed": e1.get("xdp_handup_placed"),
             "overload": final.get("overload"),
             "engaged_during_flood": any(s.get("engaged") for _, s in samples),
             "modes": sorted({s.get("mode") for _, s in samples if s.get("mode")}),
@@ -465,7 +466,8 @@ def print_result(r: dict) -> None:
               f"{'; error: ' + r['admission_error'] if r.get('admission_error') else ''}")
     if r["engine"] != "afpacket":
         print(f"  kernel program: {r['xdp_passed']:,} frames handed up to the worker; flows placed under "
-              f"pressure: {r['xdp_pressure_placed']}")
+              f"pressure: {r['xdp_pressure_placed']}, beyond executor handuplimit (before pressure was on): "
+              f"{r['xdp_handup_placed']}")
     ov = r.get("overload") or {}
     print(f"  overload control: engaged during the flood: {r['engaged_during_flood']} "
           f"(mode {', '.join(r['modes']) or '-'}, first seen {r['first_engaged_s']} s after the flood began); "

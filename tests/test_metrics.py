@@ -53,6 +53,7 @@ DOCUMENTED = {
     "encapfwd_xdp_tx_lost": ("counter", set()),
     "encapfwd_xdp_passed": ("counter", set()),
     "encapfwd_xdp_dropped": ("counter", set()),
+    "encapfwd_xdp_flows_placed": ("counter", {"why"}),
     "encapfwd_reloads": ("counter", set()),
     "encapfwd_reload_failures": ("counter", set()),
     "encapfwd_info": ("gauge", {"engine", "interface", "plan_digest", "selection_digest"}),
@@ -61,9 +62,9 @@ DOCUMENTED = {
     "encapfwd_bgp_announced_routes": ("gauge", {"prefix"}),
     "encapfwd_bgp_speaker_restarts": ("counter", set()),
 }
-#: only with advisors (the health manager's ``health`` in the report), or BGP (``bgp``)
+#: only with advisors (the health manager's ``health`` in the report), BGP (``bgp``) or a kernel engine
 OPTIONAL = {"encapfwd_probe_latency_seconds", "encapfwd_bgp_session_up", "encapfwd_bgp_announced_routes",
-            "encapfwd_bgp_speaker_restarts"}
+            "encapfwd_bgp_speaker_restarts", "encapfwd_xdp_flows_placed"}
 
 
 def families_of(text: str) -> dict:

@@ -8,6 +8,9 @@
 - Pressure (``DataPlane.set_pressure``): the program places new flows of wrr and wlc ports by their pressure
   table (``PortPlan.fallback``) and remembers them, instead of handing them up; stickytime ports and a
   plugin's selector keep going up. Counted: ``pressure_placed``.
+- Beyond ``executor handuplimit`` hand-ups of such new flows per CPU per second (windows of a tenth of a second;
+  set by the live runtime only), the program places them itself the same way, at once. Counted:
+  ``handup_placed``.
 
 The byte-for-byte agreement of both executors, pressure on, is in tests/test_xdp_differential.py.
 """
@@ -257,6 +260,45 @@ def test_under_pressure_the_kernel_places_new_flows_of_wrr_ports(kind):
         assert dp.counters()["pressure_placed"] == 3
 
 
+def test_beyond_the_handup_limit_the_kernel_places_new_flows_itself(kind):
+    """``executor handuplimit`` (set by the live runtime: DataPlane.set_handup_limit): at most limit / 10 new
+    flows of a wrr/wlc port go up per CPU in a tenth of a second; the next ones are placed at once by the port's
+    pressure table, and remembered, as under pressure (the controller then turns pressure on: the first
+    milliseconds of a flood no longer wait in the worker's ring). Ports without a pressure table (stickytime)
+    keep going up; a new window lets the next ones up again."""
+    kind, cpu = kind
+    config = _config(**{"80": ["selectionalgorithm", "wrr"], "53": ["selectionalgorithm", "wrr", "stickytime", "30"]})
+    _, _, plan, dp = _load(kind, config)
+    port80 = next(p for p in plan.ports if p.number == 80)
+    from encapfwd.selection.algorithms import flow_hash
+
+    rng = random.Random(6)
+    with dp:
+        assert all(_up(dp, kind, tcp(rng, SYN)) for _ in range(30))  # offline (replay, tests): no limit
+        time.sleep(0.11)  # a window of its own for what follows
+        dp.set_handup_limit(50)  # per second: 5 per tenth of a second
+        start = time.monotonic()
+        syns = [tcp(rng, SYN) for _ in range(20)]
+        up = [_up(dp, kind, f) for f in syns]
+        sticky = [_up(dp, kind, udp(rng)) for _ in range(5)]
+        assert time.monotonic() - start < 0.09, "too slow for one window"
+        assert up == [True] * 5 + [False] * 15 and all(sticky)
+        assert dp.last_reason(cpu) == "new-flow"  # the sticky ones: the slow path's
+        for f in syns[5:]:  # placed by the pressure table, and remembered
+            sid = dp.flow(kernel_key(f))
+            assert sid == port80.fallback[flow_hash(f[26:34] + b"\x06" + f[34:38]) % len(port80.fallback)]
+        assert all(dp.flow(kernel_key(f)) is None for f in syns[:5])  # those are the slow path's to place
+        counters = dp.counters()
+        assert counters["handup_placed"] == 15 and counters["pressure_placed"] == 0
+        assert counters["pressure"] is False
+        dp.install(plan)  # kept across installs
+        time.sleep(0.11)  # the next window: up again
+        assert [_up(dp, kind, tcp(rng, SYN)) for _ in range(6)] == [True] * 5 + [False]
+        dp.set_handup_limit(0)
+        assert all(_up(dp, kind, tcp(rng, SYN)) for _ in range(30))
+        assert dp.counters()["handup_placed"] == 16
+
+
 def test_pressure_tables_only_for_the_cores_wrr_and_wlc():
     from encapfwd import config as cfg
     from encapfwd.plan import SidMap, compile_plan
@@ -305,3 +347,31 @@ def test_newflowlimit_is_an_executor_keyword():
     for bad in ("-1", "4294967296", "many"):
         with pytest.raises(ConfigError):
             cfg.executor_set(c, ["newflowlimit", bad])
+
+
+def test_handuplimit_is_an_executor_keyword_the_live_runtime_gives_the_program(kind):
+    from encapfwd import config as cfg
+    from encapfwd.errors import ConfigError
+    from encapfwd.model import HANDUPLIMIT_DEFAULT
+    from encapfwd.plan import SidMap, compile_plan
+    from encapfwd.runtime.xdp import apply_host_limits
+
+    c = cfg.loads("")
+    assert c.executor.handuplimit == HANDUPLIMIT_DEFAULT == 20_000
+    c = cfg.executor_set(c, ["handuplimit", "3000"])
+    assert cfg.loads(cfg.dumps(c)).executor.handuplimit == 3000
+    for bad in ("-1", "4294967296", "many"):
+        with pytest.raises(ConfigError):
+            cfg.executor_set(c, ["handuplimit", bad])
+    registry = X.registry_with_gue()
+    a, b = (compile_plan(_executor(_config(), handuplimit=n), registry, SidMap()) for n in (0, 5))
+    assert a.digest != b.digest and a.selection == b.selection  # a reload that changes it is installed
+    # the program gets it from the live runtime only: DataPlane.load leaves it 0, apply_host_limits sets it
+    from encapfwd.xdp import maps as M
+
+    kind, _cpu = kind
+    _, _, plan, dp = _load(kind, _executor(_config(), handuplimit=3000))
+    with dp:
+        assert M.OVERLOAD.unpack(dp.maps["overload"].lookup(0))[3] == 0
+        apply_host_limits(dp, plan)
+        assert M.OVERLOAD.unpack(dp.maps["overload"].lookup(0)) == (0, 0, 0, 3000)

@@ -240,6 +240,58 @@ def test_controller_episode_engages_holds_and_ends():
     assert snap["episodes"] == 1 and not snap["engaged"] and snap["last_episode"]["mode"] == "kernel"
 
 
+def test_controller_engages_when_the_kernel_places_flows_beyond_its_handup_limit():
+    """No worker under pressure (the program kept the flood from them), but the program placed new flows of
+    wrr/wlc ports itself beyond executor handuplimit: the controller turns pressure mode on at its next reading
+    (one line saying so), and off after the hold once the flood is over; a count that does not move engages
+    nothing."""
+    from encapfwd.runtime.overload import CHECK_INTERVAL, HOLD, Overload
+
+    lines, now, beyond, told = [], [0.0], [0], []
+
+    class Kernel:
+        kind = "tc"
+        state = None
+
+        def set_pressure(self, on):
+            Kernel.state = on
+
+        def pressure_placed(self):
+            return 0
+
+        def handup_placed(self):
+            return beyond[0]
+
+    overload = Overload(lambda: Kernel(), log=lines.append, clock=lambda: now[0], tell=told.append)
+    for _ in range(8):  # quiet: the count does not move
+        now[0] += CHECK_INTERVAL
+        overload.poll(now[0])
+    assert not overload.engaged and not lines
+    beyond[0] += 4_000  # a flood began: the program placed 4,000 new flows itself since the last reading
+    overload.poll(now[0] + CHECK_INTERVAL / 2)  # read at most every CHECK_INTERVAL
+    assert not overload.engaged
+    now[0] += CHECK_INTERVAL
+    overload.poll(now[0])
+    assert overload.engaged and Kernel.state is True and told == [True]
+    assert len(lines) == 1 and lines[0].startswith(
+        "overload: the slow path cannot keep up (the TC program: 4,000 new flows of wrr/wlc ports beyond "
+        "executor handuplimit placed by it in 0.25 s): pressure mode on"), lines
+    assert overload.snapshot()["mode"] == "kernel" and overload.snapshot()["reason"].startswith("the TC program")
+    start = now[0]
+    while overload.engaged:  # the kernel places nothing more under pressure: off after the hold
+        now[0] += CHECK_INTERVAL
+        overload.poll(now[0])
+        assert now[0] - start <= HOLD + 0.6
+    assert Kernel.state is False and told == [True, False] and lines[-1].startswith("overload ended: ")
+    # the flood goes on past the mode: the program places flows itself again, the controller engages again
+    now[0] += CHECK_INTERVAL
+    overload.poll(now[0])  # a fresh reading after the episode
+    beyond[0] += 500
+    now[0] += CHECK_INTERVAL
+    overload.poll(now[0])
+    assert overload.engaged and overload.episodes == 2 and overload.hold == 2 * HOLD  # back soon: holds longer
+
+
 def test_afpacket_episode_follows_the_workers():
     from encapfwd.runtime.overload import Overload
 
@@ -259,15 +311,17 @@ def test_overload_metrics_come_from_the_report():
 
     quiet = {"engine": {}, "overload": {"engaged": False, "episodes": 0}}
     assert not [f for f in metric_families(quiet) if f.name.startswith("encapfwd_overload")]
-    report = {"engine": {"overload_dropped": {f"{VIP}@80": 7}, "overload_orphans_dropped": {f"{VIP}@81": 3}},
+    report = {"engine": {"overload_dropped": {f"{VIP}@80": 7}, "overload_orphans_dropped": {f"{VIP}@81": 3},
+                         "xdp_pressure_placed": 40, "xdp_handup_placed": 9},
               "overload": {"engaged": True, "mode": "workers", "episodes": 2}}
     got = {f.name: [(s.labels, s.value) for s in f.samples] for f in metric_families(report)
-           if f.name.startswith("encapfwd_overload")}
+           if f.name.startswith(("encapfwd_overload", "encapfwd_xdp_flows_placed"))}
     assert got == {
         "encapfwd_overload": [({"mode": "workers"}, 1.0)],
         "encapfwd_overload_episodes": [({}, 2.0)],
         "encapfwd_overload_dropped": [({"cluster": VIP, "port": "80"}, 7.0)],
         "encapfwd_overload_orphans_dropped": [({"cluster": VIP, "port": "81"}, 3.0)],
+        "encapfwd_xdp_flows_placed": [({"why": "pressure"}, 40.0), ({"why": "handup-limit"}, 9.0)],
     }
 
 

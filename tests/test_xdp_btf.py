@@ -52,7 +52,7 @@ STRUCTS = {
     "vip_key": (M.VIP_KEY, ("addr", "family", "gen", "pad")),
     "port_key": (M.PORT_KEY, ("addr", "port", "proto", "gen")),
     "port_entry": (M.PORT_ENTRY, ("ring_base", "ring_size", "timeout", "fallback")),
-    "overload": (M.OVERLOAD, ("pressure", "newflow_limit", "publish", "pad")),
+    "overload": (M.OVERLOAD, ("pressure", "newflow_limit", "publish", "handup_limit")),
     "newflow_window": (M.NEWFLOW_WINDOW, ("start_ns", "count")),
     "server_entry": (M.SERVER_ENTRY, ("dst", "src", "hdr_len", "fields", "mtu", "up", "xdp", "hdr")),
     "flow_key": (M.FLOW_KEY, ("src", "dst", "sport", "dport", "proto", "pad")),
@@ -77,6 +77,7 @@ MAPS = {
     "last_reason": (M.U32, M.U32, 1),
     "overload": (M.U32, M.OVERLOAD, 1),
     "newflow_rate": (M.U32, M.NEWFLOW_WINDOW, 1),
+    "handup_rate": (M.U32, M.NEWFLOW_WINDOW, 1),
     "flow_events": (M.U32, M.U64, len(M.FLOW_EVENTS)),
     "new_flows": (None, None, None),  # a ring buffer: no key, no value; its records are struct flow_record
 }
@@ -434,11 +435,11 @@ def test_doctored_overload_layouts_are_found():
     the overload word's fields swapped, a port entry without its pressure table."""
     _need_tools()
     btf = BTF.of(constants_object(SOURCES["xdp"]))
-    problems = constant_problems(btf, tc=False, events=("rate-limit", "not-syn", "pressure"))
+    problems = constant_problems(btf, tc=False, events=("rate-limit", "not-syn", "pressure", "handup-limit"))
     assert len(problems) == 1 and problems[0].startswith("enum flow_event"), problems
     problems = constant_problems(btf, tc=False, events=M.FLOW_EVENTS + ("more",))
     assert [p.split(":")[0] for p in problems] == ["enum flow_event", "constants"], problems
-    assert struct_problems(btf, "overload", M.OVERLOAD, ("newflow_limit", "pressure", "publish", "pad"))
+    assert struct_problems(btf, "overload", M.OVERLOAD, ("newflow_limit", "pressure", "publish", "handup_limit"))
     problems = struct_problems(btf, "port_entry", M.PORT_ENTRY, ("ring_base", "ring_size", "timeout", "pad"))
     assert any("C has no member 'pad'" in p for p in problems), problems
     doctored = dict(MAPS, flow_events=(M.U32, M.U64, len(M.FLOW_EVENTS) - 1))

@@ -362,6 +362,9 @@ def parse_synckey(value) -> Optional[str]:
 
 #: Default of ``executor newflowlimit``: new kernel flow entries per CPU per second.
 NEWFLOWLIMIT_DEFAULT = 125_000
+#: Default of ``executor handuplimit``: new flows of wrr/wlc ports the kernel program hands up to the slow path
+#: per CPU per second (a worker serves 50-70 k frames/s: docs/live.md, "Overload").
+HANDUPLIMIT_DEFAULT = 20_000
 
 
 @frozen
@@ -387,6 +390,9 @@ class Executor:
     # new flow entries the kernel program (XDP, TC) makes per CPU per second at most (Katran's MAX_CONN_RATE);
     # beyond them a new flow is forwarded by its port's table but not remembered; 0: no limit
     newflowlimit: int = field(default=NEWFLOWLIMIT_DEFAULT, converter=_int_in(0, 2**32 - 1, "newflowlimit"))
+    # new flows of wrr/wlc ports the kernel program (XDP, TC) hands up to the slow path per CPU per second at
+    # most; beyond them it places them itself by the port's pressure table, as under pressure; 0: no limit
+    handuplimit: int = field(default=HANDUPLIMIT_DEFAULT, converter=_int_in(0, 2**32 - 1, "handuplimit"))
     # scale-out (docs/scale-out.md): the BGP peer (router) the cluster addresses are announced to, the
     # ASNs, this speaker's router ID (default nfa), the next hop announced (default nfa) and the hold time
     bgppeer: Optional[IPAddress] = field(default=None, converter=parse_optional_ip, validator=_unicast("bgppeer"))

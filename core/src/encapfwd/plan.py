@@ -307,12 +307,13 @@ def _digest(config: Config, servers, ports, host: bool = True) -> str:
 
     A port's pressure table (``PortPlan.fallback``) is not hashed: it follows from what is (the algorithm,
     stickytime, the servers in configuration order with their health and weights). ``executor
-    newflowlimit`` is this host's (the kernel's flow-table policy), so only the plan digest has it."""
+    newflowlimit`` and ``handuplimit`` are this host's (the kernel's flow-table and hand-up policy), so only the
+    plan digest has them."""
     h = hashlib.sha256(b"encapfwd-plan-1\0" if host else b"encapfwd-selection-1\0")
     names = {s.sid: s.name for s in servers}
     ex = config.executor
     if host:
-        h.update(f"{ex.mac}|{ex.mtu}|{ex.encapttl}|{ex.maxflows}|{ex.newflowlimit}\0".encode())
+        h.update(f"{ex.mac}|{ex.mtu}|{ex.encapttl}|{ex.maxflows}|{ex.newflowlimit}|{ex.handuplimit}\0".encode())
     for s in sorted(servers, key=lambda s: s.name):
         h.update(f"S|{s.name}|{s.method}|{s.up}|{s.weight}|".encode())
         if host:

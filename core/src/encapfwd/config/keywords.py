@@ -12,6 +12,8 @@ EXECUTOR_KEYWORDS = {
     "maxflows": "bound of the flow table (default 1000000; LRU eviction beyond it)",
     "newflowlimit": "new kernel flow entries per CPU per second (XDP, TC; default 125000, 0 = no limit); "
                     "beyond it new flows are forwarded but not remembered",
+    "handuplimit": "new flows of wrr/wlc ports the kernel program hands up per CPU per second (XDP, TC; "
+                   "default 20000, 0 = no limit); beyond it the kernel places them by the port's weighted table",
     "bgppeer": "the BGP peer (router) the cluster addresses are announced to (none: no BGP)",
     "bgpasn": "this dispatcher's AS number",
     "bgppeerasn": "the peer's AS number",

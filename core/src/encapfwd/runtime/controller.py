@@ -67,7 +67,7 @@ from encapfwd.runtime.engine import choose_engine
 from encapfwd.runtime.metrics import start_metrics  # metrics (--metrics)
 from encapfwd.runtime.neighbours import RESOLVE_BOUND, NeighbourResolver
 from encapfwd.runtime.netlink import Interface  # noqa: F401 - as query_control
-from encapfwd.runtime.overload import Overload  # overload: the slow path cannot keep up
+from encapfwd.runtime.overload import CHECK_INTERVAL, Overload  # overload: the slow path cannot keep up
 from encapfwd.runtime.prepare import (
     check_platform,
     cluster_addresses,
@@ -709,6 +709,8 @@ class Controller:
                     for fd in self.flowsync.fds():
                         poller.register(fd, select.POLLIN)
                 timeout = self.control.timeout_ms(now, 1000)
+                if self.xdp is not None:  # the overload control reads the program's hand-up count
+                    timeout = min(timeout, int(CHECK_INTERVAL * 1000))
                 if self.flowsync is not None:
                     timeout = min(timeout, self.flowsync.timeout_ms(now))
                 if self._rebuild_wanted:

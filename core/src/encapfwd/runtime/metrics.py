@@ -303,6 +303,14 @@ def metric_families(report: dict, configured_up: Optional[Dict[str, bool]] = Non
             engine.get("xdp_passed"))
     counter("encapfwd_xdp_dropped_total", "Packets the kernel program (XDP or TC) dropped.",
             engine.get("xdp_dropped"))
+    if "xdp_pressure_placed" in engine or "xdp_handup_placed" in engine:
+        placed = CounterMetricFamily("encapfwd_xdp_flows_placed_total",
+                                     "New flows of wrr/wlc ports the kernel program placed itself by the port's "
+                                     "weighted table: under pressure, or beyond executor handuplimit hand-ups "
+                                     "per CPU and second.", labels=["why"])
+        placed.add_metric(["pressure"], _num(engine.get("xdp_pressure_placed")))
+        placed.add_metric(["handup-limit"], _num(engine.get("xdp_handup_placed")))
+        families.append(placed)
     counter("encapfwd_reloads_total", "Configurations reloaded (SIGHUP, control reload, neighbour change).",
             engine.get("reloads"))
     counter("encapfwd_reload_failures_total", "Reloads that failed (the running configuration stayed).",

@@ -12,7 +12,10 @@ and :meth:`Overload.poll` (called once per loop turn) reads the kernel program's
   *pressure mode* on (``DataPlane.set_pressure(True)``): the kernel then places new flows of wrr/wlc ports
   itself by its weighted consistent table instead of handing them up; the workers' dispatchers follow
   (``Dispatcher.set_pressure``, a ``set-pressure`` message), so a frame of such a flow that still comes up
-  finds the same server. Pressure has ended when no worker
+  finds the same server. The program itself places new flows of those ports beyond ``executor handuplimit``
+  hand-ups per CPU per second, at once (the first milliseconds of a flood, before any worker has measured
+  its backlog); :meth:`Overload.poll` sees that count grow and turns the pressure mode on just the same.
+  Pressure has ended when no worker
   reports it and the program places fewer new flows under pressure than :data:`EXIT_SHARE` of the slow
   path's measured capacity (when the program counts them), for :attr:`Overload.hold` seconds; then the
   mode goes off and the exact algorithm decides again. The hold starts at :data:`HOLD` and doubles (up to
@@ -73,6 +76,8 @@ class Overload:
         self.kernel_error: Optional[str] = None
         self.capacity = 0.0
         self._placed: Optional[tuple] = None  # (count, when) of the kernel's pressure placements
+        self._handups: Optional[tuple] = None  # (count, when) of its placements beyond the hand-up limit
+        self._next_handups = 0.0
         self.placed_rate: Optional[float] = None
         self._next = 0.0
         self.last_episode: Optional[dict] = None
@@ -89,7 +94,8 @@ class Overload:
             if payload.get("capacity"):
                 self.capacity = max(self.capacity * 0.5, float(payload["capacity"]))
             if not self.engaged:
-                self._engage(now, number, payload)
+                self._engage(now, f"worker {number}", payload.get("why") or "under pressure",
+                             payload.get("shed") or [])
             elif self.mode == "workers" and payload.get("shed") and (was or {}).get("shed") != payload["shed"]:
                 self.log(f"overload: worker {number} sheds new connections of {', '.join(payload['shed'])} "
                          f"first ({payload.get('why') or 'under pressure'})")
@@ -102,8 +108,12 @@ class Overload:
 
     def poll(self, now: Optional[float] = None) -> None:
         """Once per loop turn: while the kernel's pressure mode is on, end it when the pressure has ended
-        for the hold time (reads the program's counters at most every :data:`CHECK_INTERVAL` s)."""
-        if not self.engaged or self.mode != "kernel":
+        for the hold time; while it is off, turn it on when the program has placed new flows itself beyond its
+        hand-up limit (reads the program's counters at most every :data:`CHECK_INTERVAL` s)."""
+        if not self.engaged:
+            self._watch_handups(self.clock() if now is None else now)
+            return
+        if self.mode != "kernel":
             return
         now = self.clock() if now is None else now
         if now < self._next:
@@ -121,6 +131,33 @@ class Overload:
             if rate is not None:
                 quiet += f" and the kernel placed {rate:,.0f} new flows/s under pressure"
             self._disengage(now, quiet)
+
+    def _watch_handups(self, now: float) -> None:
+        """The program placed new flows itself beyond ``executor handuplimit`` since the last reading: the
+        slow path is being handed more new flows than it is meant to serve — pressure mode on."""
+        if now < self._next_handups:
+            return
+        self._next_handups = now + CHECK_INTERVAL
+        kernel = self.kernel()
+        count = None
+        if kernel is not None and hasattr(kernel, "handup_placed"):
+            try:
+                count = kernel.handup_placed()
+            except Exception:  # noqa: BLE001 - the counters are advice
+                count = None
+        if count is None:
+            self._handups = None
+            return
+        last, self._handups = self._handups, (count, now)
+        if last is None or count <= last[0]:
+            return
+        self.last_pressure = now
+        kind = getattr(kernel, "kind", "kernel").upper()
+        self._engage(now, f"the {kind} program",
+                     f"{count - last[0]:,} new flows of wrr/wlc ports beyond executor handuplimit placed by "
+                     f"it in {now - last[1]:.2f} s", [])
+        if self.mode != "kernel":  # its pressure mode could not be turned on: no worker triages, nothing to hold
+            self._disengage(now, "the kernel program keeps placing them by itself")
 
     def _kernel_rate(self, now: float) -> Optional[float]:
         kernel = self.kernel()
@@ -141,12 +178,13 @@ class Overload:
 
     # -- episodes
 
-    def _engage(self, now: float, number: int, payload: dict) -> None:
+    def _engage(self, now: float, who: str, why: str, shed: List[str]) -> None:
+        """An episode starts: *who* (``worker N``, or ``the XDP program`` beyond its hand-up limit) says
+        *why*; *shed*: the ports a worker sheds first."""
         self.engaged = True
         self.episodes += 1
         self.since = now
-        why = payload.get("why") or "under pressure"
-        self.reason = f"worker {number}: {why}"
+        self.reason = f"{who}: {why}"
         if now - self.last_end < 2 * self.hold:
             self.hold = min(MAX_HOLD, self.hold * 2)  # back soon after the last episode: hold longer
         else:
@@ -161,15 +199,14 @@ class Overload:
             self.tell(True)
             self._placed = None
             self._kernel_rate(now)
-            self.log(f"overload: the slow path cannot keep up (worker {number}: {why}): pressure mode on — "
+            self.log(f"overload: the slow path cannot keep up ({who}: {why}): pressure mode on — "
                      f"the {getattr(kernel, 'kind', 'kernel').upper()} program places new flows of wrr/wlc "
                      f"ports itself by its weighted table until the pressure has ended for {self.hold:g} s")
         else:
             self.mode = "workers"
             if error is not None and error != self.kernel_error:
                 self.kernel_error = error
-            shed = payload.get("shed") or []
-            self.log(f"overload: worker {number} cannot keep up ({why}): shedding new connections of the "
+            self.log(f"overload: {who} cannot keep up ({why}): shedding new connections of the "
                      f"ports with the most of them first{' (' + ', '.join(shed) + ')' if shed else ''}; "
                      "established flows and other ports are still forwarded"
                      + (f" (no kernel pressure mode: {error})" if error else
@@ -195,6 +232,8 @@ class Overload:
         self.mode = None
         self.since = None
         self.last_end = now
+        self._handups = None  # read afresh: the count did not move while the pressure mode placed flows
+        self._next_handups = now
 
     def close(self) -> None:
         """Stopping: nothing to undo (the kernel program goes with its executor)."""

@@ -22,7 +22,7 @@ from encapfwd.errors import InterfaceBusy
 from encapfwd.runtime.common import LiveError, log
 from encapfwd.runtime.engine import ENV_TC_ATTACH, TC_ATTACH, attach_method
 from encapfwd.runtime.owners import alive, refuse_beside_xdp
-from encapfwd.runtime.xdp import KernelFlows, XDPProgram
+from encapfwd.runtime.xdp import KernelFlows, XDPProgram, apply_host_limits
 
 
 class TCProgram(XDPProgram):
@@ -57,6 +57,7 @@ class TCProgram(XDPProgram):
         refuse_beside_xdp(self.iface)
         try:
             dataplane = tc.TCDataPlane.load(plan)
+            apply_host_limits(dataplane, plan)
         except EncapfwdError as exc:
             raise LiveError(f"loading the TC program: {exc}") from None
         try:

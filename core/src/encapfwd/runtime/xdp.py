@@ -22,11 +22,19 @@ from encapfwd.xdp.maps import FLOW_VALUE, kernel_flow_key
 LOSS_INTERVAL = 1.0
 
 
-def pressure_count(counters: dict) -> Optional[int]:
-    """The new flows the kernel program placed itself under pressure (cumulative), from ``DataPlane.counters()``;
-    None when the program does not count them."""
-    value = counters.get("pressure_placed")
+def pressure_count(counters: dict, name: str = "pressure_placed") -> Optional[int]:
+    """The new flows the kernel program placed itself under pressure (cumulative; *name* ``handup_placed``:
+    beyond its hand-up limit), from ``DataPlane.counters()``; None when the program does not count them."""
+    value = counters.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def apply_host_limits(dataplane, plan) -> None:
+    """What the live runtime alone gives the program: ``executor handuplimit`` (offline, the slow path is never
+    behind, so replay and the tests' executors keep 0)."""
+    setter = getattr(dataplane, "set_handup_limit", None)
+    if setter is not None:
+        setter(plan.config.executor.handuplimit)
 
 
 class KernelFlows:
@@ -123,6 +131,7 @@ class XDPProgram:
             replace = True
         try:
             dataplane = DataPlane.load(plan)
+            apply_host_limits(dataplane, plan)
         except EncapfwdError as exc:
             raise LiveError(f"loading the XDP program: {exc}") from None
         from encapfwd.runtime.link import TxLossWatch
@@ -199,6 +208,14 @@ class XDPProgram:
             return None
         return pressure_count(self.dataplane.counters())
 
+    def handup_placed(self) -> Optional[int]:
+        """How many new flows of wrr/wlc ports the program placed itself beyond ``executor handuplimit``
+        (cumulative), None when it does not count them."""
+        if self.dataplane is None:
+            return None
+        events = getattr(self.dataplane, "flow_events", None)  # four per-CPU words, not every counter
+        return pressure_count(events(), "handup-limit") if events is not None else None
+
     def start(self, plan) -> None:
         if self.dataplane is None:
             self.load(plan)
@@ -215,6 +232,7 @@ class XDPProgram:
     def install(self, plan) -> Dict[str, Optional[str]]:
         try:
             self.dataplane.install(plan)
+            apply_host_limits(self.dataplane, plan)
         except Exception as exc:  # noqa: BLE001 - reported like a worker's failure; the old plan stays
             return {"xdp": f"{type(exc).__name__}: {exc}"}
         self.plan = plan
@@ -260,6 +278,9 @@ class XDPProgram:
         placed = pressure_count(kernel)
         if placed is not None:
             engine["xdp_pressure_placed"] = placed
+        beyond = pressure_count(kernel, "handup_placed")
+        if beyond is not None:
+            engine["xdp_handup_placed"] = beyond
         if isinstance(kernel.get("flows_not_remembered"), dict):  # new flows forwarded, not written (by reason)
             engine["xdp_flows_not_remembered"] = dict(kernel["flows_not_remembered"])
         return [{"dispatcher": dispatcher, "engine": engine}]
@@ -281,4 +302,4 @@ class XDPProgram:
             self.dataplane.forget()
 
 
-__all__ = ["KernelFlows", "XDPProgram", "pressure_count"]
+__all__ = ["KernelFlows", "XDPProgram", "apply_host_limits", "pressure_count"]

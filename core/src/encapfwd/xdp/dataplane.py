@@ -6,6 +6,7 @@
     dp.attach(ifindex, "native")       # run it on an interface
     dp.counters()                      # per-server packets/bytes, drops and slow-path frames
     dp.set_pressure(True)              # overload: the kernel places new flows of wrr/wlc ports itself
+    dp.set_handup_limit(20000)         # ... and beyond 20,000 hand-ups of them per CPU and second (live only)
     dp.close()                         # detach and unload; nothing is pinned
 
 Reloads never show a packet a half-written plan: every plan map holds two generations (keys carry the
@@ -97,11 +98,12 @@ class DataPlane:
         self.prog_fd = obj.program(self.PROGRAM)
         self.maps = {name: obj.map(name) for name in (
             "control", "host", "vips", "port_index", "ports", "servers", "ring", "flows", "stats", "drops",
-            "passes", "last_reason", "overload", "flow_events", "newflow_rate", "new_flows")}
+            "passes", "last_reason", "overload", "flow_events", "newflow_rate", "handup_rate", "new_flows")}
         self.gen = 0
         self.plan = None
         self._pressure = False
         self._newflow_limit = 0
+        self._handup_limit = 0
         self._publish = False
         self._overload_lock = threading.Lock()  # set_pressure (a controller thread) and install write one entry
         self._keys: Dict[int, Dict[str, set]] = {0: {}, 1: {}}
@@ -154,7 +156,7 @@ class DataPlane:
 
     # -- overload ---------------------------------------------------------------------------------------------
     def _write_overload(self, pressure: Optional[bool] = None, newflow_limit: Optional[int] = None,
-                        publish: Optional[bool] = None) -> None:
+                        publish: Optional[bool] = None, handup_limit: Optional[int] = None) -> None:
         with self._overload_lock:
             if pressure is not None:
                 self._pressure = bool(pressure)
@@ -162,7 +164,10 @@ class DataPlane:
                 self._newflow_limit = int(newflow_limit)
             if publish is not None:
                 self._publish = bool(publish)
-            self.maps["overload"].update(0, M.overload_value(self._pressure, self._newflow_limit, self._publish))
+            if handup_limit is not None:
+                self._handup_limit = int(handup_limit)
+            self.maps["overload"].update(0, M.overload_value(self._pressure, self._newflow_limit, self._publish,
+                                                             self._handup_limit))
 
     def set_publish(self, on: bool) -> None:
         """Flow synchronisation on or off: on, the program writes every new flow entry to the ``new_flows``
@@ -180,6 +185,14 @@ class DataPlane:
     @property
     def pressure(self) -> bool:
         return self._pressure
+
+    def set_handup_limit(self, limit: int) -> None:
+        """At most *limit* new flows of wrr/wlc ports handed up per CPU per second (``executor handuplimit``,
+        counted in windows of a tenth of a second); beyond it the program places them itself as under pressure
+        (counted as ``handup_placed``) until the window ends. 0 (the default here): every one goes up. Only
+        the live runtime sets it: offline (replay, tests) the slow path is never behind. Kept across plan
+        installs."""
+        self._write_overload(handup_limit=limit)
 
     # -- flows (the slow path writes the flows it decided) ---------------------------------------------------
     def write_flow(self, key: bytes, sid: int) -> None:
@@ -256,7 +269,8 @@ class DataPlane:
         """Per server ``{name: {packets, bytes}}`` (the kernel's), ``drops`` and ``passed`` by reason, and the
         overload counters: ``flows_not_remembered`` (``{"not-syn": n, "rate-limit": m}``: new flows forwarded
         but not written into the flow table), ``pressure_placed`` (new flows of wrr/wlc ports the program
-        placed under pressure) and ``pressure`` (whether it is on)."""
+        placed under pressure), ``handup_placed`` (those it placed beyond the hand-up limit) and ``pressure``
+        (whether it is on)."""
         servers = {}
         if self.plan is not None:
             for server in self.plan.servers:
@@ -265,7 +279,8 @@ class DataPlane:
         events = self.flow_events()
         return {"servers": servers, "drops": self.reason_counts("drops"), "passed": self.reason_counts("passes"),
                 "flows_not_remembered": {r: events[r] for r in M.NOT_REMEMBERED},
-                "pressure_placed": events["pressure"], "pressure": self._pressure}
+                "pressure_placed": events["pressure"], "handup_placed": events["handup-limit"],
+                "pressure": self._pressure}
 
 
 __all__ = ["DataPlane", "XDP_DROP", "XDP_PASS", "XDP_TX", "object_path", "pass_object_path"]

@@ -24,8 +24,13 @@
  *   a new flow is forwarded by the table but not remembered (0: no limit; the Python executor has none);
  * - under pressure (overload.pressure, set by the controller when the slow path cannot keep up), a new flow
  *   of a wrr or wlc port is placed here by the port's pressure table (a weighted Maglev table of its
- *   eligible servers) and remembered, instead of going up. Every flow not remembered, and every flow placed
- *   under pressure, is counted in flow_events.
+ *   eligible servers) and remembered, instead of going up;
+ * - without it, at most overload.handup_limit new flows of such ports per CPU per second go up (in windows of
+ *   a tenth of a second): beyond them the program places them itself, as under pressure, at once, in the
+ *   first milliseconds of a flood, before the controller can have seen the slow path fall behind (it sees
+ *   the count grow and turns pressure on; 0: no limit, every new flow goes up; set by the live runtime only).
+ * Every flow not remembered, every flow placed under pressure and every one placed beyond the hand-up limit
+ * is counted in flow_events.
  * Flows already in the table pay nothing for any of this: it all happens after a miss.
  */
 #include <linux/bpf.h>
@@ -60,7 +65,7 @@ enum template_field { F_IPV4 = 0x01, F_TOS = 0x02, F_DF = 0x04, F_IDENT = 0x08, 
 enum drop_reason { D_TRUNCATED, D_BAD_CHECKSUM, D_NOT_PORT, D_NO_SERVER, D_MAX };
 /* new flows the program forwarded without remembering them, or placed under pressure
  * (encapfwd.xdp.maps.FLOW_EVENTS) */
-enum flow_event { E_NOT_SYN, E_RATE_LIMIT, E_PRESSURE, E_MAX };
+enum flow_event { E_NOT_SYN, E_RATE_LIMIT, E_PRESSURE, E_HANDUP_LIMIT, E_MAX };
 /* why a frame went up (encapfwd.xdp.maps.PASSES) */
 enum pass_reason {
     P_NOT_OURS, P_MALFORMED, P_IP_OPTIONS, P_FRAGMENT, P_NOT_TCP_UDP, P_TTL, P_NEW_FLOW, P_TOO_BIG,
@@ -108,10 +113,11 @@ struct overload {
     __u32 pressure;      /* 1: the slow path cannot keep up: place new flows of wrr/wlc ports here */
     __u32 newflow_limit; /* new flow entries per CPU per second (executor newflowlimit); 0: no limit */
     __u32 publish;       /* 1: flow synchronisation runs: every new flow entry goes to `new_flows` too */
-    __u32 pad;
+    __u32 handup_limit;  /* new flows of wrr/wlc ports handed up per CPU per second, at most; 0: no limit */
 };
 
-/* This CPU's window of new flow entries (Katran's MAX_CONN_RATE): at most newflow_limit per second. */
+/* This CPU's window of new flow entries (Katran's MAX_CONN_RATE): at most newflow_limit per second; the same
+ * shape counts its hand-ups of new flows (handup_rate, windows of HANDUP_WINDOW_NS). */
 struct newflow_window {
     __u64 start_ns;
     __u64 count;
@@ -264,6 +270,13 @@ struct {
 
 struct {
     __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct newflow_window);
+} handup_rate SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
     __uint(max_entries, E_MAX);
     __type(key, __u32);
     __type(value, __u64);
@@ -349,6 +362,29 @@ static __always_inline int newflow_limited(__u64 now, __u32 limit)
     return 0;
 }
 
+#define HANDUP_WINDOW_NS 100000000ull /* a tenth of a second: the hand-up limit's window */
+
+/* Whether this CPU has handed up its share of new flows (handup_limit / 10 per window of a tenth of a
+ * second) already; else the hand-up about to be made is counted. A tenth-second window lets a flood's first
+ * frames past the limit be placed here within milliseconds, and spreads the hand-ups the slow path gets. */
+static __always_inline int handup_limited(__u64 now, __u32 limit)
+{
+    __u32 zero = 0;
+    struct newflow_window *w = bpf_map_lookup_elem(&handup_rate, &zero);
+    if (!w)
+        return 0;
+    __u32 share = limit / 10 ? limit / 10 : 1;
+    if (now - w->start_ns >= HANDUP_WINDOW_NS) {
+        w->start_ns = now;
+        w->count = 1;
+        return 0;
+    }
+    if (w->count >= share)
+        return 1;
+    w->count += 1;
+    return 0;
+}
+
 /* Publish a new flow entry for flow synchronisation; its `pad` becomes the publication mark
  * (encapfwd.flowsync.sweep.mark_of: seen_ns >> 30, never 0) so that the controller's sweep of `flows` skips it.
  * The ring full, pad stays 0 and the sweep publishes it. */
@@ -395,15 +431,22 @@ static __always_inline __s64 select_server(struct flow_key *fk, struct port_entr
     __u32 size = pe->ring_size;
     __u32 zero = 0;
     struct overload *ov = 0;
+    __u32 event = E_PRESSURE;
     if (!size) {
-        /* not a table: the slow path places the flow, unless it is under pressure and the port has a pressure
-         * table (wrr, wlc; the plan gives none to stickytime ports, whose client affinity lives in the slow
-         * path's table, nor to a plugin's selector, which only Python can run) */
+        /* not a table: the slow path places the flow, unless it is under pressure (or this CPU handed up its
+         * share of new flows in this window already) and the port has a pressure table (wrr, wlc; the plan
+         * gives none to stickytime ports, whose client affinity lives in the slow path's table, nor to a
+         * plugin's selector, which only Python can run) */
         if (!pe->fallback)
             return -1;
         ov = bpf_map_lookup_elem(&overload, &zero);
-        if (!ov || !ov->pressure)
+        if (!ov)
             return -1;
+        if (!ov->pressure) {
+            if (!ov->handup_limit || !handup_limited(now, ov->handup_limit))
+                return -1;
+            event = E_HANDUP_LIMIT;
+        }
         size = pe->fallback;
     }
     __u32 hash = flow_crc(fk->src, fk->dst, alen, fk->proto, l4);
@@ -413,7 +456,7 @@ static __always_inline __s64 select_server(struct flow_key *fk, struct port_entr
         return NO_SERVER;
     __u32 placed = *sid;
     if (ov)
-        count_flow_event(E_PRESSURE);
+        count_flow_event(event);
     /* a flow the table still holds (expired, or its server down or gone) is written again in its entry, which
      * takes no new one; the rules are for new entries */
     if (!fv) {

@@ -28,9 +28,10 @@ DROPS = ("truncated", "bad-checksum", "not-port", "no-server")
 PASSES = ("not-ours", "malformed", "ip-options", "fragment", "not-tcp-udp", "ttl", "new-flow", "too-big",
           "no-template", "ext-header", "error", "not-for-us")
 #: new flows the program forwarded without remembering them (``not-syn``: a TCP segment that cannot open a
-#: connection; ``rate-limit``: beyond ``executor newflowlimit`` on its CPU), and those it placed under pressure
-#: (``pressure``), in the order of its ``enum flow_event`` (the ``flow_events`` map)
-FLOW_EVENTS = ("not-syn", "rate-limit", "pressure")
+#: connection; ``rate-limit``: beyond ``executor newflowlimit`` on its CPU), those it placed under pressure
+#: (``pressure``) and those of wrr/wlc ports it placed itself beyond ``executor handuplimit`` on its CPU
+#: (``handup-limit``), in the order of its ``enum flow_event`` (the ``flow_events`` map)
+FLOW_EVENTS = ("not-syn", "rate-limit", "pressure", "handup-limit")
 #: the reasons of FLOW_EVENTS a new flow is not remembered for
 NOT_REMEMBERED = ("not-syn", "rate-limit")
 
@@ -42,10 +43,11 @@ PORT_KEY = struct.Struct("<16s2sBB")
 #: ``struct port_entry {ring_base, ring_size, timeout, fallback}``: a table port's slots, or (ring_size 0) a
 #: wrr/wlc port's pressure table of ``fallback`` slots at ``ring_base``
 PORT_ENTRY = struct.Struct("<IIII")
-#: ``struct overload {pressure, newflow_limit, publish, pad}`` (the ``overload`` map's one entry; ``publish``:
-#: flow synchronisation runs, new flow entries go to the ``new_flows`` ring buffer too)
+#: ``struct overload {pressure, newflow_limit, publish, handup_limit}`` (the ``overload`` map's one entry;
+#: ``publish``: flow synchronisation runs, new flow entries go to the ``new_flows`` ring buffer too;
+#: ``handup_limit``: new flows of wrr/wlc ports handed up per CPU per second at most, 0: no limit)
 OVERLOAD = struct.Struct("<IIII")
-#: ``struct newflow_window {start_ns, count}`` (per CPU)
+#: ``struct newflow_window {start_ns, count}`` (per CPU; also the ``handup_rate`` map's)
 NEWFLOW_WINDOW = struct.Struct("<QQ")
 SERVER_ENTRY = struct.Struct(f"<6s6sHHHBB{XDP_MAX_HEADER}s")
 #: where the template header starts in a server entry
@@ -101,10 +103,10 @@ def ring_slots(plan) -> int:
     return sum(len(_slots_of(p)[0]) for p in table_ports(plan))
 
 
-def overload_value(pressure: bool, newflow_limit: int, publish: bool = False) -> bytes:
-    """The ``struct overload`` of the program: the pressure flag, the new-flow limit per CPU and second, and
-    whether new flow entries are published (flow synchronisation)."""
-    return OVERLOAD.pack(1 if pressure else 0, newflow_limit, 1 if publish else 0, 0)
+def overload_value(pressure: bool, newflow_limit: int, publish: bool = False, handup_limit: int = 0) -> bytes:
+    """The ``struct overload`` of the program: the pressure flag, the new-flow limit per CPU and second,
+    whether new flow entries are published (flow synchronisation), and the hand-up limit per CPU and second."""
+    return OVERLOAD.pack(1 if pressure else 0, newflow_limit, 1 if publish else 0, handup_limit)
 
 
 def plan_entries(plan, gen: int, ring_cap: int) -> Dict[str, list]:
