@@ -16,7 +16,7 @@ Topology (one-armed, as a dispatcher is)::
       back to 10.1.0.3's MAC (NOBODY_MAC, owned     all three send the frame back out of f0 to NOBODY_MAC
       by nobody), drops everything                  (MAC forwarding, or IPIP / GRE to 10.1.0.3 on-link)
                                                    (d) encapfwd run --engine tc, (e) --engine auto (its
-                                                       choice printed: g0 runs an XDP program, so native XDP)
+                                                       choice printed: TC, as on every veth)
 
 Generator (--generator auto | live-frames | trafgen | xdp-redirect; bench/live_helpers.py in the gen namespace):
 

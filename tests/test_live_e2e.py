@@ -110,14 +110,19 @@ def test_every_request_succeeds(lab, method):
     assert after[name]["packets"] - before.get(name, {}).get("packets", 0) >= 4 * REQUESTS
 
 
-@TC_ONLY
+@pytest.mark.parametrize("lab", ["tc", "afpacket"], indirect=True)
 @pytest.mark.parametrize("method", METHODS)
 def test_an_upload_in_gso_buffers_arrives_whole(lab, method, tmp_path):
     """A 4 MiB upload whose segments reach the dispatcher merged into GSO socket buffers of up to 64 KiB (the
     client's TSO, forwarded whole over the veths: what a container's veth receives when its host's NIC
     does GRO). The TC program forwards each buffer whole: MAC as it is, IPIP and GRE through
     bpf_skb_adjust_room's tunnel flags, so that the kernel segments the tunnel on the way to the back-end's
-    kernel, which must put the stream back together byte for byte (its SHA-256)."""
+    kernel. The AF_PACKET workers cut each buffer into its segments (runtime/afpacket/gso.py) and forward
+    those; a segment too big for a tunnel is answered with ICMP "fragmentation needed", and the client's
+    path MTU discovery does the rest, as with single frames. Either way the back-end's kernel must put the
+    stream back together byte for byte (its SHA-256). Not native XDP: a veth with an XDP program makes its peer
+    cut such buffers before they cross (the kernel turns the peer's GSO off), and the client's checksums, left
+    to offload here, are what native XDP cannot finish (test_live_engines.py)."""
     import hashlib
 
     _need(lab, method)
@@ -133,35 +138,21 @@ def test_an_upload_in_gso_buffers_arrives_whole(lab, method, tmp_path):
         lab.segmentation_offload(False)
     after = lab.report()["engine"]
     assert answer.startswith(f"server={method} ") and f"got={4 << 20} sha256={digest}" in answer, (
-        answer, after.get("xdp_passed_by_reason"))
-    forwarded = after["xdp_forwarded"] - before["xdp_forwarded"]
-    too_big = after["xdp_passed_by_reason"].get("too-big", 0) - before["xdp_passed_by_reason"].get("too-big", 0)
-    print(f"\n{method}: 4 MiB in {forwarded} buffers forwarded by the program; {too_big} too big for the "
-          "tunnel (a single full-size segment: the slow path's ICMP 'fragmentation needed', path MTU discovery)")
-    # far fewer buffers than the ~2,900 segments: the program saw GSO buffers, and forwarded them
-    assert forwarded < 1500, forwarded
-
-
-@pytest.mark.parametrize("lab", ["afpacket"], indirect=True)
-def test_gso_buffers_the_afpacket_engine_cannot_forward_are_counted_and_said(lab, tmp_path):
-    """The AF_PACKET workers forward single frames: a GSO buffer (longer than the link's MTU allows a frame)
-    is dropped, counted and said in the log with what to do — not answered with an ICMP 'fragmentation
-    needed' that the client cannot act on, and not lost silently."""
-    _ensure_running(lab)
-    body = tmp_path / "upload.bin"
-    body.write_bytes(os.urandom(1 << 20))
-    lab.segmentation_offload(True)
-    try:
-        answer = lab.upload("mac", body, timeout=3.0)
-    finally:
-        lab.segmentation_offload(False)
-    report = lab.report()
-    assert answer.startswith("FAIL"), answer
-    assert report["engine"]["gso_dropped"] > 0, report["engine"]
-    assert "frag-needed" not in (report.get("drops") or {}), report.get("drops")
-    assert "merged by GRO or a sender's TSO" in lab.dispatcher_log(), lab.dispatcher_log()[-2000:]
-    answers = lab.curl("mac", 3)  # with the offloads off again, requests go through as ever
-    assert all(a.startswith("server=mac ") for a in answers), answers
+        answer, {k: v for k, v in after.items() if "gso" in k or "passed" in k})
+    if lab.engine == "tc":
+        forwarded = after["xdp_forwarded"] - before["xdp_forwarded"]
+        passed = after["xdp_passed_by_reason"]
+        too_big = passed.get("too-big", 0) - before["xdp_passed_by_reason"].get("too-big", 0)
+        print(f"\n{method}: 4 MiB in {forwarded} buffers forwarded by the program; {too_big} too big for the "
+              "tunnel (a single full-size segment: the slow path's ICMP 'fragmentation needed', path MTU discovery)")
+        # far fewer buffers than the ~2,900 segments: the program saw GSO buffers, and forwarded them
+        assert forwarded < 1500, forwarded
+    elif lab.engine == "afpacket":
+        cut = after["gso_buffers"] - before["gso_buffers"]
+        segments = after["gso_segments"] - before["gso_segments"]
+        print(f"\n{method}: the workers cut {cut} buffers into {segments} segments")
+        assert cut > 0 and segments > cut, after
+        assert after["gso_dropped"] == before["gso_dropped"], after
 
 
 def test_ipv6_cluster_with_mac_forwarding(lab):

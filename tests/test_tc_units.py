@@ -46,8 +46,10 @@ def facts(monkeypatch):
     (link("bridge", "bridge", 0), "tc", "tcx",
      "auto: eth0's driver (bridge) has no native XDP; frames arrive there as socket buffers: the TC program "
      "runs at tc ingress (generic XDP would cost more)"),
-    (link("veth", "veth", 103, "lan-d", True), "xdp", "native",
-     "auto: eth0 is a veth whose peer (lan-d) runs a native XDP program, so native XDP_TX frames reach it"),
+    (link("veth", "veth", 103, "lan-d", True), "tc", "tcx",
+     "auto: eth0 is a veth: frames arrive there as socket buffers, and those of senders on this host carry "
+     "TCP/UDP checksums left to offload (CHECKSUM_PARTIAL, a veth's default: XDP never sees that the checksum is "
+     "unfinished), which native XDP would forward unfinished: the TC program runs at tc ingress"),
     (link(None, "ixgbe", 0x7F), "xdp", "native", "auto: eth0's driver (ixgbe) runs XDP natively"),
 ])
 def test_auto_picks_native_xdp_or_tc(facts, facts_of, engine, mode, words):
@@ -70,6 +72,12 @@ def test_asked_for_engines_and_modes_are_kept(facts, monkeypatch):
     assert choose_engine("auto", "eth0", "generic").line() == (
         "engine: xdp (generic) — auto: BPF is available; --xdp-mode generic asked for")
     assert choose_engine("afpacket", "eth0").engine == "afpacket"
+    # native XDP asked for on a veth whose peer runs XDP: kept, with the reason it loses local senders' frames
+    facts["link"] = link("veth", "veth", 103, "lan-d", True)
+    native = choose_engine("xdp", "eth0")
+    assert (native.engine, native.mode) == ("xdp", "native")
+    assert native.warning.startswith("native XDP on a veth (eth0): frames of senders on this host carry TCP/UDP "
+                                     "checksums left to offload") and "--engine tc" in native.warning
     monkeypatch.setattr(libbpf, "available", lambda: (False, "BPF needs root (CAP_BPF and CAP_NET_ADMIN)"))
     with pytest.raises(LiveError, match=r"^--engine tc: BPF needs root"):
         choose_engine("tc", "eth0")

@@ -2,8 +2,8 @@
 
 The *engine* is the executor that forwards in the fast path: the XDP program (:mod:`.xdp`), the TC program
 (:mod:`.tc`) or the AF_PACKET workers alone (:mod:`.afpacket`). ``auto`` picks native XDP where the driver
-runs it and the frames it sends arrive, TC where frames arrive as socket buffers (veth, bridges, other
-virtual interfaces), AF_PACKET where BPF is not available. :meth:`Choice.line` is the run's first log line.
+runs it and the frames it sends arrive (a NIC), TC where frames arrive as socket buffers (veth — even one whose
+peer runs XDP —, bridges, other virtual interfaces), AF_PACKET where BPF is not available. :meth:`Choice.line` is the run's first log line.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Optional
 
 from encapfwd.errors import NoSuchInterface
 from encapfwd.runtime.common import LiveError
+from encapfwd.runtime.link import VETH
 
 ENGINES = ("auto", "xdp", "afpacket")
 XDP_MODES = ("native", "generic")
@@ -110,9 +111,10 @@ def attach_method(ifindex: int = 1) -> str:
 
 def choose_engine(engine: str, ifname: Optional[str], mode: str = "auto"):
     """:func:`choose` with the TC engine: ``--engine tc`` as asked; ``auto`` (with
-    ``--xdp-mode auto``) picks native XDP where the driver runs it and the frames it sends arrive (a NIC, a
-    veth whose peer runs an XDP program), TC where XDP would run generic (a veth whose peer runs none,
-    bridges, macvlan, other virtual interfaces: frames arrive there as socket buffers), AF_PACKET last."""
+    ``--xdp-mode auto``) picks native XDP where the driver runs it and the frames it sends arrive (a NIC), TC
+    where frames arrive as socket buffers (a veth — whether its peer runs XDP or not: native XDP there would
+    forward local senders' unfinished checksums —, bridges, macvlan, other virtual interfaces), AF_PACKET
+    last. ``--engine xdp`` in native mode on a veth is kept, with a warning saying why it loses such frames."""
     if engine == "tc":
         from encapfwd.xdp import libbpf
 
@@ -125,7 +127,22 @@ def choose_engine(engine: str, ifname: Optional[str], mode: str = "auto"):
         words = choice.reason.removeprefix("auto: ")
         return Choice("tc", f"auto: {words}; frames arrive there as socket buffers: the TC program runs at tc "
                             "ingress (generic XDP would cost more)", attach_method(), link=choice.link)
+    veth = choice.link is not None and choice.link.kind == VETH
+    if engine == "auto" and mode == "auto" and choice.engine == "xdp" and veth:
+        # even where its peer runs XDP: native XDP there would forward local senders' frames corrupt
+        return Choice("tc", f"auto: {choice.link.name} is a veth: frames arrive there as socket buffers, and those "
+                            f"of senders on this host carry {UNFINISHED}, which native XDP would forward unfinished: "
+                            "the TC program runs at tc ingress", attach_method(), link=choice.link)
+    if choice.engine == "xdp" and choice.mode == "native" and veth and choice.warning is None:
+        choice.warning = (f"native XDP on a veth ({choice.link.name}): frames of senders on this host carry "
+                          f"{UNFINISHED}; native XDP forwards them unfinished and their receivers drop them. Turn "
+                          "TX checksum offload off where they are sent (ethtool -K DEV tx off), or run --engine tc")
     return choice
+
+
+#: why native XDP on a veth loses frames of local senders (docs/live.md, "Engines")
+UNFINISHED = ("TCP/UDP checksums left to offload (CHECKSUM_PARTIAL, a veth's default: XDP never sees that the "
+              "checksum is unfinished)")
 
 
 __all__ = ["ENGINES", "ENV_TC_ATTACH", "TC_ATTACH", "XDP_MODES", "Choice", "attach_method", "choose",

@@ -36,6 +36,7 @@ PACKET_LOSS = 14
 PACKET_FANOUT = 18
 PACKET_QDISC_BYPASS = 20
 PACKET_IGNORE_OUTGOING = 23
+PACKET_VNET_HDR = 15
 
 TPACKET_V2 = 1
 TPACKET_V3 = 2
@@ -253,9 +254,15 @@ class RxRing:
 
     Only what the BPF *program* accepts is copied into the ring; our own transmissions are never looped
     back (``PACKET_IGNORE_OUTGOING`` and the filter's ``PACKET_HOST`` test).
+
+    With *vnet* (``PACKET_VNET_HDR``, where the kernel takes it: :attr:`vnet` says), each frame comes with its
+    ``struct virtio_net_hdr`` just before it (at ``tp_mac`` − 10): a GSO buffer's type and segment size, which
+    the workers need to cut it (:mod:`.gso`).
     """
 
     HDR = struct.Struct("<I8xI4xIH")  # tp_next_offset, tp_snaplen, tp_status, tp_mac
+    #: ``tp_len`` (the frame's whole length; longer than tp_snaplen when the ring's block cut it short)
+    LEN = struct.Struct("<16xI")
 
     def __init__(
         self,
@@ -267,10 +274,18 @@ class RxRing:
         retire_ms: int = 1,
         fanout_group: int = 0,
         protocol: int = ETH_P_ALL,
+        vnet: bool = False,
     ):
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing yet
+        self.vnet = False
         try:
             attach_filter(sock, program)
+            if vnet:  # before the ring: the kernel refuses it on a socket that has one
+                try:
+                    sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+                    self.vnet = True
+                except OSError:
+                    pass
             sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
             frame_size = 2048
             req = struct.pack(

@@ -19,6 +19,7 @@ from encapfwd.model import Config
 from encapfwd.runtime.afpacket import triage as overload
 from encapfwd.runtime.afpacket.admission import KNOWN_REFRESH, LEARN_BUDGET, Admission
 from encapfwd.runtime.afpacket.checksum import complete_checksum
+from encapfwd.runtime.afpacket.gso import VNET_HDR, VNET_HDR_LEN, segments
 from encapfwd.runtime.afpacket.messaging import recv_msg, send_msg
 from encapfwd.runtime.afpacket.rings import (
     TP_STATUS_CSUMNOTREADY,
@@ -129,8 +130,9 @@ class Worker:
         #: overload triage (runtime/afpacket/triage.py): on while this worker cannot keep up
         self.triage = overload.Triage(self.stats)
         self.stats.update(known_clients=0, known_learned=0, admission_attaches=0, admission_error=None)
-        #: GSO buffers (several segments in one, longer than the link's MTU allows a frame): dropped, counted
-        self.stats["gso_dropped"] = 0
+        #: GSO buffers (several segments in one, longer than the link's MTU allows a frame): cut into their
+        #: segments (gso.py; ``gso_buffers``, ``gso_segments``), or, where that cannot be done, dropped, counted
+        self.stats.update(gso_buffers=0, gso_segments=0, gso_dropped=0)
         self._gso_said = -60.0
         self._longest = iface.mtu + 18  # Ethernet header and one VLAN tag
         if rings is not None:
@@ -153,6 +155,7 @@ class Worker:
             block_size=rx_block_size,
             fanout_group=fanout_group,
             protocol=self._protocol(config, fanout_group),
+            vnet=True,
         )
         frame = tx_frame_size(iface.mtu)
         # through the qdisc by default, which keeps what we send visible to tcpdump on this host;
@@ -443,7 +446,7 @@ class Worker:
             start = offset + mac
             offset += nxt
             if snaplen > longest:  # no frame is longer than the link's MTU: a GSO buffer
-                self._gso_buffer(snaplen, now)
+                yield from self._gso_buffer(rxm, start - mac, start, snaplen, now)
                 continue
             if snaplen >= least:
                 et, vihl, proto, dst, dport, flags = look(rxm, start)
@@ -523,21 +526,39 @@ class Worker:
             else:
                 yield process(frame, now)
 
-    def _gso_buffer(self, length: int, now: float) -> None:
-        """A buffer longer than any frame of the link: several TCP segments of one flow merged, by GRO on
-        this interface or, over a veth, by the sender's TSO (a host's bridge hands a container what its NIC's
-        GRO made). The AF_PACKET path forwards frames one by one and cannot cut it into segments: dropped,
-        counted (``gso_dropped``), said in the log at most once a minute with what to do (docs/live.md, "GSO
-        buffers"): the sender sends it again merged too, so the connection does not progress until the
-        offloads are off."""
+    def _gso_buffer(self, rxm, at: int, start: int, snaplen: int, now: float):
+        """A buffer longer than any frame of the link (its ring header at *at*, the frame at *start*): several
+        segments of one flow merged, by GRO on this interface or, over a veth, by the sender's TSO (a host's
+        bridge hands a container what its NIC's GRO made). Cut into the segments it stands for (:mod:`.gso`,
+        from the ring's virtio_net_hdr), each forwarded as if it had come alone (``gso_buffers``,
+        ``gso_segments``). One that cannot be cut — the ring cut it short, the kernel gives no
+        virtio_net_hdr, a kind of buffer gso.py does not cut — is dropped, counted (``gso_dropped``) and said
+        in the log at most once a minute with what to do (docs/live.md, "GSO buffers")."""
         stats = self.stats
+        length = self.rx.LEN.unpack_from(rxm, at)[0]
+        why = None
+        if not getattr(self.rx, "vnet", False):
+            why = "this kernel gives the receive ring no virtio_net_hdr (PACKET_VNET_HDR)"
+        elif length > snaplen:
+            why = "longer than a block of the receive ring"
+        else:
+            _flags, gso_type, _hlen, gso_size, _cstart, _coff = VNET_HDR.unpack_from(rxm, start - VNET_HDR_LEN)
+            pieces = segments(rxm[start : start + snaplen], gso_type, gso_size)
+            if pieces:
+                stats["gso_buffers"] += 1
+                stats["gso_segments"] += len(pieces)
+                process = self.dispatcher.process
+                for piece in pieces:
+                    yield process(piece, now)
+                return
+            why = f"a kind of buffer the workers do not cut (gso_type {gso_type}, gso_size {gso_size})"
         stats["gso_dropped"] += 1
         if now - self._gso_said >= 60.0:
             self._gso_said = now
             log(f"worker {self.number}: {self.iface.name}: dropped a {length:,}-byte buffer of several segments "
-                f"merged by GRO or a sender's TSO ({stats['gso_dropped']:,} so far): the AF_PACKET path forwards "
-                "single frames. Turn GRO off on this interface and TSO/GSO off on the one that feeds it "
-                "(ethtool -K DEV gro off; tso off gso off), or run --engine tc, which forwards such buffers")
+                f"merged by GRO or a sender's TSO ({stats['gso_dropped']:,} so far): {why}. Turn GRO off on this "
+                "interface and TSO/GSO off on the one that feeds it (ethtool -K DEV gro off; tso off gso off), "
+                "or run --engine tc, which forwards such buffers whole")
 
     def close(self) -> None:
         for ring in (self.tx, self.rx):
