@@ -1,4 +1,4 @@
-"""The controller never lies and never stalls — against a live dispatcher (XDP where BPF works, and AF_PACKET).
+"""The controller never lies and never stalls — against a live dispatcher (the TC program where BPF works, and AF_PACKET).
 
 A MAC-forwarding lab (plain namespaces): client → router → dispatcher (``encapfwd run --metrics``) → two MAC
 back-ends (10.0.2.10 "mac" and 10.0.2.11 "m2", httpd on TCP 80, nothing on UDP 80).

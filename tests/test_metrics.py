@@ -338,8 +338,8 @@ def _live_reason():
 
 @pytest.fixture(scope="module", params=["auto", "afpacket"])
 def lab(request):
-    """The MAC-only lab with ``encapfwd run --metrics 127.0.0.1:PORT``: ``--engine auto`` (XDP where BPF
-    works, as here on a veth with the lab's pass-through peer) and ``--engine afpacket``."""
+    """The MAC-only lab with ``encapfwd run --metrics 127.0.0.1:PORT``: ``--engine auto`` (the TC program where
+    BPF works, as on every veth) and ``--engine afpacket``."""
     reason = _live_reason()
     if reason:
         pytest.skip(reason)
@@ -436,7 +436,7 @@ def test_info_names_the_engine(lab):
     assert labels == {"engine": report["engine"]["engine"], "interface": "eth0",
                       "plan_digest": report["engine"]["plan_digest"],
                       "selection_digest": report["engine"]["selection_digest"]}
-    assert labels["engine"] in ("xdp", "afpacket")
+    assert labels["engine"] in ("xdp", "tc", "afpacket")
     if lab.engine == "afpacket":
         assert labels["engine"] == "afpacket"
 

@@ -358,9 +358,9 @@ def test_ready_once_the_plan_runs(service, prometheus, browser):  # both start n
     engine = report["engine"]
     assert engine["plan_digest"][:12] in fields["STATUS"]
     assert "1/1 servers up" in fields["STATUS"]
-    # the unit's capabilities are enough for the engine auto chooses here (XDP where BPF works)
+    # the unit's capabilities are enough for the engine auto chooses here (TC on this veth where BPF works)
     assert engine["engine"] in fields["STATUS"]
-    assert fields["STATUS"].startswith(("xdp (", "afpacket"))
+    assert fields["STATUS"].startswith(("tc (", "afpacket"))
     # ... and XDP is never refused for want of a capability (without CAP_PERFMON the verifier refuses the
     # program and auto falls back to afpacket: "Permission denied (R4 pointer -= pointer prohibited)")
     assert "Permission denied" not in service.log() and "needs root" not in service.log(), service.log()

@@ -204,22 +204,27 @@ def test_triage_picks_the_flooded_port_and_lets_go_after_the_hold():
     assert triage.orphan_stride > 100
 
 
+class _Kernel:
+    """A kernel executor as the controller's Overload sees it: its pressure mode and its two counters."""
+
+    def __init__(self, kind, placed=(0,), beyond=None):
+        self.kind, self.state, self.placed, self.beyond = kind, None, placed, beyond
+        if beyond is not None:
+            self.handup_placed = lambda: self.beyond[0]
+
+    def set_pressure(self, on):
+        self.state = on
+
+    def pressure_placed(self):
+        return self.placed[0]
+
+
 def test_controller_episode_engages_holds_and_ends():
     from encapfwd.runtime.overload import HOLD, Overload
 
     lines, now, placed, told = [], [0.0], [0], []
-
-    class Kernel:
-        kind = "xdp"
-        state = None
-
-        def set_pressure(self, on):
-            Kernel.state = on
-
-        def pressure_placed(self):
-            return placed[0]
-
-    overload = Overload(lambda: Kernel(), log=lines.append, clock=lambda: now[0], tell=told.append)
+    Kernel = _Kernel("xdp", placed)
+    overload = Overload(lambda: Kernel, log=lines.append, clock=lambda: now[0], tell=told.append)
     overload.on_worker(0, {"on": True, "why": "its RX ring dropped 10 frames in 100 ms", "capacity": 70_000})
     assert Kernel.state is True and overload.snapshot()["engaged"] and overload.snapshot()["mode"] == "kernel"
     assert len(lines) == 1 and lines[0].startswith("overload: the slow path cannot keep up (worker 0: its RX ring")
@@ -248,21 +253,8 @@ def test_controller_engages_when_the_kernel_places_flows_beyond_its_handup_limit
     from encapfwd.runtime.overload import CHECK_INTERVAL, HOLD, Overload
 
     lines, now, beyond, told = [], [0.0], [0], []
-
-    class Kernel:
-        kind = "tc"
-        state = None
-
-        def set_pressure(self, on):
-            Kernel.state = on
-
-        def pressure_placed(self):
-            return 0
-
-        def handup_placed(self):
-            return beyond[0]
-
-    overload = Overload(lambda: Kernel(), log=lines.append, clock=lambda: now[0], tell=told.append)
+    Kernel = _Kernel("tc", beyond=beyond)
+    overload = Overload(lambda: Kernel, log=lines.append, clock=lambda: now[0], tell=told.append)
     for _ in range(8):  # quiet: the count does not move
         now[0] += CHECK_INTERVAL
         overload.poll(now[0])

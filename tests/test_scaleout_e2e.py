@@ -10,6 +10,7 @@ because every dispatcher picks the same server for a flow (Maglev over the same 
 from __future__ import annotations
 
 import signal
+import socket
 import time
 
 import pytest
@@ -56,6 +57,21 @@ def _packets(lab, index):
     return sum(s.get("packets", 0) for s in servers.values())
 
 
+
+def _attached(member, kind: str) -> bool:
+    """Whether the member's kernel program is still on its eth0: XDP (``ip link``), or TC at ingress (tcx or
+    clsact: queried inside its namespace)."""
+    if kind == "xdp":
+        return "xdp" in member.ns.ip("link", "show", "eth0").stdout
+    from encapfwd.xdp import tc
+
+    def query():
+        index = socket.if_nametoindex("eth0")
+        return tc.attached_owners(index) or tc.clsact_owners(index)
+
+    return bool(member.ns.call(query))
+
+
 def test_losing_and_adding_a_dispatcher_resets_no_connection(lab):
     conns = Connections(lab)
     try:
@@ -93,8 +109,10 @@ def test_losing_and_adding_a_dispatcher_resets_no_connection(lab):
         assert stalled == [] and not conns.errors, (stalled, conns.errors)
         assert _packets(lab, 2) > 0, "dispatcher 2 carries flows again"
 
-        # stop dispatcher 3 gracefully: withdrawn while its XDP program still forwards, then detached
+        # stop dispatcher 3 gracefully: withdrawn while its kernel program still forwards, then detached
         member = lab.members[3]
+        kind = lab.report_of(3)["engine"]["engine"]
+        assert kind in ("xdp", "tc") and _attached(member, kind)
         member.proc.send_signal(signal.SIGTERM)
         withdrawn = detached = None
         started = time.monotonic()
@@ -102,12 +120,12 @@ def test_losing_and_adding_a_dispatcher_resets_no_connection(lab):
             now = time.monotonic() - started
             if withdrawn is None and all(ALL[2] not in lab.nexthops(v) for v in VIPS.values()):
                 withdrawn = now
-            if detached is None and "xdp" not in member.ns.ip("link", "show", "eth0").stdout:
+            if detached is None and not _attached(member, kind):
                 detached = now
             time.sleep(0.005)
         lab.kill(3, signal.SIGTERM)
-        print(f"graceful stop of dispatcher 3: routes withdrawn after {withdrawn:.3f} s, "
-              f"XDP detached after {detached:.3f} s")
+        print(f"graceful stop of dispatcher 3 ({kind}): routes withdrawn after {withdrawn:.3f} s, "
+              f"its program detached after {detached:.3f} s")
         assert withdrawn is not None and detached is not None and withdrawn < detached
         stalled = conns.flowing(1.5)
         assert stalled == [] and not conns.errors, (stalled, conns.errors)

@@ -77,8 +77,8 @@ def _cpus(text):
     help="xdp: the XDP program forwards in the kernel, the AF_PACKET workers are its slow path; tc: the same "
     "program at tc ingress (tcx, else clsact), for frames that arrive as socket buffers (veth, containers); "
     "afpacket: the workers forward everything; auto: native XDP where the driver runs it and the frames it "
-    "sends arrive, tc on a veth whose peer runs no XDP program and on other virtual interfaces, afpacket "
-    "where BPF is unavailable (the first line says which engine, and why).",
+    "sends arrive (a NIC), tc on every veth and other virtual interfaces, afpacket where BPF is unavailable "
+    "(the first line says which engine, and why).",
 )
 @click.option(
     "--xdp-mode",

@@ -144,12 +144,17 @@ class Namespace:
     # -- sockets ----------------------------------------------------------------------------------------
     def socket(self, family: int, type: int, proto: int = 0) -> socket.socket:
         """A socket created inside this namespace (it stays there after the calling thread switches back)."""
+        return self.call(socket.socket, family, type, proto)
+
+    def call(self, fn, *args):
+        """``fn(*args)`` run by the calling thread inside this namespace (interface names, indexes and BPF
+        queries by interface are this namespace's), then back in its own."""
         own = os.open("/proc/self/ns/net", os.O_RDONLY)
         target = os.open(os.path.join(NETNS_DIR, self.name), os.O_RDONLY)
         try:
             _setns(target)
             try:
-                return socket.socket(family, type, proto)
+                return fn(*args)
             finally:
                 _setns(own)
         finally:

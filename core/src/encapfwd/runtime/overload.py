@@ -139,12 +139,7 @@ class Overload:
             return
         self._next_handups = now + CHECK_INTERVAL
         kernel = self.kernel()
-        count = None
-        if kernel is not None and hasattr(kernel, "handup_placed"):
-            try:
-                count = kernel.handup_placed()
-            except Exception:  # noqa: BLE001 - the counters are advice
-                count = None
+        count = self._count(kernel, "handup_placed")
         if count is None:
             self._handups = None
             return
@@ -159,14 +154,18 @@ class Overload:
         if self.mode != "kernel":  # its pressure mode could not be turned on: no worker triages, nothing to hold
             self._disengage(now, "the kernel program keeps placing them by itself")
 
+    @staticmethod
+    def _count(kernel, name: str) -> Optional[int]:
+        """The kernel executor's counter *name* (``pressure_placed``, ``handup_placed``), None without it."""
+        if kernel is None or not hasattr(kernel, name):
+            return None
+        try:
+            return getattr(kernel, name)()
+        except Exception:  # noqa: BLE001 - the counters are advice
+            return None
+
     def _kernel_rate(self, now: float) -> Optional[float]:
-        kernel = self.kernel()
-        count = None
-        if kernel is not None and hasattr(kernel, "pressure_placed"):
-            try:
-                count = kernel.pressure_placed()
-            except Exception:  # noqa: BLE001 - the counters are advice
-                count = None
+        count = self._count(self.kernel(), "pressure_placed")
         if count is None:
             self.placed_rate = None
             return None

@@ -117,7 +117,7 @@ struct overload {
 };
 
 /* This CPU's window of new flow entries (Katran's MAX_CONN_RATE): at most newflow_limit per second; the same
- * shape counts its hand-ups of new flows (handup_rate, windows of HANDUP_WINDOW_NS). */
+ * shape counts its hand-ups of new flows (handup_rate, windows of a tenth of a second). */
 struct newflow_window {
     __u64 start_ns;
     __u64 count;
@@ -343,38 +343,15 @@ static __always_inline void count_flow_event(__u32 event)
         *c += 1;
 }
 
-/* Whether this CPU has made *limit* new flow entries in its current one-second window already; else the
- * entry about to be made is counted (a window starts with the first entry after the last one ended). */
-static __always_inline int newflow_limited(__u64 now, __u32 limit)
+/* Whether this CPU's window in *map* (a per-CPU struct newflow_window) holds *share* events already; else the
+ * one about to happen is counted (a window of span_ns starts with the first event after the last one ended). */
+static __always_inline int window_full(void *map, __u64 now, __u64 span_ns, __u64 share)
 {
     __u32 zero = 0;
-    struct newflow_window *w = bpf_map_lookup_elem(&newflow_rate, &zero);
+    struct newflow_window *w = bpf_map_lookup_elem(map, &zero);
     if (!w)
         return 0;
-    if (now - w->start_ns >= 1000000000ull) {
-        w->start_ns = now;
-        w->count = 1;
-        return 0;
-    }
-    if (w->count >= limit)
-        return 1;
-    w->count += 1;
-    return 0;
-}
-
-#define HANDUP_WINDOW_NS 100000000ull /* a tenth of a second: the hand-up limit's window */
-
-/* Whether this CPU has handed up its share of new flows (handup_limit / 10 per window of a tenth of a
- * second) already; else the hand-up about to be made is counted. A tenth-second window lets a flood's first
- * frames past the limit be placed here within milliseconds, and spreads the hand-ups the slow path gets. */
-static __always_inline int handup_limited(__u64 now, __u32 limit)
-{
-    __u32 zero = 0;
-    struct newflow_window *w = bpf_map_lookup_elem(&handup_rate, &zero);
-    if (!w)
-        return 0;
-    __u32 share = limit / 10 ? limit / 10 : 1;
-    if (now - w->start_ns >= HANDUP_WINDOW_NS) {
+    if (now - w->start_ns >= span_ns) {
         w->start_ns = now;
         w->count = 1;
         return 0;
@@ -383,6 +360,20 @@ static __always_inline int handup_limited(__u64 now, __u32 limit)
         return 1;
     w->count += 1;
     return 0;
+}
+
+/* Whether this CPU has made *limit* new flow entries in its current one-second window already. */
+static __always_inline int newflow_limited(__u64 now, __u32 limit)
+{
+    return window_full(&newflow_rate, now, 1000000000ull, limit);
+}
+
+/* Whether this CPU has handed up its share of new flows (handup_limit / 10 per window of a tenth of a
+ * second) already. A tenth-second window lets a flood's first frames past the limit be placed here within
+ * milliseconds, and spreads the hand-ups the slow path gets. */
+static __always_inline int handup_limited(__u64 now, __u32 limit)
+{
+    return window_full(&handup_rate, now, 100000000ull, limit / 10 ? limit / 10 : 1);
 }
 
 /* Publish a new flow entry for flow synchronisation; its `pad` becomes the publication mark
