@@ -2,8 +2,9 @@
 
 The *engine* is the executor that forwards in the fast path: the XDP program (:mod:`.xdp`), the TC program
 (:mod:`.tc`) or the AF_PACKET workers alone (:mod:`.afpacket`). ``auto`` picks native XDP where the driver
-runs it and the frames it sends arrive (a NIC), TC where frames arrive as socket buffers (veth — even one whose
-peer runs XDP —, bridges, other virtual interfaces), AF_PACKET where BPF is not available. :meth:`Choice.line` is the run's first log line.
+runs it and the frames it sends arrive (a NIC), TC where frames arrive as socket buffers (veth — even one
+whose peer runs XDP —, bridges, other virtual interfaces), AF_PACKET where BPF is not available.
+:meth:`Choice.line` is the run's first log line.
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ def attach_method(ifindex: int = 1) -> str:
     return "clsact"
 
 
+#: why native XDP on a veth loses frames of local senders (docs/live.md, "Engines")
+UNFINISHED = ("TCP/UDP checksums left to offload (CHECKSUM_PARTIAL, a veth's default: XDP never sees that the "
+              "checksum is unfinished)")
+
+
 def choose_engine(engine: str, ifname: Optional[str], mode: str = "auto"):
     """:func:`choose` with the TC engine: ``--engine tc`` as asked; ``auto`` (with
     ``--xdp-mode auto``) picks native XDP where the driver runs it and the frames it sends arrive (a NIC), TC
@@ -138,11 +144,6 @@ def choose_engine(engine: str, ifname: Optional[str], mode: str = "auto"):
                           f"{UNFINISHED}; native XDP forwards them unfinished and their receivers drop them. Turn "
                           "TX checksum offload off where they are sent (ethtool -K DEV tx off), or run --engine tc")
     return choice
-
-
-#: why native XDP on a veth loses frames of local senders (docs/live.md, "Engines")
-UNFINISHED = ("TCP/UDP checksums left to offload (CHECKSUM_PARTIAL, a veth's default: XDP never sees that the "
-              "checksum is unfinished)")
 
 
 __all__ = ["ENGINES", "ENV_TC_ATTACH", "TC_ATTACH", "XDP_MODES", "Choice", "attach_method", "choose",

@@ -135,7 +135,7 @@ class Overload:
     def _watch_handups(self, now: float) -> None:
         """The program placed new flows itself beyond ``executor handuplimit`` since the last reading: the
         slow path is being handed more new flows than it is meant to serve — pressure mode on."""
-        if now < self._next_handups:
+        if now < self._next_handups or self.kernel_error is not None:  # its mode failed once: it places them
             return
         self._next_handups = now + CHECK_INTERVAL
         kernel = self.kernel()
