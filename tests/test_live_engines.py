@@ -334,7 +334,8 @@ def test_default_engine_on_a_veth_whose_peer_runs_xdp_is_still_tc(lab):
     XDP_TX frames would reach the peer, but ``auto`` still picks TC. Frames reach a veth as socket buffers, and
     those of a sender on the same host — the client here, with a veth's default TX checksum offload on — carry
     their TCP checksum unfinished (CHECKSUM_PARTIAL), which XDP cannot see: native XDP, asked for, forwards them
-    so (the server drops every one: each request fails) and says so at start; TC forwards them whole."""
+    so (on this kernel the server drops every one: each request fails; printed, since a kernel may change it)
+    and says so at start; TC forwards them whole."""
     if _xdp_reason():
         pytest.skip(f"XDP: {_xdp_reason()}")
     lab.peer_program(True)
@@ -360,9 +361,11 @@ def test_default_engine_on_a_veth_whose_peer_runs_xdp_is_still_tc(lab):
                             "buffers, and those of senders on this host carry TCP/UDP checksums left to offload"), first
     assert answers == [a for a in answers if a.startswith("server=mac ")], (answers, lab.log())
     assert report["xdp_forwarded"] >= 40, report
-    assert native == ["FAIL", "FAIL"], native
     assert "warning: native XDP on a veth (eth0): frames of senders on this host carry TCP/UDP checksums" in \
         native_log, native_log
+    # why: here (Linux 6.18) every such request is lost with native XDP; a kernel that finished the checksums
+    # before its skb -> XDP copy would answer them, and auto's choice would still be right
+    print(f"\nnative XDP, the client's checksum offload on: {native}")
 
 
 def test_native_xdp_asked_for_on_such_a_veth_warns_and_counts_the_lost_frames(lab):

@@ -32,9 +32,7 @@ def pressure_count(counters: dict, name: str = "pressure_placed") -> Optional[in
 def apply_host_limits(dataplane, plan) -> None:
     """What the live runtime alone gives the program: ``executor handuplimit`` (offline, the slow path is never
     behind, so replay and the tests' executors keep 0)."""
-    setter = getattr(dataplane, "set_handup_limit", None)
-    if setter is not None:
-        setter(plan.config.executor.handuplimit)
+    dataplane.set_handup_limit(plan.config.executor.handuplimit)
 
 
 class KernelFlows:
@@ -210,11 +208,10 @@ class XDPProgram:
 
     def handup_placed(self) -> Optional[int]:
         """How many new flows of wrr/wlc ports the program placed itself beyond ``executor handuplimit``
-        (cumulative), None when it does not count them."""
+        (cumulative), None when no program is loaded."""
         if self.dataplane is None:
             return None
-        events = getattr(self.dataplane, "flow_events", None)  # four per-CPU words, not every counter
-        return pressure_count(events(), "handup-limit") if events is not None else None
+        return self.dataplane.flow_events()["handup-limit"]  # four per-CPU words, not every counter
 
     def start(self, plan) -> None:
         if self.dataplane is None:

@@ -26,6 +26,7 @@ import struct
 from typing import List, Optional
 
 from encapfwd.datapath.packet import checksum
+from encapfwd.runtime.afpacket.checksum import pseudo_header
 
 #: ``struct virtio_net_hdr``: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset (little endian, as
 #: AF_PACKET writes it on x86 and every little-endian host; the ring gives it just before the frame)
@@ -74,12 +75,6 @@ def segments(frame: bytes, gso_type: int, gso_size: int) -> Optional[List[bytes]
     return None
 
 
-def _pseudo(frame: bytes, v4: bool, proto: int, length: int) -> bytes:
-    if v4:
-        return frame[26:34] + bytes((0, proto)) + length.to_bytes(2, "big")
-    return frame[22:54] + length.to_bytes(4, "big") + bytes((0, 0, 0, proto))
-
-
 def _ip(frame: bytes, l4: int, v4: bool, i: int, l4_len: int) -> bytes:
     """The IP header of segment *i* carrying *l4_len* bytes of TCP/UDP."""
     ip = bytearray(frame[14:l4])
@@ -113,7 +108,7 @@ def _tcp(frame: bytes, l4: int, end: int, size: int, v4: bool) -> Optional[List[
         tcp[13] = f if i == count - 1 else f & ~(_FIN | _PSH)
         tcp[16:18] = b"\x00\x00"
         length = doff + len(chunk)
-        tcp[16:18] = checksum(_pseudo(frame, v4, 6, length) + tcp + chunk).to_bytes(2, "big")
+        tcp[16:18] = checksum(pseudo_header(frame, v4, 6, length) + tcp + chunk).to_bytes(2, "big")
         out.append(eth + _ip(frame, l4, v4, i, length) + bytes(tcp) + chunk)
     return out
 
@@ -128,7 +123,7 @@ def _udp(frame: bytes, l4: int, end: int, size: int, v4: bool) -> Optional[List[
         chunk = frame[at : min(at + size, end)]
         length = 8 + len(chunk)
         head = ports + length.to_bytes(2, "big")
-        value = checksum(_pseudo(frame, v4, 17, length) + head + b"\x00\x00" + chunk) or 0xFFFF
+        value = checksum(pseudo_header(frame, v4, 17, length) + head + b"\x00\x00" + chunk) or 0xFFFF
         out.append(eth + _ip(frame, l4, v4, i, length) + head + value.to_bytes(2, "big") + chunk)
     return out
 

@@ -537,7 +537,7 @@ class Worker:
         stats = self.stats
         length = self.rx.LEN.unpack_from(rxm, at)[0]
         why = None
-        if not getattr(self.rx, "vnet", False):
+        if not self.rx.vnet:
             why = "this kernel gives the receive ring no virtio_net_hdr (PACKET_VNET_HDR)"
         elif length > snaplen:
             why = "longer than a block of the receive ring"
